@@ -1,0 +1,959 @@
+"""Backchat: a small real-time chat server in one file, for people who learn htmx.
+
+Read it top to bottom: settings, storage, auth, the room hub, HTTP routes, the
+WebSocket route, app assembly, main(). The browser side is plain htmx 4: the page
+opens a WebSocket (hx-ws:connect), forms send JSON frames (hx-ws:send), and every
+frame the server sends back is HTML whose hx-swap-oob elements htmx swaps in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sqlite3
+import time
+import unicodedata
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+from urllib.parse import quote, urlsplit
+
+import jinja2
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# Every knob the app has, read once from CHAT_* environment variables (and the
+# command line in main()); everything below receives a Settings, never os.environ.
+# ---------------------------------------------------------------------------
+
+MAX_MESSAGE_CHARS = 4000
+MAX_ROOM_NAME_CHARS = 128
+PAGE_SIZE = 50  # messages per history page
+CATCH_UP_LIMIT = 500  # beyond this many missed messages a page is re-synced whole
+SEND_QUEUE_FRAMES = 256  # frames a slow reader may fall behind before it is dropped
+MAX_FORM_BYTES = 64 * 1024
+MAX_WS_FRAME_BYTES = 64 * 1024
+
+
+def _env_int(env: dict[str, str], name: str, default: int) -> int:
+    value = env.get(name, "").strip()
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_path: Path = Path("chat.db")
+    secret_key: str = ""  # empty: generated once and kept beside the database
+    allowed_origins: frozenset[str] = frozenset()
+    message_rate: int = 20  # messages per user per room per 10 s; 0 turns it off
+    room_rate: int = 10  # rooms created per user per hour; 0 turns it off
+    login_failures: int = 10  # failed logins per username and per address per 15 min
+    https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        origins = env.get("CHAT_ALLOWED_ORIGINS", "")
+        return cls(
+            db_path=Path(env.get("CHAT_DB", "chat.db")),
+            secret_key=env.get("CHAT_SECRET_KEY", ""),
+            allowed_origins=frozenset(o.strip().rstrip("/").lower() for o in origins.split(",") if o.strip()),
+            message_rate=_env_int(env, "CHAT_MESSAGE_RATE", 20),
+            room_rate=_env_int(env, "CHAT_ROOM_RATE", 10),
+            login_failures=_env_int(env, "CHAT_LOGIN_FAILURES", 10),
+            https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
+        )
+
+
+def load_secret_key(settings: Settings) -> str:
+    """The session-signing key: from settings, or a file beside the database (mode 0600)."""
+    if settings.secret_key:
+        return settings.secret_key
+    key_file = settings.db_path.with_name(settings.db_path.name + ".secret")
+    with contextlib.suppress(FileNotFoundError):
+        return key_file.read_text().strip()
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    # O_EXCL: if two workers start at once, one writes and the other reads its key.
+    try:
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return key_file.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(48))
+    return key_file.read_text().strip()
+
+
+# ---------------------------------------------------------------------------
+# Storage
+# SQLite through the standard library: the schema, and every query the app makes.
+# All of it runs on one worker thread so the event loop never waits on the disk.
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    username      TEXT NOT NULL,
+    username_key  TEXT NOT NULL UNIQUE,  -- casefolded: names are unique ignoring case
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id         TEXT PRIMARY KEY,          -- random; the signed cookie carries it
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id);
+CREATE TABLE IF NOT EXISTS rooms (
+    id         INTEGER PRIMARY KEY,
+    slug       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    created_by INTEGER NOT NULL REFERENCES users(id),
+    created_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS room_members (
+    room_id       INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    joined_at     TEXT NOT NULL,
+    last_visit_at TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id),
+    text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
+    created_at TEXT NOT NULL
+);
+-- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
+"""
+
+MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at"
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Store:
+    """The database. Methods are plain synchronous sqlite3; call them through run()."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+
+    async def run(self, method: Callable[..., Any], *args: Any) -> Any:
+        """Run one Store method on the database thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
+
+    async def open(self) -> None:
+        await self.run(self._open)
+
+    async def close(self) -> None:
+        await self.run(self._close)  # queued behind every pending write, so they finish first
+        self._executor.shutdown(wait=True)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose the
+        # last few commits but never corrupts the file (see README, "Guarantees").
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # users and sessions
+    def create_user(self, username: str, password_hash: str) -> sqlite3.Row | None:
+        try:
+            with self._transaction() as db:
+                cur = db.execute(
+                    "INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                    (username, username.casefold(), password_hash, utc_now()),
+                )
+        except sqlite3.IntegrityError:
+            return None  # the name is taken
+        return self.user_by_id(cur.lastrowid)
+
+    def user_by_id(self, user_id: int) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
+
+    def user_by_name(self, username: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+
+    def create_session(self, user_id: int) -> str:
+        session_id = secrets.token_urlsafe(24)
+        with self._transaction() as db:
+            db.execute("INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)", (session_id, user_id, utc_now()))
+        return session_id
+
+    def user_by_session(self, session_id: str) -> sqlite3.Row | None:
+        return self._db.execute(
+            "SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?", (session_id,)
+        ).fetchone()
+
+    def end_session(self, session_id: str, everywhere: bool) -> None:
+        with self._transaction() as db:
+            if everywhere:
+                db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
+            else:
+                db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    # rooms
+    def create_room(self, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
+        with self._transaction() as db:
+            while True:  # a clash of random suffixes is rare; just draw again
+                slug = f"{slug_base}-{secrets.token_hex(3)}"
+                if db.execute("SELECT 1 FROM rooms WHERE slug = ?", (slug,)).fetchone() is None:
+                    break
+            now = utc_now()
+            cur = db.execute(
+                "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
+            )
+            db.execute(
+                "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?)",
+                (cur.lastrowid, user_id, now, now),
+            )
+        return self.room_by_slug(slug)
+
+    def room_by_slug(self, slug: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT * FROM rooms WHERE slug = ?", (slug,)).fetchone()
+
+    def record_visit(self, room_id: int, user_id: int) -> None:
+        now = utc_now()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (room_id, user_id) DO UPDATE SET last_visit_at = excluded.last_visit_at",
+                (room_id, user_id, now, now),
+            )
+
+    def rooms_of(self, user_id: int) -> list[sqlite3.Row]:
+        return self._db.execute(
+            "SELECT r.slug, r.name, m.last_visit_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
+            "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
+            (user_id,),
+        ).fetchall()
+
+    # messages
+    def add_message(self, room_id: int, user_id: int, text: str) -> sqlite3.Row:
+        with self._transaction() as db:
+            cur = db.execute(
+                "INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
+                (room_id, user_id, text, utc_now()),
+            )
+        # Returned only after COMMIT: nobody is shown a message the database could still lose.
+        return self._db.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
+            (cur.lastrowid,),
+        ).fetchone()
+
+    def page_before(self, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+        """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
+        rows = self._db.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
+            "WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+            (room_id, before if before is not None else 2**63 - 1, limit + 1),
+        ).fetchall()
+        return rows[:limit][::-1], len(rows) > limit
+
+    def messages_after(self, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+        return self._db.execute(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
+            "WHERE m.room_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+            (room_id, after, limit),
+        ).fetchall()
+
+
+# ---------------------------------------------------------------------------
+# Auth
+# Password hashing, the cookie session (a random id the database can revoke),
+# CSRF tokens, safe redirects and the rate limits that guard them.
+# ---------------------------------------------------------------------------
+
+USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
+MIN_PASSWORD_CHARS = 8
+SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+
+def hash_password(password: str) -> str:
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, **SCRYPT, dklen=32)
+    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    _, n, r, p, salt, expected = stored.split("$")
+    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+    return hmac.compare_digest(digest.hex(), expected)
+
+
+# Checking a password that belongs to nobody costs the same as a real one, so the
+# response time does not tell which usernames exist.
+DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
+
+
+def clean_text(value: str) -> str:
+    """Text as it may be stored: no lone surrogates, no control characters but newline and tab."""
+    value = value.encode("utf-8", "replace").decode("utf-8")
+    return "".join(ch for ch in value if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+
+
+class RateLimiter:
+    """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no limit."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._events: dict[Any, deque[float]] = {}
+
+    def _recent(self, key: Any) -> deque[float]:
+        events = self._events.setdefault(key, deque())
+        horizon = time.monotonic() - self.window
+        while events and events[0] <= horizon:
+            events.popleft()
+        return events
+
+    def exceeded(self, key: Any) -> bool:
+        if not self.limit:
+            return False
+        events = self._recent(key)
+        if not events:
+            del self._events[key]  # keep the table as small as the set of recent offenders
+            return False
+        return len(events) >= self.limit
+
+    def record(self, key: Any) -> None:
+        if self.limit:
+            self._recent(key).append(time.monotonic())
+
+    def allow(self, key: Any) -> bool:
+        """Count one event if the key is under its limit; say whether it was."""
+        if self.exceeded(key):
+            return False
+        self.record(key)
+        return True
+
+
+def csrf_token(conn: HTTPConnection) -> str:
+    token = conn.session.get("csrf")
+    if not token:
+        token = conn.session["csrf"] = secrets.token_urlsafe(24)
+    return token
+
+
+def safe_next(target: str | None) -> str:
+    """A same-site path to go to after login; anything else means home."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or any(ord(ch) < 32 for ch in target):
+        return "/"
+    return target
+
+
+# ---------------------------------------------------------------------------
+# The room hub
+# Who is connected to which room (per-connection bounded send queues), who is
+# online, and fan-out: one rendered frame handed to every connection in a room.
+# ---------------------------------------------------------------------------
+
+
+class Connection:
+    """One open WebSocket: a bounded queue of frames and the task that writes them out."""
+
+    __slots__ = ("websocket", "user_id", "username", "room_slug", "wire", "outbox", "writer", "dropped")
+
+    def __init__(self, websocket: WebSocket, user: sqlite3.Row, room_slug: str, wire: bool) -> None:
+        self.websocket = websocket
+        self.user_id: int = user["id"]
+        self.username: str = user["username"]
+        self.room_slug = room_slug
+        self.wire = wire
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(SEND_QUEUE_FRAMES)
+        self.writer: asyncio.Task | None = None
+        self.dropped = False
+
+    def push(self, frame: str) -> None:
+        """Queue a frame without waiting; a reader too slow to keep up is dropped instead."""
+        if self.dropped:
+            return
+        try:
+            self.outbox.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.dropped = True
+            if self.writer is not None:
+                self.writer.cancel()  # its page reconnects and catches up from the database
+
+    async def write_frames(self) -> None:
+        try:
+            while True:
+                frame = await self.outbox.get()
+                await self.websocket.send_text(with_wire_echo(frame) if self.wire else frame)
+        except asyncio.CancelledError:
+            if self.dropped:  # 1013 "try again later": htmx reconnects on it
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.websocket.close(1013, "too slow"), 5)
+            raise
+        except Exception:
+            pass  # the socket is gone; the receive loop notices and cleans up
+
+
+class RoomHub:
+    """The in-memory registry: connections per room and who is online in each."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, set[Connection]] = {}
+        self.tabs: dict[str, dict[int, int]] = {}  # room -> user id -> open tabs
+        self.names: dict[int, str] = {}
+
+    def join(self, conn: Connection) -> bool:
+        """Register a connection; True when its user just came online in the room."""
+        self.connections.setdefault(conn.room_slug, set()).add(conn)
+        tabs = self.tabs.setdefault(conn.room_slug, {})
+        tabs[conn.user_id] = tabs.get(conn.user_id, 0) + 1
+        self.names[conn.user_id] = conn.username
+        return tabs[conn.user_id] == 1
+
+    def leave(self, conn: Connection) -> bool:
+        """Forget a connection; True when its user's last tab in the room closed."""
+        room = self.connections.get(conn.room_slug, set())
+        if conn not in room:
+            return False
+        room.discard(conn)
+        tabs = self.tabs[conn.room_slug]
+        tabs[conn.user_id] -= 1
+        went_offline = tabs[conn.user_id] == 0
+        if went_offline:
+            del tabs[conn.user_id]
+        if not room:
+            del self.connections[conn.room_slug], self.tabs[conn.room_slug]
+        return went_offline
+
+    def online(self, room_slug: str) -> list[str]:
+        return sorted((self.names[uid] for uid in self.tabs.get(room_slug, {})), key=str.casefold)
+
+    def broadcast(self, room_slug: str, frame: str) -> None:
+        """Hand one already-rendered frame to every connection in the room, sender included."""
+        for conn in tuple(self.connections.get(room_slug, ())):
+            conn.push(frame)
+
+
+# ---------------------------------------------------------------------------
+# HTTP routes
+# The pages and forms. Every fragment of HTML comes from templates/: pages extend
+# base.html; the pieces also pushed over the socket are macros in _fragments.html.
+# ---------------------------------------------------------------------------
+
+# autoescape=True: every {{ value }} is HTML-escaped, which is what keeps user text inert.
+templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
+
+
+def clock(iso: str) -> str:
+    return iso[11:16]
+
+
+templates.env.filters["clock"] = clock
+fragments = templates.env.get_template("_fragments.html").module
+
+
+@functools.lru_cache(maxsize=64)
+def with_wire_echo(frame: str) -> str:
+    """A frame plus its own escaped source, for pages in teaching mode (?wire=1)."""
+    return frame + str(fragments.wire_entry(frame))
+
+
+def slugify(name: str) -> str:
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:40].strip("-")
+    return slug or "room"
+
+
+ROOM_URL_RE = re.compile(r"/room/([^/?#\s]+)")
+
+
+def room_code_from(value: str) -> str:
+    """The slug in what a user typed: a bare code or a pasted room URL."""
+    value = value.strip()
+    found = ROOM_URL_RE.search(value)
+    return (found.group(1) if found else value.strip("/")).lower()
+
+
+@dataclass
+class Chat:
+    """What the routes share: settings, database, hub and the limits."""
+
+    settings: Settings
+    store: Store
+    hub: RoomHub = field(default_factory=RoomHub)
+    message_limit: RateLimiter = field(init=False)
+    room_limit: RateLimiter = field(init=False)
+    login_limit: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.message_limit = RateLimiter(self.settings.message_rate, 10)
+        self.room_limit = RateLimiter(self.settings.room_rate, 3600)
+        self.login_limit = RateLimiter(self.settings.login_failures, 15 * 60)
+
+
+def chat_of(conn: HTTPConnection) -> Chat:
+    return conn.app.state.chat
+
+
+async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
+    session_id = conn.session.get("sid")
+    if not session_id:
+        return None
+    store = chat_of(conn).store
+    return await store.run(store.user_by_session, session_id)
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("user", getattr(request.state, "user", None))
+    context["csrf_token"] = csrf_token(request) if "session" in request.scope else ""
+    context["csp_nonce"] = request.scope.get("csp_nonce", "")
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def login_required(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        user = await current_user(request)
+        if user is None:
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/auth/login/?next={quote(here, safe='')}", status_code=303)
+        request.state.user = user
+        return await handler(request)
+
+    return guarded
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The POSTed fields, cleaned; 403 unless they carry this session's CSRF token."""
+    form = await request.form(max_files=0, max_fields=20, max_part_size=MAX_FORM_BYTES)
+    fields = {k: clean_text(v) for k, v in form.items() if isinstance(v, str)}
+    expected = request.session.get("csrf", "")
+    if not expected or not hmac.compare_digest(fields.get("csrf_token", "").encode(), expected.encode()):
+        raise HTTPException(403, "This form has expired or did not come from this site. Go back, reload and try again.")
+    return fields
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def start_session(request: Request, user: sqlite3.Row) -> None:
+    store = chat_of(request).store
+    request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
+    request.session["sid"] = await store.run(store.create_session, user["id"])
+
+
+async def register(request: Request) -> Response:
+    if request.method == "GET":
+        return render(request, "register.html", form={})
+    form = await read_form(request)
+    username = form.get("username", "").strip()
+    password, again = form.get("password1", ""), form.get("password2", "")
+    error = None
+    if not USERNAME_RE.fullmatch(username):
+        error = "Usernames are 1-150 letters, digits and @ . + - _ only."
+    elif len(password) < MIN_PASSWORD_CHARS:
+        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters."
+    elif password != again:
+        error = "The two passwords differ."
+    if error is None:
+        store = chat_of(request).store
+        user = await store.run(store.create_user, username, await asyncio.to_thread(hash_password, password))
+        if user is not None:
+            await start_session(request, user)
+            return redirect("/")
+        error = "That username is taken."
+    return render(request, "register.html", 400, form={"username": username}, error=error)
+
+
+async def login(request: Request) -> Response:
+    if request.method == "GET":
+        return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
+    form = await read_form(request)
+    chat = chat_of(request)
+    username, password = form.get("username", "").strip(), form.get("password", "")
+    next_url = safe_next(form.get("next"))
+    keys = (("user", username.casefold()), ("address", client_address(request)))
+    if any(chat.login_limit.exceeded(key) for key in keys):
+        return render(request, "login.html", 429, form={"username": username, "next": next_url},
+                      error="Too many failed logins. Try again later (in 15 minutes).")
+    user = await chat.store.run(chat.store.user_by_name, username)
+    stored = user["password_hash"] if user else DUMMY_PASSWORD_HASH
+    if await asyncio.to_thread(verify_password, password, stored) and user is not None:
+        await start_session(request, user)
+        return redirect(next_url)
+    for key in keys:
+        chat.login_limit.record(key)
+    return render(request, "login.html", 400, form={"username": username, "next": next_url},
+                  error="Wrong username or password.")
+
+
+async def logout(request: Request) -> Response:
+    form = await read_form(request)
+    if session_id := request.session.get("sid"):
+        store = chat_of(request).store
+        await store.run(store.end_session, session_id, form.get("scope") == "everywhere")
+    request.session.clear()
+    return redirect("/auth/login/")
+
+
+@login_required
+async def home(request: Request) -> Response:
+    store = chat_of(request).store
+    rooms = await store.run(store.rooms_of, request.state.user["id"])
+    return render(request, "home.html", rooms=rooms, create={}, join={})
+
+
+@login_required
+async def create_room(request: Request) -> Response:
+    if request.method == "GET":
+        return render(request, "create.html", form={})
+    form = await read_form(request)
+    chat = chat_of(request)
+    name = " ".join(form.get("room_name", "").split())
+    error = None
+    if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS:
+        error = f"Room names are 1-{MAX_ROOM_NAME_CHARS} characters."
+    elif not chat.room_limit.allow(request.state.user["id"]):
+        return render(request, "create.html", 429, form={"room_name": name},
+                      error="You have created many rooms lately. Try again in an hour.")
+    if error:
+        return render(request, "create.html", 400, form={"room_name": name}, error=error)
+    room = await chat.store.run(chat.store.create_room, name, slugify(name), request.state.user["id"])
+    return redirect(f"/room/{room['slug']}/")
+
+
+@login_required
+async def join_room(request: Request) -> Response:
+    if request.method == "GET":
+        return render(request, "join.html", form={})
+    form = await read_form(request)
+    typed = form.get("room_slug", "")
+    code = room_code_from(typed)
+    store = chat_of(request).store
+    if code and await store.run(store.room_by_slug, code) is not None:
+        return redirect(f"/room/{code}/")
+    if not code:
+        return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
+    return render(request, "join.html", 404, form={"room_slug": typed},
+                  error=f"No room has the code “{code}”. Check it with whoever invited you.")
+
+
+async def room_or_404(request: Request) -> sqlite3.Row:
+    store = chat_of(request).store
+    room = await store.run(store.room_by_slug, request.path_params["slug"].lower())
+    if room is None:
+        raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
+    return room
+
+
+@login_required
+async def room_page(request: Request) -> Response:
+    room = await room_or_404(request)
+    store, hub = chat_of(request).store, chat_of(request).hub
+    user = request.state.user
+    await store.run(store.record_visit, room["id"], user["id"])
+    messages, has_older = await store.run(store.page_before, room["id"], None)
+    invite = str(request.url_for("room", slug=room["slug"]))
+    return render(request, "room.html", room=room, messages=messages, has_older=has_older,
+                  last_id=messages[-1]["id"] if messages else 0, online=hub.online(room["slug"]),
+                  invite=invite, wire=request.query_params.get("wire") == "1")
+
+
+@login_required
+async def older_messages(request: Request) -> Response:
+    room = await room_or_404(request)
+    try:
+        before = int(request.query_params.get("before", ""))
+    except ValueError:
+        return PlainTextResponse("`before` must be a message id.", status_code=400)
+    store = chat_of(request).store
+    messages, has_older = await store.run(store.page_before, room["id"], before)
+    return HTMLResponse(str(fragments.history_page(room, messages, has_older)))
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) if status != 500 else None
+    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 500: "Something broke"}
+    if request.scope["type"] != "http":
+        return PlainTextResponse(titles.get(status, "Error"), status_code=status)
+    request.state.user = await current_user(request) if status != 500 else None
+    return render(request, "error.html", status, title=titles.get(status, "Error"),
+                  detail=detail or "Something went wrong on our side. Nothing you sent was lost; try again.")
+
+
+# ---------------------------------------------------------------------------
+# The WebSocket route
+# One socket per open room page: checked at the handshake, caught up from the
+# database, then each text frame becomes a stored message pushed to the room.
+# ---------------------------------------------------------------------------
+
+
+class BadFrame(ValueError):
+    """A client frame the chat cannot use; its text is shown to the sender."""
+
+
+def message_text(frame: str) -> str:
+    """The `message` field of an hx-ws:send frame (htmx 4.0.1 puts fields at the top
+    level; earlier htmx 4 builds nested them under `body`)."""
+    try:
+        data = json.loads(frame)
+    except ValueError:
+        raise BadFrame("That frame was not JSON; send the message form.") from None
+    if isinstance(data, dict) and isinstance(data.get("body"), dict) and "message" not in data:
+        data = data["body"]
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        raise BadFrame("That frame had no text `message` field.")
+    return clean_text(data["message"]).strip()
+
+
+def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True  # not a browser (browsers always send Origin); the session still has to be valid
+    scheme = "https" if websocket.url.scheme == "wss" else "http"
+    origin = origin.rstrip("/").lower()
+    return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
+
+
+async def catch_up_frame(store: Store, room: sqlite3.Row, after: int) -> str | None:
+    """What a (re)connecting page is missing: every message after the newest it was
+    rendered with. The upsert swap skips ones it already shows, so overlap is harmless;
+    a page too far behind gets the newest page whole instead."""
+    missed = await store.run(store.messages_after, room["id"], after, CATCH_UP_LIMIT + 1)
+    if not missed:
+        return None
+    if len(missed) <= CATCH_UP_LIMIT:
+        return str(fragments.messages_frame(missed))
+    messages, has_older = await store.run(store.page_before, room["id"], None)
+    return str(fragments.history_page(room, messages, has_older, oob=True))
+
+
+async def chat_socket(websocket: WebSocket) -> None:
+    chat = chat_of(websocket)
+    store, hub = chat.store, chat.hub
+    user = await current_user(websocket)
+    if user is None or not origin_allowed(websocket, chat.settings.allowed_origins):
+        return await websocket.send_denial_response(PlainTextResponse("Not allowed.", status_code=403))
+    room = await store.run(store.room_by_slug, websocket.path_params["slug"].lower())
+    if room is None:
+        return await websocket.send_denial_response(PlainTextResponse("No such room.", status_code=404))
+    try:
+        after = max(0, int(websocket.query_params.get("after", "0")))
+    except ValueError:
+        after = 0
+    await websocket.accept()
+
+    conn = Connection(websocket, user, room["slug"], wire=websocket.query_params.get("wire") == "1")
+    conn.writer = asyncio.create_task(conn.write_frames())
+    # Join before reading the catch-up: a message stored in between arrives both ways,
+    # and the page's upsert swap shows it once.
+    if hub.join(conn):
+        hub.broadcast(room["slug"], str(fragments.presence(hub.online(room["slug"]), oob=True)))
+    if frame := await catch_up_frame(store, room, after):
+        conn.push(frame)
+    try:
+        while not conn.dropped:
+            event = await websocket.receive()
+            if event["type"] == "websocket.disconnect":
+                break
+            await handle_frame(chat, conn, room, event)
+    except (WebSocketDisconnect, RuntimeError):
+        pass  # the client went away mid-receive
+    finally:
+        conn.writer.cancel()
+        if hub.leave(conn):
+            hub.broadcast(room["slug"], str(fragments.presence(hub.online(room["slug"]), oob=True)))
+
+
+async def handle_frame(chat: Chat, conn: Connection, room: sqlite3.Row, event: Message) -> None:
+    if event.get("text") is None:
+        return conn.push(str(fragments.chat_error("Binary frames are not understood; send text.")))
+    try:
+        text = message_text(event["text"])
+    except BadFrame as problem:
+        return conn.push(str(fragments.chat_error(str(problem))))
+    if not text:
+        return  # an empty message is simply not sent
+    if len(text) > MAX_MESSAGE_CHARS:
+        return conn.push(str(fragments.chat_error(
+            f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")))
+    if not chat.message_limit.allow((conn.user_id, room["id"])):
+        return conn.push(str(fragments.chat_error("You are sending messages too fast. Wait a few seconds.")))
+    message = await chat.store.run(chat.store.add_message, room["id"], conn.user_id, text)
+    chat.hub.broadcast(room["slug"], str(fragments.messages_frame([message])))
+    conn.push(COMPOSER_RESET)
+
+
+COMPOSER_RESET = str(fragments.composer_reset())
+
+
+# ---------------------------------------------------------------------------
+# App assembly
+# Security headers, sessions, the route table, and the lifespan that opens and
+# closes the database.
+# ---------------------------------------------------------------------------
+
+
+class SecurityHeaders:
+    """Headers every HTML response carries; a fresh CSP nonce per request for the one
+    inline <style> the room page has (it marks your own messages)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        nonce = scope["csp_nonce"] = secrets.token_urlsafe(16)
+        csp = (
+            "default-src 'self'; script-src 'self'; "
+            f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+        ).encode()
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", csp),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY"),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(settings.db_path)
+        await store.open()
+        app.state.chat = Chat(settings, store)
+        try:
+            yield
+        finally:
+            await store.close()
+
+    routes = [
+        Route("/", home, name="home"),
+        Route("/auth/register/", register, methods=["GET", "POST"]),
+        Route("/auth/login/", login, methods=["GET", "POST"]),
+        Route("/auth/logout/", logout, methods=["POST"]),
+        Route("/create/", create_room, methods=["GET", "POST"]),
+        Route("/join/", join_room, methods=["GET", "POST"]),
+        Route("/room/{slug}/", room_page, name="room"),
+        Route("/room/{slug}/messages", older_messages),
+        WebSocketRoute("/chat/{slug}/", chat_socket),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Route("/healthz", healthz),
+    ]
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(SessionMiddleware, secret_key=load_secret_key(settings), same_site="lax",
+                   https_only=settings.https_only, max_age=30 * 24 * 3600),
+    ]
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=MAX_FORM_BYTES,
+                     exception_handlers={HTTPException: http_error, Exception: http_error})
+
+
+def __getattr__(name: str) -> Starlette:
+    """`uvicorn chat:app` gets an app built from CHAT_* settings on first use, so that
+    merely importing this module (tests do) creates no key file and opens no database."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------
+# main()
+# `python chat.py`: flags over CHAT_* variables, then uvicorn with the WebSocket
+# limits this app relies on.
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    env = Settings.from_env()
+    parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
+    parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", "8000")))
+    parser.add_argument("--db", type=Path, default=env.db_path, help="SQLite file (default: chat.db)")
+    parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
+    args = parser.parse_args(argv)
+    settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https})
+    print(f"Backchat: database {settings.db_path.resolve()}")
+    print(f"Backchat: open http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, ws_max_size=MAX_WS_FRAME_BYTES,
+                ws_per_message_deflate=False, timeout_graceful_shutdown=5, log_level="info")
+
+
+if __name__ == "__main__":
+    main()
