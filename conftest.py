@@ -1,0 +1,106 @@
+"""Fixtures shared by the tests that need a real server process or a real browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ARTIFACTS = HERE / "test-artifacts"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python chat.py` in a child process, on a free loopback port."""
+
+    def __init__(self, db_path: Path, port: int | None = None, **env: str) -> None:
+        self.db_path = db_path
+        self.port = port or free_port()
+        self.env = {**os.environ, "CHAT_SECRET_KEY": "live-test-secret", "PYTHONUNBUFFERED": "1", **env}
+        self.log_path = db_path.with_suffix(f".{self.port}.log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveServer:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(self.db_path)],
+            cwd=self.db_path.parent, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.05)  # not listening yet: poll again, bounded by the deadline
+        raise RuntimeError(f"server did not start within 20 s:\n{self.log_path.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def live_server(tmp_path):
+    server = LiveServer(tmp_path / "chat.db").start()
+    yield server
+    server.stop()
+
+
+def chromium_path() -> str | None:
+    """Debian's chromium (what CI installs), or None to let Playwright use its own browser."""
+    for candidate in (os.environ.get("CHAT_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless Chromium. Missing locally: the browser tests skip, saying why.
+    Missing where BACKCHAT_REQUIRE_BROWSER=1 (CI sets it): they fail."""
+    required = os.environ.get("BACKCHAT_REQUIRE_BROWSER") == "1"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as missing:
+        if required:
+            pytest.fail(f"Playwright is not installed: {missing}")
+        pytest.skip("Playwright is not installed (pip install -r requirements-dev.txt)")
+    with sync_playwright() as playwright:
+        try:
+            browser = playwright.chromium.launch(
+                executable_path=chromium_path(),
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+            )
+        except Exception as missing:
+            if required:
+                pytest.fail(f"no Chromium to drive: {missing}")
+            pytest.skip(f"no Chromium found (apt-get install chromium, or `playwright install chromium`): {missing}")
+        yield browser
+        browser.close()
