@@ -15,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -44,6 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("backchat")
 
 
 # ---------------------------------------------------------------------------
@@ -157,158 +159,213 @@ CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
 MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at"
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Any:
+    """All or nothing: the block's writes commit together or not at all."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Store:
-    """The database. Methods are plain synchronous sqlite3; call them through run()."""
+    """The database. Methods are plain synchronous sqlite3 taking a connection first;
+    call them through read() or write(), which run them on the database threads."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        self._db: sqlite3.Connection | None = None
+        # One writer thread (SQLite has one writer at a time anyway) and one reader
+        # thread with its own connection: in WAL mode readers never wait for a write,
+        # so a slow commit does not hold up page loads, catch-ups or handshakes.
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-write")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        self._write_db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
+        self._checkpointer: asyncio.Task | None = None
 
-    async def run(self, method: Callable[..., Any], *args: Any) -> Any:
-        """Run one Store method on the database thread and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, method, *args)
+    async def read(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
+
+    async def write(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
+
+    def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
+        """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
+        future = self._writer.submit(method, self._write_db, *args)
+        future.add_done_callback(lambda done: done.exception() and log.warning("write failed: %r", done.exception()))
 
     async def open(self) -> None:
-        await self.run(self._open)
+        loop = asyncio.get_running_loop()
+        self._write_db = await loop.run_in_executor(self._writer, self._connect, True)
+        self._read_db = await loop.run_in_executor(self._reader, self._connect, False)
+        self._checkpointer = asyncio.create_task(self._checkpoint_now_and_then())
 
     async def close(self) -> None:
-        await self.run(self._close)  # queued behind every pending write, so they finish first
-        self._executor.shutdown(wait=True)
+        """Wait for every queued write to commit, then close."""
+        if self._checkpointer:
+            self._checkpointer.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._write_db.close)
+        await loop.run_in_executor(self._reader, self._read_db.close)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
 
-    def _open(self) -> None:
+    def _connect(self, for_writing: bool) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; a power cut may lose the
-        # last few commits but never corrupts the file (see README, "Guarantees").
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
-        self._db = db
+        db.execute("PRAGMA foreign_keys=ON")
+        if for_writing:
+            db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit is a write to the WAL file with no fsync, so it
+            # survives the process dying; a power cut may lose the last commits since the
+            # latest checkpoint, never the file's integrity (README, "Guarantees").
+            db.execute("PRAGMA synchronous=NORMAL")
+            # The fsyncs happen at checkpoints; those run on the reader thread (below),
+            # never inside a commit that a chat message is waiting for.
+            db.execute("PRAGMA wal_autocheckpoint=0")
+            db.executescript(SCHEMA)
+        return db
 
-    def _close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+    async def _checkpoint_now_and_then(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(sqlite3.Error):
+                await self.read(self._checkpoint)
 
-    @contextlib.contextmanager
-    def _transaction(self):
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> None:
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
-    # users and sessions
-    def create_user(self, username: str, password_hash: str) -> sqlite3.Row | None:
-        try:
-            with self._transaction() as db:
-                cur = db.execute(
-                    "INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                    (username, username.casefold(), password_hash, utc_now()),
-                )
-        except sqlite3.IntegrityError:
-            return None  # the name is taken
-        return self.user_by_id(cur.lastrowid)
 
-    def user_by_id(self, user_id: int) -> sqlite3.Row | None:
-        return self._db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
+# Queries: plain functions of a connection, run through Store.read or Store.write.
 
-    def user_by_name(self, username: str) -> sqlite3.Row | None:
-        return self._db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+# users and sessions
 
-    def create_session(self, user_id: int) -> str:
-        session_id = secrets.token_urlsafe(24)
-        with self._transaction() as db:
-            db.execute("INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)", (session_id, user_id, utc_now()))
-        return session_id
 
-    def user_by_session(self, session_id: str) -> sqlite3.Row | None:
-        return self._db.execute(
-            "SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?", (session_id,)
-        ).fetchone()
-
-    def end_session(self, session_id: str, everywhere: bool) -> None:
-        with self._transaction() as db:
-            if everywhere:
-                db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
-            else:
-                db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-
-    # rooms
-    def create_room(self, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
-        with self._transaction() as db:
-            while True:  # a clash of random suffixes is rare; just draw again
-                slug = f"{slug_base}-{secrets.token_hex(3)}"
-                if db.execute("SELECT 1 FROM rooms WHERE slug = ?", (slug,)).fetchone() is None:
-                    break
-            now = utc_now()
+def create_user(db: sqlite3.Connection, username: str, password_hash: str) -> sqlite3.Row | None:
+    try:
+        with transaction(db):
             cur = db.execute(
-                "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
+                "INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, ?, ?)",
+                (username, username.casefold(), password_hash, utc_now()),
             )
-            db.execute(
-                "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?)",
-                (cur.lastrowid, user_id, now, now),
-            )
-        return self.room_by_slug(slug)
+    except sqlite3.IntegrityError:
+        return None  # the name is taken
+    return user_by_id(db, cur.lastrowid)
 
-    def room_by_slug(self, slug: str) -> sqlite3.Row | None:
-        return self._db.execute("SELECT * FROM rooms WHERE slug = ?", (slug,)).fetchone()
 
-    def record_visit(self, room_id: int, user_id: int) -> None:
+def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
+
+
+def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+
+
+def create_session(db: sqlite3.Connection, user_id: int) -> str:
+    session_id = secrets.token_urlsafe(24)
+    with transaction(db):
+        db.execute("INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)", (session_id, user_id, utc_now()))
+    return session_id
+
+
+def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
+    return db.execute(
+        "SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?", (session_id,)
+    ).fetchone()
+
+
+def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
+    with transaction(db):
+        if everywhere:
+            db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
+        else:
+            db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+
+# rooms
+
+
+def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
+    with transaction(db):
+        while True:  # a clash of random suffixes is rare; just draw again
+            slug = f"{slug_base}-{secrets.token_hex(3)}"
+            if db.execute("SELECT 1 FROM rooms WHERE slug = ?", (slug,)).fetchone() is None:
+                break
         now = utc_now()
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (room_id, user_id) DO UPDATE SET last_visit_at = excluded.last_visit_at",
-                (room_id, user_id, now, now),
-            )
+        cur = db.execute(
+            "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
+        )
+        db.execute(
+            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?)",
+            (cur.lastrowid, user_id, now, now),
+        )
+    return room_by_slug(db, slug)
 
-    def rooms_of(self, user_id: int) -> list[sqlite3.Row]:
-        return self._db.execute(
-            "SELECT r.slug, r.name, m.last_visit_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
-            "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
-            (user_id,),
-        ).fetchall()
 
-    # messages
-    def add_message(self, room_id: int, user_id: int, text: str) -> sqlite3.Row:
-        with self._transaction() as db:
-            cur = db.execute(
-                "INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
-                (room_id, user_id, text, utc_now()),
-            )
-        # Returned only after COMMIT: nobody is shown a message the database could still lose.
-        return self._db.execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
-            (cur.lastrowid,),
-        ).fetchone()
+def room_by_slug(db: sqlite3.Connection, slug: str) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM rooms WHERE slug = ?", (slug,)).fetchone()
 
-    def page_before(self, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
-        """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
-        rows = self._db.execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-            "WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
-            (room_id, before if before is not None else 2**63 - 1, limit + 1),
-        ).fetchall()
-        return rows[:limit][::-1], len(rows) > limit
 
-    def messages_after(self, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
-        return self._db.execute(
-            f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-            "WHERE m.room_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-            (room_id, after, limit),
-        ).fetchall()
+def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    now = utc_now()
+    with transaction(db):
+        db.execute(
+            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (room_id, user_id) DO UPDATE SET last_visit_at = excluded.last_visit_at",
+            (room_id, user_id, now, now),
+        )
+
+
+def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
+    return db.execute(
+        "SELECT r.slug, r.name, m.last_visit_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
+        "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
+        (user_id,),
+    ).fetchall()
+
+
+# messages
+
+
+def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str) -> sqlite3.Row:
+    with transaction(db):
+        cur = db.execute(
+            "INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
+            (room_id, user_id, text, utc_now()),
+        )
+    # Returned only after COMMIT: nobody is shown a message the database could still lose.
+    return db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
+        (cur.lastrowid,),
+    ).fetchone()
+
+
+def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+    """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
+    rows = db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
+        "WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+        (room_id, before if before is not None else 2**63 - 1, limit + 1),
+    ).fetchall()
+    return rows[:limit][::-1], len(rows) > limit
+
+
+def messages_after(db: sqlite3.Connection, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+    return db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
+        "WHERE m.room_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
+        (room_id, after, limit),
+    ).fetchall()
 
 
 # ---------------------------------------------------------------------------
@@ -408,7 +465,7 @@ def safe_next(target: str | None) -> str:
 class Connection:
     """One open WebSocket: a bounded queue of frames and the task that writes them out."""
 
-    __slots__ = ("websocket", "user_id", "username", "room_slug", "wire", "outbox", "writer", "dropped")
+    __slots__ = ("websocket", "user_id", "username", "room_slug", "wire", "outbox", "writer", "handler", "dropped")
 
     def __init__(self, websocket: WebSocket, user: sqlite3.Row, room_slug: str, wire: bool) -> None:
         self.websocket = websocket
@@ -417,7 +474,8 @@ class Connection:
         self.room_slug = room_slug
         self.wire = wire
         self.outbox: asyncio.Queue[str] = asyncio.Queue(SEND_QUEUE_FRAMES)
-        self.writer: asyncio.Task | None = None
+        self.handler = asyncio.current_task()  # the task reading this socket
+        self.writer = asyncio.create_task(self.write_frames())
         self.dropped = False
 
     def push(self, frame: str) -> None:
@@ -427,9 +485,9 @@ class Connection:
         try:
             self.outbox.put_nowait(frame)
         except asyncio.QueueFull:
+            # Never wait for one slow reader: drop it. Its page reconnects and catches up.
             self.dropped = True
-            if self.writer is not None:
-                self.writer.cancel()  # its page reconnects and catches up from the database
+            self.writer.cancel()
 
     async def write_frames(self) -> None:
         try:
@@ -437,9 +495,12 @@ class Connection:
                 frame = await self.outbox.get()
                 await self.websocket.send_text(with_wire_echo(frame) if self.wire else frame)
         except asyncio.CancelledError:
-            if self.dropped:  # 1013 "try again later": htmx reconnects on it
+            if self.dropped:
+                # 1013 "try again later", which htmx reconnects on; a reader that is stuck
+                # cannot even take the close frame, so do not wait long for it.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.websocket.close(1013, "too slow"), 5)
+                    await asyncio.wait_for(self.websocket.close(1013, "too slow"), 1)
+                self.handler.cancel()  # stop waiting for frames from it, too
             raise
         except Exception:
             pass  # the socket is gone; the receive loop notices and cleans up
@@ -551,7 +612,7 @@ async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
     if not session_id:
         return None
     store = chat_of(conn).store
-    return await store.run(store.user_by_session, session_id)
+    return await store.read(user_by_session, session_id)
 
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -595,7 +656,7 @@ def client_address(request: Request) -> str:
 async def start_session(request: Request, user: sqlite3.Row) -> None:
     store = chat_of(request).store
     request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
-    request.session["sid"] = await store.run(store.create_session, user["id"])
+    request.session["sid"] = await store.write(create_session, user["id"])
 
 
 async def register(request: Request) -> Response:
@@ -613,7 +674,7 @@ async def register(request: Request) -> Response:
         error = "The two passwords differ."
     if error is None:
         store = chat_of(request).store
-        user = await store.run(store.create_user, username, await asyncio.to_thread(hash_password, password))
+        user = await store.write(create_user, username, await asyncio.to_thread(hash_password, password))
         if user is not None:
             await start_session(request, user)
             return redirect("/")
@@ -632,7 +693,7 @@ async def login(request: Request) -> Response:
     if any(chat.login_limit.exceeded(key) for key in keys):
         return render(request, "login.html", 429, form={"username": username, "next": next_url},
                       error="Too many failed logins. Try again later (in 15 minutes).")
-    user = await chat.store.run(chat.store.user_by_name, username)
+    user = await chat.store.read(user_by_name, username)
     stored = user["password_hash"] if user else DUMMY_PASSWORD_HASH
     if await asyncio.to_thread(verify_password, password, stored) and user is not None:
         await start_session(request, user)
@@ -647,7 +708,7 @@ async def logout(request: Request) -> Response:
     form = await read_form(request)
     if session_id := request.session.get("sid"):
         store = chat_of(request).store
-        await store.run(store.end_session, session_id, form.get("scope") == "everywhere")
+        await store.write(end_session, session_id, form.get("scope") == "everywhere")
     request.session.clear()
     return redirect("/auth/login/")
 
@@ -655,7 +716,7 @@ async def logout(request: Request) -> Response:
 @login_required
 async def home(request: Request) -> Response:
     store = chat_of(request).store
-    rooms = await store.run(store.rooms_of, request.state.user["id"])
+    rooms = await store.read(rooms_of, request.state.user["id"])
     return render(request, "home.html", rooms=rooms, create={}, join={})
 
 
@@ -674,7 +735,7 @@ async def create_room(request: Request) -> Response:
                       error="You have created many rooms lately. Try again in an hour.")
     if error:
         return render(request, "create.html", 400, form={"room_name": name}, error=error)
-    room = await chat.store.run(chat.store.create_room, name, slugify(name), request.state.user["id"])
+    room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
     return redirect(f"/room/{room['slug']}/")
 
 
@@ -686,7 +747,7 @@ async def join_room(request: Request) -> Response:
     typed = form.get("room_slug", "")
     code = room_code_from(typed)
     store = chat_of(request).store
-    if code and await store.run(store.room_by_slug, code) is not None:
+    if code and await store.read(room_by_slug, code) is not None:
         return redirect(f"/room/{code}/")
     if not code:
         return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
@@ -696,7 +757,7 @@ async def join_room(request: Request) -> Response:
 
 async def room_or_404(request: Request) -> sqlite3.Row:
     store = chat_of(request).store
-    room = await store.run(store.room_by_slug, request.path_params["slug"].lower())
+    room = await store.read(room_by_slug, request.path_params["slug"].lower())
     if room is None:
         raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
     return room
@@ -707,8 +768,8 @@ async def room_page(request: Request) -> Response:
     room = await room_or_404(request)
     store, hub = chat_of(request).store, chat_of(request).hub
     user = request.state.user
-    await store.run(store.record_visit, room["id"], user["id"])
-    messages, has_older = await store.run(store.page_before, room["id"], None)
+    store.write_soon(record_visit, room["id"], user["id"])
+    messages, has_older = await store.read(page_before, room["id"], None)
     invite = str(request.url_for("room", slug=room["slug"]))
     return render(request, "room.html", room=room, messages=messages, has_older=has_older,
                   last_id=messages[-1]["id"] if messages else 0, online=hub.online(room["slug"]),
@@ -723,7 +784,7 @@ async def older_messages(request: Request) -> Response:
     except ValueError:
         return PlainTextResponse("`before` must be a message id.", status_code=400)
     store = chat_of(request).store
-    messages, has_older = await store.run(store.page_before, room["id"], before)
+    messages, has_older = await store.read(page_before, room["id"], before)
     return HTMLResponse(str(fragments.history_page(room, messages, has_older)))
 
 
@@ -780,12 +841,12 @@ async def catch_up_frame(store: Store, room: sqlite3.Row, after: int) -> str | N
     """What a (re)connecting page is missing: every message after the newest it was
     rendered with. The upsert swap skips ones it already shows, so overlap is harmless;
     a page too far behind gets the newest page whole instead."""
-    missed = await store.run(store.messages_after, room["id"], after, CATCH_UP_LIMIT + 1)
+    missed = await store.read(messages_after, room["id"], after, CATCH_UP_LIMIT + 1)
     if not missed:
         return None
     if len(missed) <= CATCH_UP_LIMIT:
         return str(fragments.messages_frame(missed))
-    messages, has_older = await store.run(store.page_before, room["id"], None)
+    messages, has_older = await store.read(page_before, room["id"], None)
     return str(fragments.history_page(room, messages, has_older, oob=True))
 
 
@@ -795,7 +856,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     user = await current_user(websocket)
     if user is None or not origin_allowed(websocket, chat.settings.allowed_origins):
         return await websocket.send_denial_response(PlainTextResponse("Not allowed.", status_code=403))
-    room = await store.run(store.room_by_slug, websocket.path_params["slug"].lower())
+    room = await store.read(room_by_slug, websocket.path_params["slug"].lower())
     if room is None:
         return await websocket.send_denial_response(PlainTextResponse("No such room.", status_code=404))
     try:
@@ -805,21 +866,24 @@ async def chat_socket(websocket: WebSocket) -> None:
     await websocket.accept()
 
     conn = Connection(websocket, user, room["slug"], wire=websocket.query_params.get("wire") == "1")
-    conn.writer = asyncio.create_task(conn.write_frames())
     # Join before reading the catch-up: a message stored in between arrives both ways,
     # and the page's upsert swap shows it once.
     if hub.join(conn):
         hub.broadcast(room["slug"], str(fragments.presence(hub.online(room["slug"]), oob=True)))
-    if frame := await catch_up_frame(store, room, after):
-        conn.push(frame)
     try:
-        while not conn.dropped:
+        if frame := await catch_up_frame(store, room, after):
+            conn.push(frame)
+        while True:
             event = await websocket.receive()
             if event["type"] == "websocket.disconnect":
                 break
             await handle_frame(chat, conn, room, event)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-receive
+    except asyncio.CancelledError:
+        if not conn.dropped:
+            raise
+        asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
     finally:
         conn.writer.cancel()
         if hub.leave(conn):
@@ -840,7 +904,10 @@ async def handle_frame(chat: Chat, conn: Connection, room: sqlite3.Row, event: M
             f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")))
     if not chat.message_limit.allow((conn.user_id, room["id"])):
         return conn.push(str(fragments.chat_error("You are sending messages too fast. Wait a few seconds.")))
-    message = await chat.store.run(chat.store.add_message, room["id"], conn.user_id, text)
+    try:
+        message = await chat.store.write(add_message, room["id"], conn.user_id, text)
+    except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
+        return conn.push(str(fragments.chat_error("Your message could not be saved just now. Press Send again.")))
     chat.hub.broadcast(room["slug"], str(fragments.messages_frame([message])))
     conn.push(COMPOSER_RESET)
 

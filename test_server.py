@@ -1,0 +1,269 @@
+"""Backchat as a real process on a real port: restarts, crashes, slow and hostile clients.
+
+Each test starts `python chat.py` (conftest.LiveServer) and talks to it over loopback with
+httpx and the `websockets` client, the way browsers and scripts do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import sqlite3
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import LiveServer
+
+PASSWORD = "password123"
+
+
+def login_cookie(server: LiveServer, username: str) -> tuple[httpx.Client, str]:
+    """Register `username` on the server; return the logged-in client and its Cookie header."""
+    client = httpx.Client(base_url=server.url)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/register/").text).group(1)
+    response = client.post("/auth/register/", data={"csrf_token": token, "username": username,
+                                                    "password1": PASSWORD, "password2": PASSWORD})
+    assert response.status_code == 303, response.text
+    return client, f"session={client.cookies['session']}"
+
+
+def make_room(client: httpx.Client, name: str) -> str:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
+    response = client.post("/create/", data={"csrf_token": token, "room_name": name})
+    return response.headers["location"].split("/")[2]
+
+
+def ws_connect(server: LiveServer, slug: str, cookie: str, **kwargs):
+    return connect(f"ws://127.0.0.1:{server.port}/chat/{slug}/", additional_headers={"Cookie": cookie},
+                   origin=server.url, open_timeout=10, **kwargs)
+
+
+def frame(text: str) -> str:
+    return json.dumps({"message": text, "headers": {}})
+
+
+async def frames_until(ws, needle: str, limit: int = 20) -> str:
+    for _ in range(limit):
+        received = await asyncio.wait_for(ws.recv(), 10)
+        if needle in received:
+            return received
+    raise AssertionError(f"no frame with {needle!r}")
+
+
+def stored_messages(server: LiveServer) -> dict[int, str]:
+    with sqlite3.connect(server.db_path) as db:
+        return dict(db.execute("SELECT id, text FROM messages"))
+
+
+@pytest.fixture
+def server(tmp_path):
+    live = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0").start()
+    yield live
+    live.stop()
+
+
+def test_shutdown_closes_sockets_with_a_reconnect_code_and_sessions_survive(tmp_path):
+    # No CHAT_SECRET_KEY: the key generated at first start must be reused after the restart.
+    first = LiveServer(tmp_path / "chat.db", CHAT_SECRET_KEY="").start()
+    client, cookie = login_cookie(first, "ada")
+    slug = make_room(client, "restart")
+
+    async def connected_then_shut_down() -> int:
+        async with ws_connect(first, slug, cookie) as ws:
+            await frames_until(ws, "presence")
+            first.process.send_signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            return closed.value.rcvd.code
+
+    assert asyncio.run(connected_then_shut_down()) == 1012  # htmx reconnects on 1012, not on 1000
+    # uvicorn shuts down gracefully, then re-raises the signal, as a well-behaved daemon does.
+    assert first.process.wait(10) == -signal.SIGTERM
+    assert "Application shutdown complete" in first.log_path.read_text()
+
+    second = LiveServer(tmp_path / "chat.db", port=first.port, CHAT_SECRET_KEY="").start()
+    try:
+        assert client.get("/", follow_redirects=False).status_code == 200  # still logged in
+    finally:
+        second.stop()
+
+
+def test_sigkill_mid_burst_loses_no_message_anyone_saw(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "burst")
+    seen: dict[int, str] = {}
+
+    async def burst_then_kill() -> None:
+        async with ws_connect(server, slug, cookie, close_timeout=1) as sender, \
+                ws_connect(server, slug, cookie, close_timeout=1) as watcher:
+            for n in range(400):
+                await sender.send(frame(f"burst {n}"))
+            while len(seen) < 150:  # kill while the burst is still being stored
+                for msg_id, text in re.findall(r'id="msg-(\d+)".*?<p>(.*?)</p>', await watcher.recv(), re.S):
+                    seen[int(msg_id)] = text
+            server.process.kill()
+
+    asyncio.run(burst_then_kill())
+    server.process.wait(10)
+    server.start()  # the same database file, after a crash
+    stored = stored_messages(server)
+    assert len(stored) < 400, "the kill came too late to test anything"
+    assert all(stored.get(msg_id) == text for msg_id, text in seen.items())
+    assert list(stored.values()) == [f"burst {n}" for n in range(len(stored))]  # no gaps, no half rows
+
+
+def stuck_socket(server: LiveServer, slug: str, cookie: str) -> socket.socket:
+    """A client that completes the WebSocket handshake and then never reads a byte."""
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", server.port))
+    stuck.sendall((f"GET /chat/{slug}/ HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\n"
+                   "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   f"Sec-WebSocket-Version: 13\r\nOrigin: {server.url}\r\nCookie: {cookie}\r\n\r\n").encode())
+    return stuck
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    received = bytearray()
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    return bytes(received)
+
+
+async def count_deliveries(readers, text: str, expected: int) -> list[int]:
+    counts = [0] * len(readers)
+
+    async def read(i: int) -> None:
+        while counts[i] < expected:
+            counts[i] += (await asyncio.wait_for(readers[i].recv(), 20)).count(text)
+
+    await asyncio.gather(*(read(i) for i in range(len(readers))))
+    return counts
+
+
+def test_a_reader_that_stops_reading_holds_up_nobody(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "slow reader")
+    text = "x" * 2000
+    stuck = stuck_socket(server, slug, cookie)
+    rss_before = server_rss_kib(server)
+
+    async def fan_out() -> list[int]:
+        readers = [await ws_connect(server, slug, cookie, max_queue=None).__aenter__() for _ in range(50)]
+        async with ws_connect(server, slug, cookie) as sender:
+            reading = asyncio.ensure_future(count_deliveries(readers, text, 200))
+            for n in range(200):
+                await sender.send(frame(f"{n} {text}"))
+                await asyncio.sleep(0.05)  # the offered rate: 20 messages/s
+            counts = await asyncio.wait_for(reading, 30)
+        for reader in readers:
+            await reader.close()
+        return counts
+
+    assert asyncio.run(fan_out()) == [200] * 50
+    growth_mib = (server_rss_kib(server) - rss_before) / 1024
+    assert growth_mib < 40, f"server memory grew by {growth_mib:.1f} MiB"
+    stuck.close()
+
+
+def test_a_reader_too_far_behind_is_dropped(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "overflow")
+    text = "z" * 3900
+    total = 1500  # ~6 MB: more than the kernel buffers plus the send queue hold for one socket
+    stuck = stuck_socket(server, slug, cookie)
+
+    async def flood() -> list[int]:
+        async with ws_connect(server, slug, cookie, max_queue=None) as reader, \
+                ws_connect(server, slug, cookie) as sender:
+            reading = asyncio.ensure_future(count_deliveries([reader], text, total))
+            for n in range(total):
+                await sender.send(frame(f"{n} {text}"))
+            return await asyncio.wait_for(reading, 60)
+
+    assert asyncio.run(flood()) == [total]  # the reading client got everything
+    received = read_to_eof(stuck)
+    # What was buffered, then the end: the server tried a 1013 close and gave up on a peer
+    # that takes nothing, so the page sees 1013 or 1006, both of which htmx reconnects on
+    # (and then catches up from the database). Not the keepalive timeout: it was dropped.
+    assert received.count(text.encode()) < total
+    assert b"keepalive ping timeout" not in received
+
+
+def server_rss_kib(server: LiveServer) -> int:
+    status = open(f"/proc/{server.process.pid}/status").read()
+    return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+
+def test_oversized_frame_closes_only_its_socket_and_no_compression(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "sizes")
+
+    async def run() -> tuple[int, str | None]:
+        async with ws_connect(server, slug, cookie) as bystander, \
+                ws_connect(server, slug, cookie, max_size=None) as offender:
+            extensions = offender.response.headers.get("Sec-WebSocket-Extensions")
+            await offender.send(frame("y" * 70_000))
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(offender.recv(), 10)
+            await bystander.send(frame("still fine"))
+            await frames_until(bystander, "still fine")
+            return closed.value.rcvd.code, extensions
+
+    code, extensions = asyncio.run(run())
+    assert code == 1009  # "message too big"
+    assert extensions is None  # the client offered permessage-deflate; the server declined
+    assert list(stored_messages(server).values()) == ["still fine"]
+
+
+def test_reads_do_not_wait_behind_a_blocked_write(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "locked")
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+
+    async def run() -> None:
+        async with ws_connect(server, slug, cookie) as ws:
+            await frames_until(ws, "presence")
+            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            await ws.send(frame("waits for the lock"))
+            # The server's write is now stuck in busy_timeout (5 s); pages still load.
+            async with httpx.AsyncClient(base_url=server.url, cookies=client.cookies, timeout=3) as browser:
+                page = await browser.get(f"/room/{slug}/")
+                assert page.status_code == 200
+                assert (await browser.get("/healthz")).status_code == 200
+            blocker.execute("COMMIT")
+            assert "waits for the lock" in await frames_until(ws, "msg-")
+
+    asyncio.run(run())
+    blocker.close()
+
+
+def test_write_that_cannot_get_the_lock_is_refused_not_lost(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "lock timeout")
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+
+    async def run() -> str:
+        async with ws_connect(server, slug, cookie) as ws:
+            await frames_until(ws, "presence")
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                await ws.send(frame("cannot be saved"))
+                return await frames_until(ws, "chat-error")  # after the 5 s busy timeout
+            finally:
+                blocker.execute("ROLLBACK")
+
+    assert "could not be saved" in asyncio.run(run())
+    blocker.close()
+    assert stored_messages(server) == {}
+    assert httpx.get(server.url + "/healthz").status_code == 200
