@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import sqlite3
+import threading
 import time
 import unicodedata
 from collections import deque
@@ -188,7 +189,8 @@ class Store:
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
         self._write_db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
-        self._checkpointer: asyncio.Task | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
@@ -205,17 +207,18 @@ class Store:
         loop = asyncio.get_running_loop()
         self._write_db = await loop.run_in_executor(self._writer, self._connect, True)
         self._read_db = await loop.run_in_executor(self._reader, self._connect, False)
-        self._checkpointer = asyncio.create_task(self._checkpoint_now_and_then())
+        self._checkpointer = threading.Thread(target=self._checkpoint_every_second, name="sqlite-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     async def close(self) -> None:
         """Wait for every queued write to commit, then close."""
-        if self._checkpointer:
-            self._checkpointer.cancel()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self._write_db.close)
         await loop.run_in_executor(self._reader, self._read_db.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._stopping.set()
+        self._checkpointer.join()
 
     def _connect(self, for_writing: bool) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,21 +232,19 @@ class Store:
             # survives the process dying; a power cut may lose the last commits since the
             # latest checkpoint, never the file's integrity (README, "Guarantees").
             db.execute("PRAGMA synchronous=NORMAL")
-            # The fsyncs happen at checkpoints; those run on the reader thread (below),
+            # The fsyncs happen at checkpoints, which run on a thread of their own (below),
             # never inside a commit that a chat message is waiting for.
             db.execute("PRAGMA wal_autocheckpoint=0")
             db.executescript(SCHEMA)
         return db
 
-    async def _checkpoint_now_and_then(self, every: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(every)
+    def _checkpoint_every_second(self) -> None:
+        db = self._connect(for_writing=False)
+        while not self._stopping.wait(1.0):
             with contextlib.suppress(sqlite3.Error):
-                await self.read(self._checkpoint)
-
-    @staticmethod
-    def _checkpoint(db: sqlite3.Connection) -> None:
-        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a tidy file behind
+        db.close()
 
 
 # Queries: plain functions of a connection, run through Store.read or Store.write.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 
 import pytest
 
@@ -145,3 +146,32 @@ def test_history_and_load_older_in_the_browser(people):
     ada.page.locator("#wire-log pre", has_text='hx-swap-oob="upsert:#messages"').first.wait_for()
     ada.screenshot("wire")
     assert ada.errors == []
+
+
+def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
+    ada, grace = people
+    for person in people:
+        person.register()
+    ada.page.fill("#room_name", "restart")
+    ada.page.click("button:has-text('Create room')")
+    ada.page.wait_for_url(re.compile(r"/room/[^/]+/$"))
+    grace.page.goto(ada.page.url)
+    ada.page.locator("#presence li", has_text="grace").wait_for()
+    ada.say("before the restart")
+    grace.sees_message("before the restart")
+
+    chat_server.stop()  # SIGTERM: sockets close with 1012, and htmx starts retrying
+    with sqlite3.connect(chat_server.db_path) as db:  # what others said while these pages were away
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
+                       [(room_id, user_id, f"while away {n}", "2026-01-01T00:00:00Z") for n in range(3)])
+    chat_server.start()
+
+    for person in people:  # back within about 10 s of the server's return, without a reload
+        person.page.locator("#messages .msg p", has_text="while away 2").wait_for(timeout=12_000)
+    grace.say("after the restart")
+    ada.sees_message("after the restart")
+    expected = ["before the restart", "while away 0", "while away 1", "while away 2", "after the restart"]
+    for person in people:  # everything, in order, nothing twice
+        assert person.page.locator("#messages .msg p").all_inner_texts() == expected
+    ada.screenshot("after-restart")

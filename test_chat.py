@@ -543,3 +543,33 @@ def test_wire_mode_echoes_each_frame_as_escaped_text(alice):
     live, echo = frame.split('<div hx-swap-oob="afterbegin:#wire-log">')
     assert "&lt;article class=&#34;msg&#34;" in echo and "&amp;lt;i&amp;gt;hi" in echo
     assert "<article" in live and "<article" not in echo
+
+
+def test_room_creation_is_rate_limited_per_user(tmp_path):
+    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", room_rate=2)
+    with TestClient(chat.create_app(settings)) as client:
+        register(client, "alice")
+        create_room(client, "one"), create_room(client, "two")
+        refused = post_form(client, "/", "/create/", room_name="three")
+        assert refused.status_code == 429 and 'role="alert"' in refused.text and "Try again" in refused.text
+        assert 'value="three"' in refused.text
+    assert db_rows(settings, "SELECT count(*) FROM rooms") == [(2,)]
+
+
+def test_rate_limits_can_be_turned_off(tmp_path):
+    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=0)
+    with TestClient(chat.create_app(settings)) as client:
+        register(client, "alice")
+        slug = create_room(client, "fast")
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            for n in range(60):
+                send(ws, f"m{n}")
+                receive_until(ws, "message-input")
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(60,)]
+
+
+def test_failed_logins_are_limited_per_client_address(client):
+    for n in range(10):
+        post_form(client, "/auth/login/", "/auth/login/", username=f"guess{n}", password="nope nope")
+    blocked = post_form(client, "/auth/login/", "/auth/login/", username="someone-else", password="whatever1")
+    assert blocked.status_code == 429 and 'role="alert"' in blocked.text
