@@ -1015,11 +1015,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", "8000")))
     parser.add_argument("--db", type=Path, default=env.db_path, help="SQLite file (default: chat.db)")
     parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
+    parser.add_argument("--ws", default=os.environ.get("CHAT_WS", "auto"), help="uvicorn's WebSocket implementation")
     args = parser.parse_args(argv)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https})
     print(f"Backchat: database {settings.db_path.resolve()}")
     print(f"Backchat: open http://{args.host}:{args.port}/", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, ws_max_size=MAX_WS_FRAME_BYTES,
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, ws=args.ws, ws_max_size=MAX_WS_FRAME_BYTES,
                 ws_per_message_deflate=False, timeout_graceful_shutdown=5, log_level="info")
 
 

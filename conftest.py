@@ -81,7 +81,9 @@ def chromium_path() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+# Module scope: Playwright's sync API keeps an event loop running while it is open, and
+# the real-server tests need asyncio.run() afterwards.
+@pytest.fixture(scope="module")
 def browser():
     """A headless Chromium. Missing locally: the browser tests skip, saying why.
     Missing where BACKCHAT_REQUIRE_BROWSER=1 (CI sets it): they fail."""

@@ -1,0 +1,432 @@
+"""Backchat's benchmark: fan-out cost against a bare Starlette + uvicorn broadcast loop.
+
+    python bench.py                 # about a minute: one fan-out run per server, history timings
+    python bench.py --full          # the grid: N = 100, 500, 1000 sockets x R = 10, 20, 50 msg/s
+    python bench.py --json          # machine-readable
+
+Each server runs in its own process, pinned to core 0 when `taskset` exists; this load
+generator pins itself to core 1. It drives a server the way browsers do (register, log in,
+create a room, open N WebSockets with the session cookie and a same-site Origin, send
+`{"message": ...}` frames) and finds each delivery by the unique token in the frame.
+
+The load generator speaks WebSocket over raw asyncio protocols (no client library) so that it
+costs little per received frame; a run in which it used more than 90% of its core is marked
+invalid, because then it, not the server, set the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PASSWORD = "bench-password"
+TOKEN_RE = re.compile(rb"~T(\d+)~")
+
+
+# --- the baseline server: the least a Starlette/uvicorn chat can do ---------------------
+
+
+def baseline_app():
+    """Accept, keep a set per room, send each text to all. No auth, no database, no HTML."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.websockets import WebSocketDisconnect
+
+    rooms: dict[str, set] = {}
+
+    async def chat(websocket):
+        await websocket.accept()
+        room = rooms.setdefault(websocket.path_params["slug"], set())
+        room.add(websocket)
+        try:
+            while True:
+                text = await websocket.receive_text()
+                for peer in list(room):
+                    await peer.send_text(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            room.discard(websocket)
+
+    return Starlette(routes=[WebSocketRoute("/chat/{slug}/", chat)])
+
+
+def serve_baseline(port: int, ws: str) -> None:
+    import uvicorn
+
+    uvicorn.run(baseline_app(), host="127.0.0.1", port=port, ws=ws, ws_per_message_deflate=False,
+                ws_max_size=65536, log_level="warning")
+
+
+# --- server processes --------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pinned(cmd: list[str], core: int) -> list[str]:
+    return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") and os.cpu_count() >= 2 else cmd
+
+
+class Server:
+    def __init__(self, kind: str, workdir: Path, ws: str) -> None:
+        self.kind, self.port = kind, free_port()
+        env = {**os.environ, "CHAT_MESSAGE_RATE": "0", "CHAT_ROOM_RATE": "0", "CHAT_LOGIN_FAILURES": "0",
+               "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws}
+        if kind == "app":
+            cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(workdir / "bench.db")]
+        else:
+            cmd = [sys.executable, str(HERE / "bench.py"), "--serve-baseline", str(self.port), "--ws", ws]
+        self.log = open(workdir / f"{kind}.log", "wb")
+        self.process = subprocess.Popen(pinned(cmd, 0), env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{kind} server did not start: see {workdir}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of the server and its waited-for children, from /proc."""
+        fields = open(f"/proc/{self.process.pid}/stat").read().rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        return (utime + stime + cutime + cstime) / CLK_TCK
+
+    def rss_kib(self) -> int:
+        return int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{self.process.pid}/status").read()).group(1))
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+# --- a minimal WebSocket client ----------------------------------------------------------
+
+
+class Client(asyncio.Protocol):
+    """One WebSocket connection: handshake, masked text frames out, tokens found in frames in."""
+
+    def __init__(self, request: bytes, on_token) -> None:
+        self.request, self.on_token = request, on_token
+        self.buffer = bytearray()
+        self.open = asyncio.get_running_loop().create_future()
+        self.transport = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        if not self.open.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buffer[:12])
+            del buffer[:end + 4]
+            if b" 101" not in status:
+                self.open.set_exception(RuntimeError(f"handshake refused: {status!r}"))
+                return
+            self.open.set_result(True)
+        now = time.perf_counter()
+        while len(buffer) >= 2:
+            opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
+            start = 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, start = struct.unpack_from("!H", buffer, 2)[0], 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, start = struct.unpack_from("!Q", buffer, 2)[0], 10
+            if len(buffer) < start + length:
+                return
+            payload = bytes(buffer[start:start + length])
+            del buffer[:start + length]
+            if opcode == 0x1:
+                for token in TOKEN_RE.findall(payload):
+                    self.on_token(int(token), now)
+            elif opcode == 0x9:  # ping: answer so the server keeps us
+                self.send(payload, opcode=0xA)
+            elif opcode == 0x8:
+                self.closed = True
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        length = len(payload)
+        if length < 126:
+            header = struct.pack("!BB", 0x80 | opcode, 0x80 | length)
+        elif length < 65536:
+            header = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, length)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, length)
+        self.transport.write(header + b"\0\0\0\0" + payload)  # a zero mask leaves the payload as is
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        if not self.open.done():
+            self.open.set_exception(ConnectionError("closed during handshake"))
+
+
+def upgrade_request(port: int, path: str, cookie: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nOrigin: http://127.0.0.1:{port}\r\n"
+            f"Cookie: {cookie}\r\n\r\n").encode()
+
+
+# --- one fan-out run ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    server: str
+    sockets: int
+    rate: float
+    senders: int
+    expected: int = 0
+    received: int = 0
+    lost: int = 0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    max_ms: float = 0.0
+    cpu_us_per_frame: float = 0.0
+    rss_kib_per_idle_socket: float = 0.0
+    handshakes_per_s: float = 0.0
+    generator_cpu_share: float = 0.0
+    valid: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def http_setup(port: int) -> tuple[str, str]:
+    """Register, log in and create a room on the app, as a browser does; return (cookie, slug)."""
+    import httpx
+
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def token(path: str) -> str:
+        return re.search(r'name="csrf_token" value="([^"]+)"', client.get(path).text).group(1)
+
+    name = f"bench{os.getpid()}"
+    client.post("/auth/register/", data={"csrf_token": token("/auth/register/"), "username": name,
+                                         "password1": PASSWORD, "password2": PASSWORD})
+    client.cookies.clear()
+    client.post("/auth/login/", data={"csrf_token": token("/auth/login/"), "username": name, "password": PASSWORD})
+    response = client.post("/create/", data={"csrf_token": token("/"), "room_name": "bench"})
+    slug = response.headers["location"].split("/")[2]
+    return f"session={client.cookies['session']}", slug
+
+
+async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int) -> Run:
+    run = Run(server.kind, sockets, rate, senders)
+    cookie, slug = http_setup(server.port) if server.kind == "app" else ("", "bench")
+    path = f"/chat/{slug}/"
+    loop = asyncio.get_running_loop()
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+
+    def on_token(token: int, now: float) -> None:
+        latencies.append(now - sent_at[token])
+
+    async def open_one() -> Client:
+        _, client = await loop.create_connection(lambda: Client(upgrade_request(server.port, path, cookie), on_token),
+                                                 "127.0.0.1", server.port)
+        await client.open
+        return client
+
+    await asyncio.sleep(0.5)
+    rss_before = server.rss_kib()
+    started = time.perf_counter()
+    clients: list[Client] = []
+    in_flight = asyncio.Semaphore(50)  # like many browsers arriving at once, not all in one instant
+
+    async def open_limited() -> None:
+        async with in_flight:
+            clients.append(await open_one())
+
+    await asyncio.gather(*(open_limited() for _ in range(sockets)))
+    run.handshakes_per_s = sockets / (time.perf_counter() - started)
+    await asyncio.sleep(1.0)  # let the server settle (presence frames, catch-up reads)
+    run.rss_kib_per_idle_socket = (server.rss_kib() - rss_before) / sockets
+
+    latencies.clear()
+    total = int(rate * duration)
+    run.expected = total * sockets
+    filler = "x" * max(0, size - 20)
+    cpu_before, gen_before, wall_before = server.cpu_seconds(), time.process_time(), time.perf_counter()
+    for n in range(total):
+        target = wall_before + n / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sent_at[n] = time.perf_counter()
+        clients[n % senders].send(json.dumps({"message": f"~T{n}~ {filler}", "headers": {}}).encode())
+    deadline = time.perf_counter() + 10  # wait for stragglers, bounded
+    while len(latencies) < run.expected and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - wall_before
+    server_cpu = server.cpu_seconds() - cpu_before
+    run.generator_cpu_share = (time.process_time() - gen_before) / wall
+    run.received = len(latencies)
+    run.lost = run.expected - run.received
+    if latencies:
+        ordered = sorted(latencies)
+        run.p50_ms = 1000 * statistics.median(ordered)
+        run.p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+        run.max_ms = 1000 * ordered[-1]
+        run.cpu_us_per_frame = 1e6 * server_cpu / run.received
+    if run.generator_cpu_share > 0.9:
+        run.valid = False
+        run.notes.append("load generator saturated its core")
+    closed = sum(c.closed for c in clients)
+    if closed:
+        run.notes.append(f"{closed} sockets closed by the server")
+    for client in clients:
+        client.transport.close()
+    return run
+
+
+def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str) -> Run:
+    with tempfile.TemporaryDirectory() as workdir:
+        server = Server(kind, Path(workdir), ws)
+        try:
+            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size))
+        finally:
+            server.stop()
+
+
+# --- history: page load time against room size -------------------------------------------
+
+
+def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
+    import httpx
+
+    results = []
+    for count in sizes:
+        with tempfile.TemporaryDirectory() as workdir:
+            server = Server("app", Path(workdir), "auto")
+            try:
+                cookie, slug = http_setup(server.port)
+                with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
+                    room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
+                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
+                                   ((room_id, user_id, f"history message {n}", "2026-01-01T00:00:00Z")
+                                    for n in range(count)))
+                client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie})
+                middle = count // 2 + 1
+
+                def timed(url: str) -> float:
+                    client.get(url)  # warm
+                    samples = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        assert client.get(url).status_code == 200
+                        samples.append(time.perf_counter() - start)
+                    return 1000 * statistics.median(samples)
+
+                results.append({"messages": count, "room_page_ms": timed(f"/room/{slug}/"),
+                                "older_page_ms": timed(f"/room/{slug}/messages?before={max(middle, 1)}")})
+            finally:
+                server.stop()
+    return results
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def print_pair(app: Run, base: Run) -> None:
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.2f}x" if b else "-"
+
+    print(f"\nN={app.sockets} sockets, R={app.rate:g} msg/s, {app.senders} senders")
+    rows = [
+        ("deliveries expected", app.expected, base.expected, None),
+        ("received", app.received, base.received, None),
+        ("lost", app.lost, base.lost, None),
+        ("latency p50 (ms)", app.p50_ms, base.p50_ms, None),
+        ("latency p99 (ms)", app.p99_ms, base.p99_ms, None),
+        ("latency max (ms)", app.max_ms, base.max_ms, None),
+        ("server CPU per frame (us)", app.cpu_us_per_frame, base.cpu_us_per_frame, True),
+        ("RSS per idle socket (KiB)", app.rss_kib_per_idle_socket, base.rss_kib_per_idle_socket, True),
+        ("handshakes/s", app.handshakes_per_s, base.handshakes_per_s, True),
+        ("generator CPU share (%)", 100 * app.generator_cpu_share, 100 * base.generator_cpu_share, None),
+    ]
+    print(f"  {'':28}{'app':>12}{'baseline':>12}{'ratio':>9}")
+    for label, a, b, show_ratio in rows:
+        fa = f"{a:,.1f}" if isinstance(a, float) else f"{a:,}"
+        fb = f"{b:,.1f}" if isinstance(b, float) else f"{b:,}"
+        print(f"  {label:28}{fa:>12}{fb:>12}{ratio(a, b) if show_ratio else '':>9}")
+    for run in (app, base):
+        if not run.valid or run.notes:
+            print(f"  {run.server}: {'INVALID: ' if not run.valid else ''}{'; '.join(run.notes)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="the N x R grid (several minutes)")
+    parser.add_argument("--sockets", type=int, nargs="+", default=[100, 500], help="N: sockets in the room")
+    parser.add_argument("--rates", type=float, nargs="+", default=[20], help="R: messages per second offered")
+    parser.add_argument("--senders", type=int, default=5, help="S: sockets that send")
+    parser.add_argument("--duration", type=float, default=8, help="seconds of sending per run")
+    parser.add_argument("--size", type=int, default=100, help="characters per message")
+    parser.add_argument("--history", type=int, nargs="*", default=[0, 10_000, 100_000], help="room sizes to time")
+    parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_baseline:
+        return serve_baseline(args.serve_baseline, args.ws)
+    if args.full:
+        args.sockets, args.rates, args.duration = [100, 500, 1000], [10, 20, 50], 10
+    os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() >= 2 else None
+
+    report: dict = {"fan_out": [], "history": []}
+    for sockets in args.sockets:
+        for rate in args.rates:
+            pair = [one_run(kind, sockets, rate, args.senders, args.duration, args.size, args.ws)
+                    for kind in ("app", "baseline")]
+            report["fan_out"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
+            if not args.json:
+                print_pair(*pair)
+    if args.history:
+        report["history"] = history_timings(args.history)
+        if not args.json:
+            print("\nHistory (median of 30 GETs)")
+            print(f"  {'messages':>10}{'room page (ms)':>16}{'older page (ms)':>17}")
+            for row in report["history"]:
+                print(f"  {row['messages']:>10,}{row['room_page_ms']:>16.2f}{row['older_page_ms']:>17.2f}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
