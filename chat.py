@@ -285,6 +285,10 @@ def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | No
     ).fetchone()
 
 
+def user_and_room(db: sqlite3.Connection, session_id: str, slug: str) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
+    return user_by_session(db, session_id), room_by_slug(db, slug)
+
+
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
     with transaction(db):
         if everywhere:
@@ -464,47 +468,94 @@ def safe_next(target: str | None) -> str:
 
 
 class Connection:
-    """One open WebSocket: a bounded queue of frames and the task that writes them out."""
+    """One open WebSocket: frames go out at once while its socket keeps up, and into a
+    bounded backlog while it does not."""
 
-    __slots__ = ("websocket", "user_id", "username", "room_slug", "wire", "outbox", "writer", "handler", "dropped")
+    __slots__ = ("websocket", "send", "user_id", "username", "room_id", "room_slug", "wire", "backlog",
+                 "flusher", "handler", "dropped")
 
-    def __init__(self, websocket: WebSocket, user: sqlite3.Row, room_slug: str, wire: bool) -> None:
+    def __init__(self, websocket: WebSocket, user_id: int, username: str, room_id: int, room_slug: str,
+                 wire: bool) -> None:
         self.websocket = websocket
-        self.user_id: int = user["id"]
-        self.username: str = user["username"]
-        self.room_slug = room_slug
+        # Frames go straight to the server's ASGI send, past the middleware: sessions and
+        # error pages are about HTTP, and each layer would cost time on every frame.
+        self.send: Send = websocket.scope["backchat.raw_send"]
+        self.user_id, self.username = user_id, username
+        self.room_id, self.room_slug = room_id, room_slug
         self.wire = wire
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(SEND_QUEUE_FRAMES)
+        self.backlog: list[str] = []
+        self.flusher: asyncio.Task | None = None  # exists only while the socket lags behind
         self.handler = asyncio.current_task()  # the task reading this socket
-        self.writer = asyncio.create_task(self.write_frames())
         self.dropped = False
 
     def push(self, frame: str) -> None:
-        """Queue a frame without waiting; a reader too slow to keep up is dropped instead."""
+        """Send a frame without ever waiting: at once if the socket can take it, else later."""
         if self.dropped:
             return
-        try:
-            self.outbox.put_nowait(frame)
-        except asyncio.QueueFull:
-            # Never wait for one slow reader: drop it. Its page reconnects and catches up.
+        if self.flusher is None:
+            self._send_now(frame)
+        elif len(self.backlog) < SEND_QUEUE_FRAMES:
+            self.backlog.append(frame)
+        else:  # never wait for one slow reader: drop it; its page reconnects and catches up
             self.dropped = True
-            self.writer.cancel()
+            log.warning("dropping a socket of %s in %s: %d frames behind", self.username, self.room_slug,
+                        len(self.backlog))
+            asyncio.create_task(self._drop())
 
-    async def write_frames(self) -> None:
+    def _send_now(self, frame: str) -> None:
+        # Run the server's send coroutine by hand up to its first wait. Nearly always it
+        # has copied the frame into the socket's buffer by then and is done: no task, no
+        # trip through the event loop, for each of a room's thousand sockets. Only when
+        # the socket's buffer is full does it wait, and then a task takes over from there.
+        # (Python 3.12's eager tasks do the same; this works on 3.11 too.)
+        sending = self.send({"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame})
+        try:
+            waiting_for = sending.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            return  # the socket is gone; the receive loop notices and cleans up
+        self.flusher = asyncio.create_task(self._flush(sending, waiting_for))
+
+    async def _flush(self, sending: Any, waiting_for: Any) -> None:
+        """Finish the send that had to wait, then everything that piled up behind it."""
         try:
             while True:
-                frame = await self.outbox.get()
-                await self.websocket.send_text(with_wire_echo(frame) if self.wire else frame)
+                if waiting_for is None:  # a bare yield: just let the loop run once
+                    await asyncio.sleep(0)
+                else:
+                    # What asyncio's Task does with each future a coroutine yields: clear the
+                    # "a task is blocked on me" mark, then wait for it.
+                    waiting_for._asyncio_future_blocking = False
+                    await waiting_for
+                try:
+                    waiting_for = sending.send(None)
+                except StopIteration:
+                    break
+            while self.backlog:
+                frames, self.backlog = self.backlog, []
+                for frame in frames:
+                    await self.send({"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame})
         except asyncio.CancelledError:
-            if self.dropped:
-                # 1013 "try again later", which htmx reconnects on; a reader that is stuck
-                # cannot even take the close frame, so do not wait long for it.
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.websocket.close(1013, "too slow"), 1)
-                self.handler.cancel()  # stop waiting for frames from it, too
+            sending.close()
             raise
         except Exception:
-            pass  # the socket is gone; the receive loop notices and cleans up
+            sending.close()  # the socket is gone; the receive loop notices and cleans up
+        finally:
+            self.flusher = None
+
+    async def _drop(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()  # it is stuck waiting for the client to read
+        # 1013 "try again later", which htmx reconnects on; a reader that is stuck cannot
+        # even take the close frame, so do not wait long for it.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.websocket.close(1013, "too slow"), 1)
+        self.handler.cancel()  # stop waiting for frames from it, too
+
+    def close(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
 
 
 class RoomHub:
@@ -838,47 +889,61 @@ def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
     return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
 
 
-async def catch_up_frame(store: Store, room: sqlite3.Row, after: int) -> str | None:
+async def catch_up_frame(store: Store, conn: Connection, after: int) -> str | None:
     """What a (re)connecting page is missing: every message after the newest it was
     rendered with. The upsert swap skips ones it already shows, so overlap is harmless;
     a page too far behind gets the newest page whole instead."""
-    missed = await store.read(messages_after, room["id"], after, CATCH_UP_LIMIT + 1)
+    missed = await store.read(messages_after, conn.room_id, after, CATCH_UP_LIMIT + 1)
     if not missed:
         return None
     if len(missed) <= CATCH_UP_LIMIT:
         return str(fragments.messages_frame(missed))
-    messages, has_older = await store.read(page_before, room["id"], None)
-    return str(fragments.history_page(room, messages, has_older, oob=True))
+    messages, has_older = await store.read(page_before, conn.room_id, None)
+    return str(fragments.history_page({"slug": conn.room_slug}, messages, has_older, oob=True))
+
+
+async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
+    """The handshake: refuse (403/404) or accept and return the new connection."""
+    session_id = websocket.session.get("sid", "")
+    slug = websocket.path_params["slug"].lower()
+    user, room = await chat.store.read(user_and_room, session_id, slug)  # one trip to the database
+    if user is None or not origin_allowed(websocket, chat.settings.allowed_origins):
+        await websocket.send_denial_response(PlainTextResponse("Not allowed.", status_code=403))
+        return None
+    if room is None:
+        await websocket.send_denial_response(PlainTextResponse("No such room.", status_code=404))
+        return None
+    await websocket.accept()
+    # The connection keeps a few values, not the rows: it may live for days, by the thousand.
+    return Connection(websocket, user["id"], user["username"], room["id"], room["slug"],
+                      wire=websocket.query_params.get("wire") == "1")
+
+
+def presence_frame(hub: RoomHub, room_slug: str) -> str:
+    return str(fragments.presence(hub.online(room_slug), oob=True))
 
 
 async def chat_socket(websocket: WebSocket) -> None:
     chat = chat_of(websocket)
-    store, hub = chat.store, chat.hub
-    user = await current_user(websocket)
-    if user is None or not origin_allowed(websocket, chat.settings.allowed_origins):
-        return await websocket.send_denial_response(PlainTextResponse("Not allowed.", status_code=403))
-    room = await store.read(room_by_slug, websocket.path_params["slug"].lower())
-    if room is None:
-        return await websocket.send_denial_response(PlainTextResponse("No such room.", status_code=404))
-    try:
-        after = max(0, int(websocket.query_params.get("after", "0")))
-    except ValueError:
-        after = 0
-    await websocket.accept()
-
-    conn = Connection(websocket, user, room["slug"], wire=websocket.query_params.get("wire") == "1")
+    conn = await admit(chat, websocket)
+    if conn is None:
+        return
+    hub = chat.hub
     # Join before reading the catch-up: a message stored in between arrives both ways,
     # and the page's upsert swap shows it once.
     if hub.join(conn):
-        hub.broadcast(room["slug"], str(fragments.presence(hub.online(room["slug"]), oob=True)))
+        hub.broadcast(conn.room_slug, presence_frame(hub, conn.room_slug))
+    # `after`: the newest message id the page holds. A client that does not say gets
+    # only what is said from now on.
+    after = websocket.query_params.get("after", "")
     try:
-        if frame := await catch_up_frame(store, room, after):
+        if after.isdigit() and (frame := await catch_up_frame(chat.store, conn, int(after))):
             conn.push(frame)
         while True:
             event = await websocket.receive()
             if event["type"] == "websocket.disconnect":
                 break
-            await handle_frame(chat, conn, room, event)
+            await handle_frame(chat, conn, event)
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client went away mid-receive
     except asyncio.CancelledError:
@@ -886,12 +951,12 @@ async def chat_socket(websocket: WebSocket) -> None:
             raise
         asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
     finally:
-        conn.writer.cancel()
+        conn.close()
         if hub.leave(conn):
-            hub.broadcast(room["slug"], str(fragments.presence(hub.online(room["slug"]), oob=True)))
+            hub.broadcast(conn.room_slug, presence_frame(hub, conn.room_slug))
 
 
-async def handle_frame(chat: Chat, conn: Connection, room: sqlite3.Row, event: Message) -> None:
+async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
     if event.get("text") is None:
         return conn.push(str(fragments.chat_error("Binary frames are not understood; send text.")))
     try:
@@ -903,13 +968,13 @@ async def handle_frame(chat: Chat, conn: Connection, room: sqlite3.Row, event: M
     if len(text) > MAX_MESSAGE_CHARS:
         return conn.push(str(fragments.chat_error(
             f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")))
-    if not chat.message_limit.allow((conn.user_id, room["id"])):
+    if not chat.message_limit.allow((conn.user_id, conn.room_id)):
         return conn.push(str(fragments.chat_error("You are sending messages too fast. Wait a few seconds.")))
     try:
-        message = await chat.store.write(add_message, room["id"], conn.user_id, text)
+        message = await chat.store.write(add_message, conn.room_id, conn.user_id, text)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         return conn.push(str(fragments.chat_error("Your message could not be saved just now. Press Send again.")))
-    chat.hub.broadcast(room["slug"], str(fragments.messages_frame([message])))
+    chat.hub.broadcast(conn.room_slug, str(fragments.messages_frame([message])))
     conn.push(COMPOSER_RESET)
 
 
@@ -925,12 +990,15 @@ COMPOSER_RESET = str(fragments.composer_reset())
 
 class SecurityHeaders:
     """Headers every HTML response carries; a fresh CSP nonce per request for the one
-    inline <style> the room page has (it marks your own messages)."""
+    inline <style> the room page has (it marks your own messages). As the outermost layer
+    it also hands WebSocket routes the server's own `send`."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope["backchat.raw_send"] = send  # see Connection.send
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         nonce = scope["csp_nonce"] = secrets.token_urlsafe(16)
