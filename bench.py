@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -90,40 +91,77 @@ def pinned(cmd: list[str], core: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, kind: str, workdir: Path, ws: str) -> None:
+    """A server process pinned to core 0: the app (`python chat.py`, or with `workers`,
+    `uvicorn chat:app --workers N` sharing a redis-server) or the baseline."""
+
+    def __init__(self, kind: str, workdir: Path, ws: str, workers: int = 0) -> None:
         self.kind, self.port = kind, free_port()
         env = {**os.environ, "CHAT_MESSAGE_RATE": "0", "CHAT_ROOM_RATE": "0", "CHAT_LOGIN_FAILURES": "0",
-               "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws}
-        if kind == "app":
-            cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(workdir / "bench.db")]
+               "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws, "CHAT_DB": str(workdir / "bench.db")}
+        self.redis: subprocess.Popen | None = None
+        if kind == "app" and workers:
+            redis_port = free_port()
+            self.redis = subprocess.Popen(pinned(["redis-server", "--port", str(redis_port), "--save", "",
+                                                  "--appendonly", "no"], 0),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env["CHAT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            cmd = [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(self.port), "--workers", str(workers),
+                   "--ws", ws, "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--log-level", "warning"]
+        elif kind == "app":
+            cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", env["CHAT_DB"]]
         else:
             cmd = [sys.executable, str(HERE / "bench.py"), "--serve-baseline", str(self.port), "--ws", ws]
         self.log = open(workdir / f"{kind}.log", "wb")
-        self.process = subprocess.Popen(pinned(cmd, 0), env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
+        self.process = subprocess.Popen(pinned(cmd, 0), env=env, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                time.sleep(1.0 if workers else 0)  # let every worker finish starting
                 return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{kind} server did not start: see {workdir}")
 
+    def pids(self) -> list[int]:
+        """The server process, every process below it, and its redis-server if any."""
+        children: dict[int, list[int]] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        found, todo = [], [self.process.pid] + ([self.redis.pid] if self.redis else [])
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo += children.get(pid, [])
+        return found
+
     def cpu_seconds(self) -> float:
-        """User + system CPU of the server and its waited-for children, from /proc."""
-        fields = open(f"/proc/{self.process.pid}/stat").read().rsplit(")", 1)[1].split()
-        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-        return (utime + stime + cutime + cstime) / CLK_TCK
+        """User + system CPU of the whole server (all its processes), from /proc."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += sum(int(x) for x in fields[11:13])
+        return total / CLK_TCK
 
     def rss_kib(self) -> int:
-        return int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{self.process.pid}/status").read()).group(1))
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError, AttributeError):
+                total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+        return total
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        for process in (self.process, self.redis):
+            if process is None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
         self.log.close()
 
 
@@ -247,7 +285,7 @@ def http_setup(port: int) -> tuple[str, str]:
 
 
 async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int) -> Run:
-    run = Run(server.kind, sockets, rate, senders)
+    run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders)
     cookie, slug = http_setup(server.port) if server.kind == "app" else ("", "bench")
     path = f"/chat/{slug}/"
     loop = asyncio.get_running_loop()
@@ -315,9 +353,10 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     return run
 
 
-def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str) -> Run:
+def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str,
+            workers: int = 0) -> Run:
     with tempfile.TemporaryDirectory() as workdir:
-        server = Server(kind, Path(workdir), ws)
+        server = Server(kind, Path(workdir), ws, workers)
         try:
             return asyncio.run(fan_out(server, sockets, rate, senders, duration, size))
         finally:
@@ -363,7 +402,7 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
 # --- reporting ---------------------------------------------------------------------------
 
 
-def print_pair(app: Run, base: Run) -> None:
+def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline")) -> None:
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
@@ -380,7 +419,7 @@ def print_pair(app: Run, base: Run) -> None:
         ("handshakes/s", app.handshakes_per_s, base.handshakes_per_s, True),
         ("generator CPU share (%)", 100 * app.generator_cpu_share, 100 * base.generator_cpu_share, None),
     ]
-    print(f"  {'':28}{'app':>12}{'baseline':>12}{'ratio':>9}")
+    print(f"  {'':28}{labels[0]:>12}{labels[1]:>12}{'ratio':>9}")
     for label, a, b, show_ratio in rows:
         fa = f"{a:,.1f}" if isinstance(a, float) else f"{a:,}"
         fb = f"{b:,.1f}" if isinstance(b, float) else f"{b:,}"
@@ -398,8 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--senders", type=int, default=5, help="S: sockets that send")
     parser.add_argument("--duration", type=float, default=8, help="seconds of sending per run")
     parser.add_argument("--size", type=int, default=100, help="characters per message")
-    parser.add_argument("--history", type=int, nargs="*", default=[0, 10_000, 100_000], help="room sizes to time")
+    parser.add_argument("--history", type=int, nargs="*", default=[0, 50, 10_000, 100_000], help="room sizes to time")
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also run the app as `uvicorn chat:app --workers N` with Redis fan-out (needs redis-server)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -417,6 +458,12 @@ def main(argv: list[str] | None = None) -> None:
             report["fan_out"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
             if not args.json:
                 print_pair(*pair)
+            if args.workers:
+                scaled = one_run("app", sockets, rate, args.senders, args.duration, args.size, args.ws, args.workers)
+                report["fan_out"][-1]["app_redis"] = asdict(scaled)
+                if not args.json:
+                    print(f"  with Redis fan-out, {args.workers} workers, against one process:")
+                    print_pair(scaled, pair[0], ("workers", "1 process"))
     if args.history:
         report["history"] = history_timings(args.history)
         if not args.json:

@@ -78,6 +78,7 @@ class Settings:
     room_rate: int = 10  # rooms created per user per hour; 0 turns it off
     login_failures: int = 10  # failed logins per username and per address per 15 min
     https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
+    redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -91,6 +92,7 @@ class Settings:
             room_rate=_env_int(env, "CHAT_ROOM_RATE", 10),
             login_failures=_env_int(env, "CHAT_LOGIN_FAILURES", 10),
             https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
+            redis_url=env.get("CHAT_REDIS_URL", ""),
         )
 
 
@@ -422,7 +424,7 @@ class RateLimiter:
             events.popleft()
         return events
 
-    def exceeded(self, key: Any) -> bool:
+    async def exceeded(self, key: Any) -> bool:
         if not self.limit:
             return False
         events = self._recent(key)
@@ -431,15 +433,15 @@ class RateLimiter:
             return False
         return len(events) >= self.limit
 
-    def record(self, key: Any) -> None:
+    async def record(self, key: Any) -> None:
         if self.limit:
             self._recent(key).append(time.monotonic())
 
-    def allow(self, key: Any) -> bool:
+    async def allow(self, key: Any) -> bool:
         """Count one event if the key is under its limit; say whether it was."""
-        if self.exceeded(key):
+        if await self.exceeded(key):
             return False
-        self.record(key)
+        await self.record(key)
         return True
 
 
@@ -592,10 +594,213 @@ class RoomHub:
     def online(self, room_slug: str) -> list[str]:
         return sorted((self.names[uid] for uid in self.tabs.get(room_slug, {})), key=str.casefold)
 
+    async def close_all(self, code: int) -> None:
+        """Close every socket (1012: pages reconnect and catch up from the database)."""
+        for room in list(self.connections.values()):
+            for conn in list(room):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.websocket.close(code), 1)
+
     def broadcast(self, room_slug: str, frame: str) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included."""
         for conn in tuple(self.connections.get(room_slug, ())):
             conn.push(frame)
+
+
+def presence_frame(names: list[str]) -> str:
+    return str(fragments.presence(names, oob=True))
+
+
+class LocalFanout:
+    """Fan-out within one process (the default): a frame goes straight to the hub.
+    RedisFanout below has the same five methods; nothing else knows which one runs."""
+
+    def __init__(self, hub: RoomHub) -> None:
+        self.hub = hub
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish(self, room_slug: str, frame: str) -> None:
+        self.hub.broadcast(room_slug, frame)
+
+    async def online(self, room_slug: str) -> list[str]:
+        return self.hub.online(room_slug)
+
+    async def came_online(self, conn: Connection) -> None:
+        self.hub.broadcast(conn.room_slug, presence_frame(self.hub.online(conn.room_slug)))
+
+    went_offline = came_online  # either way: everybody gets the new list
+
+
+class RedisFanout(LocalFanout):
+    """Fan-out across processes through Redis pub/sub: each worker publishes a room's
+    frames to a channel and every worker (itself included) hands what it receives to its
+    own connections. Presence is a sorted set per room whose entries expire unless their
+    worker keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
+
+    PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
+    HEARTBEAT = 5.0  # seconds between renewals
+
+    def __init__(self, hub: RoomHub, url: str) -> None:
+        super().__init__(hub)
+        import redis.asyncio  # optional: only needed when CHAT_REDIS_URL is set
+
+        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=2,
+                                                  socket_connect_timeout=2)
+        # The subscriber sits idle between messages, so it gets no read timeout.
+        self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
+                                                       health_check_interval=10)
+        self.worker = secrets.token_hex(4)
+        self.shown: dict[str, list[str]] = {}  # the presence list each room's pages last got
+        self.tasks: list[asyncio.Task] = []
+        self.healthy = True
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+            await self.subscriber.aclose()
+
+    def _unhealthy(self, problem: Exception) -> None:
+        if self.healthy:
+            log.error("Redis unreachable (%s): serving this worker's connections only until it is back", problem)
+        self.healthy = False
+
+    async def publish(self, room_slug: str, frame: str) -> None:
+        try:
+            await self.redis.publish(f"backchat:room:{room_slug}", frame)
+        except Exception as problem:  # the message is stored; local pages get it now, others on reconnect
+            self._unhealthy(problem)
+            self.hub.broadcast(room_slug, frame)
+
+    async def _listen(self) -> None:
+        """Receive every worker's frames and presence notices; after an outage, close local
+        sockets with 1012 so their pages reconnect and catch up on what they missed."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.subscriber.pubsub() as pubsub:
+                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*")
+                    if not self.healthy:
+                        log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
+                        self.healthy = True
+                        await self.hub.close_all(1012)
+                    delay = 0.5
+                    async for message in pubsub.listen():
+                        if message["type"] == "pmessage":
+                            self._deliver(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as problem:
+                self._unhealthy(problem)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _deliver(self, channel: str, data: str) -> None:
+        kind, room_slug = channel.split(":", 2)[1:]
+        if room_slug not in self.hub.connections:
+            return  # nobody here is in that room
+        if kind == "room":
+            self.hub.broadcast(room_slug, data)
+        else:
+            asyncio.create_task(self._show_presence(room_slug))
+
+    async def online(self, room_slug: str) -> list[str]:
+        try:
+            now = time.time()
+            entries = await self.redis.zrangebyscore(f"backchat:online:{room_slug}", now, "+inf")
+        except Exception as problem:
+            self._unhealthy(problem)
+            return self.hub.online(room_slug)
+        return sorted({entry.split("|", 2)[2] for entry in entries}, key=str.casefold)
+
+    async def _show_presence(self, room_slug: str) -> None:
+        names = await self.online(room_slug)
+        if self.shown.get(room_slug) != names:
+            self.shown[room_slug] = names
+            self.hub.broadcast(room_slug, presence_frame(names))
+
+    def _entry(self, room_slug: str, user_id: int) -> str:
+        return f"{self.worker}|{user_id}|{self.hub.names[user_id]}"
+
+    async def _announce(self, room_slug: str) -> None:
+        try:
+            await self.redis.publish(f"backchat:presence:{room_slug}", "")
+        except Exception as problem:
+            self._unhealthy(problem)
+            await self._show_presence(room_slug)
+
+    async def came_online(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.zadd(f"backchat:online:{conn.room_slug}",
+                                  {self._entry(conn.room_slug, conn.user_id): time.time() + self.PRESENCE_TTL})
+        await self._announce(conn.room_slug)
+
+    async def went_offline(self, conn: Connection) -> None:
+        if conn.room_slug not in self.hub.connections:
+            self.shown.pop(conn.room_slug, None)  # nobody here is in that room any more
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(f"backchat:online:{conn.room_slug}", f"{self.worker}|{conn.user_id}|{conn.username}")
+        await self._announce(conn.room_slug)
+
+    async def _heartbeat(self) -> None:
+        """Renew this worker's presence entries, drop expired ones (a crashed worker's),
+        and show pages any change that caused."""
+        while True:
+            await asyncio.sleep(self.HEARTBEAT)
+            expires = time.time() + self.PRESENCE_TTL
+            for room_slug, tabs in list(self.hub.tabs.items()):
+                key = f"backchat:online:{room_slug}"
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.zadd(key, {self._entry(room_slug, uid): expires for uid in tabs})
+                        pipe.zremrangebyscore(key, "-inf", time.time())
+                        pipe.expire(key, int(self.PRESENCE_TTL) * 2)
+                        await pipe.execute()
+                except Exception as problem:
+                    self._unhealthy(problem)
+                await self._show_presence(room_slug)
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same limits, counted in Redis so that every worker sees every event: a fixed
+    window counter per key. If Redis is unreachable, this worker counts on its own."""
+
+    def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self.fanout = fanout
+
+    def _key(self, key: Any) -> str:
+        window = int(time.time() // self.window)
+        return f"backchat:limit:{int(self.window)}:{key!s}:{window}"
+
+    async def exceeded(self, key: Any) -> bool:
+        if not self.limit:
+            return False
+        try:
+            count = await self.fanout.redis.get(self._key(key))
+        except Exception:
+            return await super().exceeded(key)
+        return int(count or 0) >= self.limit
+
+    async def record(self, key: Any) -> None:
+        if not self.limit:
+            return
+        try:
+            async with self.fanout.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(self._key(key))
+                pipe.expire(self._key(key), int(self.window) + 1)
+                await pipe.execute()
+        except Exception:
+            await super().record(key)
 
 
 # ---------------------------------------------------------------------------
@@ -640,19 +845,25 @@ def room_code_from(value: str) -> str:
 
 @dataclass
 class Chat:
-    """What the routes share: settings, database, hub and the limits."""
+    """What the routes share: settings, database, hub, fan-out and the limits."""
 
     settings: Settings
     store: Store
     hub: RoomHub = field(default_factory=RoomHub)
+    fanout: LocalFanout = field(init=False)
     message_limit: RateLimiter = field(init=False)
     room_limit: RateLimiter = field(init=False)
     login_limit: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.message_limit = RateLimiter(self.settings.message_rate, 10)
-        self.room_limit = RateLimiter(self.settings.room_rate, 3600)
-        self.login_limit = RateLimiter(self.settings.login_failures, 15 * 60)
+        if self.settings.redis_url:
+            self.fanout = RedisFanout(self.hub, self.settings.redis_url)
+            limiter = functools.partial(RedisRateLimiter, self.fanout)
+        else:
+            self.fanout, limiter = LocalFanout(self.hub), RateLimiter
+        self.message_limit = limiter(self.settings.message_rate, 10)
+        self.room_limit = limiter(self.settings.room_rate, 3600)
+        self.login_limit = limiter(self.settings.login_failures, 15 * 60)
 
 
 def chat_of(conn: HTTPConnection) -> Chat:
@@ -742,7 +953,7 @@ async def login(request: Request) -> Response:
     username, password = form.get("username", "").strip(), form.get("password", "")
     next_url = safe_next(form.get("next"))
     keys = (("user", username.casefold()), ("address", client_address(request)))
-    if any(chat.login_limit.exceeded(key) for key in keys):
+    if any([await chat.login_limit.exceeded(key) for key in keys]):
         return render(request, "login.html", 429, form={"username": username, "next": next_url},
                       error="Too many failed logins. Try again later (in 15 minutes).")
     user = await chat.store.read(user_by_name, username)
@@ -751,7 +962,7 @@ async def login(request: Request) -> Response:
         await start_session(request, user)
         return redirect(next_url)
     for key in keys:
-        chat.login_limit.record(key)
+        await chat.login_limit.record(key)
     return render(request, "login.html", 400, form={"username": username, "next": next_url},
                   error="Wrong username or password.")
 
@@ -782,7 +993,7 @@ async def create_room(request: Request) -> Response:
     error = None
     if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS:
         error = f"Room names are 1-{MAX_ROOM_NAME_CHARS} characters."
-    elif not chat.room_limit.allow(request.state.user["id"]):
+    elif not await chat.room_limit.allow(request.state.user["id"]):
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
     if error:
@@ -824,7 +1035,7 @@ async def room_page(request: Request) -> Response:
     messages, has_older = await store.read(page_before, room["id"], None)
     invite = str(request.url_for("room", slug=room["slug"]))
     return render(request, "room.html", room=room, messages=messages, has_older=has_older,
-                  last_id=messages[-1]["id"] if messages else 0, online=hub.online(room["slug"]),
+                  last_id=messages[-1]["id"] if messages else 0, online=await chat_of(request).fanout.online(room["slug"]),
                   invite=invite, wire=request.query_params.get("wire") == "1")
 
 
@@ -919,20 +1130,16 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
                       wire=websocket.query_params.get("wire") == "1")
 
 
-def presence_frame(hub: RoomHub, room_slug: str) -> str:
-    return str(fragments.presence(hub.online(room_slug), oob=True))
-
-
 async def chat_socket(websocket: WebSocket) -> None:
     chat = chat_of(websocket)
     conn = await admit(chat, websocket)
     if conn is None:
         return
-    hub = chat.hub
+    hub, fanout = chat.hub, chat.fanout
     # Join before reading the catch-up: a message stored in between arrives both ways,
     # and the page's upsert swap shows it once.
     if hub.join(conn):
-        hub.broadcast(conn.room_slug, presence_frame(hub, conn.room_slug))
+        await fanout.came_online(conn)
     # `after`: the newest message id the page holds. A client that does not say gets
     # only what is said from now on.
     after = websocket.query_params.get("after", "")
@@ -953,7 +1160,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     finally:
         conn.close()
         if hub.leave(conn):
-            hub.broadcast(conn.room_slug, presence_frame(hub, conn.room_slug))
+            await fanout.went_offline(conn)
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
@@ -968,13 +1175,13 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
     if len(text) > MAX_MESSAGE_CHARS:
         return conn.push(str(fragments.chat_error(
             f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")))
-    if not chat.message_limit.allow((conn.user_id, conn.room_id)):
+    if not await chat.message_limit.allow((conn.user_id, conn.room_id)):
         return conn.push(str(fragments.chat_error("You are sending messages too fast. Wait a few seconds.")))
     try:
         message = await chat.store.write(add_message, conn.room_id, conn.user_id, text)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         return conn.push(str(fragments.chat_error("Your message could not be saved just now. Press Send again.")))
-    chat.hub.broadcast(conn.room_slug, str(fragments.messages_frame([message])))
+    await chat.fanout.publish(conn.room_slug, str(fragments.messages_frame([message])))
     conn.push(COMPOSER_RESET)
 
 
@@ -1030,10 +1237,12 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.db_path)
         await store.open()
-        app.state.chat = Chat(settings, store)
+        app.state.chat = chat = Chat(settings, store)
+        await chat.fanout.start()
         try:
             yield
         finally:
+            await chat.fanout.stop()
             await store.close()
 
     routes = [

@@ -40,8 +40,8 @@ def make_room(client: httpx.Client, name: str) -> str:
     return response.headers["location"].split("/")[2]
 
 
-def ws_connect(server: LiveServer, slug: str, cookie: str, **kwargs):
-    return connect(f"ws://127.0.0.1:{server.port}/chat/{slug}/", additional_headers={"Cookie": cookie},
+def ws_connect(server: LiveServer, slug: str, cookie: str, query: str = "", **kwargs):
+    return connect(f"ws://127.0.0.1:{server.port}/chat/{slug}/{query}", additional_headers={"Cookie": cookie},
                    origin=server.url, open_timeout=10, **kwargs)
 
 

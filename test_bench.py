@@ -1,0 +1,25 @@
+"""bench.py runs end to end on tiny numbers (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_bench_runs_end_to_end_and_reports_json():
+    done = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
+         "--history", "0", "60", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    report = json.loads(done.stdout)
+    (pair,) = report["fan_out"]
+    for run in (pair["app"], pair["baseline"]):
+        assert run["expected"] == 25 and run["received"] == 25 and run["lost"] == 0
+        assert run["cpu_us_per_frame"] >= 0 and run["handshakes_per_s"] > 0  # CPU ticks are 10 ms: may read 0
+    assert [row["messages"] for row in report["history"]] == [0, 60]
+    assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])

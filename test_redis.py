@@ -1,0 +1,161 @@
+"""Scaling out: two app processes, one database file, one real redis-server.
+
+redis-server comes from Debian's package `redis-server` (.ci/run installs it). Without it
+these tests skip and say why; where BACKCHAT_REQUIRE_REDIS=1 (CI sets it) they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from conftest import LiveServer, free_port
+from test_server import frame, frames_until, login_cookie, make_room, ws_connect
+
+
+class RedisServer:
+    def __init__(self, workdir, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                import redis
+
+                if redis.Redis(port=self.port, socket_timeout=1).ping():
+                    return self
+            except Exception:
+                time.sleep(0.05)  # not listening yet: poll again, bounded by the deadline
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    if shutil.which("redis-server") is None:
+        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    pytest.importorskip("redis", reason="the redis package is not installed (pip install redis)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    if server.process.poll() is None:
+        server.kill()
+
+
+@pytest.fixture
+def two_workers(tmp_path, redis_server):
+    """Two app processes on different ports sharing one database file and one Redis."""
+    db = tmp_path / "chat.db"
+    workers = [LiveServer(db, CHAT_REDIS_URL=redis_server.url, CHAT_MESSAGE_RATE="0").start() for _ in range(2)]
+    yield workers
+    for worker in workers:
+        worker.stop()
+
+
+def test_messages_and_presence_cross_workers(two_workers):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "across")
+    _, bob = login_cookie(b, "bob")
+
+    async def run() -> None:
+        async with ws_connect(a, slug, ada) as on_a:
+            await frames_until(on_a, "<li>ada</li>")
+            async with ws_connect(b, slug, bob) as on_b:
+                # presence is the union over both workers, shown on both
+                for ws in (on_a, on_b):
+                    presence = await frames_until(ws, "<li>bob</li>")
+                    assert "<li>ada</li>" in presence
+                await on_a.send(frame("from worker a"))
+                await on_b.send(frame("from worker b"))
+                for ws in (on_a, on_b):
+                    texts = []
+                    while len(texts) < 2:
+                        texts += re.findall(r"<p>(from worker .)</p>", await frames_until(ws, "msg-"))
+                    assert sorted(texts) == ["from worker a", "from worker b"]  # each once
+            presence = await frames_until(on_a, 'id="presence"')  # bob left, as seen on worker a
+            assert "bob" not in presence
+
+    asyncio.run(run())
+    with sqlite3.connect(a.db_path) as db:
+        assert sorted(t for (t,) in db.execute("SELECT text FROM messages")) == ["from worker a", "from worker b"]
+
+
+def test_redis_outage_loses_nothing_and_clients_recover(two_workers, redis_server):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "outage")
+    _, bob = login_cookie(b, "bob")
+
+    async def run() -> tuple[int, str]:
+        async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, bob) as on_b:
+            await frames_until(on_b, "<li>ada</li>")
+            await on_a.send(frame("before"))
+            last_seen = int(re.search(r"msg-(\d+)", await frames_until(on_b, "before")).group(1))
+
+            redis_server.kill()
+            await on_a.send(frame("during the outage"))
+            await frames_until(on_a, "during the outage")  # worker a still serves its own pages
+
+            redis_server.start()  # same port: both workers reconnect to it by themselves
+            with pytest.raises(ConnectionClosed) as closed:  # worker b asks its pages to reconnect
+                while True:
+                    await asyncio.wait_for(on_b.recv(), 30)
+            code = closed.value.rcvd.code
+        # bob's page reconnects, as htmx would, with the newest id it holds, and catches up
+        async with ws_connect(b, slug, bob, query=f"?after={last_seen}") as again:
+            return code, await frames_until(again, "during the outage")
+
+    code, caught_up = asyncio.run(run())
+    assert code == 1012
+    assert "during the outage" in caught_up and "before" not in caught_up
+    with sqlite3.connect(a.db_path) as db:
+        assert [t for (t,) in db.execute("SELECT text FROM messages ORDER BY id")] == ["before", "during the outage"]
+    assert "Redis unreachable" in a.log_path.read_text()
+
+
+def test_rate_limits_count_across_workers(tmp_path, redis_server):
+    db = tmp_path / "chat.db"
+    a, b = (LiveServer(db, CHAT_REDIS_URL=redis_server.url, CHAT_MESSAGE_RATE="3").start() for _ in range(2))
+    try:
+        client, ada = login_cookie(a, "ada")
+        slug = make_room(client, "limits")
+
+        async def run() -> str:
+            async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, ada) as on_b:
+                for ws, text in ((on_a, "one"), (on_b, "two"), (on_a, "three")):
+                    await ws.send(frame(text))
+                    await frames_until(ws, "message-input")
+                await on_b.send(frame("four"))
+                return await frames_until(on_b, "chat-error")
+
+        assert "too fast" in asyncio.run(run())
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM messages").fetchone() == (3,)
+    finally:
+        a.stop()
+        b.stop()
