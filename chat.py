@@ -117,7 +117,7 @@ def load_secret_key(settings: Settings) -> str:
 # ---------------------------------------------------------------------------
 # Storage
 # SQLite through the standard library: the schema, and every query the app makes.
-# All of it runs on one worker thread so the event loop never waits on the disk.
+# It all runs on database threads (one writer, one reader), never on the event loop.
 # ---------------------------------------------------------------------------
 
 SCHEMA = """
@@ -179,8 +179,8 @@ def utc_now() -> str:
 
 
 class Store:
-    """The database. Methods are plain synchronous sqlite3 taking a connection first;
-    call them through read() or write(), which run them on the database threads."""
+    """The database threads. The queries below are plain functions of a connection;
+    read() and write() run one on the right thread and await its result."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -202,8 +202,11 @@ class Store:
 
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
-        future = self._writer.submit(method, self._write_db, *args)
-        future.add_done_callback(lambda done: done.exception() and log.warning("write failed: %r", done.exception()))
+        def report(done: Any) -> None:
+            if done.exception() is not None:
+                log.warning("background write failed: %r", done.exception())
+
+        self._writer.submit(method, self._write_db, *args).add_done_callback(report)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -245,13 +248,13 @@ class Store:
         while not self._stopping.wait(1.0):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a tidy file behind
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a tidy file behind
         db.close()
 
 
 # Queries: plain functions of a connection, run through Store.read or Store.write.
-
-# users and sessions
+# Users and sessions:
 
 
 def create_user(db: sqlite3.Connection, username: str, password_hash: str) -> sqlite3.Row | None:
@@ -299,7 +302,7 @@ def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> No
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
-# rooms
+# Rooms:
 
 
 def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
@@ -341,7 +344,7 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     ).fetchall()
 
 
-# messages
+# Messages:
 
 
 def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str) -> sqlite3.Row:
@@ -436,6 +439,9 @@ class RateLimiter:
     async def record(self, key: Any) -> None:
         if self.limit:
             self._recent(key).append(time.monotonic())
+            if len(self._events) > 10_000:  # forget keys whose events have all expired
+                for stale in [k for k in self._events if not self._recent(k)]:
+                    del self._events[stale]
 
     async def allow(self, key: Any) -> bool:
         """Count one event if the key is under its limit; say whether it was."""
@@ -464,8 +470,8 @@ def safe_next(target: str | None) -> str:
 
 # ---------------------------------------------------------------------------
 # The room hub
-# Who is connected to which room (per-connection bounded send queues), who is
-# online, and fan-out: one rendered frame handed to every connection in a room.
+# Who is connected to which room, who is online, and fan-out: one rendered frame to
+# every connection in a room, in this process or (CHAT_REDIS_URL) through Redis.
 # ---------------------------------------------------------------------------
 
 
@@ -1191,7 +1197,7 @@ COMPOSER_RESET = str(fragments.composer_reset())
 # ---------------------------------------------------------------------------
 # App assembly
 # Security headers, sessions, the route table, and the lifespan that opens and
-# closes the database.
+# closes the database and the fan-out.
 # ---------------------------------------------------------------------------
 
 
