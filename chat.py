@@ -619,7 +619,7 @@ def presence_frame(names: list[str]) -> str:
 
 class LocalFanout:
     """Fan-out within one process (the default): a frame goes straight to the hub.
-    RedisFanout below has the same five methods; nothing else knows which one runs."""
+    RedisFanout below has the same methods; nothing else knows which one runs."""
 
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub

@@ -34,6 +34,11 @@ class Person:
         self.page.click("button:has-text('Register')")
         self.page.wait_for_url(re.compile(r"/$"))
 
+    def create_room(self, name: str) -> None:
+        self.page.fill("#room_name", name)
+        self.page.click("button:has-text('Create room')")
+        self.page.wait_for_url(re.compile(r"/room/[^/]+/$"))
+
     def say(self, text: str, accepted: bool = True) -> None:
         self.page.fill("#message-input", text)
         self.page.press("#message-input", "Enter")
@@ -72,9 +77,7 @@ def test_two_people_chat_in_real_time(people):
     for person in people:
         person.register()
 
-    ada.page.fill("#room_name", "Study <group>")
-    ada.page.click("button:has-text('Create room')")
-    ada.page.wait_for_url(re.compile(r"/room/[^/]+/$"))
+    ada.create_room("Study <group>")
     code = ada.page.locator(".room-head code").inner_text()
     assert ada.page.locator("h1").inner_text() == "Study <group>"
 
@@ -129,9 +132,7 @@ def test_two_people_chat_in_real_time(people):
 def test_history_and_load_older_in_the_browser(people):
     ada, _ = people
     ada.register()
-    ada.page.fill("#room_name", "long history")
-    ada.page.click("button:has-text('Create room')")
-    ada.page.wait_for_url(re.compile(r"/room/[^/]+/$"))
+    ada.create_room("long history")
     for n in range(55):
         ada.say(f"old message {n}")
     ada.sees_message("old message 54")
@@ -152,9 +153,7 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     ada, grace = people
     for person in people:
         person.register()
-    ada.page.fill("#room_name", "restart")
-    ada.page.click("button:has-text('Create room')")
-    ada.page.wait_for_url(re.compile(r"/room/[^/]+/$"))
+    ada.create_room("restart")
     grace.page.goto(ada.page.url)
     ada.page.locator("#presence li", has_text="grace").wait_for()
     ada.say("before the restart")

@@ -519,18 +519,23 @@ def test_a_page_too_far_behind_is_resynced_whole(alice, settings, monkeypatch):
     assert 'hx-swap-oob="innerHTML"' in frame and all(f"m{n}" in frame for n in range(5))
 
 
-def test_message_rate_limit_tells_only_the_sender(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=3)
+def send_many(settings: chat.Settings, count: int) -> str:
+    """Send `count` messages one after another as alice; return the reply to one more."""
     with TestClient(chat.create_app(settings)) as client:
         register(client, "alice")
-        slug = create_room(client, "slow down")
+        slug = create_room(client, "rates")
         with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-            for n in range(3):
-                send(ws, f"ok {n}")
+            for n in range(count):
+                send(ws, f"m{n}")
                 receive_until(ws, "message-input")
-            send(ws, "one too many")
-            assert "too fast" in receive_until(ws, "chat-error")
-        assert db_rows(settings, "SELECT count(*) FROM messages") == [(3,)]
+            send(ws, "one more")
+            return receive_until(ws, "one more" if not settings.message_rate else "chat-error")
+
+
+def test_message_rate_limit_tells_only_the_sender(tmp_path):
+    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=3)
+    assert "too fast" in send_many(settings, 3)
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(3,)]
 
 
 def test_wire_mode_echoes_each_frame_as_escaped_text(alice):
@@ -558,14 +563,8 @@ def test_room_creation_is_rate_limited_per_user(tmp_path):
 
 def test_rate_limits_can_be_turned_off(tmp_path):
     settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=0)
-    with TestClient(chat.create_app(settings)) as client:
-        register(client, "alice")
-        slug = create_room(client, "fast")
-        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-            for n in range(60):
-                send(ws, f"m{n}")
-                receive_until(ws, "message-input")
-    assert db_rows(settings, "SELECT count(*) FROM messages") == [(60,)]
+    assert "one more" in send_many(settings, 60)
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(61,)]
 
 
 def test_failed_logins_are_limited_per_client_address(client):
