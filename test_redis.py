@@ -159,3 +159,24 @@ def test_rate_limits_count_across_workers(tmp_path, redis_server):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_crashed_workers_users_leave_presence(two_workers):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "crash")
+    _, bob = login_cookie(b, "bob")
+
+    async def run() -> str:
+        async with ws_connect(a, slug, ada) as on_a:
+            await ws_connect(b, slug, bob).__aenter__()  # never closed: its worker dies
+            await frames_until(on_a, "<li>bob</li>")
+            b.process.kill()  # no goodbye: bob's entry stays in Redis until it expires
+            # within PRESENCE_TTL (20 s) + one heartbeat (5 s), worker a's heartbeat drops it
+            for _ in range(20):
+                presence = await asyncio.wait_for(on_a.recv(), 40)
+                if 'id="presence"' in presence and "bob" not in presence:
+                    return presence
+            raise AssertionError("bob never left")
+
+    assert "<li>ada</li>" in asyncio.run(run())
