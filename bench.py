@@ -366,6 +366,16 @@ def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float,
 # --- history: page load time against room size -------------------------------------------
 
 
+def median_get_ms(client, url: str, repeats: int) -> float:
+    client.get(url)  # warm
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        assert client.get(url).status_code == 200
+        samples.append(time.perf_counter() - start)
+    return 1000 * statistics.median(samples)
+
+
 def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
     import httpx
 
@@ -380,20 +390,10 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
                     db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
                                    ((room_id, user_id, f"history message {n}", "2026-01-01T00:00:00Z")
                                     for n in range(count)))
-                client = httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie})
-                middle = count // 2 + 1
-
-                def timed(url: str) -> float:
-                    client.get(url)  # warm
-                    samples = []
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        assert client.get(url).status_code == 200
-                        samples.append(time.perf_counter() - start)
-                    return 1000 * statistics.median(samples)
-
-                results.append({"messages": count, "room_page_ms": timed(f"/room/{slug}/"),
-                                "older_page_ms": timed(f"/room/{slug}/messages?before={max(middle, 1)}")})
+                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
+                    older = f"/room/{slug}/messages?before={count // 2 + 1}"
+                    results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
+                                    "older_page_ms": median_get_ms(client, older, repeats)})
             finally:
                 server.stop()
     return results

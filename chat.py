@@ -43,7 +43,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("backchat")
@@ -482,6 +482,10 @@ class Connection:
     __slots__ = ("websocket", "send", "user_id", "username", "room_id", "room_slug", "wire", "backlog",
                  "flusher", "handler", "dropped")
 
+    @property
+    def user(self) -> tuple[int, str]:
+        return self.user_id, self.username
+
     def __init__(self, websocket: WebSocket, user_id: int, username: str, room_id: int, room_slug: str,
                  wire: bool) -> None:
         self.websocket = websocket
@@ -510,13 +514,16 @@ class Connection:
                         len(self.backlog))
             asyncio.create_task(self._drop())
 
+    def _message(self, frame: str) -> Message:
+        return {"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame}
+
     def _send_now(self, frame: str) -> None:
         # Run the server's send coroutine by hand up to its first wait. Nearly always it
         # has copied the frame into the socket's buffer by then and is done: no task, no
         # trip through the event loop, for each of a room's thousand sockets. Only when
         # the socket's buffer is full does it wait, and then a task takes over from there.
         # (Python 3.12's eager tasks do the same; this works on 3.11 too.)
-        sending = self.send({"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame})
+        sending = self.send(self._message(frame))
         try:
             waiting_for = sending.send(None)
         except StopIteration:
@@ -543,7 +550,7 @@ class Connection:
             while self.backlog:
                 frames, self.backlog = self.backlog, []
                 for frame in frames:
-                    await self.send({"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame})
+                    await self.send(self._message(frame))
         except asyncio.CancelledError:
             sending.close()
             raise
@@ -553,15 +560,17 @@ class Connection:
             self.flusher = None
 
     async def _drop(self) -> None:
-        if self.flusher is not None:
-            self.flusher.cancel()  # it is stuck waiting for the client to read
-        # 1013 "try again later", which htmx reconnects on; a reader that is stuck cannot
-        # even take the close frame, so do not wait long for it.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.websocket.close(1013, "too slow"), 1)
+        self.stop_flushing()  # it is stuck waiting for the client to read
+        await self.close(1013, "too slow")  # "try again later", which htmx reconnects on
         self.handler.cancel()  # stop waiting for frames from it, too
 
-    def close(self) -> None:
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close the socket; a peer that reads nothing cannot even take the close frame,
+        so this waits a second at most."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.websocket.close(code, reason), 1)
+
+    def stop_flushing(self) -> None:
         if self.flusher is not None:
             self.flusher.cancel()
 
@@ -571,16 +580,14 @@ class RoomHub:
 
     def __init__(self) -> None:
         self.connections: dict[str, set[Connection]] = {}
-        self.tabs: dict[str, dict[int, int]] = {}  # room -> user id -> open tabs
-        self.names: dict[int, str] = {}
+        self.tabs: dict[str, dict[tuple[int, str], int]] = {}  # room -> (user id, name) -> open tabs
 
     def join(self, conn: Connection) -> bool:
         """Register a connection; True when its user just came online in the room."""
         self.connections.setdefault(conn.room_slug, set()).add(conn)
         tabs = self.tabs.setdefault(conn.room_slug, {})
-        tabs[conn.user_id] = tabs.get(conn.user_id, 0) + 1
-        self.names[conn.user_id] = conn.username
-        return tabs[conn.user_id] == 1
+        tabs[conn.user] = tabs.get(conn.user, 0) + 1
+        return tabs[conn.user] == 1
 
     def leave(self, conn: Connection) -> bool:
         """Forget a connection; True when its user's last tab in the room closed."""
@@ -589,23 +596,22 @@ class RoomHub:
             return False
         room.discard(conn)
         tabs = self.tabs[conn.room_slug]
-        tabs[conn.user_id] -= 1
-        went_offline = tabs[conn.user_id] == 0
+        tabs[conn.user] -= 1
+        went_offline = tabs[conn.user] == 0
         if went_offline:
-            del tabs[conn.user_id]
+            del tabs[conn.user]
         if not room:
             del self.connections[conn.room_slug], self.tabs[conn.room_slug]
         return went_offline
 
     def online(self, room_slug: str) -> list[str]:
-        return sorted((self.names[uid] for uid in self.tabs.get(room_slug, {})), key=str.casefold)
+        return sorted((name for _, name in self.tabs.get(room_slug, {})), key=str.casefold)
 
     async def close_all(self, code: int) -> None:
         """Close every socket (1012: pages reconnect and catch up from the database)."""
         for room in list(self.connections.values()):
             for conn in list(room):
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.websocket.close(code), 1)
+                await conn.close(code)
 
     def broadcast(self, room_slug: str, frame: str) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included."""
@@ -734,8 +740,9 @@ class RedisFanout(LocalFanout):
             self.shown[room_slug] = names
             self.hub.broadcast(room_slug, presence_frame(names))
 
-    def _entry(self, room_slug: str, user_id: int) -> str:
-        return f"{self.worker}|{user_id}|{self.hub.names[user_id]}"
+    def _entry(self, user: tuple[int, str]) -> str:
+        user_id, name = user
+        return f"{self.worker}|{user_id}|{name}"
 
     async def _announce(self, room_slug: str) -> None:
         try:
@@ -747,14 +754,14 @@ class RedisFanout(LocalFanout):
     async def came_online(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
             await self.redis.zadd(f"backchat:online:{conn.room_slug}",
-                                  {self._entry(conn.room_slug, conn.user_id): time.time() + self.PRESENCE_TTL})
+                                  {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
         await self._announce(conn.room_slug)
 
     async def went_offline(self, conn: Connection) -> None:
         if conn.room_slug not in self.hub.connections:
             self.shown.pop(conn.room_slug, None)  # nobody here is in that room any more
         with contextlib.suppress(Exception):
-            await self.redis.zrem(f"backchat:online:{conn.room_slug}", f"{self.worker}|{conn.user_id}|{conn.username}")
+            await self.redis.zrem(f"backchat:online:{conn.room_slug}", self._entry(conn.user))
         await self._announce(conn.room_slug)
 
     async def _heartbeat(self) -> None:
@@ -767,7 +774,7 @@ class RedisFanout(LocalFanout):
                 key = f"backchat:online:{room_slug}"
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(key, {self._entry(room_slug, uid): expires for uid in tabs})
+                        pipe.zadd(key, {self._entry(user): expires for user in tabs})
                         pipe.zremrangebyscore(key, "-inf", time.time())
                         pipe.expire(key, int(self.PRESENCE_TTL) * 2)
                         await pipe.execute()
@@ -800,10 +807,11 @@ class RedisRateLimiter(RateLimiter):
     async def record(self, key: Any) -> None:
         if not self.limit:
             return
+        counter = self._key(key)  # once: both commands must name the same window
         try:
             async with self.fanout.redis.pipeline(transaction=False) as pipe:
-                pipe.incr(self._key(key))
-                pipe.expire(self._key(key), int(self.window) + 1)
+                pipe.incr(counter)
+                pipe.expire(counter, int(self.window) + 1)
                 await pipe.execute()
         except Exception:
             await super().record(key)
@@ -996,14 +1004,12 @@ async def create_room(request: Request) -> Response:
     form = await read_form(request)
     chat = chat_of(request)
     name = " ".join(form.get("room_name", "").split())
-    error = None
     if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS:
-        error = f"Room names are 1-{MAX_ROOM_NAME_CHARS} characters."
-    elif not await chat.room_limit.allow(request.state.user["id"]):
+        return render(request, "create.html", 400, form={"room_name": name},
+                      error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} characters.")
+    if not await chat.room_limit.allow(request.state.user["id"]):
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
-    if error:
-        return render(request, "create.html", 400, form={"room_name": name}, error=error)
     room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
     return redirect(f"/room/{room['slug']}/")
 
@@ -1035,14 +1041,13 @@ async def room_or_404(request: Request) -> sqlite3.Row:
 @login_required
 async def room_page(request: Request) -> Response:
     room = await room_or_404(request)
-    store, hub = chat_of(request).store, chat_of(request).hub
-    user = request.state.user
-    store.write_soon(record_visit, room["id"], user["id"])
-    messages, has_older = await store.read(page_before, room["id"], None)
-    invite = str(request.url_for("room", slug=room["slug"]))
+    chat = chat_of(request)
+    chat.store.write_soon(record_visit, room["id"], request.state.user["id"])
+    messages, has_older = await chat.store.read(page_before, room["id"], None)
     return render(request, "room.html", room=room, messages=messages, has_older=has_older,
-                  last_id=messages[-1]["id"] if messages else 0, online=await chat_of(request).fanout.online(room["slug"]),
-                  invite=invite, wire=request.query_params.get("wire") == "1")
+                  last_id=messages[-1]["id"] if messages else 0, online=await chat.fanout.online(room["slug"]),
+                  invite=str(request.url_for("room", slug=room["slug"])),
+                  wire=request.query_params.get("wire") == "1")
 
 
 @login_required
@@ -1157,14 +1162,14 @@ async def chat_socket(websocket: WebSocket) -> None:
             if event["type"] == "websocket.disconnect":
                 break
             await handle_frame(chat, conn, event)
-    except (WebSocketDisconnect, RuntimeError):
+    except (WebSocketDisconnect, WebSocketDisconnected):
         pass  # the client went away mid-receive
     except asyncio.CancelledError:
         if not conn.dropped:
             raise
         asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
     finally:
-        conn.close()
+        conn.stop_flushing()
         if hub.leave(conn):
             await fanout.went_offline(conn)
 

@@ -40,6 +40,8 @@ class LiveServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> LiveServer:
+        if self.process is not None:
+            self.stop()  # a restart: reap the old process (a test may have killed it) first
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(self.db_path)],
@@ -57,10 +59,9 @@ class LiveServer:
         raise RuntimeError(f"server did not start within 20 s:\n{self.log_path.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(sig)
         try:
+            if self.process.poll() is None:  # a test may have killed it already
+                self.process.send_signal(sig)
             return self.process.wait(timeout)
         finally:
             self.log.close()

@@ -7,6 +7,7 @@ these tests skip and say why; where BACKCHAT_REQUIRE_REDIS=1 (CI sets it) they f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -42,8 +43,9 @@ class RedisServer:
             try:
                 import redis
 
-                if redis.Redis(port=self.port, socket_timeout=1).ping():
-                    return self
+                with redis.Redis(port=self.port, socket_timeout=1) as probe:
+                    if probe.ping():
+                        return self
             except Exception:
                 time.sleep(0.05)  # not listening yet: poll again, bounded by the deadline
         raise RuntimeError("redis-server did not start")
@@ -66,21 +68,35 @@ def redis_server(tmp_path):
         server.kill()
 
 
+@contextlib.contextmanager
+def workers(tmp_path, redis_server: RedisServer, **env: str):
+    """Two app processes on different ports sharing one database file and one Redis."""
+    running = [LiveServer(tmp_path / "chat.db", CHAT_REDIS_URL=redis_server.url, **env).start() for _ in range(2)]
+    try:
+        yield running
+    finally:
+        for worker in running:
+            worker.stop()
+
+
 @pytest.fixture
 def two_workers(tmp_path, redis_server):
-    """Two app processes on different ports sharing one database file and one Redis."""
-    db = tmp_path / "chat.db"
-    workers = [LiveServer(db, CHAT_REDIS_URL=redis_server.url, CHAT_MESSAGE_RATE="0").start() for _ in range(2)]
-    yield workers
-    for worker in workers:
-        worker.stop()
+    with workers(tmp_path, redis_server, CHAT_MESSAGE_RATE="0") as running:
+        yield running
+
+
+def ada_and_bob(a: LiveServer, b: LiveServer, room: str) -> tuple[str, str, str]:
+    """ada (registered through worker a) creates `room`; bob registers through worker b.
+    Returns the room's slug and their Cookie headers."""
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, room)
+    _, bob = login_cookie(b, "bob")
+    return slug, ada, bob
 
 
 def test_messages_and_presence_cross_workers(two_workers):
     a, b = two_workers
-    client, ada = login_cookie(a, "ada")
-    slug = make_room(client, "across")
-    _, bob = login_cookie(b, "bob")
+    slug, ada, bob = ada_and_bob(a, b, "across")
 
     async def run() -> None:
         async with ws_connect(a, slug, ada) as on_a:
@@ -107,9 +123,7 @@ def test_messages_and_presence_cross_workers(two_workers):
 
 def test_redis_outage_loses_nothing_and_clients_recover(two_workers, redis_server):
     a, b = two_workers
-    client, ada = login_cookie(a, "ada")
-    slug = make_room(client, "outage")
-    _, bob = login_cookie(b, "bob")
+    slug, ada, bob = ada_and_bob(a, b, "outage")
 
     async def run() -> tuple[int, str]:
         async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, bob) as on_b:
@@ -139,9 +153,7 @@ def test_redis_outage_loses_nothing_and_clients_recover(two_workers, redis_serve
 
 
 def test_rate_limits_count_across_workers(tmp_path, redis_server):
-    db = tmp_path / "chat.db"
-    a, b = (LiveServer(db, CHAT_REDIS_URL=redis_server.url, CHAT_MESSAGE_RATE="3").start() for _ in range(2))
-    try:
+    with workers(tmp_path, redis_server, CHAT_MESSAGE_RATE="3") as (a, b):
         client, ada = login_cookie(a, "ada")
         slug = make_room(client, "limits")
 
@@ -154,18 +166,13 @@ def test_rate_limits_count_across_workers(tmp_path, redis_server):
                 return await frames_until(on_b, "chat-error")
 
         assert "too fast" in asyncio.run(run())
-        with sqlite3.connect(db) as conn:
+        with sqlite3.connect(a.db_path) as conn:
             assert conn.execute("SELECT count(*) FROM messages").fetchone() == (3,)
-    finally:
-        a.stop()
-        b.stop()
 
 
 def test_a_crashed_workers_users_leave_presence(two_workers):
     a, b = two_workers
-    client, ada = login_cookie(a, "ada")
-    slug = make_room(client, "crash")
-    _, bob = login_cookie(b, "bob")
+    slug, ada, bob = ada_and_bob(a, b, "crash")
 
     async def run() -> str:
         async with ws_connect(a, slug, ada) as on_a:

@@ -7,12 +7,12 @@ httpx and the `websockets` client, the way browsers and scripts do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
 import socket
 import sqlite3
-import time
 
 import httpx
 import pytest
@@ -86,6 +86,7 @@ def test_shutdown_closes_sockets_with_a_reconnect_code_and_sessions_survive(tmp_
     assert asyncio.run(connected_then_shut_down()) == 1012  # htmx reconnects on 1012, not on 1000
     # uvicorn shuts down gracefully, then re-raises the signal, as a well-behaved daemon does.
     assert first.process.wait(10) == -signal.SIGTERM
+    first.stop()
     assert "Application shutdown complete" in first.log_path.read_text()
 
     second = LiveServer(tmp_path / "chat.db", port=first.port, CHAT_SECRET_KEY="").start()
@@ -111,7 +112,6 @@ def test_sigkill_mid_burst_loses_no_message_anyone_saw(server):
             server.process.kill()
 
     asyncio.run(burst_then_kill())
-    server.process.wait(10)
     server.start()  # the same database file, after a crash
     stored = stored_messages(server)
     assert len(stored) < 400, "the kill came too late to test anything"
@@ -231,44 +231,49 @@ def test_oversized_frame_closes_only_its_socket_and_no_compression(server):
     assert list(stored_messages(server).values()) == ["still fine"]
 
 
-def test_reads_do_not_wait_behind_a_blocked_write(server):
+@contextlib.contextmanager
+def write_locked(server: LiveServer, release: str):
+    """Another process holds the database's write lock until the block ends."""
+    blocker = sqlite3.connect(server.db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        blocker.execute(release)
+        blocker.close()
+
+
+def message_under_lock(server: LiveServer, release: str, then) -> str:
+    """Send a message while the write lock is held, run `then(client, slug, ws)` (a
+    coroutine) meanwhile, and return the first frame the sender gets back after it."""
     client, cookie = login_cookie(server, "ada")
     slug = make_room(client, "locked")
-    blocker = sqlite3.connect(server.db_path, isolation_level=None)
-
-    async def run() -> None:
-        async with ws_connect(server, slug, cookie) as ws:
-            await frames_until(ws, "presence")
-            blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-            await ws.send(frame("waits for the lock"))
-            # The server's write is now stuck in busy_timeout (5 s); pages still load.
-            async with httpx.AsyncClient(base_url=server.url, cookies=client.cookies, timeout=3) as browser:
-                page = await browser.get(f"/room/{slug}/")
-                assert page.status_code == 200
-                assert (await browser.get("/healthz")).status_code == 200
-            blocker.execute("COMMIT")
-            assert "waits for the lock" in await frames_until(ws, "msg-")
-
-    asyncio.run(run())
-    blocker.close()
-
-
-def test_write_that_cannot_get_the_lock_is_refused_not_lost(server):
-    client, cookie = login_cookie(server, "ada")
-    slug = make_room(client, "lock timeout")
-    blocker = sqlite3.connect(server.db_path, isolation_level=None)
 
     async def run() -> str:
         async with ws_connect(server, slug, cookie) as ws:
             await frames_until(ws, "presence")
-            blocker.execute("BEGIN IMMEDIATE")
-            try:
-                await ws.send(frame("cannot be saved"))
-                return await frames_until(ws, "chat-error")  # after the 5 s busy timeout
-            finally:
-                blocker.execute("ROLLBACK")
+            with write_locked(server, release):
+                await ws.send(frame("under the lock"))
+                reply = await then(client, slug, ws)
+            return reply or await frames_until(ws, "msg-")
 
-    assert "could not be saved" in asyncio.run(run())
-    blocker.close()
+    return asyncio.run(run())
+
+
+def test_reads_do_not_wait_behind_a_blocked_write(server):
+    async def load_pages(client, slug, ws) -> None:
+        # The server's write is stuck in busy_timeout (5 s); pages still load.
+        async with httpx.AsyncClient(base_url=server.url, cookies=client.cookies, timeout=3) as browser:
+            assert (await browser.get(f"/room/{slug}/")).status_code == 200
+            assert (await browser.get("/healthz")).status_code == 200
+
+    assert "under the lock" in message_under_lock(server, "COMMIT", load_pages)
+
+
+def test_write_that_cannot_get_the_lock_is_refused_not_lost(server):
+    async def wait_for_refusal(client, slug, ws) -> str:
+        return await frames_until(ws, "chat-error")  # after the 5 s busy timeout
+
+    assert "could not be saved" in message_under_lock(server, "ROLLBACK", wait_for_refusal)
     assert stored_messages(server) == {}
     assert httpx.get(server.url + "/healthz").status_code == 200
