@@ -36,6 +36,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
@@ -79,6 +80,7 @@ class Settings:
     login_failures: int = 10  # failed logins per username and per address per 15 min
     https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
     redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
+    heartbeat: float = 10.0  # seconds between "still live" frames to every page (and pings)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -93,6 +95,7 @@ class Settings:
             login_failures=_env_int(env, "CHAT_LOGIN_FAILURES", 10),
             https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
             redis_url=env.get("CHAT_REDIS_URL", ""),
+            heartbeat=float(env.get("CHAT_HEARTBEAT", "").strip() or 10),
         )
 
 
@@ -153,11 +156,34 @@ CREATE TABLE IF NOT EXISTS messages (
     room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     user_id    INTEGER NOT NULL REFERENCES users(id),
     text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    client_key TEXT  -- the composer's one-time key: a message resent after an outage is stored once
 );
 -- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
 """
+
+# Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
+# counts the ones a database has had. A new database gets SCHEMA as it is and skips them.
+MIGRATIONS = [
+    ["ALTER TABLE messages ADD COLUMN client_key TEXT"],
+]
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Bring the database to SCHEMA: upgrade an old one step by step, then create what is missing."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
+        version = len(MIGRATIONS)  # a new database: SCHEMA is already the newest shape
+    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+        with transaction(db):  # a step and its version number commit together
+            for statement in step:
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+    db.executescript(SCHEMA)  # IF NOT EXISTS throughout: adds only what is missing
+    db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
 
 MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at"
 
@@ -240,7 +266,7 @@ class Store:
             # The fsyncs happen at checkpoints, which run on a thread of their own (below),
             # never inside a commit that a chat message is waiting for.
             db.execute("PRAGMA wal_autocheckpoint=0")
-            db.executescript(SCHEMA)
+            migrate(db)
         return db
 
     def _checkpoint_every_second(self) -> None:
@@ -347,12 +373,17 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
 # Messages:
 
 
-def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str) -> sqlite3.Row:
+def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str,
+                client_key: str | None = None) -> sqlite3.Row | None:
+    """Store a message; None when this user already sent one with this key (a resend)."""
     with transaction(db):
         cur = db.execute(
-            "INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
-            (room_id, user_id, text, utc_now()),
+            "INSERT INTO messages (room_id, user_id, text, created_at, client_key) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (room_id, user_id, text, utc_now(), client_key),
         )
+    if cur.rowcount == 0:
+        return None
     # Returned only after COMMIT: nobody is shown a message the database could still lose.
     return db.execute(
         f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
@@ -475,20 +506,26 @@ def safe_next(target: str | None) -> str:
 # ---------------------------------------------------------------------------
 
 
+# Close code for a socket whose session ended: "policy violation", which htmx does not
+# retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
+SESSION_ENDED = 1008
+
+
 class Connection:
     """One open WebSocket: frames go out at once while its socket keeps up, and into a
     bounded backlog while it does not."""
 
-    __slots__ = ("websocket", "send", "user_id", "username", "room_id", "room_slug", "wire", "backlog",
-                 "flusher", "handler", "dropped")
+    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "room_id", "room_slug", "wire",
+                 "backlog", "flusher", "handler", "dropped")
 
     @property
     def user(self) -> tuple[int, str]:
         return self.user_id, self.username
 
-    def __init__(self, websocket: WebSocket, user_id: int, username: str, room_id: int, room_slug: str,
-                 wire: bool) -> None:
+    def __init__(self, websocket: WebSocket, session_id: str, user_id: int, username: str, room_id: int,
+                 room_slug: str, wire: bool) -> None:
         self.websocket = websocket
+        self.session_id = session_id
         # Frames go straight to the server's ASGI send, past the middleware: sessions and
         # error pages are about HTTP, and each layer would cost time on every frame.
         self.send: Send = websocket.scope["backchat.raw_send"]
@@ -509,10 +546,9 @@ class Connection:
         elif len(self.backlog) < SEND_QUEUE_FRAMES:
             self.backlog.append(frame)
         else:  # never wait for one slow reader: drop it; its page reconnects and catches up
-            self.dropped = True
             log.warning("dropping a socket of %s in %s: %d frames behind", self.username, self.room_slug,
                         len(self.backlog))
-            asyncio.create_task(self._drop())
+            self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
 
     def _message(self, frame: str) -> Message:
         return {"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame}
@@ -559,10 +595,19 @@ class Connection:
         finally:
             self.flusher = None
 
-    async def _drop(self) -> None:
-        self.stop_flushing()  # it is stuck waiting for the client to read
-        await self.close(1013, "too slow")  # "try again later", which htmx reconnects on
-        self.handler.cancel()  # stop waiting for frames from it, too
+    def drop(self, code: int, reason: str) -> None:
+        """From now on send nothing to this socket and read nothing from it; close it."""
+        self.dropped = True
+        asyncio.create_task(self._close_and_stop_reading(code, reason))
+
+    async def _close_and_stop_reading(self, code: int, reason: str) -> None:
+        if self.flusher is not None:  # what was handed over before (a notice) gets a second
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.flusher), 1)
+        self.stop_flushing()  # a reader that reads nothing would keep it waiting forever
+        await self.close(code, reason)
+        if self.handler is not None:  # still reading: a peer that never answers the close
+            self.handler.cancel()
 
     async def close(self, code: int, reason: str = "") -> None:
         """Close the socket; a peer that reads nothing cannot even take the close frame,
@@ -607,11 +652,29 @@ class RoomHub:
     def online(self, room_slug: str) -> list[str]:
         return sorted((name for _, name in self.tabs.get(room_slug, {})), key=str.casefold)
 
+    def everyone(self) -> list[Connection]:
+        return [conn for room in self.connections.values() for conn in room]
+
     async def close_all(self, code: int) -> None:
         """Close every socket (1012: pages reconnect and catch up from the database)."""
-        for room in list(self.connections.values()):
-            for conn in list(room):
-                await conn.close(code)
+        for conn in self.everyone():
+            await conn.close(code)
+
+    def end_sessions(self, user_id: int, session_id: str | None) -> None:
+        """Logged out: tell that session's pages (all the user's pages if no session is
+        named) in place, and close their sockets with a code htmx does not retry."""
+        for conn in self.everyone():
+            if conn.user_id == user_id and session_id in (None, conn.session_id):
+                conn.push(str(fragments.session_ended(conn.room_slug)))
+                conn.drop(SESSION_ENDED, "logged out")
+
+    async def heartbeat(self, every: float) -> None:
+        """Tell every page it is live, again and again: a page whose frames stop coming
+        shows "Reconnecting…" by itself (a CSS animation that each frame restarts)."""
+        while True:
+            await asyncio.sleep(every)
+            for conn in self.everyone():
+                conn.push(LIVE_FRAME)
 
     def broadcast(self, room_slug: str, frame: str) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included."""
@@ -646,6 +709,9 @@ class LocalFanout:
         self.hub.broadcast(conn.room_slug, presence_frame(self.hub.online(conn.room_slug)))
 
     went_offline = came_online  # either way: everybody gets the new list
+
+    async def end_sessions(self, user_id: int, session_id: str | None) -> None:
+        self.hub.end_sessions(user_id, session_id)
 
 
 class RedisFanout(LocalFanout):
@@ -700,7 +766,7 @@ class RedisFanout(LocalFanout):
         while True:
             try:
                 async with self.subscriber.pubsub() as pubsub:
-                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*")
+                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout")
                     if not self.healthy:
                         log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
                         self.healthy = True
@@ -717,6 +783,9 @@ class RedisFanout(LocalFanout):
                 delay = min(delay * 2, 10.0)
 
     def _deliver(self, channel: str, data: str) -> None:
+        if channel == "backchat:logout":
+            ended = json.loads(data)
+            return self.hub.end_sessions(ended["user_id"], ended["session_id"])
         kind, room_slug = channel.split(":", 2)[1:]
         if room_slug not in self.hub.connections:
             return  # nobody here is in that room
@@ -733,6 +802,13 @@ class RedisFanout(LocalFanout):
             self._unhealthy(problem)
             return self.hub.online(room_slug)
         return sorted({entry.split("|", 2)[2] for entry in entries}, key=str.casefold)
+
+    async def end_sessions(self, user_id: int, session_id: str | None) -> None:
+        try:
+            await self.redis.publish("backchat:logout", json.dumps({"user_id": user_id, "session_id": session_id}))
+        except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
+            self._unhealthy(problem)
+            self.hub.end_sessions(user_id, session_id)
 
     async def _show_presence(self, room_slug: str) -> None:
         names = await self.online(room_slug)
@@ -938,8 +1014,9 @@ async def start_session(request: Request, user: sqlite3.Row) -> None:
 
 async def register(request: Request) -> Response:
     if request.method == "GET":
-        return render(request, "register.html", form={})
+        return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
     form = await read_form(request)
+    next_url = safe_next(form.get("next"))
     username = form.get("username", "").strip()
     password, again = form.get("password1", ""), form.get("password2", "")
     error = None
@@ -954,9 +1031,9 @@ async def register(request: Request) -> Response:
         user = await store.write(create_user, username, await asyncio.to_thread(hash_password, password))
         if user is not None:
             await start_session(request, user)
-            return redirect("/")
+            return redirect(next_url)
         error = "That username is taken."
-    return render(request, "register.html", 400, form={"username": username}, error=error)
+    return render(request, "register.html", 400, form={"username": username, "next": next_url}, error=error)
 
 
 async def login(request: Request) -> Response:
@@ -983,9 +1060,14 @@ async def login(request: Request) -> Response:
 
 async def logout(request: Request) -> Response:
     form = await read_form(request)
-    if session_id := request.session.get("sid"):
-        store = chat_of(request).store
-        await store.write(end_session, session_id, form.get("scope") == "everywhere")
+    chat = chat_of(request)
+    session_id = request.session.get("sid")
+    user = await current_user(request)
+    if session_id and user is not None:
+        everywhere = form.get("scope") == "everywhere"
+        await chat.store.write(end_session, session_id, everywhere)
+        # Open room pages of the ended session(s) stop at once, on every worker.
+        await chat.fanout.end_sessions(user["id"], None if everywhere else session_id)
     request.session.clear()
     return redirect("/auth/login/")
 
@@ -1040,14 +1122,34 @@ async def room_or_404(request: Request) -> sqlite3.Row:
 
 @login_required
 async def room_page(request: Request) -> Response:
-    room = await room_or_404(request)
+    return await render_room(request, await room_or_404(request))
+
+
+async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
+                      draft: str = "") -> Response:
     chat = chat_of(request)
     chat.store.write_soon(record_visit, room["id"], request.state.user["id"])
     messages, has_older = await chat.store.read(page_before, room["id"], None)
-    return render(request, "room.html", room=room, messages=messages, has_older=has_older,
+    return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
                   last_id=messages[-1]["id"] if messages else 0, online=await chat.fanout.online(room["slug"]),
-                  invite=str(request.url_for("room", slug=room["slug"])),
-                  wire=request.query_params.get("wire") == "1")
+                  invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
+                  error=error, draft=draft, composer_key=new_message_key(), heartbeat=chat.settings.heartbeat)
+
+
+@login_required
+async def send_message(request: Request) -> Response:
+    """The composer without JavaScript (or before htmx has loaded): a plain POST, with the
+    same checks as a frame on the socket, then back to the room. Text never goes in a URL."""
+    room = await room_or_404(request)
+    form = await read_form(request)
+    user = request.state.user
+    try:
+        await post_message(chat_of(request), room["id"], room["slug"], user["id"], form.get("message", ""),
+                           form.get("key") or None)
+    except Refused as problem:
+        return await render_room(request, room, problem.status_code, error=str(problem),
+                                 draft=form.get("message", ""))
+    return redirect(f"/room/{room['slug']}/#composer")
 
 
 @login_required
@@ -1083,23 +1185,59 @@ async def http_error(request: Request, exc: Exception) -> Response:
 # database, then each text frame becomes a stored message pushed to the room.
 # ---------------------------------------------------------------------------
 
-
-class BadFrame(ValueError):
-    """A client frame the chat cannot use; its text is shown to the sender."""
+MESSAGE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def message_text(frame: str) -> str:
-    """The `message` field of an hx-ws:send frame (htmx 4.0.1 puts fields at the top
-    level; earlier htmx 4 builds nested them under `body`)."""
+class Refused(ValueError):
+    """A message or frame the chat will not take; its text is shown to the sender."""
+
+    def __init__(self, text: str, status_code: int = 400) -> None:
+        super().__init__(text)
+        self.status_code = status_code
+
+
+def new_message_key() -> str:
+    """A one-time key for the composer: a message sent twice with it is stored once."""
+    return secrets.token_urlsafe(16)
+
+
+async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, text: str, key: str | None) -> bool:
+    """Check one message, store it, then push it to the room: the one path every message
+    takes, from the socket or from the plain form. False if there was nothing to send;
+    raises Refused with the reason it was not taken."""
+    text = clean_text(text).strip()
+    if not text:
+        return False  # an empty message is simply not sent
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise Refused(f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")
+    if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
+        raise Refused("That message came with a broken `key`; reload the page.")
+    if not await chat.message_limit.allow((user_id, room_id)):
+        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+    try:
+        message = await chat.store.write(add_message, room_id, user_id, text, key)
+    except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
+        raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
+    if message is not None:  # None: a resend of a stored message (same key), already shown
+        await chat.fanout.publish(room_slug, str(fragments.messages_frame([message])))
+    return True
+
+
+def parse_frame(frame: str) -> tuple[str, str | None]:
+    """The `message` and `key` fields of an hx-ws:send frame (htmx 4.0.1 puts fields at
+    the top level; earlier htmx 4 builds nested them under `body`)."""
     try:
         data = json.loads(frame)
-    except ValueError:
-        raise BadFrame("That frame was not JSON; send the message form.") from None
+    except (ValueError, RecursionError):
+        raise Refused("That frame was not JSON; send the message form.") from None
     if isinstance(data, dict) and isinstance(data.get("body"), dict) and "message" not in data:
         data = data["body"]
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-        raise BadFrame("That frame had no text `message` field.")
-    return clean_text(data["message"]).strip()
+        raise Refused("That frame had no text `message` field.")
+    key = data.get("key")
+    if key is not None and not isinstance(key, str):
+        raise Refused("That message came with a broken `key`; reload the page.")
+    return data["message"], key
 
 
 def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
@@ -1124,20 +1262,37 @@ async def catch_up_frame(store: Store, conn: Connection, after: int) -> str | No
     return str(fragments.history_page({"slug": conn.room_slug}, messages, has_older, oob=True))
 
 
+async def refuse(websocket: WebSocket, reason: str) -> None:
+    """Refuse a handshake: HTTP 403, and one INFO line that says why."""
+    log.info("refused WebSocket %s from %s: %s", websocket.url.path, websocket.client.host if websocket.client
+             else "?", reason)
+    # A close before accept is uvicorn's own 403. (A denial response would log a spurious
+    # ERROR on uvicorn's default implementation: its pull request #3138.)
+    await websocket.close()
+
+
 async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
-    """The handshake: refuse (403/404) or accept and return the new connection."""
+    """The handshake: refuse (403), or accept and return the new connection."""
+    if not origin_allowed(websocket, chat.settings.allowed_origins):
+        await refuse(websocket, "cross-site Origin")
+        return None
     session_id = websocket.session.get("sid", "")
     slug = websocket.path_params["slug"].lower()
     user, room = await chat.store.read(user_and_room, session_id, slug)  # one trip to the database
-    if user is None or not origin_allowed(websocket, chat.settings.allowed_origins):
-        await websocket.send_denial_response(PlainTextResponse("Not allowed.", status_code=403))
+    if user is None:
+        # A page whose session ended (logged out, elsewhere too) while it was away: accept
+        # only to tell it so, in place, and close with a code htmx does not retry.
+        log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
+        await websocket.accept()
+        await websocket.send_text(str(fragments.session_ended(slug)))
+        await websocket.close(SESSION_ENDED, "logged out")
         return None
     if room is None:
-        await websocket.send_denial_response(PlainTextResponse("No such room.", status_code=404))
+        await refuse(websocket, "no such room")
         return None
     await websocket.accept()
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
-    return Connection(websocket, user["id"], user["username"], room["id"], room["slug"],
+    return Connection(websocket, session_id, user["id"], user["username"], room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
 
 
@@ -1147,6 +1302,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     if conn is None:
         return
     hub, fanout = chat.hub, chat.fanout
+    conn.push(LIVE_FRAME)
     # Join before reading the catch-up: a message stored in between arrives both ways,
     # and the page's upsert swap shows it once.
     if hub.join(conn):
@@ -1161,7 +1317,8 @@ async def chat_socket(websocket: WebSocket) -> None:
             event = await websocket.receive()
             if event["type"] == "websocket.disconnect":
                 break
-            await handle_frame(chat, conn, event)
+            if not conn.dropped:  # dropped: closing; nothing more it sends is read
+                await handle_frame(chat, conn, event)
     except (WebSocketDisconnect, WebSocketDisconnected):
         pass  # the client went away mid-receive
     except asyncio.CancelledError:
@@ -1169,34 +1326,25 @@ async def chat_socket(websocket: WebSocket) -> None:
             raise
         asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
     finally:
+        conn.handler = None  # done reading: nothing to cancel any more
         conn.stop_flushing()
         if hub.leave(conn):
             await fanout.went_offline(conn)
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
-    if event.get("text") is None:
-        return conn.push(str(fragments.chat_error("Binary frames are not understood; send text.")))
     try:
-        text = message_text(event["text"])
-    except BadFrame as problem:
+        if event.get("text") is None:
+            raise Refused("Binary frames are not understood; send text.")
+        text, key = parse_frame(event["text"])
+        sent = await post_message(chat, conn.room_id, conn.room_slug, conn.user_id, text, key)
+    except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem))))
-    if not text:
-        return  # an empty message is simply not sent
-    if len(text) > MAX_MESSAGE_CHARS:
-        return conn.push(str(fragments.chat_error(
-            f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")))
-    if not await chat.message_limit.allow((conn.user_id, conn.room_id)):
-        return conn.push(str(fragments.chat_error("You are sending messages too fast. Wait a few seconds.")))
-    try:
-        message = await chat.store.write(add_message, conn.room_id, conn.user_id, text)
-    except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
-        return conn.push(str(fragments.chat_error("Your message could not be saved just now. Press Send again.")))
-    await chat.fanout.publish(conn.room_slug, str(fragments.messages_frame([message])))
-    conn.push(COMPOSER_RESET)
+    if sent:  # stored (or stored before): an empty composer with a fresh key
+        conn.push(str(fragments.composer_reset(new_message_key())))
 
 
-COMPOSER_RESET = str(fragments.composer_reset())
+LIVE_FRAME = str(fragments.connection_status(live=True))
 
 
 # ---------------------------------------------------------------------------
@@ -1241,6 +1389,18 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class CachedStaticFiles(StaticFiles):
+    """Static files with caching a slow phone notices: what sits under a versioned path
+    (vendor/htmx-4.0.1/) is kept for a year; the rest is revalidated by its ETag."""
+
+    def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Scope,
+                      status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        versioned = Path(full_path).is_relative_to(HERE / "static" / "vendor")
+        response.headers["cache-control"] = "public, max-age=31536000, immutable" if versioned else "no-cache"
+        return response
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -1250,9 +1410,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await store.open()
         app.state.chat = chat = Chat(settings, store)
         await chat.fanout.start()
+        heartbeat = asyncio.create_task(chat.hub.heartbeat(settings.heartbeat))
         try:
             yield
         finally:
+            heartbeat.cancel()
             await chat.fanout.stop()
             await store.close()
 
@@ -1265,8 +1427,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/join/", join_room, methods=["GET", "POST"]),
         Route("/room/{slug}/", room_page, name="room"),
         Route("/room/{slug}/messages", older_messages),
+        Route("/room/{slug}/messages", send_message, methods=["POST"]),
         WebSocketRoute("/chat/{slug}/", chat_socket),
-        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+        Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static"),
         Route("/healthz", healthz),
     ]
     middleware = [
@@ -1308,8 +1471,12 @@ def main(argv: list[str] | None = None) -> None:
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https})
     print(f"Backchat: database {settings.db_path.resolve()}")
     print(f"Backchat: open http://{args.host}:{args.port}/", flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")  # uvicorn's look
+    # Pings find connections that died without a word (Wi-Fi gone): within three
+    # heartbeats the socket is closed and its user leaves the room's presence.
     uvicorn.run(create_app(settings), host=args.host, port=args.port, ws=args.ws, ws_max_size=MAX_WS_FRAME_BYTES,
-                ws_per_message_deflate=False, timeout_graceful_shutdown=5, log_level="info")
+                ws_per_message_deflate=False, ws_ping_interval=settings.heartbeat,
+                ws_ping_timeout=2 * settings.heartbeat, timeout_graceful_shutdown=5, log_level="info")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ test_browser.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sqlite3
@@ -13,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from starlette.testclient import TestClient, WebSocketDenialResponse
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
 
 import chat
 
@@ -311,9 +313,33 @@ def test_healthz(client):
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
-def test_static_htmx_is_vendored_with_its_licence(client):
-    assert "version = '4.0.1'" in client.get("/static/vendor/htmx/htmx.js").text
-    assert "Zero-Clause BSD" in client.get("/static/vendor/htmx/LICENSE").text
+# sha256 of the files in the npm package htmx.org 4.0.1: vendored unmodified.
+HTMX_FILES = {
+    "htmx.min.js": "a0abb04f2f45a1f89d1d4844023245537e5e6014c87b144553e0607b4cc32130",
+    "hx-ws.min.js": "a7c11e4eca05417d6299bb40aaacca01572e44605389fc4d5ef12be408a4d03b",
+    "hx-upsert.min.js": "9e516c6608f765b568559a4caed3c3121eff2702fb7ce012f21775639d2699c3",
+}
+
+
+def test_scripts_are_unmodified_htmx_small_cacheable_and_blocking(alice):
+    room = create_room(alice, "scripts")
+    page = alice.get(f"/room/{room}/").text
+    scripts = re.findall(r"<script[^>]*>", page)
+    # core first, then its extensions; no defer/async, so they run in this order whatever
+    # order they arrive in, before htmx starts on DOMContentLoaded
+    assert scripts == [f'<script src="/static/vendor/htmx-4.0.1/{name}"></script>'[:-9] for name in HTMX_FILES]
+    on_the_wire = 0
+    for name, digest in HTMX_FILES.items():
+        response = alice.get(f"/static/vendor/htmx-4.0.1/{name}", headers={"accept-encoding": "gzip"})
+        assert hashlib.sha256(response.content).hexdigest() == digest
+        assert response.headers["content-encoding"] == "gzip"
+        assert "max-age=31536000" in response.headers["cache-control"]
+        on_the_wire += int(response.headers["content-length"])
+    assert on_the_wire <= 64 * 1024, on_the_wire
+    assert "Zero-Clause BSD" in alice.get("/static/vendor/htmx-4.0.1/LICENSE").text
+    css = alice.get("/static/chat.css")
+    assert css.headers["cache-control"] == "no-cache" and css.headers["etag"]
+    assert alice.get("/static/chat.css", headers={"if-none-match": css.headers["etag"]}).status_code == 304
 
 
 def test_oversized_form_body_is_refused(alice):
@@ -347,7 +373,9 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
                 assert re.search(r'<article class="msg" id="msg-\d+"', frame)
                 assert '<span class="author">bob</span>' in frame
             reset = receive_until(bob_ws, 'id="message-input"')  # the sender's input is cleared
-            assert 'hx-swap-oob="true"' in reset and "value=" not in reset
+            assert re.search(r'<input id="message-input"[^>]*hx-swap-oob="true">', reset)
+            assert not re.search(r'<input id="message-input"[^>]*value=', reset)  # empty
+            assert re.search(r'id="message-key" name="key" value="[\w-]{16,}" hx-swap-oob="true"', reset)
         finally:
             bob_ws.__exit__(None, None, None)
         receive_until(alice_ws, '<ul id="presence"')  # bob left
@@ -399,24 +427,38 @@ def test_message_text_is_escaped(alice, settings):
     assert "&lt;script&gt;" in alice.get(f"/room/{slug}/").text
 
 
+def refused_at_handshake(client: TestClient, path: str, headers: dict) -> None:
+    """A close before accept: over a real server that is an HTTP 403 (test_server.py)."""
+    with pytest.raises(WebSocketDisconnect) as refused:
+        client.websocket_connect(path, headers=headers).__enter__()
+    assert refused.value.code == 1000
+
+
 def test_handshake_refusals(client):
     register(client, "alice")
     slug = create_room(client, "guarded")
-    for headers, status in (({"origin": "http://evil.example"}, 403), ({"origin": "null"}, 403)):
-        with pytest.raises(WebSocketDenialResponse) as refused:
-            client.websocket_connect(f"/chat/{slug}/", headers=headers).__enter__()
-        assert refused.value.status_code == status
-    with pytest.raises(WebSocketDenialResponse) as refused:
-        client.websocket_connect("/chat/no-such-room/", headers=ORIGIN).__enter__()
-    assert refused.value.status_code == 404
+    for origin in ("http://evil.example", "null"):
+        refused_at_handshake(client, f"/chat/{slug}/", {"origin": origin})
+    refused_at_handshake(client, "/chat/no-such-room/", ORIGIN)
     with client.websocket_connect(f"/chat/{slug}/") as ws:  # no Origin: a command-line client
-        assert "<li>alice</li>" in ws.receive_text()
+        receive_until(ws, "<li>alice</li>")
     client.cookies.clear()
-    with pytest.raises(WebSocketDenialResponse) as refused:
-        client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-    assert refused.value.status_code == 403
+    refused_at_handshake(client, f"/chat/{slug}/", {"origin": "http://evil.example"})  # still, logged out
 
 
+def test_a_page_without_a_session_is_told_to_log_in_and_not_retried(client):
+    """A page whose session ended while it was away reconnects: it is told in place, with
+    nothing of the room, and the socket closes with a code htmx does not retry."""
+    register(client, "alice")
+    slug = create_room(client, "secret room")
+    post_form(client, "/", "/auth/logout/")
+    with client.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:
+        notice = ws.receive_text()
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_text()
+    assert closed.value.code == 1008  # not among htmx's reconnect codes
+    assert "You were logged out" in notice and f"/auth/login/?next=/room/{slug}/" in notice
+    assert "secret room" not in notice and "presence" not in notice
 def test_allowed_origins_setting(tmp_path):
     settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k",
                              allowed_origins=frozenset({"https://chat.example"}))
@@ -424,7 +466,7 @@ def test_allowed_origins_setting(tmp_path):
         register(client, "alice")
         slug = create_room(client, "x")
         with client.websocket_connect(f"/chat/{slug}/", headers={"origin": "https://chat.example"}) as ws:
-            assert "alice" in ws.receive_text()
+            receive_until(ws, "alice")
 
 
 def test_empty_and_oversized_messages(alice, settings):
@@ -572,3 +614,221 @@ def test_failed_logins_are_limited_per_client_address(client):
         post_form(client, "/auth/login/", "/auth/login/", username=f"guess{n}", password="nope nope")
     blocked = post_form(client, "/auth/login/", "/auth/login/", username="someone-else", password="whatever1")
     assert blocked.status_code == 429 and 'role="alert"' in blocked.text
+
+
+# --- real networks: no-JavaScript sends, resends, logouts, invites (issue 8) -------------
+
+
+def composer_fields(html: str) -> dict[str, str]:
+    """The composer form as the room page renders it: its action and hidden fields."""
+    form = re.search(r'<form id="composer"[^>]*>.*?</form>', html, re.S).group(0)
+    return {"action": re.search(r'action="([^"]+)"', form).group(1), "method": re.search(r'method="(\w+)"', form).group(1),
+            "csrf_token": csrf(form), "key": re.search(r'name="key" value="([^"]+)"', form).group(1)}
+
+
+def test_composer_without_javascript_posts_stores_pushes_and_redirects(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "plain html")
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as bob_ws:
+        receive_until(bob_ws, "presence")
+        fields = composer_fields(client.get(f"/room/{slug}/").text)
+        assert (fields["method"], fields["action"]) == ("post", f"/room/{slug}/messages")
+        response = client.post(fields["action"], follow_redirects=False, data={
+            "csrf_token": fields["csrf_token"], "key": fields["key"], "message": "  sent without script  "})
+        assert response.status_code == 303
+        assert response.headers["location"] == f"/room/{slug}/#composer"  # the text is in no URL
+        receive_until(bob_ws, "sent without script")  # pushed live to the others
+    assert "sent without script" in client.get(f"/room/{slug}/").text
+    assert db_rows(settings, "SELECT text FROM messages") == [("sent without script",)]
+
+
+def test_composer_post_refusals_keep_the_text_and_store_nothing(alice, settings):
+    slug = create_room(alice, "refusals")
+    fields = composer_fields(alice.get(f"/room/{slug}/").text)
+    response = alice.post(fields["action"], data={"csrf_token": fields["csrf_token"], "message": "y" * 4001})
+    assert response.status_code == 400
+    assert "at most 4,000" in response.text and 'value="' + "y" * 4001 + '"' in response.text
+    assert alice.post(fields["action"], data={"message": "no token"}).status_code == 403
+    assert alice.post(f"/room/nope-{slug}/messages", data={"csrf_token": fields["csrf_token"], "message": "x"}
+                      ).status_code == 404
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_composer_post_obeys_the_message_rate(tmp_path):
+    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=2)
+    with TestClient(chat.create_app(settings)) as client:
+        register(client, "alice")
+        slug = create_room(client, "fast")
+        fields = composer_fields(client.get(f"/room/{slug}/").text)
+        statuses = [client.post(fields["action"], follow_redirects=False, data={
+            "csrf_token": fields["csrf_token"], "message": f"m{n}"}).status_code for n in range(3)]
+    assert statuses == [303, 303, 429]
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(2,)]
+
+
+def keyed(text: str, key: str | None) -> str:
+    return json.dumps({"message": text, **({"key": key} if key else {}), "headers": {"HX-Request": "true"}})
+
+
+def test_a_message_resent_with_its_key_is_stored_once(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "resends")
+    key = composer_fields(client.get(f"/room/{slug}/").text)["key"]
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        ws.send_text(keyed("pressed Enter twice while offline", key))
+        ws.send_text(keyed("pressed Enter twice while offline", key))  # both frames sent on reconnect
+        first, second = (receive_until(ws, 'id="message-key"') for _ in range(2))  # both get a reset
+        fresh = re.findall(r'name="key" value="([^"]+)"', first + second)
+        assert len(set(fresh)) == 2 and key not in fresh  # each reset brings a new key
+        ws.send_text(keyed("pressed Enter twice while offline", fresh[1]))  # the same words, later: new
+        ws.send_text(keyed("no key at all", None))
+        receive_until(ws, "no key at all")
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as bob_ws:
+        bob_ws.send_text(keyed("bob's own key space", key))  # keys are per user
+        receive_until(bob_ws, "bob&#39;s own key space")
+    assert [text for (text,) in db_rows(settings, "SELECT text FROM messages ORDER BY id")] == [
+        "pressed Enter twice while offline", "pressed Enter twice while offline", "no key at all", "bob's own key space"]
+
+
+def test_a_post_resent_with_its_key_is_stored_once(alice, settings):
+    slug = create_room(alice, "double submit")
+    fields = composer_fields(alice.get(f"/room/{slug}/").text)
+    data = {"csrf_token": fields["csrf_token"], "key": fields["key"], "message": "clicked twice"}
+    assert [alice.post(fields["action"], data=data, follow_redirects=False).status_code for _ in range(2)] == [303, 303]
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(1,)]
+
+
+@pytest.mark.parametrize("bad_key", [7, ["k"], "x" * 65, "no spaces", ""])
+def test_a_broken_key_is_refused_with_a_message(alice, settings, bad_key):
+    slug = create_room(alice, "keys")
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        ws.send_text(json.dumps({"message": "hi", "key": bad_key}))
+        assert "broken `key`" in receive_until(ws, "chat-error")
+        ws.send_text(keyed("still open", None))
+        receive_until(ws, "still open")
+    assert db_rows(settings, "SELECT text FROM messages") == [("still open",)]
+
+
+def second_session(client: TestClient, username: str):
+    """Log `username` in again from another device: that session's cookies."""
+    saved = client.cookies
+    client.cookies = type(saved)()
+    post_form(client, "/auth/login/", "/auth/login/", username=username, password=PASSWORD)
+    other, client.cookies = client.cookies, saved
+    return other
+
+
+def closed_with(ws) -> tuple[int, str]:
+    """Read a socket to its end: its close code, and every frame it got on the way."""
+    frames = []
+    with pytest.raises(WebSocketDisconnect) as closed:
+        for _ in range(20):
+            frames.append(ws.receive_text())
+    return closed.value.code, "".join(frames)
+
+
+@pytest.mark.parametrize("scope", ["this session", "everywhere"])
+def test_logging_out_closes_open_room_sockets_at_once(alice, settings, scope):
+    slug = create_room(alice, "shared computer")
+    phone = second_session(alice, "alice")
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as here:
+        with as_user(alice, phone):
+            there = alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+        try:
+            receive_until(here, "presence")
+            receive_until(there, 'id="connection"')  # the same user: presence does not change
+            fields = {"scope": "everywhere"} if scope == "everywhere" else {}
+            assert post_form(alice, "/", "/auth/logout/", **fields).status_code == 303
+            code, frames = closed_with(here)
+            assert code == 1008 and "You were logged out" in frames  # told in place; not retried
+            if scope == "everywhere":
+                assert closed_with(there)[0] == 1008
+            else:  # the phone's session lives on
+                send(there, "phone still works")
+                receive_until(there, "phone still works")
+        finally:
+            there.__exit__(None, None, None)
+
+
+def test_a_logged_out_socket_reads_nothing_more(alice, settings):
+    """Frames already on their way when the session ends are not stored."""
+    slug = create_room(alice, "last words")
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        receive_until(ws, "presence")
+        token = csrf(alice.get("/").text)
+        chat_app = alice.app
+        alice.post("/auth/logout/", data={"csrf_token": token}, follow_redirects=False)
+        send(ws, "after logout")
+        assert closed_with(ws)[0] == 1008
+    assert chat_app is not None and db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_invite_link_survives_registration(client):
+    room_url = "/room/some-code/?wire=1"
+    login = client.get(room_url)  # a logged-out friend follows the invite link
+    assert login.url.path == "/auth/login/"
+    link = re.search(r'<a href="(/auth/register/[^"]*)">Create an account</a>', login.text).group(1)
+    register_page = client.get(link.replace("&amp;", "&"))
+    assert f'name="next" value="{room_url}"' in register_page.text.replace("&amp;", "&")
+    response = client.post("/auth/register/", follow_redirects=False, data={
+        "csrf_token": csrf(register_page.text), "username": "friend", "password1": PASSWORD,
+        "password2": PASSWORD, "next": room_url})
+    assert response.status_code == 303 and response.headers["location"] == room_url
+    evil = client.get("/auth/register/?next=//evil.example/")
+    assert 'name="next" value="/"' in evil.text
+
+
+def test_room_page_swaps_nothing_but_out_of_band_and_has_a_status(alice):
+    slug = create_room(alice, "swaps")
+    page = alice.get(f"/room/{slug}/").text
+    assert re.search(r'<div class="room[^"]*" hx-swap="none"\s+hx-ws:connect=', page)
+    assert 'id="connection"' in page and "Connecting…" in page
+    assert "--stale-after: 25.0s" in page  # 2.5 heartbeats without a frame: "Offline"
+
+
+def test_heartbeat_keeps_telling_every_page_it_is_live(tmp_path):
+    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", heartbeat=0.05)
+    with TestClient(chat.create_app(settings)) as client:
+        register(client, "alice")
+        slug = create_room(client, "beats")
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            frames = [ws.receive_text() for _ in range(6)]
+    beats = [f for f in frames if 'id="connection"' in f]
+    assert len(beats) >= 4 and all('class="connection needs-js live"' in f for f in beats)
+
+
+def test_a_database_from_the_previous_release_is_migrated(tmp_path):
+    db_path = tmp_path / "old.db"
+    with sqlite3.connect(db_path) as db:  # the schema as the previous release created it
+        db.executescript(OLD_SCHEMA)
+        db.execute("INSERT INTO users VALUES (1, 'ada', 'ada', 'x', '2026-01-01T00:00:00Z')")
+        db.execute("INSERT INTO rooms VALUES (1, 'old-room-abcdef', 'Old room', 1, '2026-01-01T00:00:00Z')")
+        db.execute("INSERT INTO messages VALUES (1, 1, 1, 'kept across the upgrade', '2026-01-01T00:00:00Z')")
+    settings = chat.Settings(db_path=db_path, secret_key="k")
+    with TestClient(chat.create_app(settings)):
+        pass
+    assert db_rows(settings, "SELECT id, text, client_key FROM messages") == [(1, "kept across the upgrade", None)]
+    assert db_rows(settings, "PRAGMA user_version") == [(len(chat.MIGRATIONS),)]
+    assert db_rows(settings, "SELECT name FROM sqlite_master WHERE name = 'messages_by_key'") == [("messages_by_key",)]
+    with TestClient(chat.create_app(settings)):  # and starting again changes nothing
+        pass
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(1,)]
+
+
+# The schema of the release before migrations (commit 6647a06), verbatim.
+OLD_SCHEMA = """
+CREATE TABLE users (id INTEGER PRIMARY KEY, username TEXT NOT NULL, username_key TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE sessions (id TEXT PRIMARY KEY, user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL);
+CREATE INDEX sessions_by_user ON sessions(user_id);
+CREATE TABLE rooms (id INTEGER PRIMARY KEY, slug TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+    created_by INTEGER NOT NULL REFERENCES users(id), created_at TEXT NOT NULL);
+CREATE TABLE room_members (room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE, joined_at TEXT NOT NULL,
+    last_visit_at TEXT NOT NULL, PRIMARY KEY (room_id, user_id));
+CREATE TABLE messages (id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id INTEGER NOT NULL REFERENCES users(id), text TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
+    created_at TEXT NOT NULL);
+CREATE INDEX messages_by_room ON messages(room_id, id);
+"""

@@ -277,3 +277,56 @@ def test_write_that_cannot_get_the_lock_is_refused_not_lost(server):
     assert "could not be saved" in message_under_lock(server, "ROLLBACK", wait_for_refusal)
     assert stored_messages(server) == {}
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_refused_handshakes_are_one_info_line_each_never_an_error(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "guarded")
+    _, grace_cookie = login_cookie(server, "grace")
+    post_logout = client.post("/auth/logout/", data={
+        "csrf_token": re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)})
+    assert post_logout.status_code == 303
+
+    async def knock() -> list[str]:
+        outcomes = []
+        for path, headers in ((f"/chat/{slug}/", {"Origin": "http://evil.example"}),
+                              ("/chat/no-such-room/", {"Origin": server.url, "Cookie": grace_cookie})):
+            with pytest.raises(Exception) as refused:
+                async with connect(f"ws://127.0.0.1:{server.port}{path}", additional_headers=headers,
+                                   open_timeout=10):
+                    pass
+            outcomes.append(str(refused.value))
+        async with ws_connect(server, slug, cookie) as ended:  # the logged-out session: told, then closed
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(ended.recv(), 10)
+            outcomes.append(closed.value.rcvd.code)
+        return outcomes
+
+    assert asyncio.run(knock()) == ["server rejected WebSocket connection: HTTP 403"] * 2 + [1008]
+    server.stop()
+    log = server.log_path.read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log
+    assert log.count("refused WebSocket") == 2
+    assert "cross-site Origin" in log and "no such room" in log and "no live session" in log
+
+
+def test_a_connection_that_dies_silently_leaves_presence(tmp_path):
+    """Wi-Fi gone: no close frame, no FIN. Pings find it; its user leaves the room."""
+    server = LiveServer(tmp_path / "chat.db", CHAT_HEARTBEAT="1").start()
+    try:
+        client, cookie = login_cookie(server, "ada")
+        slug = make_room(client, "pings")
+        _, grace_cookie = login_cookie(server, "grace")
+        silent = stuck_socket(server, slug, grace_cookie)  # handshakes, then never reads nor answers
+
+        async def watch() -> str:
+            async with ws_connect(server, slug, cookie) as ada:
+                await frames_until(ada, "<li>grace</li>")
+                # ping every 1 s, 2 s to answer: gone within about 3 s (default heartbeat: 30 s)
+                return await frames_until(ada, '<ul id="presence"', limit=20)
+
+        assert "grace" not in asyncio.run(watch())
+        silent.close()
+    finally:
+        server.stop()
