@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+import socket
 import sqlite3
+import threading
+import time
 
 import pytest
 
@@ -17,9 +21,9 @@ PASSWORD = "password123"
 class Person:
     """One browser context (its own cookies) with a page and every console error it logged."""
 
-    def __init__(self, browser, base_url: str, name: str) -> None:
+    def __init__(self, browser, base_url: str, name: str, **context_options) -> None:
         self.name = name
-        self.context = browser.new_context(base_url=base_url)
+        self.context = browser.new_context(base_url=base_url, **context_options)
         self.page = self.context.new_page()
         self.page.set_default_timeout(10_000)
         self.errors: list[str] = []
@@ -32,6 +36,13 @@ class Person:
         self.page.fill("#password1", PASSWORD)
         self.page.fill("#password2", PASSWORD)
         self.page.click("button:has-text('Register')")
+        self.page.wait_for_url(re.compile(r"/$"))
+
+    def login(self) -> None:
+        self.page.goto("/auth/login/")
+        self.page.fill("#username", self.name)
+        self.page.fill("#password", PASSWORD)
+        self.page.click("button:has-text('Log in')")
         self.page.wait_for_url(re.compile(r"/$"))
 
     def create_room(self, name: str) -> None:
@@ -174,3 +185,263 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     for person in people:  # everything, in order, nothing twice
         assert person.page.locator("#messages .msg p").all_inner_texts() == expected
     ada.screenshot("after-restart")
+
+
+# --- real conditions: held-back scripts, no JavaScript, offline, dead links, slow phones ---
+
+SCRIPTS = ("htmx.min.js", "hx-ws.min.js", "hx-upsert.min.js")
+
+
+def is_live(person: Person, name: str | None = None) -> None:
+    """The page's socket is open and working: the status says Live, presence lists the user."""
+    expect(person.page.locator("#connection .now")).to_have_text("Live")
+    expect(person.page.locator("#connection .now")).to_be_visible()
+    person.page.locator("#presence li", has_text=name or person.name).wait_for()
+
+
+@pytest.fixture
+def beating_server(tmp_path):
+    """Heartbeat every 2 s: a page shows Offline 5 s after frames stop, pings find a dead
+    socket within 6 s. (The defaults, 10 s, 25 s and 30 s, are what the README states.)"""
+    server = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0", CHAT_HEARTBEAT="2").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pair(browser, beating_server):
+    everyone = [Person(browser, beating_server.url, name) for name in ("ada", "grace")]
+    yield everyone
+    for person in everyone:
+        person.context.close()
+
+
+def open_room_with_held_scripts(person: Person, url: str, held: tuple[str, ...]) -> None:
+    """Load the room with the named scripts held back while the rest of the page arrives,
+    then let them through one by one, in the order given."""
+    waiting: dict[str, object] = {}
+
+    def hold(route) -> None:
+        name = route.request.url.rsplit("/", 1)[1]
+        waiting[name] = route if name in held else route.continue_()
+
+    person.page.route("**/vendor/**", hold)
+    person.page.goto(url, wait_until="commit")
+    for name in held:
+        for _ in range(200):  # the browser asks for it as soon as it parses the head
+            if waiting.get(name) is not None:
+                break
+            person.page.wait_for_timeout(50)
+        person.page.wait_for_timeout(300)  # held back 300 ms more while the rest arrives
+        waiting.pop(name).continue_()
+    person.page.unroute("**/vendor/**")
+
+
+@pytest.mark.parametrize("held", [(name,) for name in SCRIPTS] + [tuple(reversed(SCRIPTS))],
+                         ids=["htmx-late", "ws-late", "upsert-late", "reversed"])
+def test_the_room_goes_live_whatever_order_its_scripts_arrive_in(browser, pair, beating_server, held):
+    ada, grace = pair
+    ada.register()
+    ada.create_room("scripts")
+    room = ada.page.url
+    grace.register()
+    for load in range(3):  # several loads each, each in a fresh context: a cold cache
+        fresh = Person(browser, beating_server.url, "grace")
+        try:
+            fresh.login()
+            open_room_with_held_scripts(fresh, room, held)
+            is_live(fresh)
+            fresh.say(f"load {load}, {'+'.join(held)} late")
+            ada.sees_message(f"load {load}, {'+'.join(held)} late")
+            assert fresh.errors == []
+        finally:
+            fresh.context.close()
+
+
+def test_without_javascript_the_room_works_as_plain_html(browser, pair, beating_server):
+    ada, grace = pair
+    ada.register()
+    ada.create_room("no script")
+    room = ada.page.url
+    plain = Person(browser, beating_server.url, "grace", java_script_enabled=False)
+    try:
+        plain.register()
+        plain.page.goto(room)
+        expect(plain.page.locator("noscript p, p.connection", has_text="Live updates need JavaScript")).to_be_visible()
+        expect(plain.page.locator("#connection")).to_be_hidden()  # no "Connecting…" that never ends
+        plain.page.fill("#message-input", "sent as a plain form")
+        plain.page.press("#message-input", "Enter")
+        plain.page.wait_for_url(re.compile(r"/room/[^/?]+/#composer$"))  # back in the room, no text in the URL
+        plain.sees_message("sent as a plain form")
+        ada.sees_message("sent as a plain form")  # pushed live to the others
+        plain.screenshot("no-javascript")
+    finally:
+        plain.context.close()
+
+
+def test_enter_pressed_twice_offline_sends_one_message_and_the_status_says_so(pair, beating_server):
+    ada, grace = pair
+    for person in pair:
+        person.register()
+    ada.create_room("flaky wifi")
+    grace.page.goto(ada.page.url)
+    is_live(grace)
+    is_live(ada, "grace")
+
+    grace.context.set_offline(True)
+    stale = grace.page.locator("#connection .stale")
+    expect(stale).to_be_visible(timeout=30_000)  # within 30 s of the network going
+    expect(stale).to_have_text("Offline: reconnecting…")
+    grace.screenshot("offline")
+    grace.say("typed in the tunnel", accepted=False)
+    grace.page.press("#message-input", "Enter")  # nothing visible happened: press again
+    grace.context.set_offline(False)
+    expect(grace.page.locator("#connection .now")).to_be_visible(timeout=10_000)  # back within 10 s
+    expect(grace.page.locator("#message-input")).to_have_value("")  # stored: the composer is reset
+    ada.sees_message("typed in the tunnel")
+    grace.sees_message("typed in the tunnel")
+    for person in pair:
+        expect(person.page.locator(".msg p", has_text="typed in the tunnel")).to_have_count(1)
+    with sqlite3.connect(beating_server.db_path) as db:
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (1,)
+    grace.say("and the next one is new")
+    ada.sees_message("and the next one is new")
+
+
+class Tunnel:
+    """A TCP relay to the server that can go silent: it keeps both connections open but
+    stops moving bytes either way, which is what a dead Wi-Fi link looks like to both ends."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                near, _ = self.listener.accept()
+                far = socket.create_connection(("127.0.0.1", self.target_port))
+                self.sockets += [near, far]
+                for source, sink in ((near, far), (far, near)):
+                    threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := source.recv(65536):
+                self.flowing.wait()
+                sink.sendall(chunk)
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.flowing.set()
+        for sock in [self.listener, *self.sockets]:
+            sock.close()
+
+
+def test_a_silently_dead_link_shows_offline_and_leaves_presence(browser, pair, beating_server):
+    ada, _ = pair
+    ada.register()
+    ada.create_room("dead link")
+    room = ada.page.url
+    tunnel = Tunnel(beating_server.port)
+    far_away = Person(browser, f"http://127.0.0.1:{tunnel.port}", "grace")
+    try:
+        far_away.register()
+        far_away.page.goto(room.replace(str(beating_server.port), str(tunnel.port)))
+        is_live(far_away)
+        is_live(ada, "grace")
+
+        tunnel.flowing.clear()  # the link dies without a word: no close frame, no FIN
+        expect(far_away.page.locator("#connection .stale")).to_be_visible(timeout=30_000)
+        ada.page.locator("#presence li", has_text="grace").wait_for(state="detached", timeout=60_000)
+
+        tunnel.flowing.set()  # back: the page learns its old socket is gone, reconnects
+        expect(far_away.page.locator("#connection .now")).to_be_visible(timeout=10_000)
+        is_live(ada, "grace")
+        far_away.say("back from the dead zone")
+        ada.sees_message("back from the dead zone")
+    finally:
+        far_away.context.close()
+        tunnel.close()
+
+
+def test_logging_out_ends_open_tabs_in_place_and_they_stop_knocking(pair):
+    ada, _ = pair
+    ada.register()
+    ada.create_room("shared computer")
+    room = ada.page.url
+    is_live(ada)
+    sockets_opened = []
+    ada.page.on("websocket", lambda ws: sockets_opened.append(ws.url))
+    other_tab = ada.context.new_page()
+    other_tab.goto("/")
+    other_tab.click("button:has-text('Log out everywhere')")
+    other_tab.wait_for_url(re.compile(r"/auth/login/$"))
+
+    notice = ada.page.locator("#composer", has_text="You were logged out")
+    expect(notice).to_be_visible()  # at once, in place
+    expect(ada.page.locator("#message-input")).to_have_count(0)
+    expect(ada.page.locator("#connection")).to_have_text("Not connected")
+    ada.screenshot("logged-out")
+    ada.page.wait_for_timeout(3_000)  # htmx's retries would start within 0.5-4 s
+    assert sockets_opened == []  # 1008 is not retried
+    ada.page.click("#composer a")  # "log in again" comes back to this room
+    ada.page.fill("#username", "ada")
+    ada.page.fill("#password", PASSWORD)
+    ada.page.click("button:has-text('Log in')")
+    ada.page.wait_for_url(room)
+    is_live(ada)
+
+
+def test_an_invited_friend_who_registers_lands_in_the_room(pair):
+    ada, grace = pair
+    ada.register()
+    ada.create_room("invitation")
+    invite = ada.page.input_value("#invite")
+    grace.page.goto(invite)
+    grace.page.wait_for_url(re.compile(r"/auth/login/\?next="))
+    grace.page.click("text=Create an account")
+    grace.page.fill("#username", "grace")
+    grace.page.fill("#password1", PASSWORD)
+    grace.page.fill("#password2", PASSWORD)
+    grace.page.click("button:has-text('Register')")
+    grace.page.wait_for_url(invite)
+    is_live(grace)
+    is_live(ada, "grace")
+
+
+def test_a_slow_phone_in_dark_mode_with_a_cold_cache_goes_live(browser, pair, beating_server):
+    ada, _ = pair
+    ada.register()
+    ada.create_room("on the bus")
+    room = ada.page.url
+    phone = Person(browser, beating_server.url, "grace", viewport={"width": 390, "height": 844},
+                   color_scheme="dark", is_mobile=True, has_touch=True)
+    try:
+        phone.register()
+        cdp = phone.context.new_cdp_session(phone.page)
+        cdp.send("Network.enable")
+        cdp.send("Network.setCacheDisabled", {"cacheDisabled": True})
+        cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 300,
+                                                      "downloadThroughput": 400_000 / 8,
+                                                      "uploadThroughput": 400_000 / 8})
+        script_bytes = []
+        phone.page.on("response", lambda r: "/vendor/" in r.url and script_bytes.append(
+            int(r.header_value("content-length") or 0)))
+        started = time.monotonic()
+        phone.page.goto(room)
+        is_live(phone)
+        print(f"slow phone: live {time.monotonic() - started:.1f} s after navigation, "
+              f"scripts {sum(script_bytes):,} bytes on the wire")
+        assert len(script_bytes) == 3 and sum(script_bytes) <= 64 * 1024
+        phone.say("from the bus")
+        ada.sees_message("from the bus")
+        phone.screenshot("phone-dark")
+        assert phone.errors == []
+    finally:
+        phone.context.close()
