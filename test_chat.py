@@ -750,19 +750,6 @@ def test_logging_out_closes_open_room_sockets_at_once(alice, settings, scope):
             there.__exit__(None, None, None)
 
 
-def test_a_logged_out_socket_reads_nothing_more(alice, settings):
-    """Frames already on their way when the session ends are not stored."""
-    slug = create_room(alice, "last words")
-    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        receive_until(ws, "presence")
-        token = csrf(alice.get("/").text)
-        chat_app = alice.app
-        alice.post("/auth/logout/", data={"csrf_token": token}, follow_redirects=False)
-        send(ws, "after logout")
-        assert closed_with(ws)[0] == 1008
-    assert chat_app is not None and db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
-
-
 def test_invite_link_survives_registration(client):
     room_url = "/room/some-code/?wire=1"
     login = client.get(room_url)  # a logged-out friend follows the invite link

@@ -187,3 +187,23 @@ def test_a_crashed_workers_users_leave_presence(two_workers):
             raise AssertionError("bob never left")
 
     assert "<li>ada</li>" in asyncio.run(run())
+
+
+def test_logging_out_closes_the_sessions_sockets_on_every_worker(two_workers):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "log out here, closed there")
+
+    async def run() -> tuple[int, str]:
+        async with ws_connect(b, slug, ada) as on_b:  # the same session's page, on the other worker
+            await frames_until(on_b, "<li>ada</li>")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
+            assert client.post("/auth/logout/", data={"csrf_token": token}).status_code == 303  # through a
+            received = []
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(5):  # at once: not after heartbeats
+                    received.append(await asyncio.wait_for(on_b.recv(), 10))
+            return closed.value.rcvd.code, "".join(received)
+
+    code, received = asyncio.run(run())
+    assert code == 1008 and "You were logged out" in received
