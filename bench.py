@@ -96,8 +96,10 @@ class Server:
 
     def __init__(self, kind: str, workdir: Path, ws: str, workers: int = 0) -> None:
         self.kind, self.port = kind, free_port()
+        # Every limit a load generator would trip (one user, one address, many sockets) is off.
         env = {**os.environ, "CHAT_MESSAGE_RATE": "0", "CHAT_ROOM_RATE": "0", "CHAT_LOGIN_FAILURES": "0",
-               "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws, "CHAT_DB": str(workdir / "bench.db")}
+               "CHAT_REGISTER_RATE": "0", "CHAT_ROOM_GUESSES": "0", "CHAT_SOCKETS_PER_USER": "0",
+               "CHAT_SOCKETS_PER_ADDRESS": "0", "CHAT_MAX_CONNECTIONS": "20000", "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws, "CHAT_DB": str(workdir / "bench.db")}
         self.redis: subprocess.Popen | None = None
         if kind == "app" and workers:
             redis_port = free_port()

@@ -14,24 +14,30 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import ipaddress
+import itertools
 import json
 import logging
 import os
 import re
+import resource
 import secrets
+import socket
 import sqlite3
 import threading
 import time
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlsplit
 
+import argon2
 import jinja2
+import uvicorn
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,6 +51,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HERE = Path(__file__).resolve().parent
 log = logging.getLogger("backchat")
@@ -60,7 +67,9 @@ MAX_MESSAGE_CHARS = 4000
 MAX_ROOM_NAME_CHARS = 128
 PAGE_SIZE = 50  # messages per history page
 CATCH_UP_LIMIT = 500  # beyond this many missed messages a page is re-synced whole
-SEND_QUEUE_FRAMES = 256  # frames a slow reader may fall behind before it is dropped
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
+WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
 MAX_FORM_BYTES = 64 * 1024
 MAX_WS_FRAME_BYTES = 64 * 1024
 
@@ -68,6 +77,10 @@ MAX_WS_FRAME_BYTES = 64 * 1024
 def _env_int(env: dict[str, str], name: str, default: int) -> int:
     value = env.get(name, "").strip()
     return int(value) if value else default
+
+
+def _host_set(value: str) -> frozenset[str]:
+    return frozenset(h.strip().lower().strip("[]") for h in value.split(",") if h.strip())
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,15 @@ class Settings:
     message_rate: int = 20  # messages per user per room per 10 s; 0 turns it off
     room_rate: int = 10  # rooms created per user per hour; 0 turns it off
     login_failures: int = 10  # failed logins per username and per address per 15 min
+    register_rate: int = 10  # accounts created per address per hour
+    room_guesses: int = 30  # unknown room codes tried per user and per address per hour
+    sockets_per_user: int = 20  # open WebSockets per user
+    sockets_per_address: int = 200  # open WebSockets per client address (a classroom shares one)
+    max_connections: int = 2000  # open connections in all (HTTP and WebSocket) before refusing
+    # Host names served besides IP addresses (DNS rebinding needs a name): "localhost", and
+    # this machine's names when main() listens on every interface. "*" serves any.
+    allowed_hosts: frozenset[str] = frozenset({"localhost"})
+    trusted_proxies: str = ""  # addresses whose X-Forwarded-For is believed (python chat.py)
     https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
     redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
     heartbeat: float = 10.0  # seconds between "still live" frames to every page (and pings)
@@ -93,6 +115,13 @@ class Settings:
             message_rate=_env_int(env, "CHAT_MESSAGE_RATE", 20),
             room_rate=_env_int(env, "CHAT_ROOM_RATE", 10),
             login_failures=_env_int(env, "CHAT_LOGIN_FAILURES", 10),
+            register_rate=_env_int(env, "CHAT_REGISTER_RATE", 10),
+            room_guesses=_env_int(env, "CHAT_ROOM_GUESSES", 30),
+            sockets_per_user=_env_int(env, "CHAT_SOCKETS_PER_USER", 20),
+            sockets_per_address=_env_int(env, "CHAT_SOCKETS_PER_ADDRESS", 200),
+            max_connections=_env_int(env, "CHAT_MAX_CONNECTIONS", 2000),
+            allowed_hosts=_host_set(env.get("CHAT_ALLOWED_HOSTS", "")) or cls.allowed_hosts,
+            trusted_proxies=env.get("CHAT_TRUSTED_PROXIES", "").strip(),
             https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
             redis_url=env.get("CHAT_REDIS_URL", ""),
             heartbeat=float(env.get("CHAT_HEARTBEAT", "").strip() or 10),
@@ -129,12 +158,15 @@ CREATE TABLE IF NOT EXISTS users (
     username      TEXT NOT NULL,
     username_key  TEXT NOT NULL UNIQUE,  -- casefolded: names are unique ignoring case
     password_hash TEXT NOT NULL,
-    created_at    TEXT NOT NULL
+    created_at    TEXT NOT NULL,
+    username_skeleton TEXT NOT NULL DEFAULT ''  -- what the name looks like (name_skeleton)
 );
+CREATE INDEX IF NOT EXISTS users_by_skeleton ON users(username_skeleton);
 CREATE TABLE IF NOT EXISTS sessions (
     id         TEXT PRIMARY KEY,          -- random; the signed cookie carries it
     user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL DEFAULT ''  -- refreshed at most hourly: idle sessions end
 );
 CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id);
 CREATE TABLE IF NOT EXISTS rooms (
@@ -168,6 +200,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_ke
 # counts the ones a database has had. A new database gets SCHEMA as it is and skips them.
 MIGRATIONS = [
     ["ALTER TABLE messages ADD COLUMN client_key TEXT"],
+    ["ALTER TABLE users ADD COLUMN username_skeleton TEXT NOT NULL DEFAULT ''",
+     lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
+                               [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
+     "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT ''",
+     "UPDATE sessions SET last_seen_at = created_at"],
 ]
 
 
@@ -179,7 +216,7 @@ def migrate(db: sqlite3.Connection) -> None:
     for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
         with transaction(db):  # a step and its version number commit together
             for statement in step:
-                db.execute(statement)
+                db.execute(statement) if isinstance(statement, str) else statement(db)
             db.execute(f"PRAGMA user_version = {number}")
     db.executescript(SCHEMA)  # IF NOT EXISTS throughout: adds only what is missing
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
@@ -284,15 +321,21 @@ class Store:
 
 
 def create_user(db: sqlite3.Connection, username: str, password_hash: str) -> sqlite3.Row | None:
-    try:
-        with transaction(db):
-            cur = db.execute(
-                "INSERT INTO users (username, username_key, password_hash, created_at) VALUES (?, ?, ?, ?)",
-                (username, username.casefold(), password_hash, utc_now()),
-            )
-    except sqlite3.IntegrityError:
-        return None  # the name is taken
+    """The new user; None if the name is taken, or looks like one that is."""
+    skeleton = name_skeleton(username)
+    with transaction(db):
+        if db.execute("SELECT 1 FROM users WHERE username_key = ? OR username_skeleton = ?",
+                      (username.casefold(), skeleton)).fetchone():
+            return None
+        cur = db.execute(
+            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton) "
+            "VALUES (?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton))
     return user_by_id(db, cur.lastrowid)
+
+
+def set_password_hash(db: sqlite3.Connection, user_id: int, password_hash: str) -> None:
+    with transaction(db):
+        db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
 
 
 def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
@@ -303,17 +346,35 @@ def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
     return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
 
 
+def utc_ago(**delta: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def create_session(db: sqlite3.Connection, user_id: int) -> str:
     session_id = secrets.token_urlsafe(24)
+    now = utc_now()
     with transaction(db):
-        db.execute("INSERT INTO sessions (id, user_id, created_at) VALUES (?, ?, ?)", (session_id, user_id, utc_now()))
+        db.execute("INSERT INTO sessions (id, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)",
+                   (session_id, user_id, now, now))
+        # Each login also clears out sessions that have ended, so the table stays small.
+        db.execute("DELETE FROM sessions WHERE last_seen_at < ? OR created_at < ?",
+                   (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)))
     return session_id
 
 
 def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
+    """The session's user, with `session_seen`; None once the session has ended: logged
+    out, idle for SESSION_IDLE_DAYS, or older than SESSION_MAX_DAYS."""
     return db.execute(
-        "SELECT u.* FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id = ?", (session_id,)
+        "SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
+        "WHERE s.id = ? AND s.last_seen_at >= ? AND s.created_at >= ?",
+        (session_id, utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)),
     ).fetchone()
+
+
+def touch_session(db: sqlite3.Connection, session_id: str) -> None:
+    with transaction(db):
+        db.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (utc_now(), session_id))
 
 
 def user_and_room(db: sqlite3.Connection, session_id: str, slug: str) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
@@ -331,10 +392,15 @@ def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> No
 # Rooms:
 
 
+# The code is the room's only secret: 13 random characters from 32 (65 bits) behind the
+# readable part of the name, with no 0/o or 1/l to misread.
+ROOM_CODE_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+
 def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
     with transaction(db):
-        while True:  # a clash of random suffixes is rare; just draw again
-            slug = f"{slug_base}-{secrets.token_hex(3)}"
+        while True:  # a clash of random suffixes is all but impossible; just draw again
+            slug = f"{slug_base}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
             if db.execute("SELECT 1 FROM rooms WHERE slug = ?", (slug,)).fetchone() is None:
                 break
         now = utc_now()
@@ -417,19 +483,35 @@ def messages_after(db: sqlite3.Connection, room_id: int, after: int, limit: int)
 
 USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
 MIN_PASSWORD_CHARS = 8
-SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+# argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
+PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+# Hashes run here, two at a time: a flood of logins or registrations queues instead of
+# taking every core (and 19 MiB a hash) from the chat.
+HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
+SESSION_IDLE_DAYS = 14  # a session unused this long has ended
+SESSION_MAX_DAYS = 30  # and none lives longer than this (the cookie's own lifetime)
 
 
 def hash_password(password: str) -> str:
-    salt = secrets.token_bytes(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, **SCRYPT, dklen=32)
-    return f"scrypt${SCRYPT['n']}${SCRYPT['r']}${SCRYPT['p']}${salt.hex()}${digest.hex()}"
+    return PASSWORDS.hash(password)
 
 
-def verify_password(password: str, stored: str) -> bool:
-    _, n, r, p, salt, expected = stored.split("$")
-    digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
-    return hmac.compare_digest(digest.hex(), expected)
+def verify_password(password: str, stored: str) -> tuple[bool, bool]:
+    """Whether the password matches the stored hash, and whether that hash should be
+    redone (scrypt from before argon2id, or weaker argon2 settings)."""
+    if stored.startswith("scrypt$"):
+        _, n, r, p, salt, expected = stored.split("$")
+        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+        return hmac.compare_digest(digest.hex(), expected), True
+    try:
+        PASSWORDS.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False, False
+    return True, PASSWORDS.check_needs_rehash(stored)
+
+
+async def hashing(work: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(HASHING, work, *args)
 
 
 # Checking a password that belongs to nobody costs the same as a real one, so the
@@ -443,43 +525,74 @@ def clean_text(value: str) -> str:
     return "".join(ch for ch in value if ch in "\n\t" or unicodedata.category(ch) != "Cc")
 
 
+# Letters that draw nothing (Hangul fillers, the blank Braille cell): like the format
+# characters (zero-width spaces and joiners, bidi overrides), they let one name pass for another.
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def has_invisible(name: str) -> bool:
+    return any(ch in BLANK_LETTERS or unicodedata.category(ch) in ("Cf", "Co", "Cn") for ch in name)
+
+
+@functools.cache
+def confusable_prototypes() -> dict[str, str]:
+    """Unicode's confusables.txt (UTS #39, vendored in data/): each character that looks
+    like another, mapped to the one it looks like."""
+    prototypes = {}
+    for line in (HERE / "data" / "confusables.txt").read_text(encoding="utf-8-sig").splitlines():
+        fields = line.split("#", 1)[0].split(";")
+        if len(fields) >= 2:
+            source, target = ("".join(chr(int(code, 16)) for code in field.split()) for field in fields[:2])
+            prototypes[source] = target
+    return prototypes
+
+
+def name_skeleton(name: str) -> str:
+    """UTS #39's skeleton of a name, ignoring case: two names with the same skeleton look
+    alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may exist."""
+    prototypes = confusable_prototypes()
+    decomposed = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", name).casefold())
+    return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in decomposed))
+
+
 class RateLimiter:
-    """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no limit."""
+    """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no
+    limit. allow() counts an event as it asks, before the work it guards, so a burst that
+    arrives all at once is counted one by one; forgive() takes one back (a login that
+    turned out right is not a failure)."""
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
-        self._events: dict[Any, deque[float]] = {}
-
-    def _recent(self, key: Any) -> deque[float]:
-        events = self._events.setdefault(key, deque())
-        horizon = time.monotonic() - self.window
-        while events and events[0] <= horizon:
-            events.popleft()
-        return events
-
-    async def exceeded(self, key: Any) -> bool:
-        if not self.limit:
-            return False
-        events = self._recent(key)
-        if not events:
-            del self._events[key]  # keep the table as small as the set of recent offenders
-            return False
-        return len(events) >= self.limit
-
-    async def record(self, key: Any) -> None:
-        if self.limit:
-            self._recent(key).append(time.monotonic())
-            if len(self._events) > 10_000:  # forget keys whose events have all expired
-                for stale in [k for k in self._events if not self._recent(k)]:
-                    del self._events[stale]
+        self._events: dict[Any, deque[float]] = {}  # least recently counted key first
 
     async def allow(self, key: Any) -> bool:
         """Count one event if the key is under its limit; say whether it was."""
-        if await self.exceeded(key):
-            return False
-        await self.record(key)
-        return True
+        if not self.limit:
+            return True
+        now = time.monotonic()
+        horizon = now - self.window
+        events = self._events.pop(key, None) or deque()
+        while events and events[0] <= horizon:
+            events.popleft()
+        allowed = len(events) < self.limit
+        if allowed:
+            events.append(now)
+        if events:
+            self._events[key] = events  # re-inserted: now the most recently counted
+        # Forget a couple of keys whose events have all expired, oldest first: the table
+        # stays as small as the set of recent keys without ever sweeping all of it.
+        for stale, stale_events in list(itertools.islice(self._events.items(), 2)):
+            if stale_events[-1] > horizon:
+                break
+            del self._events[stale]
+        return allowed
+
+    async def forgive(self, key: Any) -> None:
+        if events := self._events.get(key):
+            events.pop()
+            if not events:
+                del self._events[key]
 
 
 def csrf_token(conn: HTTPConnection) -> str:
@@ -516,7 +629,7 @@ class Connection:
     bounded backlog while it does not."""
 
     __slots__ = ("websocket", "send", "session_id", "user_id", "username", "room_id", "room_slug", "wire",
-                 "backlog", "flusher", "handler", "dropped")
+                 "backlog", "backlog_bytes", "flusher", "handler", "dropped")
 
     @property
     def user(self) -> tuple[int, str]:
@@ -533,6 +646,7 @@ class Connection:
         self.room_id, self.room_slug = room_id, room_slug
         self.wire = wire
         self.backlog: list[str] = []
+        self.backlog_bytes = 0
         self.flusher: asyncio.Task | None = None  # exists only while the socket lags behind
         self.handler = asyncio.current_task()  # the task reading this socket
         self.dropped = False
@@ -543,11 +657,12 @@ class Connection:
             return
         if self.flusher is None:
             self._send_now(frame)
-        elif len(self.backlog) < SEND_QUEUE_FRAMES:
+        elif self.backlog_bytes + len(frame) <= SEND_QUEUE_BYTES:
             self.backlog.append(frame)
+            self.backlog_bytes += len(frame)
         else:  # never wait for one slow reader: drop it; its page reconnects and catches up
-            log.warning("dropping a socket of %s in %s: %d frames behind", self.username, self.room_slug,
-                        len(self.backlog))
+            log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind", self.username,
+                        self.room_slug, len(self.backlog), self.backlog_bytes)
             self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
 
     def _message(self, frame: str) -> Message:
@@ -584,7 +699,7 @@ class Connection:
                 except StopIteration:
                     break
             while self.backlog:
-                frames, self.backlog = self.backlog, []
+                frames, self.backlog, self.backlog_bytes = self.backlog, [], 0
                 for frame in frames:
                     await self.send(self._message(frame))
         except asyncio.CancelledError:
@@ -623,9 +738,27 @@ class Connection:
 class RoomHub:
     """The in-memory registry: connections per room and who is online in each."""
 
-    def __init__(self) -> None:
+    def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
         self.connections: dict[str, set[Connection]] = {}
         self.tabs: dict[str, dict[tuple[int, str], int]] = {}  # room -> (user id, name) -> open tabs
+        self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
+        self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
+
+    def claim(self, user_id: int, address: str) -> bool:
+        """Count one more socket for this user and address, if both are under their caps."""
+        keys = [(kind, owner) for kind, owner in (("user", user_id), ("address", address), ("all", ""))
+                if self.limits[kind]]
+        if any(self.open_sockets[key] >= self.limits[key[0]] for key in keys):
+            return False
+        self.open_sockets.update(keys)
+        return True
+
+    def release(self, user_id: int, address: str) -> None:
+        for key in (("user", user_id), ("address", address), ("all", "")):
+            if self.open_sockets[key] <= 1:
+                self.open_sockets.pop(key, None)
+            else:
+                self.open_sockets[key] -= 1
 
     def join(self, conn: Connection) -> bool:
         """Register a connection; True when its user just came online in the room."""
@@ -690,8 +823,12 @@ class LocalFanout:
     """Fan-out within one process (the default): a frame goes straight to the hub.
     RedisFanout below has the same methods; nothing else knows which one runs."""
 
+    PRESENCE_WINDOW = 0.25  # seconds: a room's joins and leaves within it make one frame
+
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub
+        self.shown: dict[str, list[str]] = {}  # the presence list each room's pages last got
+        self.due: set[tuple[str, str]] = set()  # (action, room) waiting for its window to end
 
     async def start(self) -> None:
         pass
@@ -706,9 +843,34 @@ class LocalFanout:
         return self.hub.online(room_slug)
 
     async def came_online(self, conn: Connection) -> None:
-        self.hub.broadcast(conn.room_slug, presence_frame(self.hub.online(conn.room_slug)))
+        self.soon(self.show_presence, conn.room_slug)
 
-    went_offline = came_online  # either way: everybody gets the new list
+    went_offline = came_online  # either way: everybody gets the new list, soon
+
+    def soon(self, action: Callable[[str], Awaitable[None]], room_slug: str) -> None:
+        """Run `action(room)` once PRESENCE_WINDOW from now, however often it is asked for
+        meanwhile: an account that connects and disconnects in a loop costs a room a few
+        small frames a second, not one per connection."""
+        key = (action.__name__, room_slug)
+        if key in self.due:
+            return
+        self.due.add(key)
+
+        def window_ended() -> None:
+            self.due.discard(key)
+            asyncio.create_task(action(room_slug))
+
+        asyncio.get_running_loop().call_later(self.PRESENCE_WINDOW, window_ended)
+
+    async def show_presence(self, room_slug: str) -> None:
+        """Send the room's pages its online list, if it changed since they last got it."""
+        if room_slug not in self.hub.connections:
+            self.shown.pop(room_slug, None)  # nobody here is in that room any more
+            return
+        names = await self.online(room_slug)
+        if self.shown.get(room_slug) != names:
+            self.shown[room_slug] = names
+            self.hub.broadcast(room_slug, presence_frame(names))
 
     async def end_sessions(self, user_id: int, session_id: str | None) -> None:
         self.hub.end_sessions(user_id, session_id)
@@ -733,7 +895,6 @@ class RedisFanout(LocalFanout):
         self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
                                                        health_check_interval=10)
         self.worker = secrets.token_hex(4)
-        self.shown: dict[str, list[str]] = {}  # the presence list each room's pages last got
         self.tasks: list[asyncio.Task] = []
         self.healthy = True
 
@@ -792,7 +953,7 @@ class RedisFanout(LocalFanout):
         if kind == "room":
             self.hub.broadcast(room_slug, data)
         else:
-            asyncio.create_task(self._show_presence(room_slug))
+            self.soon(self.show_presence, room_slug)
 
     async def online(self, room_slug: str) -> list[str]:
         try:
@@ -810,35 +971,28 @@ class RedisFanout(LocalFanout):
             self._unhealthy(problem)
             self.hub.end_sessions(user_id, session_id)
 
-    async def _show_presence(self, room_slug: str) -> None:
-        names = await self.online(room_slug)
-        if self.shown.get(room_slug) != names:
-            self.shown[room_slug] = names
-            self.hub.broadcast(room_slug, presence_frame(names))
-
     def _entry(self, user: tuple[int, str]) -> str:
         user_id, name = user
         return f"{self.worker}|{user_id}|{name}"
 
-    async def _announce(self, room_slug: str) -> None:
+    async def announce(self, room_slug: str) -> None:
+        """Tell every worker (itself too) that the room's presence changed."""
         try:
             await self.redis.publish(f"backchat:presence:{room_slug}", "")
         except Exception as problem:
             self._unhealthy(problem)
-            await self._show_presence(room_slug)
+            await self.show_presence(room_slug)
 
     async def came_online(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
             await self.redis.zadd(f"backchat:online:{conn.room_slug}",
                                   {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
-        await self._announce(conn.room_slug)
+        self.soon(self.announce, conn.room_slug)
 
     async def went_offline(self, conn: Connection) -> None:
-        if conn.room_slug not in self.hub.connections:
-            self.shown.pop(conn.room_slug, None)  # nobody here is in that room any more
         with contextlib.suppress(Exception):
             await self.redis.zrem(f"backchat:online:{conn.room_slug}", self._entry(conn.user))
-        await self._announce(conn.room_slug)
+        self.soon(self.announce, conn.room_slug)
 
     async def _heartbeat(self) -> None:
         """Renew this worker's presence entries, drop expired ones (a crashed worker's),
@@ -856,12 +1010,13 @@ class RedisFanout(LocalFanout):
                         await pipe.execute()
                 except Exception as problem:
                     self._unhealthy(problem)
-                await self._show_presence(room_slug)
+                await self.show_presence(room_slug)
 
 
 class RedisRateLimiter(RateLimiter):
     """The same limits, counted in Redis so that every worker sees every event: a fixed
-    window counter per key. If Redis is unreachable, this worker counts on its own."""
+    window counter per key, counted with one INCR (atomic, so a burst across workers is
+    counted one by one). If Redis is unreachable, this worker counts on its own."""
 
     def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
         super().__init__(limit, window)
@@ -871,26 +1026,22 @@ class RedisRateLimiter(RateLimiter):
         window = int(time.time() // self.window)
         return f"backchat:limit:{int(self.window)}:{key!s}:{window}"
 
-    async def exceeded(self, key: Any) -> bool:
+    async def allow(self, key: Any) -> bool:
         if not self.limit:
-            return False
-        try:
-            count = await self.fanout.redis.get(self._key(key))
-        except Exception:
-            return await super().exceeded(key)
-        return int(count or 0) >= self.limit
-
-    async def record(self, key: Any) -> None:
-        if not self.limit:
-            return
+            return True
         counter = self._key(key)  # once: both commands must name the same window
         try:
-            async with self.fanout.redis.pipeline(transaction=False) as pipe:
+            async with self.fanout.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(counter)
                 pipe.expire(counter, int(self.window) + 1)
-                await pipe.execute()
+                count, _ = await pipe.execute()
         except Exception:
-            await super().record(key)
+            return await super().allow(key)
+        return count <= self.limit
+
+    async def forgive(self, key: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self.fanout.redis.decr(self._key(key))
 
 
 # ---------------------------------------------------------------------------
@@ -911,10 +1062,17 @@ templates.env.filters["clock"] = clock
 fragments = templates.env.get_template("_fragments.html").module
 
 
-@functools.lru_cache(maxsize=64)
+_last_echo: tuple[str, str] = ("", "")
+
+
 def with_wire_echo(frame: str) -> str:
-    """A frame plus its own escaped source, for pages in teaching mode (?wire=1)."""
-    return frame + str(fragments.wire_entry(frame))
+    """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it), for pages
+    in teaching mode (?wire=1). A broadcast hands one string to every socket in turn, so
+    remembering the last one renders each frame's echo once, and holds one echo at most."""
+    global _last_echo
+    if _last_echo[0] is not frame:
+        _last_echo = (frame, frame + str(fragments.wire_entry(frame, WIRE_ECHO_CHARS)))
+    return _last_echo[1]
 
 
 def slugify(name: str) -> str:
@@ -939,13 +1097,17 @@ class Chat:
 
     settings: Settings
     store: Store
-    hub: RoomHub = field(default_factory=RoomHub)
+    hub: RoomHub = field(init=False)
     fanout: LocalFanout = field(init=False)
     message_limit: RateLimiter = field(init=False)
     room_limit: RateLimiter = field(init=False)
     login_limit: RateLimiter = field(init=False)
+    register_limit: RateLimiter = field(init=False)
+    room_guess_limit: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
+                           self.settings.max_connections)
         if self.settings.redis_url:
             self.fanout = RedisFanout(self.hub, self.settings.redis_url)
             limiter = functools.partial(RedisRateLimiter, self.fanout)
@@ -954,6 +1116,8 @@ class Chat:
         self.message_limit = limiter(self.settings.message_rate, 10)
         self.room_limit = limiter(self.settings.room_rate, 3600)
         self.login_limit = limiter(self.settings.login_failures, 15 * 60)
+        self.register_limit = limiter(self.settings.register_rate, 3600)
+        self.room_guess_limit = limiter(self.settings.room_guesses, 3600)
 
 
 def chat_of(conn: HTTPConnection) -> Chat:
@@ -965,7 +1129,10 @@ async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
     if not session_id:
         return None
     store = chat_of(conn).store
-    return await store.read(user_by_session, session_id)
+    user = await store.read(user_by_session, session_id)
+    if user is not None and user["session_seen"] < utc_ago(hours=1):
+        store.write_soon(touch_session, session_id)  # the idle clock restarts, hourly at most
+    return user
 
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
@@ -1002,8 +1169,9 @@ def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+def client_address(conn: HTTPConnection) -> str:
+    """The peer's address; a proxy's X-Forwarded-For only from CHAT_TRUSTED_PROXIES (main())."""
+    return conn.client.host if conn.client else "unknown"
 
 
 async def start_session(request: Request, user: sqlite3.Row) -> None:
@@ -1012,50 +1180,66 @@ async def start_session(request: Request, user: sqlite3.Row) -> None:
     request.session["sid"] = await store.write(create_session, user["id"])
 
 
+def username_problem(username: str) -> str | None:
+    if not USERNAME_RE.fullmatch(username) or has_invisible(username):
+        return "Usernames are 1-150 letters, digits and @ . + - _ only."
+    return None
+
+
 async def register(request: Request) -> Response:
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
     form = await read_form(request)
+    chat = chat_of(request)
     next_url = safe_next(form.get("next"))
-    username = form.get("username", "").strip()
+    # NFKC: the full-width "ＡＤＡ" is the name "ADA", and taken if "ada" is.
+    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
     password, again = form.get("password1", ""), form.get("password2", "")
-    error = None
-    if not USERNAME_RE.fullmatch(username):
-        error = "Usernames are 1-150 letters, digits and @ . + - _ only."
-    elif len(password) < MIN_PASSWORD_CHARS:
+    error, status_code = username_problem(username), 400
+    if error is None and len(password) < MIN_PASSWORD_CHARS:
         error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters."
-    elif password != again:
+    elif error is None and password != again:
         error = "The two passwords differ."
+    elif error is None and not await chat.register_limit.allow(client_address(request)):
+        error, status_code = "Many accounts were created from your address lately. Try again in an hour.", 429
     if error is None:
-        store = chat_of(request).store
-        user = await store.write(create_user, username, await asyncio.to_thread(hash_password, password))
+        user = await chat.store.write(create_user, username, await hashing(hash_password, password))
         if user is not None:
             await start_session(request, user)
             return redirect(next_url)
-        error = "That username is taken."
-    return render(request, "register.html", 400, form={"username": username, "next": next_url}, error=error)
+        error = "That username is taken (or looks just like one that is)."
+    return render(request, "register.html", status_code, form={"username": username, "next": next_url}, error=error)
 
 
 async def login(request: Request) -> Response:
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
     form = await read_form(request)
     chat = chat_of(request)
-    username, password = form.get("username", "").strip(), form.get("password", "")
-    next_url = safe_next(form.get("next"))
+    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
+    password, next_url = form.get("password", ""), safe_next(form.get("next"))
+    # Every attempt counts as a failure before the password is checked, so guesses that
+    # arrive all at once are counted one by one; a right password takes its count back.
     keys = (("user", username.casefold()), ("address", client_address(request)))
-    if any([await chat.login_limit.exceeded(key) for key in keys]):
-        return render(request, "login.html", 429, form={"username": username, "next": next_url},
-                      error="Too many failed logins. Try again later (in 15 minutes).")
-    user = await chat.store.read(user_by_name, username)
-    stored = user["password_hash"] if user else DUMMY_PASSWORD_HASH
-    if await asyncio.to_thread(verify_password, password, stored) and user is not None:
-        await start_session(request, user)
-        return redirect(next_url)
+    counted = []
     for key in keys:
-        await chat.login_limit.record(key)
-    return render(request, "login.html", 400, form={"username": username, "next": next_url},
-                  error="Wrong username or password.")
+        if not await chat.login_limit.allow(key):
+            for key in counted:
+                await chat.login_limit.forgive(key)
+            return render(request, "login.html", 429, form={"username": username, "next": next_url},
+                          error="Too many failed logins. Try again later (in 15 minutes).")
+        counted.append(key)
+    user = await chat.store.read(user_by_name, username)
+    right, outdated = await hashing(verify_password, password, user["password_hash"] if user else DUMMY_PASSWORD_HASH)
+    if not right or user is None:
+        return render(request, "login.html", 400, form={"username": username, "next": next_url},
+                      error="Wrong username or password.")
+    for key in keys:
+        await chat.login_limit.forgive(key)
+    if outdated:  # an scrypt hash from before argon2id: redone now that we have the password
+        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
+    await start_session(request, user)
+    return redirect(next_url)
 
 
 async def logout(request: Request) -> Response:
@@ -1081,14 +1265,14 @@ async def home(request: Request) -> Response:
 
 @login_required
 async def create_room(request: Request) -> Response:
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "create.html", form={})
     form = await read_form(request)
     chat = chat_of(request)
     name = " ".join(form.get("room_name", "").split())
-    if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS:
+    if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS or has_invisible(name):
         return render(request, "create.html", 400, form={"room_name": name},
-                      error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} characters.")
+                      error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} visible characters.")
     if not await chat.room_limit.allow(request.state.user["id"]):
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
@@ -1096,25 +1280,58 @@ async def create_room(request: Request) -> Response:
     return redirect(f"/room/{room['slug']}/")
 
 
+class TooManyGuesses(Exception):
+    """This user or address tried too many unknown room codes lately."""
+
+
+async def count_room_lookup(chat: Chat, user_id: int, address: str, found: bool) -> None:
+    """A room code is the room's only secret, so every lookup counts against the user's
+    and the address's guesses (a code that turns out real is taken back). Past the limit,
+    raises TooManyGuesses before anybody learns what the lookup found, so a burst of
+    guesses is refused long before it could hit a room."""
+    keys = (("user", user_id), ("address", address))
+    for key in keys:
+        if not await chat.room_guess_limit.allow(key):
+            raise TooManyGuesses
+    if found:
+        for key in keys:
+            await chat.room_guess_limit.forgive(key)
+
+
+async def find_room(request: Request, code: str) -> sqlite3.Row | None:
+    chat = chat_of(request)
+    room = await chat.store.read(room_by_slug, code) if code else None
+    await count_room_lookup(chat, request.state.user["id"], client_address(request), room is not None)
+    return room
+
+
+TOO_MANY_GUESSES = "You tried many room codes that do not exist. Try again in an hour."
+
+
 @login_required
 async def join_room(request: Request) -> Response:
-    if request.method == "GET":
+    if request.method != "POST":
         return render(request, "join.html", form={})
     form = await read_form(request)
     typed = form.get("room_slug", "")
     code = room_code_from(typed)
-    store = chat_of(request).store
-    if code and await store.read(room_by_slug, code) is not None:
-        return redirect(f"/room/{code}/")
     if not code:
         return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
+    try:
+        room = await find_room(request, code)
+    except TooManyGuesses:
+        return render(request, "join.html", 429, form={"room_slug": typed}, error=TOO_MANY_GUESSES)
+    if room is not None:
+        return redirect(f"/room/{room['slug']}/")
     return render(request, "join.html", 404, form={"room_slug": typed},
                   error=f"No room has the code “{code}”. Check it with whoever invited you.")
 
 
 async def room_or_404(request: Request) -> sqlite3.Row:
-    store = chat_of(request).store
-    room = await store.read(room_by_slug, request.path_params["slug"].lower())
+    try:
+        room = await find_room(request, request.path_params["slug"].lower())
+    except TooManyGuesses:
+        raise HTTPException(429, TOO_MANY_GUESSES) from None
     if room is None:
         raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
     return room
@@ -1155,9 +1372,8 @@ async def send_message(request: Request) -> Response:
 @login_required
 async def older_messages(request: Request) -> Response:
     room = await room_or_404(request)
-    try:
-        before = int(request.query_params.get("before", ""))
-    except ValueError:
+    before = message_id(request.query_params.get("before", ""))
+    if before is None:
         return PlainTextResponse("`before` must be a message id.", status_code=400)
     store = chat_of(request).store
     messages, has_older = await store.read(page_before, room["id"], before)
@@ -1168,15 +1384,28 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+def message_id(value: str) -> int | None:
+    """A message id from a URL (`before`, `after`), or None: ASCII digits that SQLite can hold."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return None
+    return int(value)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) if status != 500 else None
-    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 500: "Something broke"}
+    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 429: "Slow down",
+              500: "Something broke"}
     if request.scope["type"] != "http":
         return PlainTextResponse(titles.get(status, "Error"), status_code=status)
+    if status == 500:
+        log.exception("error in %s %s", request.method, request.url.path, exc_info=exc)
     request.state.user = await current_user(request) if status != 500 else None
-    return render(request, "error.html", status, title=titles.get(status, "Error"),
-                  detail=detail or "Something went wrong on our side. Nothing you sent was lost; try again.")
+    response = render(request, "error.html", status, title=titles.get(status, "Error"),
+                      detail=detail or "Something went wrong on our side. Nothing you sent was lost; try again.")
+    if status == 500:  # Starlette answers these from outside all middleware: add the headers here
+        response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
+    return response
 
 
 # ---------------------------------------------------------------------------
@@ -1249,23 +1478,30 @@ def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
     return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
 
 
-async def catch_up_frame(store: Store, conn: Connection, after: int) -> str | None:
+def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, after: int) -> str | None:
     """What a (re)connecting page is missing: every message after the newest it was
-    rendered with. The upsert swap skips ones it already shows, so overlap is harmless;
-    a page too far behind gets the newest page whole instead."""
-    missed = await store.read(messages_after, conn.room_id, after, CATCH_UP_LIMIT + 1)
+    rendered with. The upsert swap skips ones it already shows, so overlap is harmless.
+    A page too far behind (CATCH_UP_LIMIT messages, CATCH_UP_BYTES of HTML) gets the
+    newest page whole instead, as much of it as fits. Runs on the reader thread, so
+    rendering a big catch-up never holds up the event loop."""
+    missed = messages_after(db, room_id, after, CATCH_UP_LIMIT + 1)
     if not missed:
         return None
     if len(missed) <= CATCH_UP_LIMIT:
-        return str(fragments.messages_frame(missed))
-    messages, has_older = await store.read(page_before, conn.room_id, None)
-    return str(fragments.history_page({"slug": conn.room_slug}, messages, has_older, oob=True))
+        frame = str(fragments.messages_frame(missed))
+        if len(frame) <= CATCH_UP_BYTES:
+            return frame
+    messages, has_older = page_before(db, room_id, None)
+    while True:
+        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True))
+        if len(frame) <= CATCH_UP_BYTES or len(messages) == 1:
+            return frame
+        messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
 
 
 async def refuse(websocket: WebSocket, reason: str) -> None:
     """Refuse a handshake: HTTP 403, and one INFO line that says why."""
-    log.info("refused WebSocket %s from %s: %s", websocket.url.path, websocket.client.host if websocket.client
-             else "?", reason)
+    log.info("refused WebSocket %s from %s: %s", websocket.url.path, client_address(websocket), reason)
     # A close before accept is uvicorn's own 403. (A denial response would log a spurious
     # ERROR on uvicorn's default implementation: its pull request #3138.)
     await websocket.close()
@@ -1287,10 +1523,22 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         await websocket.send_text(str(fragments.session_ended(slug)))
         await websocket.close(SESSION_ENDED, "logged out")
         return None
+    address = client_address(websocket)
+    try:
+        await count_room_lookup(chat, user["id"], address, room is not None)
+    except TooManyGuesses:
+        room = None
     if room is None:
-        await refuse(websocket, "no such room")
+        await refuse(websocket, "no such room (or too many unknown codes)")
         return None
-    await websocket.accept()
+    if not chat.hub.claim(user["id"], address):
+        await refuse(websocket, f"{user['username']} or {address} has too many sockets open")
+        return None
+    try:
+        await websocket.accept()
+    except BaseException:
+        chat.hub.release(user["id"], address)
+        raise
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
     return Connection(websocket, session_id, user["id"], user["username"], room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
@@ -1309,9 +1557,9 @@ async def chat_socket(websocket: WebSocket) -> None:
         await fanout.came_online(conn)
     # `after`: the newest message id the page holds. A client that does not say gets
     # only what is said from now on.
-    after = websocket.query_params.get("after", "")
+    after = message_id(websocket.query_params.get("after", ""))
     try:
-        if after.isdigit() and (frame := await catch_up_frame(chat.store, conn, int(after))):
+        if after is not None and (frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after)):
             conn.push(frame)
         while True:
             event = await websocket.receive()
@@ -1328,6 +1576,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     finally:
         conn.handler = None  # done reading: nothing to cancel any more
         conn.stop_flushing()
+        hub.release(conn.user_id, client_address(websocket))
         if hub.leave(conn):
             await fanout.went_offline(conn)
 
@@ -1354,36 +1603,53 @@ LIVE_FRAME = str(fragments.connection_status(live=True))
 # ---------------------------------------------------------------------------
 
 
-class SecurityHeaders:
-    """Headers every HTML response carries; a fresh CSP nonce per request for the one
-    inline <style> the room page has (it marks your own messages). As the outermost layer
-    it also hands WebSocket routes the server's own `send`."""
+def security_headers(nonce: str) -> dict[str, str]:
+    """Headers every HTML response carries. Scripts only from this site (htmx needs no
+    inline script and no eval); inline style only with this response's nonce."""
+    return {
+        "content-security-policy": "default-src 'self'; script-src 'self'; "
+        f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "same-origin",
+        "x-frame-options": "DENY",
+    }
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class SecurityHeaders:
+    """The outermost layer: serves only the Host names this server is for (DNS rebinding),
+    and adds security_headers() with a fresh nonce to every response. It also hands
+    WebSocket routes the server's own `send`."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str]) -> None:
         self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    def host_allowed(self, scope: Scope) -> bool:
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = (host.rsplit(":", 1)[0] if not host.endswith("]") else host).strip("[]")  # no port
+        with contextlib.suppress(ValueError):
+            ipaddress.ip_address(name)
+            return True  # an address, not a name: no DNS in between to rebind
+        return name in self.allowed_hosts or "*" in self.allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if not self.host_allowed(scope):
+            log.info("refused %s %s: Host not in CHAT_ALLOWED_HOSTS", scope["type"], scope["path"])
+            if scope["type"] == "websocket":  # a close before accept: uvicorn's 403 (see refuse())
+                return await send({"type": "websocket.close", "code": 1008})
+            return await PlainTextResponse("This server does not serve that host name.", 400)(scope, receive, send)
         if scope["type"] == "websocket":
             scope["backchat.raw_send"] = send  # see Connection.send
-        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         nonce = scope["csp_nonce"] = secrets.token_urlsafe(16)
-        csp = (
-            "default-src 'self'; script-src 'self'; "
-            f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data:; connect-src 'self'; "
-            "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
-        ).encode()
+        headers = [(name.encode(), value.encode()) for name, value in security_headers(nonce).items()]
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", csp),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"),
-                    (b"x-frame-options", b"DENY"),
-                ]
-                message = {**message, "headers": headers}
+                message = {**message, "headers": list(message.get("headers", [])) + headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -1433,7 +1699,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
     ]
     middleware = [
-        Middleware(SecurityHeaders),
+        Middleware(SecurityHeaders, allowed_hosts=settings.allowed_hosts),
         Middleware(SessionMiddleware, secret_key=load_secret_key(settings), same_site="lax",
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
@@ -1457,9 +1723,55 @@ def __getattr__(name: str) -> Starlette:
 # ---------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
-    import uvicorn
+REQUEST_HEAD_SECONDS = 10  # to send a request's line and headers, before the connection is cut
 
+
+class GuardedHTTP(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two guards it lacks: a deadline for each request
+    head (a client that trickles its headers, or sends none, is cut off instead of holding
+    a connection: slowloris), and a plain 503 at once for a connection past the total, so
+    idle connections cannot use up the process's file descriptors."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_deadline: asyncio.TimerHandle | None = None
+        if self.limit_concurrency and len(self.connections) > self.limit_concurrency:
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+            transport.close()
+            return
+        self.await_head()
+
+    def await_head(self) -> None:
+        self.head_deadline = self.loop.call_later(REQUEST_HEAD_SECONDS, self.transport.close)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        head_in = self.cycle is not None and not self.cycle.response_complete
+        if self.head_deadline is not None and (head_in or self.transport.get_protocol() is not self):
+            self.head_deadline.cancel()  # a request is in (or the connection became a WebSocket)
+            self.head_deadline = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.head_deadline is None:
+            self.await_head()  # the next request on this keep-alive connection gets one too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_deadline is not None:
+            self.head_deadline.cancel()
+        super().connection_lost(exc)
+
+
+def open_files_allowed(wanted: int) -> int:
+    """Raise this process's open-file limit to `wanted` if the system lets us; what it is now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
     env = Settings.from_env()
     parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
     parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"))
@@ -1468,15 +1780,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
     parser.add_argument("--ws", default=os.environ.get("CHAT_WS", "auto"), help="uvicorn's WebSocket implementation")
     args = parser.parse_args(argv)
-    settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https})
+    hosts = env.allowed_hosts
+    if args.host in ("0.0.0.0", "::", "") and not os.environ.get("CHAT_ALLOWED_HOSTS"):
+        name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
+        hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
+    # Every connection is a file descriptor: keep the total well under what the process may open.
+    max_connections = min(env.max_connections, open_files_allowed(env.max_connections + 128) - 128)
+    settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
+                           "max_connections": max_connections})
     print(f"Backchat: database {settings.db_path.resolve()}")
     print(f"Backchat: open http://{args.host}:{args.port}/", flush=True)
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")  # uvicorn's look
     # Pings find connections that died without a word (Wi-Fi gone): within three
     # heartbeats the socket is closed and its user leaves the room's presence.
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, ws=args.ws, ws_max_size=MAX_WS_FRAME_BYTES,
-                ws_per_message_deflate=False, ws_ping_interval=settings.heartbeat,
-                ws_ping_timeout=2 * settings.heartbeat, timeout_graceful_shutdown=5, log_level="info")
+    # X-Forwarded-For only from the proxies named in CHAT_TRUSTED_PROXIES (uvicorn's own
+    # default believes anyone on loopback, which lets a local client pick its address).
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=GuardedHTTP, ws=args.ws,
+                ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False, ws_ping_interval=settings.heartbeat,
+                ws_ping_timeout=2 * settings.heartbeat, limit_concurrency=max_connections,
+                proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
+                timeout_graceful_shutdown=5, log_level="info")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,13 @@ ARTIFACTS = HERE / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def app_settings(**overrides):
+    """Settings for an app under Starlette's TestClient, whose requests say Host: testserver."""
+    import chat
+
+    return chat.Settings(**{"secret_key": "test-secret", "allowed_hosts": frozenset({"testserver"}), **overrides})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

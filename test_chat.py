@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 import chat
+from conftest import app_settings
 
 ORIGIN = {"origin": "http://testserver"}
 PASSWORD = "correct horse"
@@ -83,7 +84,7 @@ def db_rows(app_settings: chat.Settings, sql: str, *args):
 
 @pytest.fixture
 def settings(tmp_path: Path) -> chat.Settings:
-    return chat.Settings(db_path=tmp_path / "chat.db", secret_key="test-secret")
+    return app_settings(db_path=tmp_path / "chat.db")
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_register_logs_in_and_hashes_password(alice, settings):
     home = alice.get("/")
     assert home.status_code == 200 and "Signed in as <b>alice</b>" in home.text
     (stored,) = db_rows(settings, "SELECT password_hash FROM users WHERE username = 'alice'")[0]
-    assert stored.startswith("scrypt$") and PASSWORD not in stored
+    assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and PASSWORD not in stored
 
 
 @pytest.mark.parametrize("username, password1, password2, error", [
@@ -213,7 +214,7 @@ def test_failed_logins_are_limited_per_username(client):
 
 def test_create_room_gives_a_unique_slug_and_lists_it_at_home(alice):
     first, second = create_room(alice, "Study Group"), create_room(alice, "Study Group")
-    assert first != second and re.fullmatch(r"study-group-[0-9a-f]{6}", first)
+    assert first != second and re.fullmatch(r"study-group-[a-kmnp-z2-9]{13}", first)  # 65 random bits
     home = alice.get("/").text
     assert home.index(second) < home.index(first)  # most recent first
     page = alice.get(f"/room/{first}/")
@@ -229,7 +230,7 @@ def test_create_room_rejects_bad_names(alice, name):
 
 def test_unicode_room_name_gets_a_usable_slug(alice):
     slug = create_room(alice, "日本語のチャット")
-    assert re.fullmatch(r"room-[0-9a-f]{6}", slug)
+    assert re.fullmatch(r"room-[a-kmnp-z2-9]{13}", slug)
     assert "日本語のチャット" in alice.get(f"/room/{slug}/").text
 
 
@@ -303,7 +304,7 @@ def test_session_cookie_is_httponly_and_lax(client):
 
 
 def test_https_setting_marks_the_cookie_secure(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", https_only=True)
+    settings = app_settings(db_path=tmp_path / "c.db", https_only=True)
     with TestClient(chat.create_app(settings), base_url="https://testserver") as client:
         assert "secure" in client.get("/auth/login/").headers["set-cookie"].lower()
 
@@ -460,7 +461,7 @@ def test_a_page_without_a_session_is_told_to_log_in_and_not_retried(client):
     assert "You were logged out" in notice and f"/auth/login/?next=/room/{slug}/" in notice
     assert "secret room" not in notice and "presence" not in notice
 def test_allowed_origins_setting(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k",
+    settings = app_settings(db_path=tmp_path / "c.db",
                              allowed_origins=frozenset({"https://chat.example"}))
     with TestClient(chat.create_app(settings)) as client:
         register(client, "alice")
@@ -575,7 +576,7 @@ def send_many(settings: chat.Settings, count: int) -> str:
 
 
 def test_message_rate_limit_tells_only_the_sender(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=3)
+    settings = app_settings(db_path=tmp_path / "c.db", message_rate=3)
     assert "too fast" in send_many(settings, 3)
     assert db_rows(settings, "SELECT count(*) FROM messages") == [(3,)]
 
@@ -593,7 +594,7 @@ def test_wire_mode_echoes_each_frame_as_escaped_text(alice):
 
 
 def test_room_creation_is_rate_limited_per_user(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", room_rate=2)
+    settings = app_settings(db_path=tmp_path / "c.db", room_rate=2)
     with TestClient(chat.create_app(settings)) as client:
         register(client, "alice")
         create_room(client, "one"), create_room(client, "two")
@@ -604,7 +605,7 @@ def test_room_creation_is_rate_limited_per_user(tmp_path):
 
 
 def test_rate_limits_can_be_turned_off(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=0)
+    settings = app_settings(db_path=tmp_path / "c.db", message_rate=0)
     assert "one more" in send_many(settings, 60)
     assert db_rows(settings, "SELECT count(*) FROM messages") == [(61,)]
 
@@ -655,7 +656,7 @@ def test_composer_post_refusals_keep_the_text_and_store_nothing(alice, settings)
 
 
 def test_composer_post_obeys_the_message_rate(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", message_rate=2)
+    settings = app_settings(db_path=tmp_path / "c.db", message_rate=2)
     with TestClient(chat.create_app(settings)) as client:
         register(client, "alice")
         slug = create_room(client, "fast")
@@ -774,7 +775,7 @@ def test_room_page_swaps_nothing_but_out_of_band_and_has_a_status(alice):
 
 
 def test_heartbeat_keeps_telling_every_page_it_is_live(tmp_path):
-    settings = chat.Settings(db_path=tmp_path / "c.db", secret_key="k", heartbeat=0.05)
+    settings = app_settings(db_path=tmp_path / "c.db", heartbeat=0.05)
     with TestClient(chat.create_app(settings)) as client:
         register(client, "alice")
         slug = create_room(client, "beats")
@@ -791,7 +792,7 @@ def test_a_database_from_the_previous_release_is_migrated(tmp_path):
         db.execute("INSERT INTO users VALUES (1, 'ada', 'ada', 'x', '2026-01-01T00:00:00Z')")
         db.execute("INSERT INTO rooms VALUES (1, 'old-room-abcdef', 'Old room', 1, '2026-01-01T00:00:00Z')")
         db.execute("INSERT INTO messages VALUES (1, 1, 1, 'kept across the upgrade', '2026-01-01T00:00:00Z')")
-    settings = chat.Settings(db_path=db_path, secret_key="k")
+    settings = app_settings(db_path=db_path)
     with TestClient(chat.create_app(settings)):
         pass
     assert db_rows(settings, "SELECT id, text, client_key FROM messages") == [(1, "kept across the upgrade", None)]

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from starlette.testclient import TestClient
 
 import chat
+from conftest import app_settings as make_settings
 from test_chat import ORIGIN, create_room, csrf, receive_until, register, send
 
 # Any code point at all: NUL, lone surrogates, right-to-left overrides, emoji...
@@ -35,7 +36,8 @@ HOSTILE = settings(max_examples=120, deadline=None, suppress_health_check=list(H
 
 @pytest.fixture
 def app_settings(tmp_path):
-    return chat.Settings(db_path=tmp_path / "chat.db", secret_key="k", message_rate=0, room_rate=0, login_failures=0)
+    return make_settings(db_path=tmp_path / "chat.db", message_rate=0, room_rate=0, login_failures=0,
+                         register_rate=0, room_guesses=0)
 
 
 def assert_database_consistent(app_settings: chat.Settings) -> None:

@@ -64,7 +64,9 @@ def stored_messages(server: LiveServer) -> dict[int, str]:
 
 @pytest.fixture
 def server(tmp_path):
-    live = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0").start()
+    # Many sockets from one user and address: the per-user and per-address caps are off here.
+    live = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0", CHAT_SOCKETS_PER_USER="0",
+                      CHAT_SOCKETS_PER_ADDRESS="0").start()
     yield live
     live.stop()
 
