@@ -1724,6 +1724,7 @@ def __getattr__(name: str) -> Starlette:
 
 
 REQUEST_HEAD_SECONDS = 10  # to send a request's line and headers, before the connection is cut
+ACCEPT_BACKLOG = 128  # connections accepted in one go (uvicorn's default, 2048, could overrun the file limit)
 
 
 class GuardedHTTP(H11Protocol):
@@ -1784,8 +1785,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.host in ("0.0.0.0", "::", "") and not os.environ.get("CHAT_ALLOWED_HOSTS"):
         name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
         hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
-    # Every connection is a file descriptor: keep the total well under what the process may open.
-    max_connections = min(env.max_connections, open_files_allowed(env.max_connections + 128) - 128)
+    # Every connection is a file descriptor: keep the total under what the process may open,
+    # less one accept() burst (the listen backlog) and the files it needs besides.
+    spare = ACCEPT_BACKLOG + 64
+    max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
                            "max_connections": max_connections})
     print(f"Backchat: database {settings.db_path.resolve()}")
@@ -1799,6 +1802,7 @@ def main(argv: list[str] | None = None) -> None:
                 ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False, ws_ping_interval=settings.heartbeat,
                 ws_ping_timeout=2 * settings.heartbeat, limit_concurrency=max_connections,
                 proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
+                backlog=ACCEPT_BACKLOG,
                 timeout_graceful_shutdown=5, log_level="info")
 
 

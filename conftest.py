@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -35,9 +36,10 @@ def free_port() -> int:
 class LiveServer:
     """`python chat.py` in a child process, on a free loopback port."""
 
-    def __init__(self, db_path: Path, port: int | None = None, **env: str) -> None:
+    def __init__(self, db_path: Path, port: int | None = None, open_files: int | None = None, **env: str) -> None:
         self.db_path = db_path
         self.port = port or free_port()
+        self.open_files = open_files  # RLIMIT_NOFILE for the server, like `ulimit -n`
         self.env = {**os.environ, "CHAT_SECRET_KEY": "live-test-secret", "PYTHONUNBUFFERED": "1", **env}
         self.log_path = db_path.with_suffix(f".{self.port}.log")
         self.process: subprocess.Popen | None = None
@@ -53,6 +55,7 @@ class LiveServer:
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", str(self.db_path)],
             cwd=self.db_path.parent, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            preexec_fn=self.open_files and (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files,) * 2)),
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -122,7 +122,7 @@ def test_anonymous_user_is_sent_to_login_with_next(client):
 
 def test_register_logs_in_and_hashes_password(alice, settings):
     home = alice.get("/")
-    assert home.status_code == 200 and "Signed in as <b>alice</b>" in home.text
+    assert home.status_code == 200 and "Signed in as <b><bdi>alice</bdi></b>" in home.text
     (stored,) = db_rows(settings, "SELECT password_hash FROM users WHERE username = 'alice'")[0]
     assert stored.startswith("$argon2id$v=19$m=19456,t=2,p=1$") and PASSWORD not in stored
 
@@ -366,13 +366,13 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
         with as_user(client, bob):
             bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
         try:
-            receive_until(alice_ws, "<li>bob</li>")  # presence: bob came online
+            receive_until(alice_ws, "<bdi>bob</bdi>")  # presence: bob came online
             send(bob_ws, "  hello everyone  ")
             for ws in (alice_ws, bob_ws):
                 frame = receive_until(ws, "hello everyone")
                 assert 'hx-swap-oob="upsert:#messages"' in frame
                 assert re.search(r'<article class="msg" id="msg-\d+"', frame)
-                assert '<span class="author">bob</span>' in frame
+                assert '<bdi class="author">bob</bdi>' in frame
             reset = receive_until(bob_ws, 'id="message-input"')  # the sender's input is cleared
             assert re.search(r'<input id="message-input"[^>]*hx-swap-oob="true">', reset)
             assert not re.search(r'<input id="message-input"[^>]*value=', reset)  # empty
@@ -442,7 +442,7 @@ def test_handshake_refusals(client):
         refused_at_handshake(client, f"/chat/{slug}/", {"origin": origin})
     refused_at_handshake(client, "/chat/no-such-room/", ORIGIN)
     with client.websocket_connect(f"/chat/{slug}/") as ws:  # no Origin: a command-line client
-        receive_until(ws, "<li>alice</li>")
+        receive_until(ws, "<bdi>alice</bdi>")
     client.cookies.clear()
     refused_at_handshake(client, f"/chat/{slug}/", {"origin": "http://evil.example"})  # still, logged out
 
@@ -491,8 +491,8 @@ def test_malformed_frames_leave_everyone_working(two_users, settings, bad_frame)
         with as_user(client, bob):
             bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
         try:
-            receive_until(alice_ws, "<li>bob</li>")
-            receive_until(bob_ws, "<li>bob</li>")
+            receive_until(alice_ws, "<bdi>bob</bdi>")
+            receive_until(bob_ws, "<bdi>bob</bdi>")
             if isinstance(bad_frame, bytes):
                 bob_ws.send_bytes(bad_frame)
             else:
@@ -518,19 +518,19 @@ def test_presence_counts_a_user_with_two_tabs_once(two_users):
     client, bob = two_users
     slug = create_room(client, "tabs")
     with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
-        receive_until(alice_ws, "<li>alice</li>")
+        receive_until(alice_ws, "<bdi>alice</bdi>")
         with as_user(client, bob):
             tab1 = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
             tab2 = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        assert receive_until(alice_ws, "bob").count("<li>bob</li>") == 1
+        assert receive_until(alice_ws, "bob").count("<bdi>bob</bdi>") == 1
         tab1.__exit__(None, None, None)  # one tab closed: bob is still online, nothing is said
         send(tab2, "ping")
         assert "ping" in alice_ws.receive_text()
         tab2.__exit__(None, None, None)
         frame = receive_until(alice_ws, 'id="presence"')
-        assert "bob" not in frame and "<li>alice</li>" in frame
+        assert "bob" not in frame and "<bdi>alice</bdi>" in frame
         page = client.get(f"/room/{slug}/").text
-        assert "<li>alice</li>" in page
+        assert "<bdi>alice</bdi>" in page
 
 
 def test_reconnect_catches_up_with_missed_messages(two_users):

@@ -16,11 +16,12 @@ import sqlite3
 import subprocess
 import time
 
+import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from conftest import LiveServer, free_port
-from test_server import frame, frames_until, login_cookie, make_room, ws_connect
+from test_server import frame, frames_until, guess_all_at_once, login_cookie, make_room, ws_connect
 
 
 class RedisServer:
@@ -100,18 +101,18 @@ def test_messages_and_presence_cross_workers(two_workers):
 
     async def run() -> None:
         async with ws_connect(a, slug, ada) as on_a:
-            await frames_until(on_a, "<li>ada</li>")
+            await frames_until(on_a, "<bdi>ada</bdi>")
             async with ws_connect(b, slug, bob) as on_b:
                 # presence is the union over both workers, shown on both
                 for ws in (on_a, on_b):
-                    presence = await frames_until(ws, "<li>bob</li>")
-                    assert "<li>ada</li>" in presence
+                    presence = await frames_until(ws, "<bdi>bob</bdi>")
+                    assert "<bdi>ada</bdi>" in presence
                 await on_a.send(frame("from worker a"))
                 await on_b.send(frame("from worker b"))
                 for ws in (on_a, on_b):
                     texts = []
                     while len(texts) < 2:
-                        texts += re.findall(r"<p>(from worker .)</p>", await frames_until(ws, "msg-"))
+                        texts += re.findall(r"<p dir=\"auto\">(from worker .)</p>", await frames_until(ws, "msg-"))
                     assert sorted(texts) == ["from worker a", "from worker b"]  # each once
             presence = await frames_until(on_a, 'id="presence"')  # bob left, as seen on worker a
             assert "bob" not in presence
@@ -127,7 +128,7 @@ def test_redis_outage_loses_nothing_and_clients_recover(two_workers, redis_serve
 
     async def run() -> tuple[int, str]:
         async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, bob) as on_b:
-            await frames_until(on_b, "<li>ada</li>")
+            await frames_until(on_b, "<bdi>ada</bdi>")
             await on_a.send(frame("before"))
             last_seen = int(re.search(r"msg-(\d+)", await frames_until(on_b, "before")).group(1))
 
@@ -177,7 +178,7 @@ def test_a_crashed_workers_users_leave_presence(two_workers):
     async def run() -> str:
         async with ws_connect(a, slug, ada) as on_a:
             await ws_connect(b, slug, bob).__aenter__()  # never closed: its worker dies
-            await frames_until(on_a, "<li>bob</li>")
+            await frames_until(on_a, "<bdi>bob</bdi>")
             b.process.kill()  # no goodbye: bob's entry stays in Redis until it expires
             # within PRESENCE_TTL (20 s) + one heartbeat (5 s), worker a's heartbeat drops it
             for _ in range(20):
@@ -186,7 +187,7 @@ def test_a_crashed_workers_users_leave_presence(two_workers):
                     return presence
             raise AssertionError("bob never left")
 
-    assert "<li>ada</li>" in asyncio.run(run())
+    assert "<bdi>ada</bdi>" in asyncio.run(run())
 
 
 def test_logging_out_closes_the_sessions_sockets_on_every_worker(two_workers):
@@ -196,7 +197,7 @@ def test_logging_out_closes_the_sessions_sockets_on_every_worker(two_workers):
 
     async def run() -> tuple[int, str]:
         async with ws_connect(b, slug, ada) as on_b:  # the same session's page, on the other worker
-            await frames_until(on_b, "<li>ada</li>")
+            await frames_until(on_b, "<bdi>ada</bdi>")
             token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
             assert client.post("/auth/logout/", data={"csrf_token": token}).status_code == 303  # through a
             received = []
@@ -207,3 +208,11 @@ def test_logging_out_closes_the_sessions_sockets_on_every_worker(two_workers):
 
     code, received = asyncio.run(run())
     assert code == 1008 and "You were logged out" in received
+
+
+def test_concurrent_password_guesses_across_workers_cannot_skip_the_limit(two_workers):
+    a, b = two_workers
+    login_cookie(a, "ada")
+    statuses = asyncio.run(guess_all_at_once([a.url, b.url], 40, httpx.Client(base_url=a.url)))
+    checked = statuses[:-1].count(400)
+    assert checked <= 10 and statuses[-1] == 429, statuses

@@ -13,6 +13,7 @@ import re
 import signal
 import socket
 import sqlite3
+import time
 
 import httpx
 import pytest
@@ -109,7 +110,7 @@ def test_sigkill_mid_burst_loses_no_message_anyone_saw(server):
             for n in range(400):
                 await sender.send(frame(f"burst {n}"))
             while len(seen) < 150:  # kill while the burst is still being stored
-                for msg_id, text in re.findall(r'id="msg-(\d+)".*?<p>(.*?)</p>', await watcher.recv(), re.S):
+                for msg_id, text in re.findall(r'id="msg-(\d+)".*?<p dir="auto">(.*?)</p>', await watcher.recv(), re.S):
                     seen[int(msg_id)] = text
             server.process.kill()
 
@@ -324,7 +325,7 @@ def test_a_connection_that_dies_silently_leaves_presence(tmp_path):
 
         async def watch() -> str:
             async with ws_connect(server, slug, cookie) as ada:
-                await frames_until(ada, "<li>grace</li>")
+                await frames_until(ada, "<bdi>grace</bdi>")
                 # ping every 1 s, 2 s to answer: gone within about 3 s (default heartbeat: 30 s)
                 return await frames_until(ada, '<ul id="presence"', limit=20)
 
@@ -332,3 +333,103 @@ def test_a_connection_that_dies_silently_leaves_presence(tmp_path):
         silent.close()
     finally:
         server.stop()
+
+
+# --- attacks on a running server (issue 9): bounded in count and time, loopback only ----------
+
+
+def login_form(client: httpx.AsyncClient, username: str, password: str, token: str, **headers: str):
+    return client.post("/auth/login/", data={"csrf_token": token, "username": username, "password": password},
+                       headers=headers)
+
+
+async def guess_all_at_once(urls: list[str], guesses: int, cookie_jar_from: httpx.Client) -> list[int]:
+    """`guesses` wrong passwords for ada, sent at once, spread over `urls` (workers)."""
+    token = re.search(r'name="csrf_token" value="([^"]+)"', cookie_jar_from.get("/auth/login/").text).group(1)
+    clients = [httpx.AsyncClient(base_url=url, cookies=cookie_jar_from.cookies, timeout=60) for url in urls]
+    try:
+        responses = await asyncio.gather(*(login_form(clients[n % len(clients)], "ada", f"wrong {n}", token)
+                                           for n in range(guesses)))
+        right = await login_form(clients[0], "ada", PASSWORD, token)
+    finally:
+        for client in clients:
+            await client.aclose()
+    return [r.status_code for r in responses] + [right.status_code]
+
+
+def test_concurrent_password_guesses_cannot_skip_the_limit(server):
+    login_cookie(server, "ada")
+    statuses = asyncio.run(guess_all_at_once([server.url], 60, httpx.Client(base_url=server.url)))
+    checked = statuses[:-1].count(400)  # passwords actually checked (and wrong)
+    assert checked <= 10 and statuses[:-1].count(429) == 60 - checked, statuses
+    assert statuses[-1] == 429  # even the right password, once the limit is reached
+
+
+def test_forwarded_for_is_believed_only_from_named_proxies(tmp_path):
+    """A client on loopback that rotates X-Forwarded-For must not get a fresh address each time."""
+    for trusted, expect_limited in (("", True), ("127.0.0.1", False)):
+        server = LiveServer(tmp_path / f"xff{bool(trusted)}.db", CHAT_TRUSTED_PROXIES=trusted).start()
+        try:
+            with httpx.Client(base_url=server.url) as client:
+                token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
+                statuses = [client.post("/auth/login/", headers={"X-Forwarded-For": f"203.0.113.{n}"}, data={
+                    "csrf_token": token, "username": f"user{n}", "password": "wrong"}).status_code for n in range(12)]
+        finally:
+            server.stop()
+        assert (429 in statuses) == expect_limited, statuses
+
+
+def test_idle_and_slow_connections_cannot_exhaust_the_server(tmp_path):
+    """`ulimit -n 300`, then 400 connections that send half a request head and stop."""
+    server = LiveServer(tmp_path / "chat.db", open_files=300).start()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(400):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # ...and never finishes
+            idle.append(sock)
+        # Past the total, a connection gets a clear 503 at once, not a hang.
+        refused = httpx.get(server.url + "/healthz", timeout=5)
+        assert refused.status_code == 503
+        # Every unfinished head is cut off after REQUEST_HEAD_SECONDS: the server answers again.
+        deadline = time.monotonic() + 30
+        while (status := httpx.get(server.url + "/healthz", timeout=5).status_code) != 200:
+            assert time.monotonic() < deadline, "the idle connections were never cut off"
+            time.sleep(0.5)
+        for sock in idle:  # each was answered with a 503 at once, or cut off: closed either way
+            assert sock.recv(1024) in (b"", b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
+    assert len(log) < 200_000  # a refusal per connection at most, never a flood
+
+
+def test_a_huge_catch_up_is_bounded_in_memory(server):
+    """500 messages of 4,000 `&` (5 x longer escaped), caught up by 20 sockets that never
+    read, in teaching mode: was +856 MiB of server memory; now a bounded frame each."""
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "ampersands")
+    with sqlite3.connect(server.db_path) as db:
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, '')",
+                       [(room_id, user_id, "&" * 4000)] * 500)
+    rss_before = server_rss_kib(server)
+
+    async def catch_up_and_measure() -> int:
+        async with ws_connect(server, slug, cookie, "?after=0&wire=1", max_size=None) as reader:
+            frames = [await frames_until(reader, "&amp;") for _ in range(1)]
+        return max(len(f) for f in frames)
+
+    biggest = asyncio.run(catch_up_and_measure())
+    assert biggest <= 256 * 1024 + 80 * 1024, biggest  # the catch-up bound plus a bounded wire echo
+    stuck = [stuck_socket(server, slug, cookie, "?after=0&wire=1") for _ in range(20)]
+    peak = 0
+    for _ in range(10):  # the catch-ups render on the database thread; watch memory for a while
+        peak = max(peak, server_rss_kib(server) - rss_before)
+        time.sleep(0.3)
+    for sock in stuck:
+        sock.close()
+    assert peak < 64 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"
