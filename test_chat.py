@@ -218,7 +218,7 @@ def test_create_room_gives_a_unique_slug_and_lists_it_at_home(alice):
     home = alice.get("/").text
     assert home.index(second) < home.index(first)  # most recent first
     page = alice.get(f"/room/{first}/")
-    assert page.status_code == 200 and "<h1>Study Group</h1>" in page.text
+    assert page.status_code == 200 and "<h1 dir=\"auto\">Study Group</h1>" in page.text
     assert f'value="http://testserver/room/{first}/"' in page.text  # invite link
 
 
