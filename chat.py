@@ -37,6 +37,7 @@ from urllib.parse import quote, urlsplit
 
 import argon2
 import jinja2
+from markupsafe import Markup, escape
 import uvicorn
 
 from starlette.applications import Starlette
@@ -174,13 +175,15 @@ CREATE TABLE IF NOT EXISTS rooms (
     slug       TEXT NOT NULL UNIQUE,
     name       TEXT NOT NULL,
     created_by INTEGER NOT NULL REFERENCES users(id),
-    created_at TEXT NOT NULL
+    created_at TEXT NOT NULL,
+    revision   INTEGER NOT NULL DEFAULT 0  -- advanced by every insert, edit and delete in the room
 );
 CREATE TABLE IF NOT EXISTS room_members (
     room_id       INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     joined_at     TEXT NOT NULL,
     last_visit_at TEXT NOT NULL,
+    last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
     PRIMARY KEY (room_id, user_id)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -189,11 +192,21 @@ CREATE TABLE IF NOT EXISTS messages (
     user_id    INTEGER NOT NULL REFERENCES users(id),
     text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
     created_at TEXT NOT NULL,
-    client_key TEXT  -- the composer's one-time key: a message resent after an outage is stored once
+    client_key TEXT,  -- the composer's one-time key: a message resent after an outage is stored once
+    revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last edited
+    edited_at  TEXT
 );
 -- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
+-- Catch-up: what changed in a room since revision N.
+CREATE INDEX IF NOT EXISTS messages_by_revision ON messages(room_id, revision);
+CREATE TABLE IF NOT EXISTS deletions (  -- a deleted message leaves only its id behind
+    message_id INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    revision   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deletions_by_revision ON deletions(room_id, revision);
 """
 
 # Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
@@ -205,6 +218,15 @@ MIGRATIONS = [
                                [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
      "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT ''",
      "UPDATE sessions SET last_seen_at = created_at"],
+    # Edits, deletes and unread markers: existing messages are revision = id, as read.
+    ["ALTER TABLE rooms ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE messages ADD COLUMN revision INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE messages ADD COLUMN edited_at TEXT",
+     "ALTER TABLE room_members ADD COLUMN last_read_id INTEGER NOT NULL DEFAULT 0",
+     "UPDATE messages SET revision = id",
+     "UPDATE rooms SET revision = (SELECT coalesce(max(id), 0) FROM messages WHERE room_id = rooms.id)",
+     "UPDATE room_members SET last_read_id = "
+     "(SELECT coalesce(max(id), 0) FROM messages WHERE room_id = room_members.room_id)"],
 ]
 
 
@@ -222,7 +244,7 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
 
-MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at"
+MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at, m.edited_at"
 
 
 @contextlib.contextmanager
@@ -303,6 +325,7 @@ class Store:
             # The fsyncs happen at checkpoints, which run on a thread of their own (below),
             # never inside a commit that a chat message is waiting for.
             db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute("PRAGMA secure_delete=ON")  # a deleted message's text is overwritten, not left behind
             migrate(db)
         return db
 
@@ -419,6 +442,7 @@ def room_by_slug(db: sqlite3.Connection, slug: str) -> sqlite3.Row | None:
 
 
 def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    """The user opened the room: it is (again) one of theirs, and all in it is seen."""
     now = utc_now()
     with transaction(db):
         db.execute(
@@ -426,35 +450,110 @@ def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
             "ON CONFLICT (room_id, user_id) DO UPDATE SET last_visit_at = excluded.last_visit_at",
             (room_id, user_id, now, now),
         )
+        mark_read(db, room_id, user_id)
+
+
+UNREAD_SHOWN = 99  # past this a badge says "99+": counting stops there, however many there are
 
 
 def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
+    """The user's rooms, most recently visited first, each with `unread`: how many messages
+    arrived since the user last had it open (a short walk of the room's index, capped)."""
     return db.execute(
-        "SELECT r.slug, r.name, m.last_visit_at FROM room_members m JOIN rooms r ON r.id = m.room_id "
+        "SELECT r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
+        "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread "
+        "FROM room_members m JOIN rooms r ON r.id = m.room_id "
         "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
-        (user_id,),
+        (UNREAD_SHOWN + 1, user_id),
     ).fetchall()
 
 
+def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
+    """The newest message the user had seen in the room; None if it is not one of theirs."""
+    row = db.execute("SELECT last_read_id FROM room_members WHERE room_id = ? AND user_id = ?",
+                     (room_id, user_id)).fetchone()
+    return row[0] if row else None
+
+
+def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    """The user has seen everything in the room so far (the page is open, or just closed)."""
+    db.execute("UPDATE room_members SET last_read_id = (SELECT coalesce(max(id), 0) FROM messages "
+               "WHERE room_id = ?) WHERE room_id = ? AND user_id = ?", (room_id, room_id, user_id))
+
+
+def mark_read_now(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    with transaction(db):
+        mark_read(db, room_id, user_id)
+
+
+def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    with transaction(db):
+        db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+
+
 # Messages:
+
+
+def next_revision(db: sqlite3.Connection, room_id: int) -> int:
+    return db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ? RETURNING revision", (room_id,)).fetchone()[0]
+
+
+def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
+    return db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
+                      (message_id,)).fetchone()
 
 
 def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str,
                 client_key: str | None = None) -> sqlite3.Row | None:
     """Store a message; None when this user already sent one with this key (a resend)."""
     with transaction(db):
+        # The id is past every deleted one too: SQLite would reuse a deleted newest id, and a
+        # page catching up would take the new message for the deleted one.
         cur = db.execute(
-            "INSERT INTO messages (room_id, user_id, text, created_at, client_key) VALUES (?, ?, ?, ?, ?) "
+            "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
+            "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), "
+            "                coalesce((SELECT max(message_id) FROM deletions), 0)), ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING",
-            (room_id, user_id, text, utc_now(), client_key),
+            (room_id, user_id, text, utc_now(), client_key, next_revision(db, room_id)),
         )
     if cur.rowcount == 0:
-        return None
+        return None  # (its revision number goes unused: a gap, which nothing minds)
     # Returned only after COMMIT: nobody is shown a message the database could still lose.
-    return db.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
-        (cur.lastrowid,),
-    ).fetchone()
+    return message_by_id(db, cur.lastrowid)
+
+
+class NotYours(Exception):
+    """Only a message's author may edit or delete it."""
+
+
+def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> sqlite3.Row | None:
+    """The message if it is in this room; NotYours if somebody else wrote it."""
+    row = db.execute("SELECT user_id FROM messages WHERE id = ? AND room_id = ?", (message_id, room_id)).fetchone()
+    if row is not None and row["user_id"] != user_id:
+        raise NotYours
+    return row
+
+
+def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, text: str) -> sqlite3.Row | None:
+    """The edited message (None: no such message here); NotYours for somebody else's."""
+    with transaction(db):
+        if own_message(db, message_id, room_id, user_id) is None:
+            return None
+        db.execute("UPDATE messages SET text = ?, edited_at = ?, revision = ? WHERE id = ?",
+                   (text, utc_now(), next_revision(db, room_id), message_id))
+    return message_by_id(db, message_id)
+
+
+def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> bool:
+    """Delete the row, text and all (secure_delete overwrites it on disk), leaving only its
+    id and the revision, for pages that catch up later; False if there was no such message."""
+    with transaction(db):
+        if own_message(db, message_id, room_id, user_id) is None:
+            return False
+        db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        db.execute("INSERT INTO deletions (message_id, room_id, revision) VALUES (?, ?, ?)",
+                   (message_id, room_id, next_revision(db, room_id)))
+    return True
 
 
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
@@ -467,12 +566,17 @@ def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit:
     return rows[:limit][::-1], len(rows) > limit
 
 
-def messages_after(db: sqlite3.Connection, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
-    return db.execute(
+def changes_since(db: sqlite3.Connection, room_id: int, revision: int, limit: int) -> tuple[list[sqlite3.Row], list[int]]:
+    """What changed in a room after `revision`: up to `limit` new or edited messages in id
+    order, and the ids of deleted ones."""
+    changed = db.execute(
         f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-        "WHERE m.room_id = ? AND m.id > ? ORDER BY m.id LIMIT ?",
-        (room_id, after, limit),
+        "WHERE m.room_id = ? AND m.revision > ? ORDER BY m.revision LIMIT ?",
+        (room_id, revision, limit),
     ).fetchall()
+    deleted = [row[0] for row in db.execute(
+        "SELECT message_id FROM deletions WHERE room_id = ? AND revision > ? LIMIT ?", (room_id, revision, limit))]
+    return sorted(changed, key=lambda m: m["id"]), deleted
 
 
 # ---------------------------------------------------------------------------
@@ -793,13 +897,13 @@ class RoomHub:
         for conn in self.everyone():
             await conn.close(code)
 
-    def end_sessions(self, user_id: int, session_id: str | None) -> None:
-        """Logged out: tell that session's pages (all the user's pages if no session is
-        named) in place, and close their sockets with a code htmx does not retry."""
+    def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
+        """The user logged out (of one session, or everywhere), or left a room: tell the
+        pages concerned in place, and close their sockets with a code htmx does not retry."""
         for conn in self.everyone():
-            if conn.user_id == user_id and session_id in (None, conn.session_id):
-                conn.push(str(fragments.session_ended(conn.room_slug)))
-                conn.drop(SESSION_ENDED, "logged out")
+            if conn.user_id == user_id and session_id in (None, conn.session_id) and room_slug in (None, conn.room_slug):
+                conn.push(str(fragments.page_ended(conn.room_slug, left_room=room_slug is not None)))
+                conn.drop(SESSION_ENDED, "logged out" if room_slug is None else "left the room")
 
     async def heartbeat(self, every: float) -> None:
         """Tell every page it is live, again and again: a page whose frames stop coming
@@ -872,8 +976,8 @@ class LocalFanout:
             self.shown[room_slug] = names
             self.hub.broadcast(room_slug, presence_frame(names))
 
-    async def end_sessions(self, user_id: int, session_id: str | None) -> None:
-        self.hub.end_sessions(user_id, session_id)
+    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
+        self.hub.end_pages(user_id, session_id, room_slug)
 
 
 class RedisFanout(LocalFanout):
@@ -946,7 +1050,7 @@ class RedisFanout(LocalFanout):
     def _deliver(self, channel: str, data: str) -> None:
         if channel == "backchat:logout":
             ended = json.loads(data)
-            return self.hub.end_sessions(ended["user_id"], ended["session_id"])
+            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_slug"])
         kind, room_slug = channel.split(":", 2)[1:]
         if room_slug not in self.hub.connections:
             return  # nobody here is in that room
@@ -964,12 +1068,13 @@ class RedisFanout(LocalFanout):
             return self.hub.online(room_slug)
         return sorted({entry.split("|", 2)[2] for entry in entries}, key=str.casefold)
 
-    async def end_sessions(self, user_id: int, session_id: str | None) -> None:
+    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
+        ended = {"user_id": user_id, "session_id": session_id, "room_slug": room_slug}
         try:
-            await self.redis.publish("backchat:logout", json.dumps({"user_id": user_id, "session_id": session_id}))
+            await self.redis.publish("backchat:logout", json.dumps(ended))
         except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
             self._unhealthy(problem)
-            self.hub.end_sessions(user_id, session_id)
+            self.hub.end_pages(user_id, session_id, room_slug)
 
     def _entry(self, user: tuple[int, str]) -> str:
         user_id, name = user
@@ -1058,7 +1163,24 @@ def clock(iso: str) -> str:
     return iso[11:16]
 
 
+URL_RE = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
+
+
+def linkify(text: str) -> Markup:
+    """Message text as HTML: escaped, with its http(s) URLs made links. It is built from
+    escaped pieces (Markup.format escapes the URL too), so no markup can ride along."""
+    parts, done = [], 0
+    for found in URL_RE.finditer(text):
+        url = found.group().rstrip(".,;:!?)]}")  # a sentence's full stop is not part of the link
+        parts += [escape(text[done:found.start()]),
+                  Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url)]
+        done = found.start() + len(url)
+    parts.append(escape(text[done:]))
+    return Markup("").join(parts)
+
+
 templates.env.filters["clock"] = clock
+templates.env.filters["linkify"] = linkify
 fragments = templates.env.get_template("_fragments.html").module
 
 
@@ -1160,7 +1282,9 @@ async def read_form(request: Request) -> dict[str, str]:
     form = await request.form(max_files=0, max_fields=20, max_part_size=MAX_FORM_BYTES)
     fields = {k: clean_text(v) for k, v in form.items() if isinstance(v, str)}
     expected = request.session.get("csrf", "")
-    if not expected or not hmac.compare_digest(fields.get("csrf_token", "").encode(), expected.encode()):
+    # htmx requests that carry no form of their own (Edit, Delete) send it as a header.
+    given = fields.get("csrf_token") or request.headers.get("x-csrf-token", "")
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
         raise HTTPException(403, "This form has expired or did not come from this site. Go back, reload and try again.")
     return fields
 
@@ -1251,7 +1375,7 @@ async def logout(request: Request) -> Response:
         everywhere = form.get("scope") == "everywhere"
         await chat.store.write(end_session, session_id, everywhere)
         # Open room pages of the ended session(s) stop at once, on every worker.
-        await chat.fanout.end_sessions(user["id"], None if everywhere else session_id)
+        await chat.fanout.end_pages(user["id"], None if everywhere else session_id)
     request.session.clear()
     return redirect("/auth/login/")
 
@@ -1345,10 +1469,14 @@ async def room_page(request: Request) -> Response:
 async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
                       draft: str = "") -> Response:
     chat = chat_of(request)
-    chat.store.write_soon(record_visit, room["id"], request.state.user["id"])
+    user_id = request.state.user["id"]
+    # Read before marking the room read: the "New" divider goes after what was seen before.
+    seen_up_to = await chat.store.read(last_read, room["id"], user_id)
+    chat.store.write_soon(record_visit, room["id"], user_id)
     messages, has_older = await chat.store.read(page_before, room["id"], None)
+    # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
-                  last_id=messages[-1]["id"] if messages else 0, online=await chat.fanout.online(room["slug"]),
+                  seen_up_to=seen_up_to, online=await chat.fanout.online(room["slug"]),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(), heartbeat=chat.settings.heartbeat)
 
@@ -1367,6 +1495,75 @@ async def send_message(request: Request) -> Response:
         return await render_room(request, room, problem.status_code, error=str(problem),
                                  draft=form.get("message", ""))
     return redirect(f"/room/{room['slug']}/#composer")
+
+
+async def own_message_or_error(request: Request, room: sqlite3.Row) -> sqlite3.Row:
+    """The message named in the URL, if the user wrote it: 404 if it is not in this room,
+    403 if somebody else wrote it. The author check is here, on the server, whatever the
+    page shows."""
+    message_id_ = message_id(request.path_params["message_id"])
+    store = chat_of(request).store
+    try:
+        found = message_id_ and await store.read(own_message, message_id_, room["id"], request.state.user["id"])
+    except NotYours:
+        raise HTTPException(403, "Only its author can change a message.") from None
+    if not found:
+        raise HTTPException(404, "That message is not here (any more).")
+    return await store.read(message_by_id, message_id_)
+
+
+@login_required
+async def message_editor(request: Request) -> Response:
+    """The Edit button's form, loaded into the page's editor popover."""
+    room = await room_or_404(request)
+    return HTMLResponse(str(fragments.editor_form(await own_message_or_error(request, room))))
+
+
+@login_required
+async def edit(request: Request) -> Response:
+    """Save an edit: the same rules as a new message; every open page gets the new text."""
+    room = await room_or_404(request)
+    message = await own_message_or_error(request, room)
+    form = await read_form(request)
+    chat = chat_of(request)
+    text = clean_text(form.get("message", "")).strip()
+    try:
+        if not text:
+            raise Refused("A message needs some text; to remove it, use Delete.")
+        await check_message(chat, room["id"], message["user_id"], text)
+        edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
+    except Refused as problem:
+        return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
+    except NotYours:  # (a race with nothing: authors do not change) kept for the rule's sake
+        raise HTTPException(403, "Only its author can change a message.") from None
+    if edited is None:
+        raise HTTPException(404, "That message is not here (any more).")
+    await chat.fanout.publish(room["slug"], str(fragments.messages_frame([edited])))
+    return HTMLResponse(str(fragments.editor_closed()))
+
+
+@login_required
+async def delete(request: Request) -> Response:
+    """Delete a message: gone from the database and from every open page."""
+    room = await room_or_404(request)
+    message = await own_message_or_error(request, room)
+    await read_form(request)  # the CSRF check
+    chat = chat_of(request)
+    if await chat.store.write(delete_message, message["id"], room["id"], message["user_id"]):
+        await chat.fanout.publish(room["slug"], str(fragments.deleted_frame([message["id"]])))
+    return HTMLResponse("")
+
+
+@login_required
+async def leave_room(request: Request) -> Response:
+    """Leave: the room goes from the user's list and the user from its presence (every tab
+    of theirs in it closes). The room and its history stay; the code lets them back in."""
+    room = await room_or_404(request)
+    await read_form(request)
+    chat = chat_of(request)
+    await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
+    await chat.fanout.end_pages(request.state.user["id"], room_slug=room["slug"])
+    return redirect("/")
 
 
 @login_required
@@ -1430,6 +1627,14 @@ def new_message_key() -> str:
     return secrets.token_urlsafe(16)
 
 
+async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
+    """The rules for any text going into a room, new or edited: its length and the rate."""
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise Refused(f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")
+    if not await chat.message_limit.allow((user_id, room_id)):
+        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+
+
 async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, text: str, key: str | None) -> bool:
     """Check one message, store it, then push it to the room: the one path every message
     takes, from the socket or from the plain form. False if there was nothing to send;
@@ -1437,12 +1642,9 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
     text = clean_text(text).strip()
     if not text:
         return False  # an empty message is simply not sent
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise Refused(f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")
     if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
         raise Refused("That message came with a broken `key`; reload the page.")
-    if not await chat.message_limit.allow((user_id, room_id)):
-        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+    await check_message(chat, room_id, user_id, text)
     try:
         message = await chat.store.write(add_message, room_id, user_id, text, key)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
@@ -1478,23 +1680,24 @@ def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
     return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
 
 
-def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, after: int) -> str | None:
-    """What a (re)connecting page is missing: every message after the newest it was
-    rendered with. The upsert swap skips ones it already shows, so overlap is harmless.
-    A page too far behind (CATCH_UP_LIMIT messages, CATCH_UP_BYTES of HTML) gets the
-    newest page whole instead, as much of it as fits. Runs on the reader thread, so
-    rendering a big catch-up never holds up the event loop."""
-    missed = messages_after(db, room_id, after, CATCH_UP_LIMIT + 1)
-    if not missed:
+def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revision: int) -> str | None:
+    """What a (re)connecting page is missing: every message sent or edited, and every one
+    deleted, since the room's revision the page was rendered at. The upsert swap replaces
+    what the page already shows, so overlap is harmless. A page too far behind
+    (CATCH_UP_LIMIT changes, CATCH_UP_BYTES of HTML) gets the newest page whole instead, as
+    much of it as fits. Runs on the reader thread, so a big catch-up never holds up the
+    event loop."""
+    changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
+    if not changed and not deleted:
         return None
-    if len(missed) <= CATCH_UP_LIMIT:
-        frame = str(fragments.messages_frame(missed))
+    if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT:
+        frame = (str(fragments.messages_frame(changed)) if changed else "") + str(fragments.deleted_frame(deleted))
         if len(frame) <= CATCH_UP_BYTES:
             return frame
     messages, has_older = page_before(db, room_id, None)
     while True:
         frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True))
-        if len(frame) <= CATCH_UP_BYTES or len(messages) == 1:
+        if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
         messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
 
@@ -1520,7 +1723,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         # only to tell it so, in place, and close with a code htmx does not retry.
         log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
         await websocket.accept()
-        await websocket.send_text(str(fragments.session_ended(slug)))
+        await websocket.send_text(str(fragments.page_ended(slug)))
         await websocket.close(SESSION_ENDED, "logged out")
         return None
     address = client_address(websocket)
@@ -1577,6 +1780,7 @@ async def chat_socket(websocket: WebSocket) -> None:
         conn.handler = None  # done reading: nothing to cancel any more
         conn.stop_flushing()
         hub.release(conn.user_id, client_address(websocket))
+        chat.store.write_soon(mark_read_now, conn.room_id, conn.user_id)  # it saw what came live
         if hub.leave(conn):
             await fanout.went_offline(conn)
 
@@ -1694,6 +1898,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/room/{slug}/", room_page, name="room"),
         Route("/room/{slug}/messages", older_messages),
         Route("/room/{slug}/messages", send_message, methods=["POST"]),
+        Route("/room/{slug}/messages/{message_id}/edit", message_editor),
+        Route("/room/{slug}/messages/{message_id}/edit", edit, methods=["POST"]),
+        Route("/room/{slug}/messages/{message_id}/delete", delete, methods=["POST"]),
+        Route("/room/{slug}/leave", leave_room, methods=["POST"]),
         WebSocketRoute("/chat/{slug}/", chat_socket),
         Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static"),
         Route("/healthz", healthz),

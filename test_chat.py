@@ -769,7 +769,7 @@ def test_invite_link_survives_registration(client):
 def test_room_page_swaps_nothing_but_out_of_band_and_has_a_status(alice):
     slug = create_room(alice, "swaps")
     page = alice.get(f"/room/{slug}/").text
-    assert re.search(r'<div class="room[^"]*" hx-swap="none"\s+hx-ws:connect=', page)
+    assert re.search(r'<div class="room[^"]*" hx-swap="none"[^>]*hx-ws:connect=', page)
     assert 'id="connection"' in page and "Connecting…" in page
     assert "--stale-after: 25.0s" in page  # 2.5 heartbeats without a frame: "Offline"
 
@@ -792,10 +792,16 @@ def test_a_database_from_the_previous_release_is_migrated(tmp_path):
         db.execute("INSERT INTO users VALUES (1, 'ada', 'ada', 'x', '2026-01-01T00:00:00Z')")
         db.execute("INSERT INTO rooms VALUES (1, 'old-room-abcdef', 'Old room', 1, '2026-01-01T00:00:00Z')")
         db.execute("INSERT INTO messages VALUES (1, 1, 1, 'kept across the upgrade', '2026-01-01T00:00:00Z')")
+        db.execute("INSERT INTO room_members VALUES (1, 1, '2026-01-01T00:00:00Z', '2026-01-01T00:00:00Z')")
+        db.execute("INSERT INTO sessions VALUES ('old-session', 1, '2026-01-01T00:00:00Z')")
     settings = app_settings(db_path=db_path)
     with TestClient(chat.create_app(settings)):
         pass
-    assert db_rows(settings, "SELECT id, text, client_key FROM messages") == [(1, "kept across the upgrade", None)]
+    assert db_rows(settings, "SELECT id, text, client_key, revision FROM messages") == [
+        (1, "kept across the upgrade", None, 1)]
+    assert db_rows(settings, "SELECT revision FROM rooms") == [(1,)]  # catch-up cursors go on from ids
+    assert db_rows(settings, "SELECT last_read_id FROM room_members") == [(1,)]  # old rooms: no badge
+    assert db_rows(settings, "SELECT username_skeleton FROM users") == [(chat.name_skeleton("ada"),)]
     assert db_rows(settings, "PRAGMA user_version") == [(len(chat.MIGRATIONS),)]
     assert db_rows(settings, "SELECT name FROM sqlite_master WHERE name = 'messages_by_key'") == [("messages_by_key",)]
     with TestClient(chat.create_app(settings)):  # and starting again changes nothing
@@ -820,3 +826,182 @@ CREATE TABLE messages (id INTEGER PRIMARY KEY, room_id INTEGER NOT NULL REFERENC
     created_at TEXT NOT NULL);
 CREATE INDEX messages_by_room ON messages(room_id, id);
 """
+
+
+# --- edit, delete, unread, links, leave (issue 10) ---------------------------------------------
+
+
+def message_ids(frame: str) -> list[int]:
+    return [int(i) for i in re.findall(r'id="msg-(\d+)"', frame)]
+
+
+def htmx_post(client: TestClient, url: str, page: str, **fields: str):
+    """What an htmx button does: POST with the page's CSRF token in X-CSRF-Token."""
+    return client.post(url, data=fields, headers={"x-csrf-token": csrf(client.get(page).text), "hx-request": "true"})
+
+
+def test_authors_edit_and_delete_their_messages_and_every_page_sees_it(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "edits")
+    room = f"/room/{slug}/"
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
+        send(alice_ws, "first draft")
+        (mid,) = message_ids(receive_until(alice_ws, "first draft"))
+        with as_user(client, bob):
+            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+        try:
+            receive_until(bob_ws, 'id="connection"')
+            editor = client.get(f"{room}messages/{mid}/edit")
+            assert editor.status_code == 200 and 'value="first draft"' in editor.text
+            saved = htmx_post(client, f"{room}messages/{mid}/edit", room, message="  second draft <b>  ")
+            assert saved.status_code == 200 and 'id="editor"' in saved.text  # the editor closes
+            for ws in (alice_ws, bob_ws):
+                frame = receive_until(ws, "second draft")
+                assert message_ids(frame) == [mid] and "(edited)" in frame and "&lt;b&gt;" in frame
+            assert htmx_post(client, f"{room}messages/{mid}/delete", room).status_code == 200
+            for ws in (alice_ws, bob_ws):
+                assert f'<div id="msg-{mid}" hx-swap-oob="delete"></div>' in receive_until(ws, "hx-swap-oob=\"delete\"")
+        finally:
+            bob_ws.__exit__(None, None, None)
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
+    with sqlite3.connect(settings.db_path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    stored = b"".join(p.read_bytes() for p in settings.db_path.parent.glob("chat.db*") if p.is_file())
+    assert b"second draft" not in stored and b"first draft" not in stored  # overwritten, not just unlinked
+
+
+def test_only_the_author_may_edit_or_delete(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "mine")
+    room = f"/room/{slug}/"
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "alice's words")
+        (mid,) = message_ids(receive_until(ws, "alice"))
+    with as_user(client, bob):
+        client.get(room)  # bob joins the room
+        assert client.get(f"{room}messages/{mid}/edit").status_code == 403
+        assert htmx_post(client, f"{room}messages/{mid}/edit", room, message="bob's now").status_code == 403
+        assert htmx_post(client, f"{room}messages/{mid}/delete", room).status_code == 403
+    assert client.post(f"{room}messages/{mid}/delete").status_code == 403  # no CSRF token: refused too
+    other_room = create_room(client, "elsewhere")
+    assert htmx_post(client, f"/room/{other_room}/messages/{mid}/delete", room).status_code == 404
+    assert htmx_post(client, f"{room}messages/{2**64}/delete", room).status_code == 404
+    assert db_rows(settings, "SELECT text FROM messages") == [("alice's words",)]
+
+
+def test_edits_obey_the_rules_for_new_messages(tmp_path):
+    settings = app_settings(db_path=tmp_path / "c.db", message_rate=3)
+    with TestClient(chat.create_app(settings)) as client:
+        register(client, "alice")
+        slug = create_room(client, "rules")
+        room = f"/room/{slug}/"
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            send(ws, "original")
+            (mid,) = message_ids(receive_until(ws, "original"))
+        too_long = htmx_post(client, f"{room}messages/{mid}/edit", room, message="x" * 4001)
+        assert too_long.status_code == 400 and "at most 4,000" in too_long.text
+        assert htmx_post(client, f"{room}messages/{mid}/edit", room, message="  \x00 ").status_code == 400
+        statuses = [htmx_post(client, f"{room}messages/{mid}/edit", room, message=f"v{n}").status_code for n in range(3)]
+        assert statuses == [200, 200, 429]  # one message sent plus two edits: the rate is 3 per 10 s
+    assert db_rows(settings, "SELECT text FROM messages") == [("v1",)]
+
+
+def test_a_page_that_was_away_catches_up_on_edits_and_deletes(two_users):
+    client, bob = two_users
+    slug = create_room(client, "away")
+    room = f"/room/{slug}/"
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        for text in ("keep", "edit me", "delete me"):
+            send(ws, text)
+            receive_until(ws, text)
+    with as_user(client, bob):
+        page = client.get(room).text  # bob's page, rendered now; then bob goes offline
+        cursor = int(re.search(r"\?after=(\d+)", page).group(1))
+        kept, edited, deleted = message_ids(page)
+    htmx_post(client, f"{room}messages/{edited}/edit", room, message="edited while bob was away")
+    htmx_post(client, f"{room}messages/{deleted}/delete", room)
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "new while away")
+        receive_until(ws, "new while away")
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?after={cursor}", headers=ORIGIN) as bob_ws:
+        frame = receive_until(bob_ws, "edited while bob was away")
+    assert kept not in message_ids(frame.split("hx-swap-oob=\"delete\"")[0])  # unchanged: not sent again
+    assert re.findall(r'<article class="msg" id="msg-(\d+)"', frame) == [str(edited), str(edited + 2)]  # id order
+    assert f'<div id="msg-{deleted}" hx-swap-oob="delete">' in frame
+
+
+def test_unread_badges_and_the_new_divider(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "unread")
+    room = f"/room/{slug}/"
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "seen by alice")
+        receive_until(ws, "seen by alice")
+    assert 'class="badge"' not in client.get("/").text
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as bob_ws:
+        for n in range(3):
+            send(bob_ws, f"unseen {n}")
+            receive_until(bob_ws, f"unseen {n}")
+    home = client.get("/").text
+    assert re.search(r'class="badge"[^>]*>3<span class="visually-hidden"> new</span>', home)
+    page = client.get(room).text
+    assert page.count("new-divider") == 1
+    assert page.index("new-divider") < page.index("unseen 0") and page.index("seen by alice") < page.index("new-divider")
+    assert client.get("/healthz").status_code == 200  # (the visit's background write)
+    assert "new-divider" not in client.get(room).text  # once
+    assert 'class="badge"' not in client.get("/").text
+
+
+def test_counting_unread_walks_the_index_and_stops_at_99(alice, settings):
+    slug = create_room(alice, "busy")
+    with sqlite3.connect(settings.db_path) as db:
+        (room_id,) = db.execute("SELECT id FROM rooms").fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, 1, 'm', '', 0)",
+                       [(room_id,)] * 1000)
+        db.execute("UPDATE room_members SET last_read_id = 0")
+        db.row_factory = sqlite3.Row
+        statements = []
+        db.set_trace_callback(statements.append)
+        (row,) = chat.rooms_of(db, 1)  # the home page's own query, as it runs
+        db.set_trace_callback(None)
+        plan = " ".join(r[-1] for r in db.execute("EXPLAIN QUERY PLAN " + statements[-1]))
+    assert row["unread"] == chat.UNREAD_SHOWN + 1  # counting stopped at 100, not 1,000
+    assert "SEARCH x USING COVERING INDEX messages_by_room (room_id=? AND id>?)" in plan, plan
+    assert "SCAN x" not in plan and "SCAN messages" not in plan
+    assert ">99+<" in alice.get("/").text
+
+
+def test_links_are_made_from_escaped_text(alice):
+    slug = create_room(alice, "links")
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, 'see https://example.org/a?b=1&c=2. and http://x.test/"><script>alert(1)</script> javascript:alert(1)')
+        frame = receive_until(ws, "example.org")
+    assert ('<a href="https://example.org/a?b=1&amp;c=2" rel="noopener noreferrer nofollow" target="_blank">'
+            'https://example.org/a?b=1&amp;c=2</a>.') in frame
+    assert '<a href="http://x.test/" rel="noopener noreferrer nofollow" target="_blank">http://x.test/</a>' in frame
+    assert "<script>" not in frame and "&lt;script&gt;" in frame and 'href="javascript' not in frame
+
+
+def test_leaving_a_room_takes_it_off_the_list_and_out_of_presence(two_users):
+    client, bob = two_users
+    slug = create_room(client, "goodbye")
+    with as_user(client, bob):
+        client.get(f"/room/{slug}/")
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
+        with as_user(client, bob):
+            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+        try:
+            receive_until(alice_ws, "<bdi>bob</bdi>")
+            with as_user(client, bob):
+                assert post_form(client, f"/room/{slug}/", f"/room/{slug}/leave").status_code == 303
+                assert slug not in client.get("/").text
+            code, frames = closed_with(bob_ws)
+            assert code == 1008 and "You left this room" in frames
+            assert "bob" not in receive_until(alice_ws, 'id="presence"')
+        finally:
+            bob_ws.__exit__(None, None, None)
+    with as_user(client, bob):
+        assert post_form(client, "/", "/join/", room_slug=slug).status_code == 303  # back by its code
+        client.get(f"/room/{slug}/")
+        assert slug in client.get("/").text
+    assert slug in client.get("/").text  # the room stays for the others
