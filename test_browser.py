@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import chat
 from conftest import ARTIFACTS, LiveServer
 
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -171,10 +172,12 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     grace.sees_message("before the restart")
 
     chat_server.stop()  # SIGTERM: sockets close with 1012, and htmx starts retrying
-    with sqlite3.connect(chat_server.db_path) as db:  # what others said while these pages were away
-        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
-        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
-                       [(room_id, user_id, f"while away {n}", "2026-01-01T00:00:00Z") for n in range(3)])
+    db = sqlite3.connect(chat_server.db_path, isolation_level=None)  # what others said meanwhile,
+    db.row_factory = sqlite3.Row  # stored the way the app stores it (another worker, say)
+    room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+    for n in range(3):
+        chat.add_message(db, room_id, user_id, f"while away {n}")
+    db.close()
     chat_server.start()
 
     for person in people:  # back within about 10 s of the server's return, without a reload
@@ -445,3 +448,96 @@ def test_a_slow_phone_in_dark_mode_with_a_cold_cache_goes_live(browser, pair, be
         assert phone.errors == []
     finally:
         phone.context.close()
+
+
+# --- edit, delete, unread, leave in the browser (issue 10) --------------------------------------
+
+
+def controls(person: Person, text: str):
+    message = person.page.locator(".msg", has_text=text)
+    return message.get_by_role("button", name="Edit"), message.get_by_role("button", name="Delete")
+
+
+def test_edits_and_deletes_reach_every_page_even_one_that_was_offline(pair):
+    ada, grace = pair
+    for person in pair:
+        person.register()
+    ada.create_room("second thoughts")
+    grace.page.goto(ada.page.url)
+    is_live(grace)
+    for text in ("hello wrold", "to be deleted", "stays as it is"):
+        ada.say(text)
+        grace.sees_message(text)
+    edit, delete = controls(grace, "hello wrold")
+    expect(edit).to_be_hidden()  # not grace's message: no controls for her
+    expect(delete).to_be_hidden()
+
+    grace.context.set_offline(True)  # grace's page is away during the edit and the delete
+    edit, delete = controls(ada, "hello wrold")
+    edit.focus()
+    ada.page.keyboard.press("Enter")  # keyboard reachable
+    editor = ada.page.locator("#editor #edit-text")
+    expect(editor).to_have_value("hello wrold")
+    editor.fill("hello world")
+    editor.press("Enter")  # Enter saves
+    expect(ada.page.locator(".msg", has_text="hello world")).to_contain_text("(edited)")
+    expect(ada.page.locator("#editor")).to_be_hidden()
+
+    controls(ada, "stays as it is")[0].click()  # Escape restores
+    ada.page.locator("#editor #edit-text").fill("not this")
+    ada.page.keyboard.press("Escape")
+    expect(ada.page.locator("#editor")).to_be_hidden()
+    controls(ada, "stays as it is")[0].click()  # and so does Cancel
+    ada.page.locator("#editor #edit-text").fill("nor this")
+    ada.page.get_by_role("button", name="Cancel").click()
+    expect(ada.page.locator("#editor")).to_be_hidden()
+
+    ada.page.once("dialog", lambda dialog: dialog.accept())
+    controls(ada, "to be deleted")[1].click()
+    expect(ada.page.locator(".msg", has_text="to be deleted")).to_have_count(0)
+    ada.screenshot("edited")
+
+    grace.context.set_offline(False)  # back: the page catches up, no reload
+    expect(grace.page.locator(".msg", has_text="hello world")).to_contain_text("(edited)", timeout=15_000)
+    expect(grace.page.locator(".msg", has_text="to be deleted")).to_have_count(0)
+    for person in pair:
+        assert person.page.locator("#messages .msg p").all_inner_texts() == ["hello world", "stays as it is"]
+    grace.screenshot("caught-up-on-edits")
+    assert ada.errors == [] and grace.errors == []
+
+
+def test_unread_badge_the_new_divider_links_and_leaving(pair):
+    ada, grace = pair
+    for person in pair:
+        person.register()
+    ada.create_room("catching up")
+    room = ada.page.url
+    grace.page.goto(room)
+    ada.say("before grace left")
+    grace.sees_message("before grace left")
+    grace.page.goto("/")
+    ada.page.locator("#presence li", has_text="grace").wait_for(state="detached")
+    ada.say("while grace was away, see https://example.org/docs")
+    ada.say("and one more")
+    grace.page.reload()
+    expect(grace.page.locator(".rooms li", has_text="catching up").locator(".badge")).to_have_text("2 new")
+    grace.screenshot("unread-badge")
+    grace.page.click("text=catching up")
+    divider = grace.page.locator(".new-divider")
+    expect(divider).to_have_count(1)
+    texts = grace.page.locator("#messages > *").all_inner_texts()
+    assert texts.index("New") == 1 and "before grace left" in texts[0]  # just before the first unseen
+    link = grace.page.locator(".msg a", has_text="https://example.org/docs")
+    assert link.get_attribute("rel") == "noopener noreferrer nofollow" and link.get_attribute("target") == "_blank"
+    grace.screenshot("new-divider")
+    grace.page.reload()
+    expect(grace.page.locator(".new-divider")).to_have_count(0)  # once
+
+    grace.page.get_by_role("button", name="Leave room").click()
+    grace.page.wait_for_url(re.compile(r"/$"))
+    expect(grace.page.locator(".rooms")).to_have_count(0)
+    ada.page.locator("#presence li", has_text="grace").wait_for(state="detached")
+    grace.page.fill("#room_slug", room)  # back in by its link
+    grace.page.click("button:has-text('Join room')")
+    is_live(grace)
+    assert ada.errors == [] and grace.errors == []
