@@ -23,6 +23,7 @@ import re
 import resource
 import secrets
 import socket
+import sys
 import sqlite3
 import threading
 import time
@@ -101,6 +102,7 @@ class Settings:
     # this machine's names when main() listens on every interface. "*" serves any.
     allowed_hosts: frozenset[str] = frozenset({"localhost"})
     trusted_proxies: str = ""  # addresses whose X-Forwarded-For is believed (python chat.py)
+    guests: bool = False  # "Join as a guest": a name, no password, for classes and demos
     https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
     redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
     heartbeat: float = 10.0  # seconds between "still live" frames to every page (and pings)
@@ -123,6 +125,7 @@ class Settings:
             max_connections=_env_int(env, "CHAT_MAX_CONNECTIONS", 2000),
             allowed_hosts=_host_set(env.get("CHAT_ALLOWED_HOSTS", "")) or cls.allowed_hosts,
             trusted_proxies=env.get("CHAT_TRUSTED_PROXIES", "").strip(),
+            guests=env.get("CHAT_GUESTS", "").lower() in ("1", "true", "yes"),
             https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
             redis_url=env.get("CHAT_REDIS_URL", ""),
             heartbeat=float(env.get("CHAT_HEARTBEAT", "").strip() or 10),
@@ -160,7 +163,8 @@ CREATE TABLE IF NOT EXISTS users (
     username_key  TEXT NOT NULL UNIQUE,  -- casefolded: names are unique ignoring case
     password_hash TEXT NOT NULL,
     created_at    TEXT NOT NULL,
-    username_skeleton TEXT NOT NULL DEFAULT ''  -- what the name looks like (name_skeleton)
+    username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
+    is_guest      INTEGER NOT NULL DEFAULT 0  -- a guest: no password, a session of GUEST_IDLE_HOURS
 );
 CREATE INDEX IF NOT EXISTS users_by_skeleton ON users(username_skeleton);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -227,6 +231,7 @@ MIGRATIONS = [
      "UPDATE rooms SET revision = (SELECT coalesce(max(id), 0) FROM messages WHERE room_id = rooms.id)",
      "UPDATE room_members SET last_read_id = "
      "(SELECT coalesce(max(id), 0) FROM messages WHERE room_id = room_members.room_id)"],
+    ["ALTER TABLE users ADD COLUMN is_guest INTEGER NOT NULL DEFAULT 0"],
 ]
 
 
@@ -244,7 +249,7 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
 
-MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, m.text, m.created_at, m.edited_at"
+MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at"
 
 
 @contextlib.contextmanager
@@ -343,16 +348,16 @@ class Store:
 # Users and sessions:
 
 
-def create_user(db: sqlite3.Connection, username: str, password_hash: str) -> sqlite3.Row | None:
-    """The new user; None if the name is taken, or looks like one that is."""
+def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
+    """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
     skeleton = name_skeleton(username)
     with transaction(db):
         if db.execute("SELECT 1 FROM users WHERE username_key = ? OR username_skeleton = ?",
                       (username.casefold(), skeleton)).fetchone():
             return None
         cur = db.execute(
-            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton) "
-            "VALUES (?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton))
+            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton, is_guest) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton, guest))
     return user_by_id(db, cur.lastrowid)
 
 
@@ -387,11 +392,11 @@ def create_session(db: sqlite3.Connection, user_id: int) -> str:
 
 def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
     """The session's user, with `session_seen`; None once the session has ended: logged
-    out, idle for SESSION_IDLE_DAYS, or older than SESSION_MAX_DAYS."""
+    out, idle for SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), or older than SESSION_MAX_DAYS."""
     return db.execute(
         "SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.id = ? AND s.last_seen_at >= ? AND s.created_at >= ?",
-        (session_id, utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)),
+        "WHERE s.id = ? AND s.last_seen_at >= CASE WHEN u.is_guest THEN ? ELSE ? END AND s.created_at >= ?",
+        (session_id, utc_ago(hours=GUEST_IDLE_HOURS), utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)),
     ).fetchone()
 
 
@@ -594,6 +599,7 @@ PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelis
 HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
 SESSION_IDLE_DAYS = 14  # a session unused this long has ended
 SESSION_MAX_DAYS = 30  # and none lives longer than this (the cookie's own lifetime)
+GUEST_IDLE_HOURS = 12  # a guest's session (the only way in to a guest account) ends sooner
 
 
 def hash_password(password: str) -> str:
@@ -719,9 +725,12 @@ def safe_next(target: str | None) -> str:
 # ---------------------------------------------------------------------------
 # The room hub
 # Who is connected to which room, who is online, and fan-out: one rendered frame to
-# every connection in a room, in this process or (CHAT_REDIS_URL) through Redis.
+# every connection in a room (across workers: RedisFanout, near the end of the file).
 # ---------------------------------------------------------------------------
 
+
+# Who a frame went to, as the wire view (?wire=1) labels it.
+TO_EVERYONE, ONLY_YOU, SENT = "to everyone in the room", "only to you", "sent by this page"
 
 # Close code for a socket whose session ended: "policy violation", which htmx does not
 # retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
@@ -732,21 +741,21 @@ class Connection:
     """One open WebSocket: frames go out at once while its socket keeps up, and into a
     bounded backlog while it does not."""
 
-    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "room_id", "room_slug", "wire",
+    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_slug", "wire",
                  "backlog", "backlog_bytes", "flusher", "handler", "dropped")
 
     @property
-    def user(self) -> tuple[int, str]:
-        return self.user_id, self.username
+    def user(self) -> tuple[int, str, bool]:
+        return self.user_id, self.username, self.is_guest
 
-    def __init__(self, websocket: WebSocket, session_id: str, user_id: int, username: str, room_id: int,
+    def __init__(self, websocket: WebSocket, session_id: str, user: sqlite3.Row, room_id: int,
                  room_slug: str, wire: bool) -> None:
         self.websocket = websocket
         self.session_id = session_id
         # Frames go straight to the server's ASGI send, past the middleware: sessions and
         # error pages are about HTTP, and each layer would cost time on every frame.
         self.send: Send = websocket.scope["backchat.raw_send"]
-        self.user_id, self.username = user_id, username
+        self.user_id, self.username, self.is_guest = user["id"], user["username"], bool(user["is_guest"])
         self.room_id, self.room_slug = room_id, room_slug
         self.wire = wire
         self.backlog: list[str] = []
@@ -755,10 +764,14 @@ class Connection:
         self.handler = asyncio.current_task()  # the task reading this socket
         self.dropped = False
 
-    def push(self, frame: str) -> None:
-        """Send a frame without ever waiting: at once if the socket can take it, else later."""
+    def push(self, frame: str, audience: str | None = ONLY_YOU) -> None:
+        """Send a frame without ever waiting: at once if the socket can take it, else later.
+        In teaching mode it carries its own source, labelled with its `audience` (None: not
+        shown, as for heartbeats)."""
         if self.dropped:
             return
+        if self.wire and audience:
+            frame = with_wire_echo(frame, audience)
         if self.flusher is None:
             self._send_now(frame)
         elif self.backlog_bytes + len(frame) <= SEND_QUEUE_BYTES:
@@ -770,7 +783,7 @@ class Connection:
             self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
 
     def _message(self, frame: str) -> Message:
-        return {"type": "websocket.send", "text": with_wire_echo(frame) if self.wire else frame}
+        return {"type": "websocket.send", "text": frame}
 
     def _send_now(self, frame: str) -> None:
         # Run the server's send coroutine by hand up to its first wait. Nearly always it
@@ -844,7 +857,7 @@ class RoomHub:
 
     def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
         self.connections: dict[str, set[Connection]] = {}
-        self.tabs: dict[str, dict[tuple[int, str], int]] = {}  # room -> (user id, name) -> open tabs
+        self.tabs: dict[str, dict[tuple[int, str, bool], int]] = {}  # room -> (id, name, guest) -> open tabs
         self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
         self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
 
@@ -886,8 +899,10 @@ class RoomHub:
             del self.connections[conn.room_slug], self.tabs[conn.room_slug]
         return went_offline
 
-    def online(self, room_slug: str) -> list[str]:
-        return sorted((name for _, name in self.tabs.get(room_slug, {})), key=str.casefold)
+    def online(self, room_slug: str) -> list[tuple[str, bool]]:
+        """Who has the room open: (name, is a guest), by name."""
+        return sorted({(name, guest) for _, name, guest in self.tabs.get(room_slug, {})},
+                      key=lambda person: person[0].casefold())
 
     def everyone(self) -> list[Connection]:
         return [conn for room in self.connections.values() for conn in room]
@@ -911,16 +926,16 @@ class RoomHub:
         while True:
             await asyncio.sleep(every)
             for conn in self.everyone():
-                conn.push(LIVE_FRAME)
+                conn.push(LIVE_FRAME, audience=None)
 
     def broadcast(self, room_slug: str, frame: str) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included."""
         for conn in tuple(self.connections.get(room_slug, ())):
-            conn.push(frame)
+            conn.push(frame, TO_EVERYONE)
 
 
-def presence_frame(names: list[str]) -> str:
-    return str(fragments.presence(names, oob=True))
+def presence_frame(people: list[tuple[str, bool]]) -> str:
+    return str(fragments.presence(people, oob=True))
 
 
 class LocalFanout:
@@ -943,7 +958,7 @@ class LocalFanout:
     async def publish(self, room_slug: str, frame: str) -> None:
         self.hub.broadcast(room_slug, frame)
 
-    async def online(self, room_slug: str) -> list[str]:
+    async def online(self, room_slug: str) -> list[tuple[str, bool]]:
         return self.hub.online(room_slug)
 
     async def came_online(self, conn: Connection) -> None:
@@ -978,175 +993,6 @@ class LocalFanout:
 
     async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
         self.hub.end_pages(user_id, session_id, room_slug)
-
-
-class RedisFanout(LocalFanout):
-    """Fan-out across processes through Redis pub/sub: each worker publishes a room's
-    frames to a channel and every worker (itself included) hands what it receives to its
-    own connections. Presence is a sorted set per room whose entries expire unless their
-    worker keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
-
-    PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
-    HEARTBEAT = 5.0  # seconds between renewals
-
-    def __init__(self, hub: RoomHub, url: str) -> None:
-        super().__init__(hub)
-        import redis.asyncio  # optional: only needed when CHAT_REDIS_URL is set
-
-        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=2,
-                                                  socket_connect_timeout=2)
-        # The subscriber sits idle between messages, so it gets no read timeout.
-        self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
-                                                       health_check_interval=10)
-        self.worker = secrets.token_hex(4)
-        self.tasks: list[asyncio.Task] = []
-        self.healthy = True
-
-    async def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
-
-    async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        with contextlib.suppress(Exception):
-            await self.redis.aclose()
-            await self.subscriber.aclose()
-
-    def _unhealthy(self, problem: Exception) -> None:
-        if self.healthy:
-            log.error("Redis unreachable (%s): serving this worker's connections only until it is back", problem)
-        self.healthy = False
-
-    async def publish(self, room_slug: str, frame: str) -> None:
-        try:
-            await self.redis.publish(f"backchat:room:{room_slug}", frame)
-        except Exception as problem:  # the message is stored; local pages get it now, others on reconnect
-            self._unhealthy(problem)
-            self.hub.broadcast(room_slug, frame)
-
-    async def _listen(self) -> None:
-        """Receive every worker's frames and presence notices; after an outage, close local
-        sockets with 1012 so their pages reconnect and catch up on what they missed."""
-        delay = 0.5
-        while True:
-            try:
-                async with self.subscriber.pubsub() as pubsub:
-                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout")
-                    if not self.healthy:
-                        log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
-                        self.healthy = True
-                        await self.hub.close_all(1012)
-                    delay = 0.5
-                    async for message in pubsub.listen():
-                        if message["type"] == "pmessage":
-                            self._deliver(message["channel"], message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as problem:
-                self._unhealthy(problem)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    def _deliver(self, channel: str, data: str) -> None:
-        if channel == "backchat:logout":
-            ended = json.loads(data)
-            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_slug"])
-        kind, room_slug = channel.split(":", 2)[1:]
-        if room_slug not in self.hub.connections:
-            return  # nobody here is in that room
-        if kind == "room":
-            self.hub.broadcast(room_slug, data)
-        else:
-            self.soon(self.show_presence, room_slug)
-
-    async def online(self, room_slug: str) -> list[str]:
-        try:
-            now = time.time()
-            entries = await self.redis.zrangebyscore(f"backchat:online:{room_slug}", now, "+inf")
-        except Exception as problem:
-            self._unhealthy(problem)
-            return self.hub.online(room_slug)
-        return sorted({entry.split("|", 2)[2] for entry in entries}, key=str.casefold)
-
-    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
-        ended = {"user_id": user_id, "session_id": session_id, "room_slug": room_slug}
-        try:
-            await self.redis.publish("backchat:logout", json.dumps(ended))
-        except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
-            self._unhealthy(problem)
-            self.hub.end_pages(user_id, session_id, room_slug)
-
-    def _entry(self, user: tuple[int, str]) -> str:
-        user_id, name = user
-        return f"{self.worker}|{user_id}|{name}"
-
-    async def announce(self, room_slug: str) -> None:
-        """Tell every worker (itself too) that the room's presence changed."""
-        try:
-            await self.redis.publish(f"backchat:presence:{room_slug}", "")
-        except Exception as problem:
-            self._unhealthy(problem)
-            await self.show_presence(room_slug)
-
-    async def came_online(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):
-            await self.redis.zadd(f"backchat:online:{conn.room_slug}",
-                                  {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
-        self.soon(self.announce, conn.room_slug)
-
-    async def went_offline(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):
-            await self.redis.zrem(f"backchat:online:{conn.room_slug}", self._entry(conn.user))
-        self.soon(self.announce, conn.room_slug)
-
-    async def _heartbeat(self) -> None:
-        """Renew this worker's presence entries, drop expired ones (a crashed worker's),
-        and show pages any change that caused."""
-        while True:
-            await asyncio.sleep(self.HEARTBEAT)
-            expires = time.time() + self.PRESENCE_TTL
-            for room_slug, tabs in list(self.hub.tabs.items()):
-                key = f"backchat:online:{room_slug}"
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(key, {self._entry(user): expires for user in tabs})
-                        pipe.zremrangebyscore(key, "-inf", time.time())
-                        pipe.expire(key, int(self.PRESENCE_TTL) * 2)
-                        await pipe.execute()
-                except Exception as problem:
-                    self._unhealthy(problem)
-                await self.show_presence(room_slug)
-
-
-class RedisRateLimiter(RateLimiter):
-    """The same limits, counted in Redis so that every worker sees every event: a fixed
-    window counter per key, counted with one INCR (atomic, so a burst across workers is
-    counted one by one). If Redis is unreachable, this worker counts on its own."""
-
-    def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
-        super().__init__(limit, window)
-        self.fanout = fanout
-
-    def _key(self, key: Any) -> str:
-        window = int(time.time() // self.window)
-        return f"backchat:limit:{int(self.window)}:{key!s}:{window}"
-
-    async def allow(self, key: Any) -> bool:
-        if not self.limit:
-            return True
-        counter = self._key(key)  # once: both commands must name the same window
-        try:
-            async with self.fanout.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(counter)
-                pipe.expire(counter, int(self.window) + 1)
-                count, _ = await pipe.execute()
-        except Exception:
-            return await super().allow(key)
-        return count <= self.limit
-
-    async def forgive(self, key: Any) -> None:
-        with contextlib.suppress(Exception):
-            await self.fanout.redis.decr(self._key(key))
 
 
 # ---------------------------------------------------------------------------
@@ -1184,17 +1030,17 @@ templates.env.filters["linkify"] = linkify
 fragments = templates.env.get_template("_fragments.html").module
 
 
-_last_echo: tuple[str, str] = ("", "")
+_last_echo: tuple[str, str, str] = ("", "", "")
 
 
-def with_wire_echo(frame: str) -> str:
-    """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it), for pages
-    in teaching mode (?wire=1). A broadcast hands one string to every socket in turn, so
-    remembering the last one renders each frame's echo once, and holds one echo at most."""
+def with_wire_echo(frame: str, audience: str) -> str:
+    """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it) and who got
+    it, for pages in teaching mode (?wire=1). A broadcast hands one string to every socket
+    in turn, so remembering the last one renders each echo once and holds one at most."""
     global _last_echo
-    if _last_echo[0] is not frame:
-        _last_echo = (frame, frame + str(fragments.wire_entry(frame, WIRE_ECHO_CHARS)))
-    return _last_echo[1]
+    if _last_echo[0] is not frame or _last_echo[1] != audience:
+        _last_echo = (frame, audience, frame + str(fragments.wire_entry(frame, WIRE_ECHO_CHARS, audience)))
+    return _last_echo[2]
 
 
 def slugify(name: str) -> str:
@@ -1259,6 +1105,7 @@ async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     context.setdefault("user", getattr(request.state, "user", None))
+    context["guests"] = chat_of(request).settings.guests
     context["csrf_token"] = csrf_token(request) if "session" in request.scope else ""
     context["csp_nonce"] = request.scope.get("csp_nonce", "")
     return templates.TemplateResponse(request, name, context, status_code=status_code)
@@ -1335,6 +1182,27 @@ async def register(request: Request) -> Response:
     return render(request, "register.html", status_code, form={"username": username, "next": next_url}, error=error)
 
 
+async def join_as_guest(request: Request) -> Response:
+    """Guest mode (--guests): a name, no password. A guest is a real user for as long as
+    the session lasts (GUEST_IDLE_HOURS idle); the name stays taken, marked "guest"."""
+    if not chat_of(request).settings.guests:
+        raise HTTPException(404, "Guest mode is off on this server.")
+    form = await read_form(request)
+    chat = chat_of(request)
+    next_url = safe_next(form.get("next"))
+    name = unicodedata.normalize("NFKC", form.get("guest_name", "").strip())
+    error, status_code = username_problem(name), 400
+    if error is None and not await chat.register_limit.allow(client_address(request)):
+        error, status_code = "Many accounts were created from your address lately. Try again in an hour.", 429
+    if error is None:
+        user = await chat.store.write(create_user, name, "", True)
+        if user is not None:
+            await start_session(request, user)
+            return redirect(next_url)
+        error = "That name is taken (or looks just like one that is). Pick another."
+    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": name}, guest_error=error)
+
+
 async def login(request: Request) -> Response:
     if request.method != "POST":
         return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
@@ -1354,8 +1222,9 @@ async def login(request: Request) -> Response:
                           error="Too many failed logins. Try again later (in 15 minutes).")
         counted.append(key)
     user = await chat.store.read(user_by_name, username)
-    right, outdated = await hashing(verify_password, password, user["password_hash"] if user else DUMMY_PASSWORD_HASH)
-    if not right or user is None:
+    has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
+    right, outdated = await hashing(verify_password, password, user["password_hash"] if has_password else DUMMY_PASSWORD_HASH)
+    if not right or not has_password:
         return render(request, "login.html", 400, form={"username": username, "next": next_url},
                       error="Wrong username or password.")
     for key in keys:
@@ -1655,14 +1524,12 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
 
 
 def parse_frame(frame: str) -> tuple[str, str | None]:
-    """The `message` and `key` fields of an hx-ws:send frame (htmx 4.0.1 puts fields at
-    the top level; earlier htmx 4 builds nested them under `body`)."""
+    """The `message` and `key` fields of an hx-ws:send frame: the form's fields, at the
+    top level of a JSON object, beside htmx's `headers`."""
     try:
         data = json.loads(frame)
     except (ValueError, RecursionError):
         raise Refused("That frame was not JSON; send the message form.") from None
-    if isinstance(data, dict) and isinstance(data.get("body"), dict) and "message" not in data:
-        data = data["body"]
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         raise Refused("That frame had no text `message` field.")
     key = data.get("key")
@@ -1743,7 +1610,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         chat.hub.release(user["id"], address)
         raise
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
-    return Connection(websocket, session_id, user["id"], user["username"], room["id"], room["slug"],
+    return Connection(websocket, session_id, user, room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
 
 
@@ -1753,7 +1620,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     if conn is None:
         return
     hub, fanout = chat.hub, chat.fanout
-    conn.push(LIVE_FRAME)
+    conn.push(LIVE_FRAME, audience=None)
     # Join before reading the catch-up: a message stored in between arrives both ways,
     # and the page's upsert swap shows it once.
     if hub.join(conn):
@@ -1786,6 +1653,9 @@ async def chat_socket(websocket: WebSocket) -> None:
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
+    if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
+        sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
+        conn.push(str(fragments.wire_entry(sent, WIRE_ECHO_CHARS, SENT)), audience=None)
     try:
         if event.get("text") is None:
             raise Refused("Binary frames are not understood; send text.")
@@ -1798,6 +1668,183 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
 
 
 LIVE_FRAME = str(fragments.connection_status(live=True))
+
+
+# ---------------------------------------------------------------------------
+# Scaling out: Redis
+# Only with CHAT_REDIS_URL (nothing above needs it): the hub's fan-out, presence and
+# rate limits, shared by every worker through Redis.
+# ---------------------------------------------------------------------------
+
+
+class RedisFanout(LocalFanout):
+    """Fan-out across processes through Redis pub/sub: each worker publishes a room's
+    frames to a channel and every worker (itself included) hands what it receives to its
+    own connections. Presence is a sorted set per room whose entries expire unless their
+    worker keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
+
+    PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
+    HEARTBEAT = 5.0  # seconds between renewals
+
+    def __init__(self, hub: RoomHub, url: str) -> None:
+        super().__init__(hub)
+        import redis.asyncio  # optional: only needed when CHAT_REDIS_URL is set
+
+        self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=2,
+                                                  socket_connect_timeout=2)
+        # The subscriber sits idle between messages, so it gets no read timeout.
+        self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
+                                                       health_check_interval=10)
+        self.worker = secrets.token_hex(4)
+        self.tasks: list[asyncio.Task] = []
+        self.healthy = True
+
+    async def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+            await self.subscriber.aclose()
+
+    def _unhealthy(self, problem: Exception) -> None:
+        if self.healthy:
+            log.error("Redis unreachable (%s): serving this worker's connections only until it is back", problem)
+        self.healthy = False
+
+    async def publish(self, room_slug: str, frame: str) -> None:
+        try:
+            await self.redis.publish(f"backchat:room:{room_slug}", frame)
+        except Exception as problem:  # the message is stored; local pages get it now, others on reconnect
+            self._unhealthy(problem)
+            self.hub.broadcast(room_slug, frame)
+
+    async def _listen(self) -> None:
+        """Receive every worker's frames and presence notices; after an outage, close local
+        sockets with 1012 so their pages reconnect and catch up on what they missed."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.subscriber.pubsub() as pubsub:
+                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout")
+                    if not self.healthy:
+                        log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
+                        self.healthy = True
+                        await self.hub.close_all(1012)
+                    delay = 0.5
+                    async for message in pubsub.listen():
+                        if message["type"] == "pmessage":
+                            self._deliver(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as problem:
+                self._unhealthy(problem)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _deliver(self, channel: str, data: str) -> None:
+        if channel == "backchat:logout":
+            ended = json.loads(data)
+            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_slug"])
+        kind, room_slug = channel.split(":", 2)[1:]
+        if room_slug not in self.hub.connections:
+            return  # nobody here is in that room
+        if kind == "room":
+            self.hub.broadcast(room_slug, data)
+        else:
+            self.soon(self.show_presence, room_slug)
+
+    async def online(self, room_slug: str) -> list[tuple[str, bool]]:
+        try:
+            now = time.time()
+            entries = await self.redis.zrangebyscore(f"backchat:online:{room_slug}", now, "+inf")
+        except Exception as problem:
+            self._unhealthy(problem)
+            return self.hub.online(room_slug)
+        people = {(name, guest == "1") for _, _, guest, name in (entry.split("|", 3) for entry in entries)}
+        return sorted(people, key=lambda person: person[0].casefold())
+
+    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
+        ended = {"user_id": user_id, "session_id": session_id, "room_slug": room_slug}
+        try:
+            await self.redis.publish("backchat:logout", json.dumps(ended))
+        except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
+            self._unhealthy(problem)
+            self.hub.end_pages(user_id, session_id, room_slug)
+
+    def _entry(self, user: tuple[int, str, bool]) -> str:
+        user_id, name, guest = user
+        return f"{self.worker}|{user_id}|{int(guest)}|{name}"
+
+    async def announce(self, room_slug: str) -> None:
+        """Tell every worker (itself too) that the room's presence changed."""
+        try:
+            await self.redis.publish(f"backchat:presence:{room_slug}", "")
+        except Exception as problem:
+            self._unhealthy(problem)
+            await self.show_presence(room_slug)
+
+    async def came_online(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.zadd(f"backchat:online:{conn.room_slug}",
+                                  {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
+        self.soon(self.announce, conn.room_slug)
+
+    async def went_offline(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            await self.redis.zrem(f"backchat:online:{conn.room_slug}", self._entry(conn.user))
+        self.soon(self.announce, conn.room_slug)
+
+    async def _heartbeat(self) -> None:
+        """Renew this worker's presence entries, drop expired ones (a crashed worker's),
+        and show pages any change that caused."""
+        while True:
+            await asyncio.sleep(self.HEARTBEAT)
+            expires = time.time() + self.PRESENCE_TTL
+            for room_slug, tabs in list(self.hub.tabs.items()):
+                key = f"backchat:online:{room_slug}"
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        pipe.zadd(key, {self._entry(user): expires for user in tabs})
+                        pipe.zremrangebyscore(key, "-inf", time.time())
+                        pipe.expire(key, int(self.PRESENCE_TTL) * 2)
+                        await pipe.execute()
+                except Exception as problem:
+                    self._unhealthy(problem)
+                await self.show_presence(room_slug)
+
+
+class RedisRateLimiter(RateLimiter):
+    """The same limits, counted in Redis so that every worker sees every event: a fixed
+    window counter per key, counted with one INCR (atomic, so a burst across workers is
+    counted one by one). If Redis is unreachable, this worker counts on its own."""
+
+    def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self.fanout = fanout
+
+    def _key(self, key: Any) -> str:
+        window = int(time.time() // self.window)
+        return f"backchat:limit:{int(self.window)}:{key!s}:{window}"
+
+    async def allow(self, key: Any) -> bool:
+        if not self.limit:
+            return True
+        counter = self._key(key)  # once: both commands must name the same window
+        try:
+            async with self.fanout.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(counter)
+                pipe.expire(counter, int(self.window) + 1)
+                count, _ = await pipe.execute()
+        except Exception:
+            return await super().allow(key)
+        return count <= self.limit
+
+    async def forgive(self, key: Any) -> None:
+        with contextlib.suppress(Exception):
+            await self.fanout.redis.decr(self._key(key))
 
 
 # ---------------------------------------------------------------------------
@@ -1892,6 +1939,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/", home, name="home"),
         Route("/auth/register/", register, methods=["GET", "POST"]),
         Route("/auth/login/", login, methods=["GET", "POST"]),
+        Route("/auth/guest/", join_as_guest, methods=["POST"]),
         Route("/auth/logout/", logout, methods=["POST"]),
         Route("/create/", create_room, methods=["GET", "POST"]),
         Route("/join/", join_room, methods=["GET", "POST"]),
@@ -1980,6 +2028,24 @@ def open_files_allowed(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses but loopback: what students on the LAN type in."""
+    found = set()
+    with contextlib.suppress(OSError):
+        found |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+    siocgifaddr = {"linux": 0x8915, "darwin": 0xC0206921}.get(sys.platform)  # ask each interface
+    if siocgifaddr:
+        import fcntl
+        import struct
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # sends nothing
+            for _, interface in socket.if_nameindex():
+                with contextlib.suppress(OSError):
+                    request = struct.pack("256s", interface.encode()[:15])
+                    found.add(socket.inet_ntoa(fcntl.ioctl(probe.fileno(), siocgifaddr, request)[20:24]))
+    return sorted(address for address in found if not address.startswith("127."))
+
+
 def main(argv: list[str] | None = None) -> None:
     env = Settings.from_env()
     parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
@@ -1988,9 +2054,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", type=Path, default=env.db_path, help="SQLite file (default: chat.db)")
     parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
     parser.add_argument("--ws", default=os.environ.get("CHAT_WS", "auto"), help="uvicorn's WebSocket implementation")
+    parser.add_argument("--guests", action="store_true", default=env.guests,
+                        help='offer "Join as a guest" (a name, no password) for classes and demos')
     args = parser.parse_args(argv)
-    hosts = env.allowed_hosts
-    if args.host in ("0.0.0.0", "::", "") and not os.environ.get("CHAT_ALLOWED_HOSTS"):
+    hosts, everywhere = env.allowed_hosts, args.host in ("0.0.0.0", "::", "")
+    if everywhere and not os.environ.get("CHAT_ALLOWED_HOSTS"):
         name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
         hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
     # Every connection is a file descriptor: keep the total under what the process may open,
@@ -1998,9 +2066,13 @@ def main(argv: list[str] | None = None) -> None:
     spare = ACCEPT_BACKLOG + 64
     max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
-                           "max_connections": max_connections})
+                           "max_connections": max_connections, "guests": args.guests})
     print(f"Backchat: database {settings.db_path.resolve()}")
-    print(f"Backchat: open http://{args.host}:{args.port}/", flush=True)
+    for address in ["localhost", *lan_addresses()] if everywhere else [args.host]:
+        print(f"Backchat: open http://{address}:{args.port}/")
+    if settings.guests:
+        print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
+    sys.stdout.flush()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")  # uvicorn's look
     # Pings find connections that died without a word (Wi-Fi gone): within three
     # heartbeats the socket is closed and its user leaves the room's presence.

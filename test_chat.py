@@ -13,6 +13,7 @@ import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 
+import markupsafe
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
@@ -507,13 +508,6 @@ def test_malformed_frames_leave_everyone_working(two_users, settings, bad_frame)
     assert db_rows(settings, "SELECT text FROM messages") == [("still here",)]
 
 
-def test_fields_nested_under_body_are_accepted(alice):
-    slug = create_room(alice, "compat")
-    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        ws.send_text(json.dumps({"body": {"message": "from an early htmx 4"}, "headers": {}}))
-        assert "from an early htmx 4" in receive_until(ws, "msg-")
-
-
 def test_presence_counts_a_user_with_two_tabs_once(two_users):
     client, bob = two_users
     slug = create_room(client, "tabs")
@@ -581,16 +575,27 @@ def test_message_rate_limit_tells_only_the_sender(tmp_path):
     assert db_rows(settings, "SELECT count(*) FROM messages") == [(3,)]
 
 
-def test_wire_mode_echoes_each_frame_as_escaped_text(alice):
-    slug = create_room(alice, "teaching")
-    assert 'id="wire-log"' in alice.get(f"/room/{slug}/?wire=1").text
-    assert 'id="wire-log"' not in alice.get(f"/room/{slug}/").text
-    with alice.websocket_connect(f"/chat/{slug}/?wire=1", headers=ORIGIN) as ws:
-        send(ws, "<i>hi</i>")
-        frame = receive_until(ws, "msg-")
-    live, echo = frame.split('<div hx-swap-oob="afterbegin:#wire-log">')
+def test_wire_mode_shows_both_directions_labelled_and_escaped(two_users):
+    client, bob = two_users
+    slug = create_room(client, "teaching")
+    assert 'id="wire-log"' in client.get(f"/room/{slug}/?wire=1").text
+    assert 'id="wire-log"' not in client.get(f"/room/{slug}/").text
+    with client.websocket_connect(f"/chat/{slug}/?wire=1", headers=ORIGIN) as ws:
+        receive_until(ws, "presence")
+        raw = json.dumps({"message": "<i>hi</i>", "headers": {"HX-Request": "true", "HX-Trigger": "composer"}})
+        ws.send_text(raw)
+        sent = receive_until(ws, "Sent by this page")  # what the page sent, as the server got it
+        broadcast = receive_until(ws, "msg-")
+        reset = receive_until(ws, 'id="message-key"')
+        with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as bob_ws:
+            plain = receive_until(bob_ws, 'id="presence"')
+    assert str(markupsafe.escape(raw)) in sent and '"headers"' in raw and "<i>" not in sent
+    live, echo = broadcast.split('<div hx-swap-oob="afterbegin:#wire-log">')
+    assert "Received, to everyone in the room" in echo
     assert "&lt;article class=&#34;msg&#34;" in echo and "&amp;lt;i&amp;gt;hi" in echo
     assert "<article" in live and "<article" not in echo
+    assert "Received, only to you" in reset  # the composer reset went to the sender alone
+    assert "wire-log" not in plain  # pages not in teaching mode get the frames alone
 
 
 def test_room_creation_is_rate_limited_per_user(tmp_path):
@@ -1005,3 +1010,80 @@ def test_leaving_a_room_takes_it_off_the_list_and_out_of_presence(two_users):
         client.get(f"/room/{slug}/")
         assert slug in client.get("/").text
     assert slug in client.get("/").text  # the room stays for the others
+
+
+# --- a classroom: guest mode, LAN set-up (issue 11) --------------------------------------------
+
+
+def join_as_guest(client: TestClient, name: str, next_url: str = "/"):
+    token = csrf(client.get("/auth/login/").text)
+    return client.post("/auth/guest/", data={"csrf_token": token, "guest_name": name, "next": next_url},
+                       follow_redirects=False)
+
+
+def test_guest_mode_is_off_unless_asked_for(client):
+    assert "Join as a guest" not in client.get("/auth/login/").text
+    assert join_as_guest(client, "visitor").status_code == 404
+    assert db_rows(client.app.state.chat.settings, "SELECT count(*) FROM users") == [(0,)]
+
+
+@pytest.fixture
+def classroom(tmp_path):
+    with TestClient(chat.create_app(app_settings(db_path=tmp_path / "chat.db", guests=True))) as client:
+        yield client
+
+
+def test_a_guest_joins_by_link_with_a_name_and_is_marked_as_a_guest(classroom):
+    register(classroom, "teacher")
+    slug = create_room(classroom, "lesson")
+    teacher = classroom.cookies
+    classroom.cookies = type(teacher)()
+    login_page = classroom.get(f"/room/{slug}/")  # the invite link, logged out
+    assert "Join as a guest" in login_page.text and f'value="/room/{slug}/"' in login_page.text
+    response = join_as_guest(classroom, "student", f"/room/{slug}/")
+    assert response.status_code == 303 and response.headers["location"] == f"/room/{slug}/"
+    page = classroom.get(f"/room/{slug}/").text
+    assert '<bdi>student</bdi></b> <small class="guest">guest</small>' in page
+    with classroom.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        presence = receive_until(ws, "<bdi>student</bdi>")
+        send(ws, "hello from a guest")
+        frame = receive_until(ws, "hello from a guest")
+    assert '<bdi>student</bdi> <small class="guest">guest</small>' in presence
+    assert '<bdi class="author">student</bdi> <small class="guest">guest</small>' in frame
+
+
+def test_guests_cannot_take_taken_names_nor_log_in_with_a_password(classroom):
+    register(classroom, "teacher")
+    classroom.cookies.clear()
+    for taken in ("teacher", "TEACHER", "tеacher"):  # the last with a Cyrillic е
+        assert join_as_guest(classroom, taken).status_code == 400
+    assert join_as_guest(classroom, "student").status_code == 303
+    classroom.cookies.clear()
+    assert join_as_guest(classroom, "Student").status_code == 400  # another guest's name
+    for password in ("", "anything at all"):
+        response = post_form(classroom, "/auth/login/", "/auth/login/", username="student", password=password)
+        assert response.status_code == 400  # a guest's name is no way in
+
+
+def test_a_guest_session_ends_after_twelve_idle_hours_a_users_does_not(classroom, tmp_path):
+    register(classroom, "teacher")
+    teacher = classroom.cookies
+    classroom.cookies = type(teacher)()
+    join_as_guest(classroom, "student")
+    guest = classroom.cookies
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        db.execute("UPDATE sessions SET last_seen_at = ?", (chat.utc_ago(hours=chat.GUEST_IDLE_HOURS, minutes=1),))
+    assert classroom.get("/", follow_redirects=False).status_code == 303  # the guest: ended
+    classroom.cookies = teacher
+    assert classroom.get("/", follow_redirects=False).status_code == 200  # the teacher: still in
+    assert guest is not teacher
+
+
+def test_guests_are_rate_limited_like_registrations(tmp_path):
+    settings = app_settings(db_path=tmp_path / "chat.db", guests=True, register_rate=2)
+    with TestClient(chat.create_app(settings)) as client:
+        statuses = []
+        for n in range(3):
+            client.cookies.clear()
+            statuses.append(join_as_guest(client, f"student{n}").status_code)
+    assert statuses == [303, 303, 429]
