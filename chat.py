@@ -1,7 +1,8 @@
 """Backchat: a small real-time chat server in one file, for people who learn htmx.
 
 Read it top to bottom: settings, storage, auth, the room hub, HTTP routes, the
-WebSocket route, app assembly, main(). The browser side is plain htmx 4: the page
+WebSocket route (one message's whole path ends there), then what only scaling out
+needs (Redis), app assembly, main(). The browser side is plain htmx 4: the page
 opens a WebSocket (hx-ws:connect), forms send JSON frames (hx-ws:send), and every
 frame the server sends back is HTML whose hx-swap-oob elements htmx swaps in.
 """

@@ -541,3 +541,50 @@ def test_unread_badge_the_new_divider_links_and_leaving(pair):
     grace.page.click("button:has-text('Join room')")
     is_live(grace)
     assert ada.errors == [] and grace.errors == []
+
+
+# --- a classroom (issue 11) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}],
+                         ids=["laptop", "phone"])
+def test_a_guest_joins_by_link_and_the_wire_view_shows_both_ways(browser, tmp_path, viewport):
+    server = LiveServer(tmp_path / "chat.db", CHAT_GUESTS="1", CHAT_MESSAGE_RATE="0").start()
+    teacher = Person(browser, server.url, "teacher", viewport=viewport)
+    student = Person(browser, server.url, "student", viewport=viewport)
+    try:
+        teacher.register()
+        teacher.create_room("htmx websockets 101")
+        invite = teacher.page.input_value("#invite")
+        teacher.page.goto(invite + "?wire=1")
+        student.page.goto(invite)  # the link on the projector
+        student.page.fill("#guest_name", "student")
+        student.page.click("button:has-text('Join as a guest')")
+        student.page.wait_for_url(invite)
+        is_live(student)
+        expect(student.page.locator(".site .guest")).to_have_text("guest")
+        expect(teacher.page.locator("#presence li", has_text="student").locator(".guest")).to_have_text("guest")
+
+        student.say("hi <teacher>")
+        teacher.sees_message("hi <teacher>")
+        expect(teacher.page.locator(".msg", has_text="hi <teacher>").locator(".guest")).to_be_visible()
+        teacher.say("welcome")
+        log = teacher.page.locator("#wire-log")
+        entries = log.locator(".wire-entry h3").all_inner_texts()
+        expect(log.locator(".wire-entry h3").first).to_be_visible()
+        sent = log.locator(".wire-entry.sent pre").first.inner_text()
+        assert '"message":"welcome"' in sent.replace(" ", "") and '"headers"' in sent  # as the server got it
+        assert "↑ Sent by this page" in entries and "↓ Received, to everyone in the room" in entries
+        assert "↓ Received, only to you" in entries  # the composer reset
+        assert "hi &lt;teacher&gt;" in log.inner_text()  # the frame's source, shown as text
+        expect(log.locator("teacher")).to_have_count(0)  # nothing unescaped became an element
+        if viewport["width"] >= 1152:  # wide: the panel sits beside the messages
+            wire, messages = log.bounding_box(), teacher.page.locator(".log").bounding_box()
+            assert wire["x"] > messages["x"] + messages["width"] - 1 and wire["y"] < messages["y"] + messages["height"]
+        for person in (teacher, student):
+            person.screenshot(f"classroom-{viewport['width']}")
+        assert teacher.errors == [] and student.errors == []
+    finally:
+        teacher.context.close()
+        student.context.close()
+        server.stop()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
@@ -20,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import LiveServer
+from conftest import HERE, LiveServer, free_port
 
 PASSWORD = "password123"
 
@@ -435,3 +438,40 @@ def test_a_huge_catch_up_is_bounded_in_memory(server):
     for sock in stuck:
         sock.close()
     assert peak < 64 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"
+
+
+def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_visitors_address(tmp_path):
+    """A teacher's `python chat.py --host 0.0.0.0 --guests`. (Requests go to 127.0.0.1 only;
+    a LAN address appears only as the Host a student's browser would send.)"""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(HERE / "chat.py"), "--host", "0.0.0.0", "--port", str(port),
+                                "--db", str(tmp_path / "chat.db"), "--guests"], cwd=tmp_path,
+                               env={**os.environ, "CHAT_SECRET_KEY": "k", "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = []
+        while not any("guest mode is on" in line for line in printed):
+            printed.append(process.stdout.readline())
+            assert printed[-1], "".join(printed)
+        urls = [line.split("open ", 1)[1].strip() for line in printed if "Backchat: open" in line]
+        lan = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+               if "." in a and not a.startswith("127.")]
+        assert urls[0] == f"http://localhost:{port}/" and lan, printed
+        assert {f"http://{address}:{port}/" for address in lan} <= set(urls), (urls, lan)
+        deadline = time.monotonic() + 20
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": f"{lan[0]}:{port}"}) as student:
+            token = re.search(r'name="csrf_token" value="([^"]+)"', student.get("/auth/login/").text).group(1)
+            student.post("/auth/guest/", data={"csrf_token": token, "guest_name": "teacher", "next": "/"})
+            room = make_room(student, "lesson")
+            invite = re.search(r'id="invite" class="invite" readonly value="([^"]+)"', student.get(f"/room/{room}/").text)
+        assert invite.group(1) == f"http://{lan[0]}:{port}/room/{room}/"  # the address the visitor used
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"Host": "evil.example"}).status_code == 400
+    finally:
+        process.terminate()
+        process.wait(15)
