@@ -1158,11 +1158,24 @@ def username_problem(username: str) -> str | None:
     return None
 
 
+async def create_account(request: Request, name: str, password: str | None) -> tuple[str | None, int]:
+    """Create a user (a guest, without a password) and log them in. None and 303, or the
+    reason it was refused and its status."""
+    chat = chat_of(request)
+    if not await chat.register_limit.allow(client_address(request)):
+        return "Many accounts were created from your address lately. Try again in an hour.", 429
+    password_hash = await hashing(hash_password, password) if password is not None else ""
+    user = await chat.store.write(create_user, name, password_hash, password is None)
+    if user is None:
+        return "That name is taken (or looks just like one that is).", 400
+    await start_session(request, user)
+    return None, 303
+
+
 async def register(request: Request) -> Response:
     if request.method != "POST":
         return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
     form = await read_form(request)
-    chat = chat_of(request)
     next_url = safe_next(form.get("next"))
     # NFKC: the full-width "ＡＤＡ" is the name "ADA", and taken if "ada" is.
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
@@ -1172,14 +1185,10 @@ async def register(request: Request) -> Response:
         error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters."
     elif error is None and password != again:
         error = "The two passwords differ."
-    elif error is None and not await chat.register_limit.allow(client_address(request)):
-        error, status_code = "Many accounts were created from your address lately. Try again in an hour.", 429
     if error is None:
-        user = await chat.store.write(create_user, username, await hashing(hash_password, password))
-        if user is not None:
-            await start_session(request, user)
+        error, status_code = await create_account(request, username, password)
+        if error is None:
             return redirect(next_url)
-        error = "That username is taken (or looks just like one that is)."
     return render(request, "register.html", status_code, form={"username": username, "next": next_url}, error=error)
 
 
@@ -1189,18 +1198,13 @@ async def join_as_guest(request: Request) -> Response:
     if not chat_of(request).settings.guests:
         raise HTTPException(404, "Guest mode is off on this server.")
     form = await read_form(request)
-    chat = chat_of(request)
     next_url = safe_next(form.get("next"))
     name = unicodedata.normalize("NFKC", form.get("guest_name", "").strip())
     error, status_code = username_problem(name), 400
-    if error is None and not await chat.register_limit.allow(client_address(request)):
-        error, status_code = "Many accounts were created from your address lately. Try again in an hour.", 429
     if error is None:
-        user = await chat.store.write(create_user, name, "", True)
-        if user is not None:
-            await start_session(request, user)
+        error, status_code = await create_account(request, name, password=None)
+        if error is None:
             return redirect(next_url)
-        error = "That name is taken (or looks just like one that is). Pick another."
     return render(request, "login.html", status_code, form={"next": next_url, "guest_name": name}, guest_error=error)
 
 

@@ -70,8 +70,10 @@ class Person:
 
 @pytest.fixture
 def chat_server(tmp_path):
-    # The tests type faster than people do: the per-user message rate limit is off.
-    server = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0").start()
+    """The tests type faster than people do: the per-user message rate limit is off. And a
+    heartbeat every 2 s: a page shows Offline 5 s after frames stop, pings find a dead
+    socket within 6 s (the defaults, 10 s, 25 s and 30 s, are what the README states)."""
+    server = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0", CHAT_HEARTBEAT="2").start()
     yield server
     server.stop()
 
@@ -202,23 +204,6 @@ def is_live(person: Person, name: str | None = None) -> None:
     person.page.locator("#presence li", has_text=name or person.name).wait_for()
 
 
-@pytest.fixture
-def beating_server(tmp_path):
-    """Heartbeat every 2 s: a page shows Offline 5 s after frames stop, pings find a dead
-    socket within 6 s. (The defaults, 10 s, 25 s and 30 s, are what the README states.)"""
-    server = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0", CHAT_HEARTBEAT="2").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def pair(browser, beating_server):
-    everyone = [Person(browser, beating_server.url, name) for name in ("ada", "grace")]
-    yield everyone
-    for person in everyone:
-        person.context.close()
-
-
 def open_room_with_held_scripts(person: Person, url: str, held: tuple[str, ...]) -> None:
     """Load the room with the named scripts held back while the rest of the page arrives,
     then let them through one by one, in the order given."""
@@ -242,14 +227,14 @@ def open_room_with_held_scripts(person: Person, url: str, held: tuple[str, ...])
 
 @pytest.mark.parametrize("held", [(name,) for name in SCRIPTS] + [tuple(reversed(SCRIPTS))],
                          ids=["htmx-late", "ws-late", "upsert-late", "reversed"])
-def test_the_room_goes_live_whatever_order_its_scripts_arrive_in(browser, pair, beating_server, held):
-    ada, grace = pair
+def test_the_room_goes_live_whatever_order_its_scripts_arrive_in(browser, people, chat_server, held):
+    ada, grace = people
     ada.register()
     ada.create_room("scripts")
     room = ada.page.url
     grace.register()
     for load in range(3):  # several loads each, each in a fresh context: a cold cache
-        fresh = Person(browser, beating_server.url, "grace")
+        fresh = Person(browser, chat_server.url, "grace")
         try:
             fresh.login()
             open_room_with_held_scripts(fresh, room, held)
@@ -261,12 +246,12 @@ def test_the_room_goes_live_whatever_order_its_scripts_arrive_in(browser, pair, 
             fresh.context.close()
 
 
-def test_without_javascript_the_room_works_as_plain_html(browser, pair, beating_server):
-    ada, grace = pair
+def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_server):
+    ada, grace = people
     ada.register()
     ada.create_room("no script")
     room = ada.page.url
-    plain = Person(browser, beating_server.url, "grace", java_script_enabled=False)
+    plain = Person(browser, chat_server.url, "grace", java_script_enabled=False)
     try:
         plain.register()
         plain.page.goto(room)
@@ -282,9 +267,9 @@ def test_without_javascript_the_room_works_as_plain_html(browser, pair, beating_
         plain.context.close()
 
 
-def test_enter_pressed_twice_offline_sends_one_message_and_the_status_says_so(pair, beating_server):
-    ada, grace = pair
-    for person in pair:
+def test_enter_pressed_twice_offline_sends_one_message_and_the_status_says_so(people, chat_server):
+    ada, grace = people
+    for person in people:
         person.register()
     ada.create_room("flaky wifi")
     grace.page.goto(ada.page.url)
@@ -303,9 +288,9 @@ def test_enter_pressed_twice_offline_sends_one_message_and_the_status_says_so(pa
     expect(grace.page.locator("#message-input")).to_have_value("")  # stored: the composer is reset
     ada.sees_message("typed in the tunnel")
     grace.sees_message("typed in the tunnel")
-    for person in pair:
+    for person in people:
         expect(person.page.locator(".msg p", has_text="typed in the tunnel")).to_have_count(1)
-    with sqlite3.connect(beating_server.db_path) as db:
+    with sqlite3.connect(chat_server.db_path) as db:
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (1,)
     grace.say("and the next one is new")
     ada.sees_message("and the next one is new")
@@ -346,16 +331,16 @@ class Tunnel:
             sock.close()
 
 
-def test_a_silently_dead_link_shows_offline_and_leaves_presence(browser, pair, beating_server):
-    ada, _ = pair
+def test_a_silently_dead_link_shows_offline_and_leaves_presence(browser, people, chat_server):
+    ada, _ = people
     ada.register()
     ada.create_room("dead link")
     room = ada.page.url
-    tunnel = Tunnel(beating_server.port)
+    tunnel = Tunnel(chat_server.port)
     far_away = Person(browser, f"http://127.0.0.1:{tunnel.port}", "grace")
     try:
         far_away.register()
-        far_away.page.goto(room.replace(str(beating_server.port), str(tunnel.port)))
+        far_away.page.goto(room.replace(str(chat_server.port), str(tunnel.port)))
         is_live(far_away)
         is_live(ada, "grace")
 
@@ -373,8 +358,8 @@ def test_a_silently_dead_link_shows_offline_and_leaves_presence(browser, pair, b
         tunnel.close()
 
 
-def test_logging_out_ends_open_tabs_in_place_and_they_stop_knocking(pair):
-    ada, _ = pair
+def test_logging_out_ends_open_tabs_in_place_and_they_stop_knocking(people):
+    ada, _ = people
     ada.register()
     ada.create_room("shared computer")
     room = ada.page.url
@@ -401,8 +386,8 @@ def test_logging_out_ends_open_tabs_in_place_and_they_stop_knocking(pair):
     is_live(ada)
 
 
-def test_an_invited_friend_who_registers_lands_in_the_room(pair):
-    ada, grace = pair
+def test_an_invited_friend_who_registers_lands_in_the_room(people):
+    ada, grace = people
     ada.register()
     ada.create_room("invitation")
     invite = ada.page.input_value("#invite")
@@ -418,12 +403,12 @@ def test_an_invited_friend_who_registers_lands_in_the_room(pair):
     is_live(ada, "grace")
 
 
-def test_a_slow_phone_in_dark_mode_with_a_cold_cache_goes_live(browser, pair, beating_server):
-    ada, _ = pair
+def test_a_slow_phone_in_dark_mode_with_a_cold_cache_goes_live(browser, people, chat_server):
+    ada, _ = people
     ada.register()
     ada.create_room("on the bus")
     room = ada.page.url
-    phone = Person(browser, beating_server.url, "grace", viewport={"width": 390, "height": 844},
+    phone = Person(browser, chat_server.url, "grace", viewport={"width": 390, "height": 844},
                    color_scheme="dark", is_mobile=True, has_touch=True)
     try:
         phone.register()
@@ -458,9 +443,9 @@ def controls(person: Person, text: str):
     return message.get_by_role("button", name="Edit"), message.get_by_role("button", name="Delete")
 
 
-def test_edits_and_deletes_reach_every_page_even_one_that_was_offline(pair):
-    ada, grace = pair
-    for person in pair:
+def test_edits_and_deletes_reach_every_page_even_one_that_was_offline(people):
+    ada, grace = people
+    for person in people:
         person.register()
     ada.create_room("second thoughts")
     grace.page.goto(ada.page.url)
@@ -500,15 +485,15 @@ def test_edits_and_deletes_reach_every_page_even_one_that_was_offline(pair):
     grace.context.set_offline(False)  # back: the page catches up, no reload
     expect(grace.page.locator(".msg", has_text="hello world")).to_contain_text("(edited)", timeout=15_000)
     expect(grace.page.locator(".msg", has_text="to be deleted")).to_have_count(0)
-    for person in pair:
+    for person in people:
         assert person.page.locator("#messages .msg p").all_inner_texts() == ["hello world", "stays as it is"]
     grace.screenshot("caught-up-on-edits")
     assert ada.errors == [] and grace.errors == []
 
 
-def test_unread_badge_the_new_divider_links_and_leaving(pair):
-    ada, grace = pair
-    for person in pair:
+def test_unread_badge_the_new_divider_links_and_leaving(people):
+    ada, grace = people
+    for person in people:
         person.register()
     ada.create_room("catching up")
     room = ada.page.url
