@@ -284,12 +284,45 @@ class Store:
         self._read_db: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._waiting: list[tuple[NewMessage, asyncio.Future]] = []  # messages for the next commit
+        self._committing = False
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
 
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
+
+    async def add_message(self, room_id: int, user_id: int, text: str, key: str | None) -> sqlite3.Row | None:
+        """Store one message, committed with whatever else is waiting (group commit). A lone
+        message goes to the writer at once; messages that arrive while a commit is under way
+        wait for it to end, then all of them go in one transaction and come back in one trip,
+        so the hand-off and the commit are paid per batch, not per message."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(((room_id, user_id, text, key), done))
+        if not self._committing:
+            self._commit_waiting()
+        return await done
+
+    def _commit_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._committing = True
+        stored = asyncio.get_running_loop().run_in_executor(
+            self._writer, add_messages, self._write_db, [message for message, _ in batch])
+
+        def hand_back(stored: asyncio.Future) -> None:
+            self._committing = False
+            for n, (_, done) in enumerate(batch):
+                if done.done():  # its sender went away meanwhile
+                    continue
+                if stored.exception() is not None:
+                    done.set_exception(stored.exception())
+                else:
+                    done.set_result(stored.result()[n])
+            if self._waiting:
+                self._commit_waiting()
+
+        stored.add_done_callback(hand_back)
 
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
@@ -509,23 +542,36 @@ def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None
                       (message_id,)).fetchone()
 
 
+NewMessage = tuple[int, int, str, "str | None"]  # room id, user id, text, the composer's key
+
+
+def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | None]:
+    """Store messages in one transaction (group commit: see Store.add_message). For each,
+    its row, or None when its user already sent one with its key (a resend)."""
+    ids = []
+    with transaction(db):
+        for room_id, user_id, text, client_key in messages:
+            # The id is past every deleted one too: SQLite would reuse a deleted newest id,
+            # and a page catching up would take the new message for the deleted one.
+            cur = db.execute(
+                "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
+                "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), "
+                "                coalesce((SELECT max(message_id) FROM deletions), 0)), ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (room_id, user_id, text, utc_now(), client_key, next_revision(db, room_id)),
+            )
+            ids.append(cur.lastrowid if cur.rowcount else None)  # (a resend's revision: an unused gap)
+    # Returned only after COMMIT: nobody is shown a message the database could still lose.
+    stored = [i for i in ids if i is not None]
+    rows = {row["id"]: row for row in db.execute(
+        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
+        f"WHERE m.id IN ({','.join('?' * len(stored))})", stored)} if stored else {}
+    return [rows.get(i) for i in ids]
+
+
 def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str,
                 client_key: str | None = None) -> sqlite3.Row | None:
-    """Store a message; None when this user already sent one with this key (a resend)."""
-    with transaction(db):
-        # The id is past every deleted one too: SQLite would reuse a deleted newest id, and a
-        # page catching up would take the new message for the deleted one.
-        cur = db.execute(
-            "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
-            "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), "
-            "                coalesce((SELECT max(message_id) FROM deletions), 0)), ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT DO NOTHING",
-            (room_id, user_id, text, utc_now(), client_key, next_revision(db, room_id)),
-        )
-    if cur.rowcount == 0:
-        return None  # (its revision number goes unused: a gap, which nothing minds)
-    # Returned only after COMMIT: nobody is shown a message the database could still lose.
-    return message_by_id(db, cur.lastrowid)
+    return add_messages(db, [(room_id, user_id, text, client_key)])[0]
 
 
 class NotYours(Exception):
@@ -1520,7 +1566,7 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
         raise Refused("That message came with a broken `key`; reload the page.")
     await check_message(chat, room_id, user_id, text)
     try:
-        message = await chat.store.write(add_message, room_id, user_id, text, key)
+        message = await chat.store.add_message(room_id, user_id, text, key)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if message is not None:  # None: a resend of a stored message (same key), already shown

@@ -10,6 +10,8 @@ import hashlib
 import json
 import re
 import sqlite3
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -1095,3 +1097,41 @@ def test_guests_are_rate_limited_like_registrations(tmp_path):
             client.cookies.clear()
             statuses.append(join_as_guest(client, f"student{n}").status_code)
     assert statuses == [303, 303, 429]
+
+
+# --- per-message cost (issue 12): group commit ----------------------------------------------------
+
+
+def test_messages_waiting_for_the_writer_are_committed_together(alice, settings, monkeypatch):
+    """While a commit is under way (here: held up on purpose), messages queue; then they go
+    to the writer in one batch and one transaction, each still stored once and in order,
+    and pushed only once committed."""
+    batches = []
+    real_add_messages = chat.add_messages
+    monkeypatch.setattr(chat, "add_messages", lambda db, messages: batches.append(len(messages))
+                        or real_add_messages(db, messages))
+    store = alice.app.state.chat.store
+    slug = create_room(alice, "group commit")
+    release = threading.Event()
+    alice.portal.call(lambda: store.write_soon(lambda db: release.wait(10)))  # the writer is busy
+    tabs = [alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__() for _ in range(10)]
+    try:
+        for n, tab in enumerate(tabs):  # ten pages send at once (each waits for its own commit)
+            receive_until(tab, 'id="connection"')
+            send(tab, f"queued {n}")
+        for _ in range(200):  # the first goes to the writer alone; the rest wait behind it
+            if alice.portal.call(lambda: len(store._waiting)) == 9:
+                break
+            time.sleep(0.01)
+        release.set()
+        texts = []
+        while len(texts) < 10:
+            texts += re.findall(r"<p dir=\"auto\">(queued \d+)</p>", tabs[0].receive_text())
+    finally:
+        release.set()
+        for tab in tabs:
+            tab.__exit__(None, None, None)
+    assert batches == [1, 9]  # a lone message at once, then the rest together
+    assert texts == [f"queued {n}" for n in range(10)]
+    assert db_rows(settings, "SELECT count(*), count(DISTINCT text) FROM messages") == [(10, 10)]
+
