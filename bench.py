@@ -250,9 +250,10 @@ def upgrade_request(port: int, path: str, cookie: str) -> bytes:
 @dataclass
 class Run:
     server: str
-    sockets: int
-    rate: float
-    senders: int
+    sockets: int  # per room
+    rate: float  # messages per second, per room
+    senders: int  # per room
+    rooms: int = 1
     expected: int = 0
     received: int = 0
     lost: int = 0
@@ -260,6 +261,7 @@ class Run:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     cpu_us_per_frame: float = 0.0
+    cpu_us_per_message: float = 0.0
     rss_kib_per_idle_socket: float = 0.0
     handshakes_per_s: float = 0.0
     generator_cpu_share: float = 0.0
@@ -267,8 +269,8 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def http_setup(port: int) -> tuple[str, str]:
-    """Register, log in and create a room on the app, as a browser does; return (cookie, slug)."""
+def http_setup(port: int, rooms: int = 1) -> tuple[str, list[str]]:
+    """Register, log in and create rooms on the app, as a browser does; return (cookie, slugs)."""
     import httpx
 
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
@@ -281,15 +283,19 @@ def http_setup(port: int) -> tuple[str, str]:
                                          "password1": PASSWORD, "password2": PASSWORD})
     client.cookies.clear()
     client.post("/auth/login/", data={"csrf_token": token("/auth/login/"), "username": name, "password": PASSWORD})
-    response = client.post("/create/", data={"csrf_token": token("/"), "room_name": "bench"})
-    slug = response.headers["location"].split("/")[2]
-    return f"session={client.cookies['session']}", slug
+    slugs = []
+    for n in range(rooms):
+        response = client.post("/create/", data={"csrf_token": token("/"), "room_name": f"bench {n}"})
+        slugs.append(response.headers["location"].split("/")[2])
+    return f"session={client.cookies['session']}", slugs
 
 
-async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int) -> Run:
-    run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders)
-    cookie, slug = http_setup(server.port) if server.kind == "app" else ("", "bench")
-    path = f"/chat/{slug}/"
+async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int,
+                  rooms: int = 1) -> Run:
+    """`rooms` rooms of `sockets` sockets each; in each, `senders` of them send `rate`
+    messages a second between them."""
+    run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders, rooms)
+    cookie, slugs = http_setup(server.port, rooms) if server.kind == "app" else ("", [f"bench{n}" for n in range(rooms)])
     loop = asyncio.get_running_loop()
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
@@ -297,7 +303,7 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     def on_token(token: int, now: float) -> None:
         latencies.append(now - sent_at[token])
 
-    async def open_one() -> Client:
+    async def open_one(path: str) -> Client:
         _, client = await loop.create_connection(lambda: Client(upgrade_request(server.port, path, cookie), on_token),
                                                  "127.0.0.1", server.port)
         await client.open
@@ -306,20 +312,22 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     await asyncio.sleep(0.5)
     rss_before = server.rss_kib()
     started = time.perf_counter()
-    clients: list[Client] = []
+    by_room: list[list[Client]] = [[] for _ in slugs]
     in_flight = asyncio.Semaphore(50)  # like many browsers arriving at once, not all in one instant
 
-    async def open_limited() -> None:
+    async def open_limited(room: int) -> None:
         async with in_flight:
-            clients.append(await open_one())
+            by_room[room].append(await open_one(f"/chat/{slugs[room]}/"))
 
-    await asyncio.gather(*(open_limited() for _ in range(sockets)))
-    run.handshakes_per_s = sockets / (time.perf_counter() - started)
+    await asyncio.gather(*(open_limited(room) for room in range(rooms) for _ in range(sockets)))
+    clients = [client for room in by_room for client in room]
+    run.handshakes_per_s = len(clients) / (time.perf_counter() - started)
     await asyncio.sleep(1.0)  # let the server settle (presence frames, catch-up reads)
-    run.rss_kib_per_idle_socket = (server.rss_kib() - rss_before) / sockets
+    run.rss_kib_per_idle_socket = (server.rss_kib() - rss_before) / len(clients)
 
     latencies.clear()
-    total = int(rate * duration)
+    total = int(rate * duration) * rooms  # messages in all, round-robin over the rooms
+    rate *= rooms
     run.expected = total * sockets
     filler = "x" * max(0, size - 20)
     cpu_before, gen_before, wall_before = server.cpu_seconds(), time.process_time(), time.perf_counter()
@@ -329,7 +337,8 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
         if delay > 0:
             await asyncio.sleep(delay)
         sent_at[n] = time.perf_counter()
-        clients[n % senders].send(json.dumps({"message": f"~T{n}~ {filler}", "headers": {}}).encode())
+        room = by_room[n % rooms]
+        room[(n // rooms) % senders].send(json.dumps({"message": f"~T{n}~ {filler}", "headers": {}}).encode())
     deadline = time.perf_counter() + 10  # wait for stragglers, bounded
     while len(latencies) < run.expected and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
@@ -344,6 +353,7 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
         run.p99_ms = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
         run.max_ms = 1000 * ordered[-1]
         run.cpu_us_per_frame = 1e6 * server_cpu / run.received
+        run.cpu_us_per_message = 1e6 * server_cpu / total
     if run.generator_cpu_share > 0.9:
         run.valid = False
         run.notes.append("load generator saturated its core")
@@ -356,11 +366,11 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
 
 
 def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str,
-            workers: int = 0) -> Run:
+            workers: int = 0, rooms: int = 1) -> Run:
     with tempfile.TemporaryDirectory() as workdir:
         server = Server(kind, Path(workdir), ws, workers)
         try:
-            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size))
+            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms))
         finally:
             server.stop()
 
@@ -386,7 +396,7 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
         with tempfile.TemporaryDirectory() as workdir:
             server = Server("app", Path(workdir), "auto")
             try:
-                cookie, slug = http_setup(server.port)
+                cookie, (slug,) = http_setup(server.port)
                 with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
                     room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
                     db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
@@ -408,7 +418,11 @@ def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline"
     def ratio(a: float, b: float) -> str:
         return f"{a / b:.2f}x" if b else "-"
 
-    print(f"\nN={app.sockets} sockets, R={app.rate:g} msg/s, {app.senders} senders")
+    if app.rooms > 1:
+        print(f"\n{app.rooms} rooms x {app.sockets} sockets, {app.rate:g} msg/s per room "
+              f"({app.rooms * app.rate:,g} msg/s in all), {app.senders} sender per room")
+    else:
+        print(f"\nN={app.sockets} sockets, R={app.rate:g} msg/s, {app.senders} senders")
     rows = [
         ("deliveries expected", app.expected, base.expected, None),
         ("received", app.received, base.received, None),
@@ -417,6 +431,7 @@ def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline"
         ("latency p99 (ms)", app.p99_ms, base.p99_ms, None),
         ("latency max (ms)", app.max_ms, base.max_ms, None),
         ("server CPU per frame (us)", app.cpu_us_per_frame, base.cpu_us_per_frame, True),
+        ("server CPU per message (us)", app.cpu_us_per_message, base.cpu_us_per_message, True),
         ("RSS per idle socket (KiB)", app.rss_kib_per_idle_socket, base.rss_kib_per_idle_socket, True),
         ("handshakes/s", app.handshakes_per_s, base.handshakes_per_s, True),
         ("generator CPU share (%)", 100 * app.generator_cpu_share, 100 * base.generator_cpu_share, None),
@@ -431,6 +446,32 @@ def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline"
             print(f"  {run.server}: {'INVALID: ' if not run.valid else ''}{'; '.join(run.notes)}")
 
 
+def many_rooms(args: argparse.Namespace) -> dict:
+    """Small rooms, which is what most chats are: here the per-message work is the whole cost."""
+    shape = dict(sockets=args.room_sockets, senders=1, duration=args.duration, size=args.size, ws=args.ws,
+                 rooms=args.rooms)
+    result: dict = {"runs": [], "capacity": {}}
+    for rate in args.room_rates:
+        pair = [one_run(kind, rate=rate, **shape) for kind in ("app", "baseline")]
+        result["runs"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
+        if not args.json:
+            print_pair(*pair)
+    if args.capacity:
+        for kind in ("app", "baseline"):
+            best = 0.0
+            for rate in (10, 20, 30, 45, 60, 80, 100, 130, 160, 200):  # per room
+                run = one_run(kind, rate=rate, **{**shape, "duration": 5})
+                if run.lost or run.p99_ms >= 100 or not run.valid:
+                    break
+                best = rate * args.rooms
+            result["capacity"][kind] = best
+        if not args.json:
+            app, base = result["capacity"]["app"], result["capacity"]["baseline"]
+            print(f"\nCapacity, {args.rooms} rooms x {args.room_sockets} sockets (nothing lost, p99 < 100 ms):"
+                  f" app {app:,.0f} msg/s, baseline {base:,.0f} msg/s")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the N x R grid (several minutes)")
@@ -443,6 +484,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
     parser.add_argument("--workers", type=int, default=0,
                         help="also run the app as `uvicorn chat:app --workers N` with Redis fan-out (needs redis-server)")
+    parser.add_argument("--rooms", type=int, default=0,
+                        help="also run the many-rooms shape: this many rooms of --room-sockets each, one sender each")
+    parser.add_argument("--room-sockets", type=int, default=3, help="sockets per room in the many-rooms shape")
+    parser.add_argument("--room-rates", type=float, nargs="+", default=[10, 30], help="messages/s per room there")
+    parser.add_argument("--capacity", action="store_true",
+                        help="step the many-rooms rate up until p99 passes 100 ms or a message is lost")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -450,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         return serve_baseline(args.serve_baseline, args.ws)
     if args.full:
         args.sockets, args.rates, args.duration = [100, 500, 1000], [10, 20, 50], 10
+        args.rooms, args.capacity = args.rooms or 100, True
     os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() >= 2 else None
 
     report: dict = {"fan_out": [], "history": []}
@@ -466,6 +514,8 @@ def main(argv: list[str] | None = None) -> None:
                 if not args.json:
                     print(f"  with Redis fan-out, {args.workers} workers, against one process:")
                     print_pair(scaled, pair[0], ("workers", "1 process"))
+    if args.rooms:
+        report["many_rooms"] = many_rooms(args)
     if args.history:
         report["history"] = history_timings(args.history)
         if not args.json:

@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 def test_bench_runs_end_to_end_and_reports_json():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
-         "--history", "0", "60", "--json"],
+         "--history", "0", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--json"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     report = json.loads(done.stdout)
@@ -21,5 +21,8 @@ def test_bench_runs_end_to_end_and_reports_json():
     for run in (pair["app"], pair["baseline"]):
         assert run["expected"] == 25 and run["received"] == 25 and run["lost"] == 0
         assert run["cpu_us_per_frame"] >= 0 and run["handshakes_per_s"] > 0  # CPU ticks are 10 ms: may read 0
+    (rooms,) = report["many_rooms"]["runs"]  # 4 rooms x 2 sockets, 3 msg/s each for 1 s
+    for run in (rooms["app"], rooms["baseline"]):
+        assert run["rooms"] == 4 and run["expected"] == 24 and run["received"] == 24 and run["lost"] == 0
     assert [row["messages"] for row in report["history"]] == [0, 60]
     assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])
