@@ -968,7 +968,7 @@ def test_unread_badges_and_the_new_divider(two_users, settings):
 
 
 def test_counting_unread_walks_the_index_and_stops_at_99(alice, settings):
-    slug = create_room(alice, "busy")
+    create_room(alice, "busy")
     with sqlite3.connect(settings.db_path) as db:
         (room_id,) = db.execute("SELECT id FROM rooms").fetchone()
         db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, 1, 'm', '', 0)",

@@ -396,7 +396,7 @@ def test_idle_and_slow_connections_cannot_exhaust_the_server(tmp_path):
         assert refused.status_code == 503
         # Every unfinished head is cut off after REQUEST_HEAD_SECONDS: the server answers again.
         deadline = time.monotonic() + 30
-        while (status := httpx.get(server.url + "/healthz", timeout=5).status_code) != 200:
+        while httpx.get(server.url + "/healthz", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "the idle connections were never cut off"
             time.sleep(0.5)
         for sock in idle:  # each was answered with a 503 at once, or cut off: closed either way
