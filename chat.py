@@ -676,10 +676,13 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
 
 
+# Unicode's control characters (category Cc: U+0000-U+001F, U+007F-U+009F) but newline and tab.
+CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)]) | {ord("\n"): "\n", ord("\t"): "\t"}
+
+
 def clean_text(value: str) -> str:
     """Text as it may be stored: no lone surrogates, no control characters but newline and tab."""
-    value = value.encode("utf-8", "replace").decode("utf-8")
-    return "".join(ch for ch in value if ch in "\n\t" or unicodedata.category(ch) != "Cc")
+    return value.encode("utf-8", "replace").decode("utf-8").translate(CONTROL_CHARACTERS)
 
 
 # Letters that draw nothing (Hangul fillers, the blank Braille cell): like the format
