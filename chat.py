@@ -1270,14 +1270,15 @@ async def login(request: Request) -> Response:
     counted = []
     for key in keys:
         if not await chat.login_limit.allow(key):
-            for key in counted:
-                await chat.login_limit.forgive(key)
+            for earlier in counted:  # this attempt is refused: it counts nowhere
+                await chat.login_limit.forgive(earlier)
             return render(request, "login.html", 429, form={"username": username, "next": next_url},
                           error="Too many failed logins. Try again later (in 15 minutes).")
         counted.append(key)
     user = await chat.store.read(user_by_name, username)
     has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
-    right, outdated = await hashing(verify_password, password, user["password_hash"] if has_password else DUMMY_PASSWORD_HASH)
+    stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
+    right, outdated = await hashing(verify_password, password, stored)
     if not right or not has_password:
         return render(request, "login.html", 400, form={"username": username, "next": next_url},
                       error="Wrong username or password.")
