@@ -24,8 +24,8 @@ import re
 import resource
 import secrets
 import socket
-import sys
 import sqlite3
+import sys
 import threading
 import time
 import unicodedata
@@ -39,8 +39,8 @@ from urllib.parse import quote, urlsplit
 
 import argon2
 import jinja2
-from markupsafe import Markup, escape
 import uvicorn
+from markupsafe import Markup, escape
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -250,7 +250,9 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
 
-MESSAGE_COLUMNS = "m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at"
+# A message as pages show it: its row and its author's name. Every query for messages starts so.
+SELECT_MESSAGES = ("SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at "
+                   "FROM messages m JOIN users u ON u.id = m.user_id")
 
 
 @contextlib.contextmanager
@@ -310,15 +312,15 @@ class Store:
         stored = asyncio.get_running_loop().run_in_executor(
             self._writer, add_messages, self._write_db, [message for message, _ in batch])
 
-        def hand_back(stored: asyncio.Future) -> None:
+        def hand_back(finished: asyncio.Future) -> None:
             self._committing = False
             for n, (_, done) in enumerate(batch):
                 if done.done():  # its sender went away meanwhile
                     continue
-                if stored.exception() is not None:
-                    done.set_exception(stored.exception())
+                if finished.exception() is not None:
+                    done.set_exception(finished.exception())
                 else:
-                    done.set_result(stored.result()[n])
+                    done.set_result(finished.result()[n])
             if self._waiting:
                 self._commit_waiting()
 
@@ -538,7 +540,7 @@ def next_revision(db: sqlite3.Connection, room_id: int) -> int:
 
 
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
-    return db.execute(f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id WHERE m.id = ?",
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
                       (message_id,)).fetchone()
 
 
@@ -564,8 +566,7 @@ def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sql
     # Returned only after COMMIT: nobody is shown a message the database could still lose.
     stored = [i for i in ids if i is not None]
     rows = {row["id"]: row for row in db.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-        f"WHERE m.id IN ({','.join('?' * len(stored))})", stored)} if stored else {}
+        f"{SELECT_MESSAGES} WHERE m.id IN ({','.join('?' * len(stored))})", stored)} if stored else {}
     return [rows.get(i) for i in ids]
 
 
@@ -580,7 +581,7 @@ class NotYours(Exception):
 
 def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> sqlite3.Row | None:
     """The message if it is in this room; NotYours if somebody else wrote it."""
-    row = db.execute("SELECT user_id FROM messages WHERE id = ? AND room_id = ?", (message_id, room_id)).fetchone()
+    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ?", (message_id, room_id)).fetchone()
     if row is not None and row["user_id"] != user_id:
         raise NotYours
     return row
@@ -611,8 +612,7 @@ def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_i
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
     """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
     rows = db.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-        "WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
         (room_id, before if before is not None else 2**63 - 1, limit + 1),
     ).fetchall()
     return rows[:limit][::-1], len(rows) > limit
@@ -622,8 +622,7 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int, limit: in
     """What changed in a room after `revision`: up to `limit` new or edited messages in id
     order, and the ids of deleted ones."""
     changed = db.execute(
-        f"SELECT {MESSAGE_COLUMNS} FROM messages m JOIN users u ON u.id = m.user_id "
-        "WHERE m.room_id = ? AND m.revision > ? ORDER BY m.revision LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? ORDER BY m.revision LIMIT ?",
         (room_id, revision, limit),
     ).fetchall()
     deleted = [row[0] for row in db.execute(
@@ -984,7 +983,7 @@ class RoomHub:
             conn.push(frame, TO_EVERYONE)
 
 
-def presence_frame(people: list[tuple[str, bool]]) -> str:
+def presence_frame(people: list[tuple[str, bool]]) -> str:  # (name, is a guest), by name
     return str(fragments.presence(people, oob=True))
 
 
@@ -996,7 +995,7 @@ class LocalFanout:
 
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub
-        self.shown: dict[str, list[str]] = {}  # the presence list each room's pages last got
+        self.shown: dict[str, list[tuple[str, bool]]] = {}  # the presence list each room's pages last got
         self.due: set[tuple[str, str]] = set()  # (action, room) waiting for its window to end
 
     async def start(self) -> None:
@@ -1425,15 +1424,14 @@ async def own_message_or_error(request: Request, room: sqlite3.Row) -> sqlite3.R
     """The message named in the URL, if the user wrote it: 404 if it is not in this room,
     403 if somebody else wrote it. The author check is here, on the server, whatever the
     page shows."""
-    message_id_ = message_id(request.path_params["message_id"])
-    store = chat_of(request).store
+    wanted = message_id(request.path_params["message_id"])
     try:
-        found = message_id_ and await store.read(own_message, message_id_, room["id"], request.state.user["id"])
+        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"])
     except NotYours:
         raise HTTPException(403, "Only its author can change a message.") from None
     if not found:
         raise HTTPException(404, "That message is not here (any more).")
-    return await store.read(message_by_id, message_id_)
+    return found
 
 
 @login_required
@@ -1455,12 +1453,11 @@ async def edit(request: Request) -> Response:
         if not text:
             raise Refused("A message needs some text; to remove it, use Delete.")
         await check_message(chat, room["id"], message["user_id"], text)
+        # (edit_message checks the author again inside its transaction; it was checked above)
         edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
     except Refused as problem:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
-    except NotYours:  # (a race with nothing: authors do not change) kept for the rule's sake
-        raise HTTPException(403, "Only its author can change a message.") from None
-    if edited is None:
+    if edited is None:  # deleted meanwhile
         raise HTTPException(404, "That message is not here (any more).")
     await chat.fanout.publish(room["slug"], str(fragments.messages_frame([edited])))
     return HTMLResponse(str(fragments.editor_closed()))
@@ -1519,8 +1516,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
               500: "Something broke"}
     if request.scope["type"] != "http":
         return PlainTextResponse(titles.get(status, "Error"), status_code=status)
-    if status == 500:
-        log.exception("error in %s %s", request.method, request.url.path, exc_info=exc)
     request.state.user = await current_user(request) if status != 500 else None
     response = render(request, "error.html", status, title=titles.get(status, "Error"),
                       detail=detail or "Something went wrong on our side. Nothing you sent was lost; try again.")
@@ -1680,8 +1675,8 @@ async def chat_socket(websocket: WebSocket) -> None:
     # and the page's upsert swap shows it once.
     if hub.join(conn):
         await fanout.came_online(conn)
-    # `after`: the newest message id the page holds. A client that does not say gets
-    # only what is said from now on.
+    # `after`: the room's revision the page was rendered at. A client that does not say
+    # gets only what is said from now on.
     after = message_id(websocket.query_params.get("after", ""))
     try:
         if after is not None and (frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after)):

@@ -165,11 +165,7 @@ def test_history_and_load_older_in_the_browser(people):
 
 def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     ada, grace = people
-    for person in people:
-        person.register()
-    ada.create_room("restart")
-    grace.page.goto(ada.page.url)
-    ada.page.locator("#presence li", has_text="grace").wait_for()
+    meet(people, "restart")
     ada.say("before the restart")
     grace.sees_message("before the restart")
 
@@ -202,6 +198,18 @@ def is_live(person: Person, name: str | None = None) -> None:
     expect(person.page.locator("#connection .now")).to_have_text("Live")
     expect(person.page.locator("#connection .now")).to_be_visible()
     person.page.locator("#presence li", has_text=name or person.name).wait_for()
+
+
+def meet(people: list[Person], room_name: str) -> str:
+    """Both register; ada creates the room, grace opens it, and both pages are live. Its URL."""
+    ada, grace = people
+    for person in people:
+        person.register()
+    ada.create_room(room_name)
+    grace.page.goto(ada.page.url)
+    is_live(grace)
+    is_live(ada, "grace")
+    return ada.page.url
 
 
 def open_room_with_held_scripts(person: Person, url: str, held: tuple[str, ...]) -> None:
@@ -269,12 +277,7 @@ def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_s
 
 def test_enter_pressed_twice_offline_sends_one_message_and_the_status_says_so(people, chat_server):
     ada, grace = people
-    for person in people:
-        person.register()
-    ada.create_room("flaky wifi")
-    grace.page.goto(ada.page.url)
-    is_live(grace)
-    is_live(ada, "grace")
+    meet(people, "flaky wifi")
 
     grace.context.set_offline(True)
     stale = grace.page.locator("#connection .stale")
@@ -445,11 +448,7 @@ def controls(person: Person, text: str):
 
 def test_edits_and_deletes_reach_every_page_even_one_that_was_offline(people):
     ada, grace = people
-    for person in people:
-        person.register()
-    ada.create_room("second thoughts")
-    grace.page.goto(ada.page.url)
-    is_live(grace)
+    meet(people, "second thoughts")
     for text in ("hello wrold", "to be deleted", "stays as it is"):
         ada.say(text)
         grace.sees_message(text)

@@ -62,6 +62,18 @@ def as_user(client: TestClient, cookies):
         client.cookies = saved
 
 
+@contextmanager
+def socket_as(client: TestClient, cookies, slug: str):
+    """A room socket opened as another user (or session), still open once the client's
+    own cookies are back."""
+    with as_user(client, cookies):
+        ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+    try:
+        yield ws
+    finally:
+        ws.__exit__(None, None, None)
+
+
 def receive_until(ws, needle: str, limit: int = 10) -> str:
     """The first frame containing `needle`; fails if `limit` frames pass without one."""
     seen = []
@@ -372,9 +384,7 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
     client, bob = two_users
     slug = create_room(client, "live")
     with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
-        with as_user(client, bob):
-            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        try:
+        with socket_as(client, bob, slug) as bob_ws:
             receive_until(alice_ws, "<bdi>bob</bdi>")  # presence: bob came online
             send(bob_ws, "  hello everyone  ")
             for ws in (alice_ws, bob_ws):
@@ -386,8 +396,6 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
             assert re.search(r'<input id="message-input"[^>]*hx-swap-oob="true">', reset)
             assert not re.search(r'<input id="message-input"[^>]*value=', reset)  # empty
             assert re.search(r'id="message-key" name="key" value="[\w-]{16,}" hx-swap-oob="true"', reset)
-        finally:
-            bob_ws.__exit__(None, None, None)
         receive_until(alice_ws, '<ul id="presence"')  # bob left
     assert db_rows(settings, "SELECT text FROM messages") == [("hello everyone",)]
 
@@ -497,9 +505,7 @@ def test_malformed_frames_leave_everyone_working(two_users, settings, bad_frame)
     client, bob = two_users
     slug = create_room(client, "robust")
     with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
-        with as_user(client, bob):
-            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        try:
+        with socket_as(client, bob, slug) as bob_ws:
             receive_until(alice_ws, "<bdi>bob</bdi>")
             receive_until(bob_ws, "<bdi>bob</bdi>")
             if isinstance(bad_frame, bytes):
@@ -511,8 +517,6 @@ def test_malformed_frames_leave_everyone_working(two_users, settings, bad_frame)
             assert "still here" in receive_until(bob_ws, "msg-")
             # alice's next frame is bob's message: she never saw his mistake
             assert "still here" in alice_ws.receive_text()
-        finally:
-            bob_ws.__exit__(None, None, None)
     assert db_rows(settings, "SELECT text FROM messages") == [("still here",)]
 
 
@@ -746,9 +750,7 @@ def test_logging_out_closes_open_room_sockets_at_once(alice, settings, scope):
     slug = create_room(alice, "shared computer")
     phone = second_session(alice, "alice")
     with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as here:
-        with as_user(alice, phone):
-            there = alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        try:
+        with socket_as(alice, phone, slug) as there:
             receive_until(here, "presence")
             receive_until(there, 'id="connection"')  # the same user: presence does not change
             fields = {"scope": "everywhere"} if scope == "everywhere" else {}
@@ -760,8 +762,6 @@ def test_logging_out_closes_open_room_sockets_at_once(alice, settings, scope):
             else:  # the phone's session lives on
                 send(there, "phone still works")
                 receive_until(there, "phone still works")
-        finally:
-            there.__exit__(None, None, None)
 
 
 def test_invite_link_survives_registration(client):
@@ -864,9 +864,7 @@ def test_authors_edit_and_delete_their_messages_and_every_page_sees_it(two_users
         (mid,) = [m for m in message_ids(client.get(room).text)][1:2]
         with sqlite3.connect(settings.db_path) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the text is in chat.db itself now
-        with as_user(client, bob):
-            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        try:
+        with socket_as(client, bob, slug) as bob_ws:
             receive_until(bob_ws, 'id="connection"')
             editor = client.get(f"{room}messages/{mid}/edit")
             assert editor.status_code == 200 and 'value="first draft"' in editor.text
@@ -878,8 +876,6 @@ def test_authors_edit_and_delete_their_messages_and_every_page_sees_it(two_users
             assert htmx_post(client, f"{room}messages/{mid}/delete", room).status_code == 200
             for ws in (alice_ws, bob_ws):
                 assert f'<div id="msg-{mid}" hx-swap-oob="delete"></div>' in receive_until(ws, "hx-swap-oob=\"delete\"")
-        finally:
-            bob_ws.__exit__(None, None, None)
     assert db_rows(settings, "SELECT text FROM messages ORDER BY id") == [("before it",), ("after it",)]
     with sqlite3.connect(settings.db_path) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -1007,9 +1003,7 @@ def test_leaving_a_room_takes_it_off_the_list_and_out_of_presence(two_users):
     with as_user(client, bob):
         client.get(f"/room/{slug}/")
     with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws:
-        with as_user(client, bob):
-            bob_ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
-        try:
+        with socket_as(client, bob, slug) as bob_ws:
             receive_until(alice_ws, "<bdi>bob</bdi>")
             with as_user(client, bob):
                 assert post_form(client, f"/room/{slug}/", f"/room/{slug}/leave").status_code == 303
@@ -1017,8 +1011,6 @@ def test_leaving_a_room_takes_it_off_the_list_and_out_of_presence(two_users):
             code, frames = closed_with(bob_ws)
             assert code == 1008 and "You left this room" in frames
             assert "bob" not in receive_until(alice_ws, 'id="presence"')
-        finally:
-            bob_ws.__exit__(None, None, None)
     with as_user(client, bob):
         assert post_form(client, "/", "/join/", room_slug=slug).status_code == 303  # back by its code
         client.get(f"/room/{slug}/")
