@@ -2112,8 +2112,10 @@ def main(argv: list[str] | None = None) -> None:
         name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
         hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
     # Every connection is a file descriptor: keep the total under what the process may open,
-    # less one accept() burst (the listen backlog) and the files it needs besides.
-    spare = ACCEPT_BACKLOG + 64
+    # less the files it needs besides and three accept() bursts (the listen backlog each):
+    # asyncio accepts a burst per loop turn and a connection refused with a 503 closes
+    # three turns after its accept, so three bursts can be open at once.
+    spare = 3 * ACCEPT_BACKLOG + 64
     max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
                            "max_connections": max_connections, "guests": args.guests})
