@@ -212,6 +212,8 @@ CREATE TABLE IF NOT EXISTS deletions (  -- a deleted message leaves only its id 
     revision   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deletions_by_revision ON deletions(room_id, revision);
+CREATE TRIGGER IF NOT EXISTS messages_advance_room AFTER INSERT ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
 """
 
 # Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
@@ -544,30 +546,30 @@ def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None
                       (message_id,)).fetchone()
 
 
+# One statement stores a message and hands back its row as pages show it: its id is past
+# every deleted one too (SQLite would reuse a deleted newest id, and a page catching up
+# would take the new message for the deleted one); its revision is the room's next, which
+# the trigger messages_advance_room then records in the room.
+INSERT_MESSAGE = (
+    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
+    "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
+    "        ?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?4, (SELECT revision + 1 FROM rooms WHERE id = ?1)) "
+    "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
+    "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
+    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at")
+
 NewMessage = tuple[int, int, str, "str | None"]  # room id, user id, text, the composer's key
 
 
 def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | None]:
     """Store messages in one transaction (group commit: see Store.add_message). For each,
     its row, or None when its user already sent one with its key (a resend)."""
-    ids = []
+    rows = []
     with transaction(db):
-        for room_id, user_id, text, client_key in messages:
-            # The id is past every deleted one too: SQLite would reuse a deleted newest id,
-            # and a page catching up would take the new message for the deleted one.
-            cur = db.execute(
-                "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
-                "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), "
-                "                coalesce((SELECT max(message_id) FROM deletions), 0)), ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (room_id, user_id, text, utc_now(), client_key, next_revision(db, room_id)),
-            )
-            ids.append(cur.lastrowid if cur.rowcount else None)  # (a resend's revision: an unused gap)
-    # Returned only after COMMIT: nobody is shown a message the database could still lose.
-    stored = [i for i in ids if i is not None]
-    rows = {row["id"]: row for row in db.execute(
-        f"{SELECT_MESSAGES} WHERE m.id IN ({','.join('?' * len(stored))})", stored)} if stored else {}
-    return [rows.get(i) for i in ids]
+        for message in messages:
+            returned = db.execute(INSERT_MESSAGE, message).fetchall()  # all: the statement ends before COMMIT
+            rows.append(returned[0] if returned else None)
+    return rows  # only after COMMIT: nobody is shown a message the database could still lose
 
 
 def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str,
@@ -857,7 +859,8 @@ class Connection:
                     await asyncio.sleep(0)
                 else:
                     # What asyncio's Task does with each future a coroutine yields: clear the
-                    # "a task is blocked on me" mark, then wait for it.
+                    # "a task is blocked on me" mark, then wait for it. (Left set, awaiting
+                    # the future again raises "await wasn't used with future".)
                     waiting_for._asyncio_future_blocking = False
                     await waiting_for
                 try:
