@@ -456,10 +456,16 @@ def many_rooms(args: argparse.Namespace) -> dict:
         result["runs"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
         if not args.json:
             print_pair(*pair)
+        if args.workers:
+            scaled = one_run("app", rate=rate, workers=args.workers, **shape)
+            result["runs"][-1]["app_redis"] = asdict(scaled)
+            if not args.json:
+                print(f"  with Redis fan-out, {args.workers} workers, against one process:")
+                print_pair(scaled, pair[0], ("workers", "1 process"))
     if args.capacity:
         for kind in ("app", "baseline"):
             best = 0.0
-            for rate in (10, 20, 30, 45, 60, 80, 100, 130, 160, 200):  # per room
+            for rate in (10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 120, 140, 160, 200):  # per room
                 run = one_run(kind, rate=rate, **{**shape, "duration": 5})
                 if run.lost or run.p99_ms >= 100 or not run.valid:
                     break

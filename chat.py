@@ -269,8 +269,11 @@ def transaction(db: sqlite3.Connection) -> Any:
     db.execute("COMMIT")
 
 
+ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"  # every time in the database: UTC, to the second, sorts as text
+
+
 def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(timezone.utc).strftime(ISO_SECONDS)
 
 
 class Store:
@@ -413,7 +416,7 @@ def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
 
 
 def utc_ago(**delta: float) -> str:
-    return (datetime.now(timezone.utc) - timedelta(**delta)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
 def create_session(db: sqlite3.Connection, user_id: int) -> str:
@@ -431,10 +434,11 @@ def create_session(db: sqlite3.Connection, user_id: int) -> str:
 def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
     """The session's user, with `session_seen`; None once the session has ended: logged
     out, idle for SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), or older than SESSION_MAX_DAYS."""
-    return db.execute(
+    return db.execute(  # (the cut-off times computed by SQLite: every handshake asks this)
         "SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.id = ? AND s.last_seen_at >= CASE WHEN u.is_guest THEN ? ELSE ? END AND s.created_at >= ?",
-        (session_id, utc_ago(hours=GUEST_IDLE_HOURS), utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)),
+        "WHERE s.id = ?1 AND s.last_seen_at >= strftime(?2, 'now', CASE WHEN u.is_guest THEN ?3 ELSE ?4 END) "
+        "AND s.created_at >= strftime(?2, 'now', ?5)",
+        (session_id, ISO_SECONDS, f"-{GUEST_IDLE_HOURS} hours", f"-{SESSION_IDLE_DAYS} days", f"-{SESSION_MAX_DAYS} days"),
     ).fetchone()
 
 
@@ -553,7 +557,7 @@ def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None
 INSERT_MESSAGE = (
     "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
     "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
-    "        ?1, ?2, ?3, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?4, (SELECT revision + 1 FROM rooms WHERE id = ?1)) "
+    f"        ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, (SELECT revision + 1 FROM rooms WHERE id = ?1)) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
     "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at")
@@ -1595,7 +1599,7 @@ def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
     origin = websocket.headers.get("origin")
     if origin is None:
         return True  # not a browser (browsers always send Origin); the session still has to be valid
-    scheme = "https" if websocket.url.scheme == "wss" else "http"
+    scheme = "https" if websocket.scope["scheme"] == "wss" else "http"  # (not .url: it parses the whole URL)
     origin = origin.rstrip("/").lower()
     return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
 
