@@ -73,8 +73,10 @@ def baseline_app():
 def serve_baseline(port: int, ws: str) -> None:
     import uvicorn
 
+    # Logging as uvicorn does by default and as `python chat.py` does (INFO: three lines per
+    # WebSocket), so that the handshake figures compare the apps, not their log levels.
     uvicorn.run(baseline_app(), host="127.0.0.1", port=port, ws=ws, ws_per_message_deflate=False,
-                ws_max_size=65536, log_level="warning")
+                ws_max_size=65536, log_level="info")
 
 
 # --- server processes --------------------------------------------------------------------

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,3 +30,19 @@ def test_bench_runs_end_to_end_and_reports_json():
         assert run["rooms"] == 4 and run["expected"] == 24 and run["received"] == 24 and run["lost"] == 0
     assert [row["messages"] for row in report["history"]] == [0, 60]
     assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])
+
+
+def test_bench_measures_the_redis_path_in_many_small_rooms():
+    if shutil.which("redis-server") is None:
+        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed, and BACKCHAT_REQUIRE_REDIS=1")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    done = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), "--sockets", "4", "--rates", "2", "--duration", "1", "--history",
+         "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    (rooms,) = json.loads(done.stdout)["many_rooms"]["runs"]
+    scaled = rooms["app_redis"]  # 2 uvicorn workers and their redis-server, CPU of all three counted
+    assert scaled["server"] == "app+redis" and scaled["rooms"] == 3
+    assert scaled["expected"] == 18 and scaled["received"] == 18 and scaled["lost"] == 0
