@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import re
 import resource
 import secrets
@@ -277,85 +276,6 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime(ISO_SECONDS)
 
 
-class DatabaseThread:
-    """A thread with its own SQLite connection. It runs the functions queued for it in
-    order, and hands back everything it finished in one go: one trip to the event loop
-    per batch. Chat messages that wait for it together are committed together (group
-    commit), so the hand-off and the commit are paid per batch, not per message, while a
-    lone message still goes at once."""
-
-    MESSAGE = "message"  # queued by add_message: a NewMessage, committed with its neighbours
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.db: sqlite3.Connection | None = None
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()  # (function, args, future or None); None: stop
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.thread: threading.Thread | None = None
-
-    async def start(self, connect: Callable[[], sqlite3.Connection]) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.thread.start()
-        self.db = await self.call(lambda _: connect())  # opened (and migrated) on its own thread
-
-    async def stop(self) -> None:
-        """Finish every queued job, close the connection, end the thread."""
-        await self.call(lambda db: db.close())
-        self.jobs.put(None)
-        self.thread.join()
-
-    async def call(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Run function(connection, *args) on the thread and return its result."""
-        done = self.loop.create_future()
-        self.jobs.put((function, args, done))
-        return await done
-
-    def call_soon(self, function: Callable[..., Any], *args: Any) -> None:
-        """Queue function(connection, *args); nobody waits for it (a failure is logged)."""
-        self.jobs.put((function, args, None))
-
-    async def add_message(self, message: NewMessage) -> sqlite3.Row | None:
-        done = self.loop.create_future()
-        self.jobs.put((self.MESSAGE, message, done))
-        return await done
-
-    def _run(self) -> None:
-        while True:
-            jobs = [self.jobs.get()]  # wait for work; then take everything queued meanwhile
-            while not self.jobs.empty():
-                jobs.append(self.jobs.get_nowait())
-            stopping = None in jobs
-            jobs = jobs[:jobs.index(None)] if stopping else jobs
-            finished: list[tuple[asyncio.Future | None, Any, BaseException | None]] = []
-            for is_message, run in itertools.groupby(jobs, key=lambda job: job[0] is self.MESSAGE):
-                run = list(run)
-                if is_message:  # all in one transaction: each stored, or none
-                    rows, error = self._attempt(add_messages, [message for _, message, _ in run])
-                    finished += [(done, rows[n] if rows else None, error) for n, (_, _, done) in enumerate(run)]
-                else:
-                    finished += [(done, *self._attempt(function, *args)) for function, args, done in run]
-            if finished:
-                self.loop.call_soon_threadsafe(self._hand_back, finished)
-            if stopping:
-                return
-
-    def _attempt(self, function: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None]:
-        try:
-            return function(self.db, *args), None
-        except Exception as error:
-            return None, error
-
-    @staticmethod
-    def _hand_back(finished: list[tuple[asyncio.Future | None, Any, BaseException | None]]) -> None:
-        for done, result, error in finished:
-            if done is None:
-                if error is not None:
-                    log.warning("background write failed: %r", error)
-            elif not done.done():  # (done: its awaiter went away meanwhile)
-                done.set_result(result) if error is None else done.set_exception(error)
-
-
 class Store:
     """The database threads. The queries below are plain functions of a connection;
     read() and write() run one on the right thread and await its result."""
@@ -365,35 +285,74 @@ class Store:
         # One writer thread (SQLite has one writer at a time anyway) and one reader
         # thread with its own connection: in WAL mode readers never wait for a write,
         # so a slow commit does not hold up page loads, catch-ups or handshakes.
-        self._writer = DatabaseThread("sqlite-write")
-        self._reader = DatabaseThread("sqlite-read")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-write")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        self._write_db: sqlite3.Connection | None = None
+        self._read_db: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._waiting: list[tuple[NewMessage, asyncio.Future]] = []  # messages for the next commit
+        self._committing = False
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
-        return await self._reader.call(method, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
 
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
-        return await self._writer.call(method, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
 
     async def add_message(self, room_id: int, user_id: int, text: str, key: str | None) -> sqlite3.Row | None:
-        """Store one message, committed together with any others waiting (group commit)."""
-        return await self._writer.add_message((room_id, user_id, text, key))
+        """Store one message, committed with whatever else is waiting (group commit). A lone
+        message goes to the writer at once; messages that arrive while a commit is under way
+        wait for it to end, then all of them go in one transaction and come back in one trip,
+        so the hand-off and the commit are paid per batch, not per message."""
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append(((room_id, user_id, text, key), done))
+        if not self._committing:
+            self._commit_waiting()
+        return await done
+
+    def _commit_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._committing = True
+        stored = asyncio.get_running_loop().run_in_executor(
+            self._writer, add_messages, self._write_db, [message for message, _ in batch])
+
+        def hand_back(finished: asyncio.Future) -> None:
+            self._committing = False
+            for n, (_, done) in enumerate(batch):
+                if done.done():  # its sender went away meanwhile
+                    continue
+                if finished.exception() is not None:
+                    done.set_exception(finished.exception())
+                else:
+                    done.set_result(finished.result()[n])
+            if self._waiting:
+                self._commit_waiting()
+
+        stored.add_done_callback(hand_back)
 
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
-        self._writer.call_soon(method, *args)
+        def report(done: Any) -> None:
+            if done.exception() is not None:
+                log.warning("background write failed: %r", done.exception())
+
+        self._writer.submit(method, self._write_db, *args).add_done_callback(report)
 
     async def open(self) -> None:
-        await self._writer.start(functools.partial(self._connect, True))
-        await self._reader.start(functools.partial(self._connect, False))
+        loop = asyncio.get_running_loop()
+        self._write_db = await loop.run_in_executor(self._writer, self._connect, True)
+        self._read_db = await loop.run_in_executor(self._reader, self._connect, False)
         self._checkpointer = threading.Thread(target=self._checkpoint_every_second, name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
 
     async def close(self) -> None:
         """Wait for every queued write to commit, then close."""
-        await self._writer.stop()
-        await self._reader.stop()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._write_db.close)
+        await loop.run_in_executor(self._reader, self._read_db.close)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
         self._stopping.set()
         self._checkpointer.join()
 
