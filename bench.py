@@ -390,6 +390,31 @@ def median_get_ms(client, url: str, repeats: int) -> float:
     return 1000 * statistics.median(samples)
 
 
+def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, repeats: int) -> dict:
+    """A reconnect's catch-up at its bound (CATCH_UP_LIMIT missed messages, or all there are)
+    against the newest history page, both read and rendered here, as the reader thread does."""
+    import chat
+
+    db = sqlite3.connect(path)
+    db.row_factory = sqlite3.Row
+
+    def median_ms(work) -> float:
+        work()  # warm
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            samples.append(time.perf_counter() - start)
+        return 1000 * statistics.median(samples)
+
+    try:
+        return {"catch_up_ms": median_ms(lambda: chat.catch_up_frame(db, room_id, slug, max(0, count - chat.CATCH_UP_LIMIT))),
+                "history_page_ms": median_ms(lambda: str(chat.fragments.history_page(
+                    {"slug": slug}, *chat.page_before(db, room_id, None), oob=True)))}
+    finally:
+        db.close()
+
+
 def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
     import httpx
 
@@ -401,13 +426,14 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
                 cookie, (slug,) = http_setup(server.port)
                 with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
                     room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
-                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, ?, ?, ?)",
-                                   ((room_id, user_id, f"history message {n}", "2026-01-01T00:00:00Z")
+                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                                   ((room_id, user_id, f"history message {n}", "2026-01-01T00:00:00Z", n + 1)
                                     for n in range(count)))
                 with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
                     older = f"/room/{slug}/messages?before={count // 2 + 1}"
                     results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
-                                    "older_page_ms": median_get_ms(client, older, repeats)})
+                                    "older_page_ms": median_get_ms(client, older, repeats),
+                                    **catch_up_against_page_ms(Path(workdir) / "bench.db", room_id, slug, count, repeats)})
             finally:
                 server.stop()
     return results
@@ -528,9 +554,11 @@ def main(argv: list[str] | None = None) -> None:
         report["history"] = history_timings(args.history)
         if not args.json:
             print("\nHistory (median of 30 GETs)")
-            print(f"  {'messages':>10}{'room page (ms)':>16}{'older page (ms)':>17}")
+            print(f"  {'messages':>10}{'room page (ms)':>16}{'older page (ms)':>17}"
+                  f"{'catch-up at its bound (ms)':>28}{'a history page (ms)':>21}")
             for row in report["history"]:
-                print(f"  {row['messages']:>10,}{row['room_page_ms']:>16.2f}{row['older_page_ms']:>17.2f}")
+                print(f"  {row['messages']:>10,}{row['room_page_ms']:>16.2f}{row['older_page_ms']:>17.2f}"
+                      f"{row['catch_up_ms']:>28.2f}{row['history_page_ms']:>21.2f}")
     if args.json:
         print(json.dumps(report, indent=2))
 

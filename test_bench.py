@@ -30,6 +30,7 @@ def test_bench_runs_end_to_end_and_reports_json():
         assert run["rooms"] == 4 and run["expected"] == 24 and run["received"] == 24 and run["lost"] == 0
     assert [row["messages"] for row in report["history"]] == [0, 60]
     assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])
+    assert all(row["catch_up_ms"] > 0 and row["history_page_ms"] > 0 for row in report["history"])
 
 
 def test_bench_measures_the_redis_path_in_many_small_rooms():
