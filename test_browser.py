@@ -188,6 +188,32 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     ada.screenshot("after-restart")
 
 
+def test_a_page_more_than_a_page_behind_gets_the_newest_page_and_can_load_the_rest(people, chat_server):
+    """Past the catch-up bound (a page of changes) a reconnecting page is re-synced whole:
+    the newest page, with "Load older" for the rest, nothing twice, nothing lost."""
+    ada, grace = people
+    meet(people, "far behind")
+    ada.say("before the restart")
+    grace.sees_message("before the restart")
+    chat_server.stop()  # the pages' sockets close; they reconnect with the revision they have
+    db = sqlite3.connect(chat_server.db_path, isolation_level=None)  # what was said meanwhile
+    db.row_factory = sqlite3.Row
+    room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+    missed = chat.CATCH_UP_LIMIT + 10
+    for n in range(missed):
+        chat.add_message(db, room_id, user_id, f"missed {n}")
+    db.close()
+    chat_server.start()
+    texts = grace.page.locator("#messages .msg p")
+    texts.filter(has_text=f"missed {missed - 1}").wait_for(timeout=15_000)
+    expect(texts).to_have_count(chat.PAGE_SIZE)  # the newest page, in place of what it showed
+    assert texts.all_inner_texts() == [f"missed {n}" for n in range(missed - chat.PAGE_SIZE, missed)]
+    grace.page.click("button:has-text('Load older messages')")
+    expect(texts).to_have_count(missed + 1)
+    assert texts.all_inner_texts() == ["before the restart"] + [f"missed {n}" for n in range(missed)]
+    grace.screenshot("far-behind")  # (console errors: only the refused reconnects while the server was down)
+
+
 # --- real conditions: held-back scripts, no JavaScript, offline, dead links, slow phones ---
 
 SCRIPTS = ("htmx.min.js", "hx-ws.min.js", "hx-upsert.min.js")
