@@ -576,11 +576,6 @@ def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sql
     return rows  # only after COMMIT: nobody is shown a message the database could still lose
 
 
-def add_message(db: sqlite3.Connection, room_id: int, user_id: int, text: str,
-                client_key: str | None = None) -> sqlite3.Row | None:
-    return add_messages(db, [(room_id, user_id, text, client_key)])[0]
-
-
 class NotYours(Exception):
     """Only a message's author may edit or delete it."""
 

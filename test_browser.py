@@ -173,8 +173,7 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     db = sqlite3.connect(chat_server.db_path, isolation_level=None)  # what others said meanwhile,
     db.row_factory = sqlite3.Row  # stored the way the app stores it (another worker, say)
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
-    for n in range(3):
-        chat.add_message(db, room_id, user_id, f"while away {n}")
+    chat.add_messages(db, [(room_id, user_id, f"while away {n}", None) for n in range(3)])
     db.close()
     chat_server.start()
 
@@ -200,8 +199,7 @@ def test_a_page_more_than_a_page_behind_gets_the_newest_page_and_can_load_the_re
     db.row_factory = sqlite3.Row
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
     missed = chat.CATCH_UP_LIMIT + 10
-    for n in range(missed):
-        chat.add_message(db, room_id, user_id, f"missed {n}")
+    chat.add_messages(db, [(room_id, user_id, f"missed {n}", None) for n in range(missed)])
     db.close()
     chat_server.start()
     texts = grace.page.locator("#messages .msg p")

@@ -848,6 +848,16 @@ def message_ids(frame: str) -> list[int]:
     return [int(i) for i in re.findall(r'id="msg-(\d+)"', frame)]
 
 
+def say_in(client: TestClient, slug: str, *texts: str) -> list[int]:
+    """The client's user sends each text over a socket of its own and sees it stored; their ids."""
+    ids = []
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        for text in texts:
+            send(ws, text)
+            ids += message_ids(receive_until(ws, text))
+    return ids
+
+
 def htmx_post(client: TestClient, url: str, page: str, **fields: str):
     """What an htmx button does: POST with the page's CSRF token in X-CSRF-Token."""
     return client.post(url, data=fields, headers={"x-csrf-token": csrf(client.get(page).text), "hx-request": "true"})
@@ -887,9 +897,7 @@ def test_only_the_author_may_edit_or_delete(two_users, settings):
     client, bob = two_users
     slug = create_room(client, "mine")
     room = f"/room/{slug}/"
-    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        send(ws, "alice's words")
-        (mid,) = message_ids(receive_until(ws, "alice"))
+    (mid,) = say_in(client, slug, "alice wrote this")
     with as_user(client, bob):
         client.get(room)  # bob joins the room
         assert client.get(f"{room}messages/{mid}/edit").status_code == 403
@@ -899,7 +907,7 @@ def test_only_the_author_may_edit_or_delete(two_users, settings):
     other_room = create_room(client, "elsewhere")
     assert htmx_post(client, f"/room/{other_room}/messages/{mid}/delete", room).status_code == 404
     assert htmx_post(client, f"{room}messages/{2**64}/delete", room).status_code == 404
-    assert db_rows(settings, "SELECT text FROM messages") == [("alice's words",)]
+    assert db_rows(settings, "SELECT text FROM messages") == [("alice wrote this",)]
 
 
 def test_edits_obey_the_rules_for_new_messages(tmp_path):
@@ -908,9 +916,7 @@ def test_edits_obey_the_rules_for_new_messages(tmp_path):
         register(client, "alice")
         slug = create_room(client, "rules")
         room = f"/room/{slug}/"
-        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-            send(ws, "original")
-            (mid,) = message_ids(receive_until(ws, "original"))
+        (mid,) = say_in(client, slug, "original")
         too_long = htmx_post(client, f"{room}messages/{mid}/edit", room, message="x" * 4001)
         assert too_long.status_code == 400 and "at most 4,000" in too_long.text
         assert htmx_post(client, f"{room}messages/{mid}/edit", room, message="  \x00 ").status_code == 400
@@ -923,10 +929,7 @@ def test_a_page_that_was_away_catches_up_on_edits_and_deletes(two_users):
     client, bob = two_users
     slug = create_room(client, "away")
     room = f"/room/{slug}/"
-    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        for text in ("keep", "edit me", "delete me"):
-            send(ws, text)
-            receive_until(ws, text)
+    say_in(client, slug, "keep", "edit me", "delete me")
     with as_user(client, bob):
         page = client.get(room).text  # bob's page, rendered now; then bob goes offline
         cursor = int(re.search(r"\?after=(\d+)", page).group(1))
@@ -947,15 +950,11 @@ def test_unread_badges_and_the_new_divider(two_users, settings):
     client, bob = two_users
     slug = create_room(client, "unread")
     room = f"/room/{slug}/"
-    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        send(ws, "seen by alice")
-        receive_until(ws, "seen by alice")
+    say_in(client, slug, "seen by alice")
     writes_done(client)  # the socket's close marked the room read
     assert 'class="badge"' not in client.get("/").text
-    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as bob_ws:
-        for n in range(3):
-            send(bob_ws, f"unseen {n}")
-            receive_until(bob_ws, f"unseen {n}")
+    with as_user(client, bob):
+        say_in(client, slug, *(f"unseen {n}" for n in range(3)))
     writes_done(client)
     home = client.get("/").text
     assert re.search(r'class="badge"[^>]*>3<span class="visually-hidden"> new</span>', home)
