@@ -2,6 +2,7 @@
 
     python bench.py                 # about a minute: one fan-out run per server, history timings
     python bench.py --full          # the grid: N = 100, 500, 1000 sockets x R = 10, 20, 50 msg/s
+    python bench.py --floor         # also the floor: what committing off the event loop costs at the least
     python bench.py --json          # machine-readable
 
 Each server runs in its own process, pinned to core 0 when `taskset` exists; this load
@@ -45,21 +46,51 @@ TOKEN_RE = re.compile(rb"~T(\d+)~")
 # --- the baseline server: the least a Starlette/uvicorn chat can do ---------------------
 
 
-def baseline_app():
-    """Accept, keep a set per room, send each text to all. No auth, no database, no HTML."""
+def baseline_app(floor_db: Path | None = None):
+    """Accept, keep a set per room, send each text to all. No auth, no database, no HTML.
+
+    With `floor_db`, the floor: the loop plus the least the issue's promises cost, done as
+    the app does them. A handshake checks the signed session cookie (Starlette's
+    SessionMiddleware), the Origin, and reads the session on a reader thread; a message is
+    committed on a writer thread (SQLite, WAL, synchronous=NORMAL) before anyone gets it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.sessions import SessionMiddleware
     from starlette.routing import WebSocketRoute
     from starlette.websockets import WebSocketDisconnect
 
     rooms: dict[str, set] = {}
+    if floor_db is not None:
+        write_db, read_db = (sqlite3.connect(floor_db, isolation_level=None, check_same_thread=False) for _ in "wr")
+        write_db.execute("PRAGMA journal_mode=WAL")
+        write_db.execute("PRAGMA synchronous=NORMAL")
+        write_db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, user_id INTEGER)")
+        write_db.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, user_id INTEGER, text TEXT)")
+        write_db.execute("INSERT INTO sessions VALUES (?, 1)", (FLOOR_SESSION_ID,))
+        writer, reader = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    def session_user(session_id: str):
+        return read_db.execute("SELECT user_id FROM sessions WHERE id = ?", (session_id,)).fetchone()
+
+    def store(user_id: int, text: str) -> None:
+        write_db.execute("INSERT INTO messages (user_id, text) VALUES (?, ?)", (user_id, text))
 
     async def chat(websocket):
+        loop = asyncio.get_running_loop()
+        if floor_db is not None:
+            user = await loop.run_in_executor(reader, session_user, websocket.session.get("sid", ""))
+            if user is None or websocket.headers.get("origin") != f"http://{websocket.headers.get('host')}":
+                return await websocket.close()
         await websocket.accept()
         room = rooms.setdefault(websocket.path_params["slug"], set())
         room.add(websocket)
         try:
             while True:
                 text = await websocket.receive_text()
+                if floor_db is not None:
+                    await loop.run_in_executor(writer, store, user[0], text)
                 for peer in list(room):
                     await peer.send_text(text)
         except WebSocketDisconnect:
@@ -67,15 +98,27 @@ def baseline_app():
         finally:
             room.discard(websocket)
 
-    return Starlette(routes=[WebSocketRoute("/chat/{slug}/", chat)])
+    middleware = [Middleware(SessionMiddleware, secret_key=FLOOR_SECRET)] if floor_db is not None else []
+    return Starlette(routes=[WebSocketRoute("/chat/{slug}/", chat)], middleware=middleware)
 
 
-def serve_baseline(port: int, ws: str) -> None:
+FLOOR_SECRET, FLOOR_SESSION_ID = "bench", "floor-session"
+
+
+def floor_cookie() -> str:
+    """The session cookie the floor server accepts, made as SessionMiddleware makes one."""
+    import itsdangerous
+
+    data = base64.b64encode(json.dumps({"sid": FLOOR_SESSION_ID}).encode())
+    return f"session={itsdangerous.TimestampSigner(FLOOR_SECRET).sign(data).decode()}"
+
+
+def serve_baseline(port: int, ws: str, floor_db: Path | None = None) -> None:
     import uvicorn
 
     # Logging as uvicorn does by default and as `python chat.py` does (INFO: three lines per
     # WebSocket), so that the handshake figures compare the apps, not their log levels.
-    uvicorn.run(baseline_app(), host="127.0.0.1", port=port, ws=ws, ws_per_message_deflate=False,
+    uvicorn.run(baseline_app(floor_db), host="127.0.0.1", port=port, ws=ws, ws_per_message_deflate=False,
                 ws_max_size=65536, log_level="info")
 
 
@@ -115,6 +158,8 @@ class Server:
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", env["CHAT_DB"]]
         else:
             cmd = [sys.executable, str(HERE / "bench.py"), "--serve-baseline", str(self.port), "--ws", ws]
+            if kind == "floor":
+                cmd += ["--floor-db", str(workdir / "floor.db")]
         self.log = open(workdir / f"{kind}.log", "wb")
         self.process = subprocess.Popen(pinned(cmd, 0), env=env, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
@@ -297,7 +342,10 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     """`rooms` rooms of `sockets` sockets each; in each, `senders` of them send `rate`
     messages a second between them."""
     run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders, rooms)
-    cookie, slugs = http_setup(server.port, rooms) if server.kind == "app" else ("", [f"bench{n}" for n in range(rooms)])
+    if server.kind == "app":
+        cookie, slugs = http_setup(server.port, rooms)
+    else:
+        cookie, slugs = floor_cookie() if server.kind == "floor" else "", [f"bench{n}" for n in range(rooms)]
     loop = asyncio.get_running_loop()
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
@@ -474,22 +522,35 @@ def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline"
             print(f"  {run.server}: {'INVALID: ' if not run.valid else ''}{'; '.join(run.notes)}")
 
 
+def compare(args: argparse.Namespace, run) -> dict:
+    """One shape: the app against the baseline, then (when asked) the floor against the
+    baseline and Redis workers against one process; `run(kind, workers=0)` makes one run."""
+    app, base = run("app"), run("baseline")
+    result = {"app": asdict(app), "baseline": asdict(base)}
+    if not args.json:
+        print_pair(app, base)
+    if args.floor:
+        floor = run("floor")
+        result["floor"] = asdict(floor)
+        if not args.json:
+            print("  the floor (the loop + a session read and a commit, each on a thread) against the loop:")
+            print_pair(floor, base, ("floor", "baseline"))
+    if args.workers:
+        scaled = run("app", workers=args.workers)
+        result["app_redis"] = asdict(scaled)
+        if not args.json:
+            print(f"  with Redis fan-out, {args.workers} workers, against one process:")
+            print_pair(scaled, app, ("workers", "1 process"))
+    return result
+
+
 def many_rooms(args: argparse.Namespace) -> dict:
     """Small rooms, which is what most chats are: here the per-message work is the whole cost."""
     shape = dict(sockets=args.room_sockets, senders=1, duration=args.duration, size=args.size, ws=args.ws,
                  rooms=args.rooms)
     result: dict = {"runs": [], "capacity": {}}
     for rate in args.room_rates:
-        pair = [one_run(kind, rate=rate, **shape) for kind in ("app", "baseline")]
-        result["runs"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
-        if not args.json:
-            print_pair(*pair)
-        if args.workers:
-            scaled = one_run("app", rate=rate, workers=args.workers, **shape)
-            result["runs"][-1]["app_redis"] = asdict(scaled)
-            if not args.json:
-                print(f"  with Redis fan-out, {args.workers} workers, against one process:")
-                print_pair(scaled, pair[0], ("workers", "1 process"))
+        result["runs"].append(compare(args, lambda kind, workers=0: one_run(kind, rate=rate, workers=workers, **shape)))
     if args.capacity:
         for kind in ("app", "baseline"):
             best = 0.0
@@ -524,30 +585,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--room-rates", type=float, nargs="+", default=[10, 30], help="messages/s per room there")
     parser.add_argument("--capacity", action="store_true",
                         help="step the many-rooms rate up until p99 passes 100 ms or a message is lost")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the floor: the baseline plus a session read and a commit on threads")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--floor-db", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline:
-        return serve_baseline(args.serve_baseline, args.ws)
+        return serve_baseline(args.serve_baseline, args.ws, args.floor_db)
     if args.full:
         args.sockets, args.rates, args.duration = [100, 500, 1000], [10, 20, 50], 10
-        args.rooms, args.capacity = args.rooms or 100, True
+        args.rooms, args.capacity, args.floor = args.rooms or 100, True, True
     os.sched_setaffinity(0, {1}) if hasattr(os, "sched_setaffinity") and os.cpu_count() >= 2 else None
 
     report: dict = {"fan_out": [], "history": []}
     for sockets in args.sockets:
         for rate in args.rates:
-            pair = [one_run(kind, sockets, rate, args.senders, args.duration, args.size, args.ws)
-                    for kind in ("app", "baseline")]
-            report["fan_out"].append({"app": asdict(pair[0]), "baseline": asdict(pair[1])})
-            if not args.json:
-                print_pair(*pair)
-            if args.workers:
-                scaled = one_run("app", sockets, rate, args.senders, args.duration, args.size, args.ws, args.workers)
-                report["fan_out"][-1]["app_redis"] = asdict(scaled)
-                if not args.json:
-                    print(f"  with Redis fan-out, {args.workers} workers, against one process:")
-                    print_pair(scaled, pair[0], ("workers", "1 process"))
+            report["fan_out"].append(compare(args, lambda kind, workers=0: one_run(
+                kind, sockets, rate, args.senders, args.duration, args.size, args.ws, workers)))
     if args.rooms:
         report["many_rooms"] = many_rooms(args)
     if args.history:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+import bench
 
 HERE = Path(__file__).resolve().parent
 
@@ -17,16 +22,16 @@ HERE = Path(__file__).resolve().parent
 def test_bench_runs_end_to_end_and_reports_json():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
-         "--history", "0", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--json"],
+         "--history", "0", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--floor", "--json"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     report = json.loads(done.stdout)
     (pair,) = report["fan_out"]
-    for run in (pair["app"], pair["baseline"]):
+    for run in (pair["app"], pair["baseline"], pair["floor"]):
         assert run["expected"] == 25 and run["received"] == 25 and run["lost"] == 0
         assert run["cpu_us_per_frame"] >= 0 and run["handshakes_per_s"] > 0  # CPU ticks are 10 ms: may read 0
     (rooms,) = report["many_rooms"]["runs"]  # 4 rooms x 2 sockets, 3 msg/s each for 1 s
-    for run in (rooms["app"], rooms["baseline"]):
+    for run in (rooms["app"], rooms["baseline"], rooms["floor"]):
         assert run["rooms"] == 4 and run["expected"] == 24 and run["received"] == 24 and run["lost"] == 0
     assert [row["messages"] for row in report["history"]] == [0, 60]
     assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])
@@ -47,3 +52,23 @@ def test_bench_measures_the_redis_path_in_many_small_rooms():
     scaled = rooms["app_redis"]  # 2 uvicorn workers and their redis-server, CPU of all three counted
     assert scaled["server"] == "app+redis" and scaled["rooms"] == 3
     assert scaled["expected"] == 18 and scaled["received"] == 18 and scaled["lost"] == 0
+
+
+def test_the_floor_server_checks_the_session_and_commits_before_it_sends(tmp_path):
+    """bench.py's floor stands for what the app's promises cost at the least: it must really
+    read the session and store each message before the broadcast, or its figures mean nothing."""
+    floor_db = tmp_path / "floor.db"
+    origin = {"origin": "http://testserver"}
+    with TestClient(bench.baseline_app(floor_db)) as client:
+        with pytest.raises(WebSocketDisconnect):  # no session cookie: refused at the handshake
+            with client.websocket_connect("/chat/room/", headers=origin):
+                pass
+        with pytest.raises(WebSocketDisconnect):  # the session, but from another site
+            with client.websocket_connect("/chat/room/", headers={"origin": "http://evil.example",
+                                                                  "cookie": bench.floor_cookie()}):
+                pass
+        with client.websocket_connect("/chat/room/", headers={**origin, "cookie": bench.floor_cookie()}) as ws:
+            ws.send_text("hello floor")
+            assert ws.receive_text() == "hello floor"
+            with sqlite3.connect(floor_db) as db:  # committed by the time it came back
+                assert db.execute("SELECT user_id, text FROM messages").fetchall() == [(1, "hello floor")]
