@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import re
@@ -550,7 +551,7 @@ def many_rooms(args: argparse.Namespace) -> dict:
                  rooms=args.rooms)
     result: dict = {"runs": [], "capacity": {}}
     for rate in args.room_rates:
-        result["runs"].append(compare(args, lambda kind, workers=0: one_run(kind, rate=rate, workers=workers, **shape)))
+        result["runs"].append(compare(args, functools.partial(one_run, rate=rate, **shape)))
     if args.capacity:
         for kind in ("app", "baseline"):
             best = 0.0
@@ -601,8 +602,9 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"fan_out": [], "history": []}
     for sockets in args.sockets:
         for rate in args.rates:
-            report["fan_out"].append(compare(args, lambda kind, workers=0: one_run(
-                kind, sockets, rate, args.senders, args.duration, args.size, args.ws, workers)))
+            report["fan_out"].append(compare(args, functools.partial(
+                one_run, sockets=sockets, rate=rate, senders=args.senders, duration=args.duration, size=args.size,
+                ws=args.ws)))
     if args.rooms:
         report["many_rooms"] = many_rooms(args)
     if args.history:
