@@ -2,7 +2,7 @@
 
     python bench.py                 # about a minute: one fan-out run per server, history timings
     python bench.py --full          # the grid: N = 100, 500, 1000 sockets x R = 10, 20, 50 msg/s
-    python bench.py --floor         # also the floor: what committing off the event loop costs at the least
+    python bench.py --floor         # also the floor: the loop plus the least the app's promises cost
     python bench.py --json          # machine-readable
 
 Each server runs in its own process, pinned to core 0 when `taskset` exists; this load
@@ -50,7 +50,7 @@ TOKEN_RE = re.compile(rb"~T(\d+)~")
 def baseline_app(floor_db: Path | None = None):
     """Accept, keep a set per room, send each text to all. No auth, no database, no HTML.
 
-    With `floor_db`, the floor: the loop plus the least the issue's promises cost, done as
+    With `floor_db`, the floor: the loop plus the least the app's promises cost, done as
     the app does them. A handshake checks the signed session cookie (Starlette's
     SessionMiddleware), the Origin, and reads the session on a reader thread; a message is
     committed on a writer thread (SQLite, WAL, synchronous=NORMAL) before anyone gets it."""
@@ -64,7 +64,8 @@ def baseline_app(floor_db: Path | None = None):
 
     rooms: dict[str, set] = {}
     if floor_db is not None:
-        write_db, read_db = (sqlite3.connect(floor_db, isolation_level=None, check_same_thread=False) for _ in "wr")
+        connect = functools.partial(sqlite3.connect, floor_db, isolation_level=None, check_same_thread=False)
+        write_db, read_db = connect(), connect()
         write_db.execute("PRAGMA journal_mode=WAL")
         write_db.execute("PRAGMA synchronous=NORMAL")
         write_db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, user_id INTEGER)")
@@ -346,7 +347,8 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     if server.kind == "app":
         cookie, slugs = http_setup(server.port, rooms)
     else:
-        cookie, slugs = floor_cookie() if server.kind == "floor" else "", [f"bench{n}" for n in range(rooms)]
+        cookie = floor_cookie() if server.kind == "floor" else ""
+        slugs = [f"bench{n}" for n in range(rooms)]
     loop = asyncio.get_running_loop()
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
