@@ -1716,10 +1716,14 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem))))
     if sent:  # stored (or stored before): an empty composer with a fresh key
-        conn.push(str(fragments.composer_reset(new_message_key())))
+        conn.push(COMPOSER_RESET.replace(KEY_SLOT, new_message_key()))
 
 
 LIVE_FRAME = str(fragments.connection_status(live=True))
+# The same after every message but for its key (URL-safe letters: nothing to escape), so
+# rendered once here, with the key dropped in per message (README, Performance).
+KEY_SLOT = "key-slot"
+COMPOSER_RESET = str(fragments.composer_reset(KEY_SLOT))
 
 
 # ---------------------------------------------------------------------------

@@ -395,7 +395,8 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
             reset = receive_until(bob_ws, 'id="message-input"')  # the sender's input is cleared
             assert re.search(r'<input id="message-input"[^>]*hx-swap-oob="true">', reset)
             assert not re.search(r'<input id="message-input"[^>]*value=', reset)  # empty
-            assert re.search(r'id="message-key" name="key" value="[\w-]{16,}" hx-swap-oob="true"', reset)
+            key = re.search(r'id="message-key" name="key" value="([\w-]{16,})" hx-swap-oob="true"', reset).group(1)
+            assert reset == str(chat.fragments.composer_reset(key))  # the pre-rendered reset is the macro's
         receive_until(alice_ws, '<ul id="presence"')  # bob left
     assert db_rows(settings, "SELECT text FROM messages") == [("hello everyone",)]
 
