@@ -212,7 +212,13 @@ CREATE TABLE IF NOT EXISTS deletions (  -- a deleted message leaves only its id 
     revision   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS deletions_by_revision ON deletions(room_id, revision);
+-- A room's revision is that of its newest change: a new, edited or deleted message carries
+-- the room's next revision (NEXT_REVISION, below) and these record it in the room.
 CREATE TRIGGER IF NOT EXISTS messages_advance_room AFTER INSERT ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER IF NOT EXISTS edits_advance_room AFTER UPDATE OF revision ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER IF NOT EXISTS deletions_advance_room AFTER INSERT ON deletions
 BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
 """
 
@@ -541,23 +547,22 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
 # Messages:
 
 
-def next_revision(db: sqlite3.Connection, room_id: int) -> int:
-    return db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ? RETURNING revision", (room_id,)).fetchone()[0]
-
-
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
     return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
                       (message_id,)).fetchone()
 
 
-# One statement stores a message and hands back its row as pages show it: its id is past
-# every deleted one too (SQLite would reuse a deleted newest id, and a page catching up
-# would take the new message for the deleted one); its revision is the room's next, which
-# the trigger messages_advance_room then records in the room.
+# The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
+# record it in the room).
+NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
+
+# One statement stores a message and hands back its row as pages show it. Its id is past
+# every deleted one too: SQLite would reuse a deleted newest id, and a page catching up
+# would take the new message for the deleted one.
 INSERT_MESSAGE = (
     "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
     "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
-    f"        ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, (SELECT revision + 1 FROM rooms WHERE id = ?1)) "
+    f"        ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
     "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at")
@@ -593,8 +598,8 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id:
     with transaction(db):
         if own_message(db, message_id, room_id, user_id) is None:
             return None
-        db.execute("UPDATE messages SET text = ?, edited_at = ?, revision = ? WHERE id = ?",
-                   (text, utc_now(), next_revision(db, room_id), message_id))
+        db.execute(f"UPDATE messages SET text = ?2, edited_at = ?3, revision = {NEXT_REVISION} WHERE id = ?4",
+                   (room_id, text, utc_now(), message_id))
     return message_by_id(db, message_id)
 
 
@@ -605,8 +610,8 @@ def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_i
         if own_message(db, message_id, room_id, user_id) is None:
             return False
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        db.execute("INSERT INTO deletions (message_id, room_id, revision) VALUES (?, ?, ?)",
-                   (message_id, room_id, next_revision(db, room_id)))
+        db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION})",
+                   (room_id, message_id))
     return True
 
 

@@ -872,7 +872,7 @@ def test_authors_edit_and_delete_their_messages_and_every_page_sees_it(two_users
         for text in ("before it", "first draft", "after it"):  # neighbours on the same page of the file
             send(alice_ws, text)
             receive_until(alice_ws, text)
-        (mid,) = [m for m in message_ids(client.get(room).text)][1:2]
+        (mid,) = message_ids(client.get(room).text)[1:2]
         with sqlite3.connect(settings.db_path) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the text is in chat.db itself now
         with socket_as(client, bob, slug) as bob_ws:
@@ -945,6 +945,25 @@ def test_a_page_that_was_away_catches_up_on_edits_and_deletes(two_users):
     assert kept not in message_ids(frame.split("hx-swap-oob=\"delete\"")[0])  # unchanged: not sent again
     assert re.findall(r'<article class="msg" id="msg-(\d+)"', frame) == [str(edited), str(edited + 2)]  # id order
     assert f'<div id="msg-{deleted}" hx-swap-oob="delete">' in frame
+
+
+def test_every_new_edited_or_deleted_message_moves_the_room_on(alice):
+    """A page carries the room's revision; each change must advance it, or every page
+    rendered after the change would be sent it again at its next catch-up."""
+    slug = create_room(alice, "revisions")
+    room = f"/room/{slug}/"
+
+    def page_cursor() -> int:
+        return int(re.search(r"\?after=(\d+)", alice.get(room).text).group(1))
+
+    cursors = [page_cursor()]
+    first, second = say_in(alice, slug, "one", "two")
+    cursors.append(page_cursor())
+    htmx_post(alice, f"{room}messages/{first}/edit", room, message="one, edited")
+    cursors.append(page_cursor())
+    htmx_post(alice, f"{room}messages/{second}/delete", room)
+    cursors.append(page_cursor())
+    assert cursors == [0, 2, 3, 4]
 
 
 def test_unread_badges_and_the_new_divider(two_users, settings):
