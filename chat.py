@@ -32,14 +32,16 @@ import unicodedata
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import argon2
 import jinja2
 import uvicorn
+from linkify_it import LinkifyIt
 from markupsafe import Markup, escape
 
 from starlette.applications import Starlette
@@ -107,6 +109,7 @@ class Settings:
     https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
     redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
     heartbeat: float = 10.0  # seconds between "still live" frames to every page (and pings)
+    timezone: str = ""  # an IANA name (Asia/Tokyo) times are shown in; empty: this machine's own
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -130,6 +133,7 @@ class Settings:
             https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
             redis_url=env.get("CHAT_REDIS_URL", ""),
             heartbeat=float(env.get("CHAT_HEARTBEAT", "").strip() or 10),
+            timezone=env.get("CHAT_TIMEZONE", "").strip(),
         )
 
 
@@ -220,6 +224,9 @@ CREATE TRIGGER IF NOT EXISTS edits_advance_room AFTER UPDATE OF revision ON mess
 BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
 CREATE TRIGGER IF NOT EXISTS deletions_advance_room AFTER INSERT ON deletions
 BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+-- Sending moves your read marker: what you wrote is read, and so is what came before it.
+CREATE TRIGGER IF NOT EXISTS messages_read_by_author AFTER INSERT ON messages
+BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
 """
 
 # Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
@@ -259,7 +266,8 @@ def migrate(db: sqlite3.Connection) -> None:
 
 
 # A message as pages show it: its row and its author's name. Every query for messages starts so.
-SELECT_MESSAGES = ("SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at "
+SELECT_MESSAGES = ("SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, "
+                   "m.revision "
                    "FROM messages m JOIN users u ON u.id = m.user_id")
 
 
@@ -494,6 +502,11 @@ def room_by_slug(db: sqlite3.Connection, slug: str) -> sqlite3.Row | None:
     return db.execute("SELECT * FROM rooms WHERE slug = ?", (slug,)).fetchone()
 
 
+def room_revision(db: sqlite3.Connection, room_id: int) -> int:
+    """The revision of the room's newest change (0 for a room with none)."""
+    return db.execute("SELECT revision FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
+
+
 def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
     """The user opened the room: it is (again) one of theirs, and all in it is seen."""
     now = utc_now()
@@ -565,7 +578,7 @@ INSERT_MESSAGE = (
     f"        ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
-    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at")
+    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision")
 
 NewMessage = tuple[int, int, str, "str | None"]  # room id, user id, text, the composer's key
 
@@ -603,16 +616,16 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id:
     return message_by_id(db, message_id)
 
 
-def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> bool:
+def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> int | None:
     """Delete the row, text and all (secure_delete overwrites it on disk), leaving only its
-    id and the revision, for pages that catch up later; False if there was no such message."""
+    id and the room's revision, for pages that catch up later. That revision; None if there
+    was no such message."""
     with transaction(db):
         if own_message(db, message_id, room_id, user_id) is None:
-            return False
+            return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION})",
-                   (room_id, message_id))
-    return True
+        return db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
+                          "RETURNING revision", (room_id, message_id)).fetchall()[0][0]
 
 
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
@@ -624,15 +637,16 @@ def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit:
     return rows[:limit][::-1], len(rows) > limit
 
 
-def changes_since(db: sqlite3.Connection, room_id: int, revision: int, limit: int) -> tuple[list[sqlite3.Row], list[int]]:
+def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
+                  limit: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
     """What changed in a room after `revision`: up to `limit` new or edited messages in id
-    order, and the ids of deleted ones."""
+    order, and up to `limit` deletions (`message_id`, `revision`)."""
     changed = db.execute(
         f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? ORDER BY m.revision LIMIT ?",
         (room_id, revision, limit),
     ).fetchall()
-    deleted = [row[0] for row in db.execute(
-        "SELECT message_id FROM deletions WHERE room_id = ? AND revision > ? LIMIT ?", (room_id, revision, limit))]
+    deleted = db.execute("SELECT message_id, revision FROM deletions WHERE room_id = ? AND revision > ? "
+                         "ORDER BY revision LIMIT ?", (room_id, revision, limit)).fetchall()
     return sorted(changed, key=lambda m: m["id"]), deleted
 
 
@@ -797,7 +811,7 @@ class Connection:
     bounded backlog while it does not."""
 
     __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_slug", "wire",
-                 "backlog", "backlog_bytes", "flusher", "handler", "dropped")
+                 "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
 
     @property
     def user(self) -> tuple[int, str, bool]:
@@ -818,6 +832,7 @@ class Connection:
         self.flusher: asyncio.Task | None = None  # exists only while the socket lags behind
         self.handler = asyncio.current_task()  # the task reading this socket
         self.dropped = False
+        self.caught_up = False  # a page catches up once per socket, as it opens
 
     def push(self, frame: str, audience: str | None = ONLY_YOU) -> None:
         """Send a frame without ever waiting: at once if the socket can take it, else later.
@@ -955,6 +970,10 @@ class RoomHub:
             del self.connections[conn.room_slug], self.tabs[conn.room_slug]
         return went_offline
 
+    def has_page(self, room_slug: str, user_id: int) -> bool:
+        """Whether the user has the room open (on this worker)."""
+        return any(user[0] == user_id for user in self.tabs.get(room_slug, ()))
+
     def online(self, room_slug: str) -> list[tuple[str, bool]]:
         """Who has the room open: (name, is a guest), by name."""
         return sorted({(name, guest) for _, name, guest in self.tabs.get(room_slug, {})},
@@ -978,11 +997,11 @@ class RoomHub:
 
     async def heartbeat(self, every: float) -> None:
         """Tell every page it is live, again and again: a page whose frames stop coming
-        shows "Reconnecting…" by itself (a CSS animation that each frame restarts)."""
+        (a dead link that no close ever crossed) says "Reconnecting…" and reconnects (room.js)."""
         while True:
             await asyncio.sleep(every)
             for conn in self.everyone():
-                conn.push(LIVE_FRAME, audience=None)
+                conn.push(HEARTBEAT_FRAME, audience=None)
 
     def broadcast(self, room_slug: str, frame: str) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included."""
@@ -1061,27 +1080,100 @@ class LocalFanout:
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
 
 
-def clock(iso: str) -> str:
-    return iso[11:16]
+class RoomClock:
+    """Times as pages show them, in one zone for everybody: a message is rendered once for
+    its whole room. The zone is CHAT_TIMEZONE, else this machine's own (a classroom and a
+    hobby server run where their people are); create_app() sets it."""
+
+    def __init__(self, zone: tzinfo | None = None) -> None:
+        self.zone = zone  # None: the machine's local time, daylight saving and all
+
+    def local(self, iso: str) -> datetime:
+        """A time from the database (UTC, ISO_SECONDS) in the room's zone."""
+        return datetime.fromisoformat(iso).astimezone(self.zone)
+
+    def short(self, iso: str) -> str:
+        """What a message shows: "13:36" today, "28 Nov 13:36" on another day, the year too
+        in another year. (A time that is not ISO_SECONDS is shown as it is.)"""
+        try:
+            when, today = self.local(iso), datetime.now(self.zone).date()
+        except ValueError:
+            return iso
+        if when.date() == today:
+            return f"{when:%H:%M}"
+        return f"{when.day} {when:%b %H:%M}" if when.year == today.year else f"{when.day} {when:%b %Y %H:%M}"
+
+    def full(self, iso: str) -> str:
+        """The whole date and time with the zone's name, for a tooltip: "2026-11-28 13:36:10 JST"."""
+        try:
+            return f"{self.local(iso):%Y-%m-%d %H:%M:%S %Z}".strip()
+        except ValueError:
+            return iso
 
 
-URL_RE = re.compile(r"https?://[^\s<>\"'`]+", re.IGNORECASE)
+def time_zone(name: str) -> tzinfo | None:
+    """CHAT_TIMEZONE's zone (None: this machine's); ValueError, in plain words, for a name
+    that is not one (tzdata supplies the zones where the system has none)."""
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"CHAT_TIMEZONE: there is no time zone called {name!r}; "
+                         "use an IANA name such as Europe/Paris or Asia/Tokyo") from None
+
+
+room_clock = RoomClock()
+
+# Links as people paste them (balanced brackets, trailing punctuation, quotes around them,
+# query strings, internationalised domains): linkify-it-py, the linkifier markdown-it uses.
+# Only http(s) links that say so; no bare "example.org", e-mail, ftp: or //host.
+LINKS = LinkifyIt(schemas={"ftp:": None, "//": None, "mailto:": None},
+                  options={"fuzzy_link": False, "fuzzy_email": False, "fuzzy_ip": False})
+TYPOGRAPHIC_CLOSERS = "»”“’‘›‹«…"  # quotes and an ellipsis around a link are not part of it
+
+
+def real_host(url: str) -> str | None:
+    """The host a link really goes to, in ASCII (punycode), when its text could hide it: a
+    user name before the host ("https://bank.example@evil.example"), a host mixing scripts
+    (Cyrillic "а" in "аpple.com"), or an invisible or direction control character anywhere
+    in it. None for a link that goes where it looks like it goes."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # a malformed [IPv6] host
+        return None
+    scripts = {unicodedata.name(ch, "?").split()[0] for ch in host if ch.isalpha()}
+    if "@" not in parts.netloc and not has_invisible(url) and len(scripts) <= 1:
+        return None  # one script throughout (bücher.example, 例え.jp): it goes where it says
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                    for label in host.split("."))
 
 
 def linkify(text: str) -> Markup:
-    """Message text as HTML: escaped, with its http(s) URLs made links. It is built from
-    escaped pieces (Markup.format escapes the URL too), so no markup can ride along."""
+    """Message text as HTML: escaped, with its http(s) links made links. It is built from
+    escaped pieces (Markup.format escapes the URL too), so no markup can ride along; a link
+    whose text could hide where it goes has its real host beside it."""
+    if "://" not in text:  # the common case, 20 times cheaper than asking the linkifier
+        return escape(text)
     parts, done = [], 0
-    for found in URL_RE.finditer(text):
-        url = found.group().rstrip(".,;:!?)]}")  # a sentence's full stop is not part of the link
-        parts += [escape(text[done:found.start()]),
-                  Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url)]
-        done = found.start() + len(url)
+    for found in LINKS.match(text) or ():
+        if found.schema not in ("http:", "https:"):
+            continue
+        url = text[found.index:found.last_index].rstrip(TYPOGRAPHIC_CLOSERS)
+        parts.append(escape(text[done:found.index]))
+        if host := real_host(url):  # (its text isolated, so no direction control reaches past it)
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank"><bdi>{0}</bdi></a>'
+                                ' <small class="real-host">(goes to {1})</small>').format(url, host))
+        else:
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url))
+        done = found.index + len(url)
     parts.append(escape(text[done:]))
     return Markup("").join(parts)
 
 
-templates.env.filters["clock"] = clock
+templates.env.filters["clock"] = lambda iso: room_clock.short(iso)
+templates.env.filters["full_time"] = lambda iso: room_clock.full(iso)
 templates.env.filters["linkify"] = linkify
 fragments = templates.env.get_template("_fragments.html").module
 
@@ -1207,7 +1299,17 @@ async def start_session(request: Request, user: sqlite3.Row) -> None:
     request.session["sid"] = await store.write(create_session, user["id"])
 
 
+def too_long(what: str, limit: int, value: str) -> str | None:
+    """The refusal for a value over its limit, counted as the server counts (characters,
+    not the browser's UTF-16 units: an emoji is one), so nothing is ever cut short unsaid."""
+    if len(value) > limit:
+        return f"{what} are at most {limit:,} characters; yours has {len(value):,}."
+    return None
+
+
 def username_problem(username: str) -> str | None:
+    if problem := too_long("Usernames", 150, username):
+        return problem
     if not USERNAME_RE.fullmatch(username) or has_invisible(username):
         return "Usernames are 1-150 letters, digits and @ . + - _ only."
     return None
@@ -1237,7 +1339,7 @@ async def register(request: Request) -> Response:
     password, again = form.get("password1", ""), form.get("password2", "")
     error, status_code = username_problem(username), 400
     if error is None and len(password) < MIN_PASSWORD_CHARS:
-        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters."
+        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
     elif error is None and password != again:
         error = "The two passwords differ."
     if error is None:
@@ -1312,9 +1414,12 @@ async def logout(request: Request) -> Response:
 
 @login_required
 async def home(request: Request) -> Response:
-    store = chat_of(request).store
-    rooms = await store.read(rooms_of, request.state.user["id"])
-    return render(request, "home.html", rooms=rooms, create={}, join={})
+    chat = chat_of(request)
+    user_id = request.state.user["id"]
+    rooms = await chat.store.read(rooms_of, user_id)
+    # A room open live in another tab has nothing unread, as its page's "New" divider says.
+    live = {room["slug"] for room in rooms if chat.hub.has_page(room["slug"], user_id)}
+    return render(request, "home.html", rooms=rooms, live=live, create={}, join={})
 
 
 @login_required
@@ -1324,7 +1429,9 @@ async def create_room(request: Request) -> Response:
     form = await read_form(request)
     chat = chat_of(request)
     name = " ".join(form.get("room_name", "").split())
-    if not 1 <= len(name) <= MAX_ROOM_NAME_CHARS or has_invisible(name):
+    if problem := too_long("Room names", MAX_ROOM_NAME_CHARS, name):
+        return render(request, "create.html", 400, form={"room_name": name}, error=problem)
+    if not name or has_invisible(name):
         return render(request, "create.html", 400, form={"room_name": name},
                       error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} visible characters.")
     if not await chat.room_limit.allow(request.state.user["id"]):
@@ -1400,15 +1507,19 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                       draft: str = "") -> Response:
     chat = chat_of(request)
     user_id = request.state.user["id"]
-    # Read before marking the room read: the "New" divider goes after what was seen before.
-    seen_up_to = await chat.store.read(last_read, room["id"], user_id)
+    # The "New" divider goes after what the user had seen. A page of theirs that shows the
+    # room live has seen all of it, and one that closes marks it read before it leaves the
+    # hub (chat_socket): so ask the hub first, then the database, and no close can slip
+    # between the two. Read before marking the room read.
+    live_elsewhere = chat.hub.has_page(room["slug"], user_id)
+    seen_up_to = None if live_elsewhere else await chat.store.read(last_read, room["id"], user_id)
     chat.store.write_soon(record_visit, room["id"], user_id)
     messages, has_older = await chat.store.read(page_before, room["id"], None)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
                   seen_up_to=seen_up_to, online=await chat.fanout.online(room["slug"]),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
-                  error=error, draft=draft, composer_key=new_message_key(), heartbeat=chat.settings.heartbeat)
+                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat)
 
 
 @login_required
@@ -1466,7 +1577,7 @@ async def edit(request: Request) -> Response:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
         raise HTTPException(404, "That message is not here (any more).")
-    await chat.fanout.publish(room["slug"], str(fragments.messages_frame([edited])))
+    await chat.fanout.publish(room["slug"], str(fragments.messages_frame([edited], edited["revision"])))
     return HTMLResponse(str(fragments.editor_closed()))
 
 
@@ -1477,8 +1588,8 @@ async def delete(request: Request) -> Response:
     message = await own_message_or_error(request, room)
     await read_form(request)  # the CSRF check
     chat = chat_of(request)
-    if await chat.store.write(delete_message, message["id"], room["id"], message["user_id"]):
-        await chat.fanout.publish(room["slug"], str(fragments.deleted_frame([message["id"]])))
+    if (revision := await chat.store.write(delete_message, message["id"], room["id"], message["user_id"])) is not None:
+        await chat.fanout.publish(room["slug"], str(fragments.deleted_frame([message["id"]], revision)))
     return HTMLResponse("")
 
 
@@ -1555,8 +1666,8 @@ def new_message_key() -> str:
 
 async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
     """The rules for any text going into a room, new or edited: its length and the rate."""
-    if len(text) > MAX_MESSAGE_CHARS:
-        raise Refused(f"Messages are at most {MAX_MESSAGE_CHARS:,} characters; yours has {len(text):,}.")
+    if problem := too_long("Messages", MAX_MESSAGE_CHARS, text):
+        raise Refused(problem)
     if not await chat.message_limit.allow((user_id, room_id)):
         raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
 
@@ -1576,23 +1687,30 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_slug, str(fragments.messages_frame([message])))
+        await chat.fanout.publish(room_slug, str(fragments.messages_frame([message], message["revision"])))
     return True
 
 
-def parse_frame(frame: str) -> tuple[str, str | None]:
-    """The `message` and `key` fields of an hx-ws:send frame: the form's fields, at the
-    top level of a JSON object, beside htmx's `headers`."""
+def parse_frame(frame: str) -> dict[str, Any]:
+    """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
+    beside htmx's `headers`) from one of the room page's two forms: the composer
+    ({"message": str, "key": str | None}) or the catch-up form ({"after": int}, the
+    revision the page has). Refused, with the reason, for anything else."""
     try:
         data = json.loads(frame)
     except (ValueError, RecursionError):
         raise Refused("That frame was not JSON; send the message form.") from None
+    if isinstance(data, dict) and "message" not in data and "after" in data:
+        after = message_id(data["after"]) if isinstance(data["after"], str) else None
+        if after is None:
+            raise Refused("`after` must be the revision number the page has.")
+        return {"after": after}
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         raise Refused("That frame had no text `message` field.")
     key = data.get("key")
     if key is not None and not isinstance(key, str):
         raise Refused("That message came with a broken `key`; reload the page.")
-    return data["message"], key
+    return {"message": data["message"], "key": key}
 
 
 def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
@@ -1606,21 +1724,25 @@ def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
 
 def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revision: int) -> str | None:
     """What a (re)connecting page is missing: every message sent or edited, and every one
-    deleted, since the room's revision the page was rendered at. The upsert swap replaces
-    what the page already shows, so overlap is harmless. A page too far behind
-    (CATCH_UP_LIMIT changes, CATCH_UP_BYTES of HTML) gets the newest page whole instead, as
-    much of it as fits. Runs on the reader thread, so a big catch-up never holds up the
-    event loop."""
+    deleted, since the room's revision the page has (the one it was rendered at, moved on
+    by every change it received since). The upsert swap replaces what the page already
+    shows, so overlap is harmless. A page too far behind (CATCH_UP_LIMIT changes,
+    CATCH_UP_BYTES of HTML) gets the newest page whole instead, as much of it as fits.
+    Either way the frame moves the page's revision on. Runs on the reader thread, so a big
+    catch-up never holds up the event loop."""
     changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
     if not changed and not deleted:
         return None
     if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT:
-        frame = (str(fragments.messages_frame(changed)) if changed else "") + str(fragments.deleted_frame(deleted))
+        newest = max(row["revision"] for row in [*changed, *deleted])
+        frame = (str(fragments.messages_frame(changed)) if changed else "") + str(
+            fragments.deleted_frame([row["message_id"] for row in deleted], newest))
         if len(frame) <= CATCH_UP_BYTES:
             return frame
+    newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
     messages, has_older = page_before(db, room_id, None)
     while True:
-        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True))
+        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True, revision=newest))
         if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
         messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
@@ -1677,17 +1799,16 @@ async def chat_socket(websocket: WebSocket) -> None:
     if conn is None:
         return
     hub, fanout = chat.hub, chat.fanout
-    conn.push(LIVE_FRAME, audience=None)
-    # Join before reading the catch-up: a message stored in between arrives both ways,
-    # and the page's upsert swap shows it once.
+    # Join before any catch-up: a message stored in between arrives both ways, and the
+    # page's upsert swap shows it once.
     if hub.join(conn):
         await fanout.came_online(conn)
-    # `after`: the room's revision the page was rendered at. A client that does not say
-    # gets only what is said from now on.
-    after = message_id(websocket.query_params.get("after", ""))
     try:
-        if after is not None and (frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after)):
-            conn.push(frame)
+        # The room page says what it has in its first frame (the catch-up form); another
+        # client may say it in the URL (`?after=<revision>`), or not at all and get only
+        # what is said from now on.
+        if (after := message_id(websocket.query_params.get("after", ""))) is not None:
+            await catch_up(chat, conn, after)
         while True:
             event = await websocket.receive()
             if event["type"] == "websocket.disconnect":
@@ -1704,31 +1825,50 @@ async def chat_socket(websocket: WebSocket) -> None:
         conn.handler = None  # done reading: nothing to cancel any more
         conn.stop_flushing()
         hub.release(conn.user_id, client_address(websocket))
-        chat.store.write_soon(mark_read_now, conn.room_id, conn.user_id)  # it saw what came live
-        if hub.leave(conn):
-            await fanout.went_offline(conn)
+        try:  # what came live was seen: marked read before the page leaves the hub (render_room)
+            await chat.store.write(mark_read_now, conn.room_id, conn.user_id)
+        except sqlite3.Error as problem:
+            log.warning("could not mark %s read for %s: %r", conn.room_slug, conn.username, problem)
+        finally:
+            if hub.leave(conn):
+                await fanout.went_offline(conn)
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
     if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
         sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
         conn.push(str(fragments.wire_entry(sent, WIRE_ECHO_CHARS, SENT)), audience=None)
+    key = None
     try:
         if event.get("text") is None:
             raise Refused("Binary frames are not understood; send text.")
-        text, key = parse_frame(event["text"])
-        sent = await post_message(chat, conn.room_id, conn.room_slug, conn.user_id, text, key)
+        fields = parse_frame(event["text"])
+        if "after" in fields:
+            return await catch_up(chat, conn, fields["after"])
+        key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
+        await post_message(chat, conn.room_id, conn.room_slug, conn.user_id, fields["message"], fields["key"])
     except Refused as problem:
-        return conn.push(str(fragments.chat_error(str(problem))))
-    if sent:  # stored (or stored before): an empty composer with a fresh key
-        conn.push(COMPOSER_RESET.replace(KEY_SLOT, new_message_key()))
+        return conn.push(str(fragments.chat_error(str(problem), key=key)))
+    conn.push(COMPOSER_ACK.replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
 
 
-LIVE_FRAME = str(fragments.connection_status(live=True))
-# The same after every message but for its key (URL-safe letters: nothing to escape), so
-# rendered once here, with the key dropped in per message (README, Performance).
+async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
+    """Send the page what changed after the revision it has, once per socket: a page asks
+    as its socket opens, and asking again would only cost the database."""
+    if conn.caught_up:
+        return
+    conn.caught_up = True
+    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
+        conn.push(frame)
+
+
+# What a page gets every CHAT_HEARTBEAT: nothing to swap, only a sign of life that room.js
+# counts (a page that stops getting them says "Reconnecting…" and reconnects).
+HEARTBEAT_FRAME = "<!-- live -->"
+# What the sender gets once its message is taken: the same every time but for the key it
+# answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
 KEY_SLOT = "key-slot"
-COMPOSER_RESET = str(fragments.composer_reset(KEY_SLOT))
+COMPOSER_ACK = str(fragments.chat_error(key=KEY_SLOT))
 
 
 # ---------------------------------------------------------------------------
@@ -1980,7 +2120,10 @@ class CachedStaticFiles(StaticFiles):
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
+    """The app for these settings (default: from CHAT_* variables). ValueError for a setting
+    that cannot work (an unknown CHAT_TIMEZONE)."""
     settings = settings or Settings.from_env()
+    room_clock.zone = time_zone(settings.timezone)  # one zone per process: see RoomClock
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -2130,6 +2273,10 @@ def main(argv: list[str] | None = None) -> None:
     max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
                            "max_connections": max_connections, "guests": args.guests})
+    try:
+        time_zone(settings.timezone)
+    except ValueError as problem:
+        parser.error(str(problem))
     print(f"Backchat: database {settings.db_path.resolve()}")
     for address in ["localhost", *lan_addresses()] if everywhere else [args.host]:
         print(f"Backchat: open http://{address}:{args.port}/")

@@ -18,6 +18,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "test-artifacts"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# In the frame that answers the sender of a message: taken (empty), or refused (with why).
+ACK = "data-key="
 
 
 def app_settings(**overrides):

@@ -250,11 +250,17 @@ def test_odd_numbers_and_deep_json_get_clear_errors_and_the_socket_stays_open(tm
         slug = create_room(client, "odd input")
         for after in ("²", str(2**64), "-1", "1e3"):
             with client.websocket_connect(f"/chat/{slug}/?after={after}", headers=ORIGIN) as ws:
-                receive_until(ws, 'id="connection"')
                 ws.send_text("[" * 25_000 + "]" * 25_000)
                 assert "not JSON" in receive_until(ws, "chat-error")
                 send(ws, f"still here after {after}")
                 receive_until(ws, f"still here after {after}")
+        # the same numbers, and worse, in the catch-up form's frame
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            for after in ("²", str(2**64), "-1", "1e3", "", 5, None, ["1"], "9" * 100_000):
+                ws.send_text(json.dumps({"after": after}))
+                assert "`after` must be the revision number" in receive_until(ws, "chat-error")
+            send(ws, "still here")
+            receive_until(ws, "still here")
         for before in ("²", str(2**64), "x"):
             assert client.get(f"/room/{slug}/messages?before={before}").status_code == 400
 

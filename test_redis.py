@@ -20,7 +20,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from conftest import LiveServer, free_port
+from conftest import ACK, LiveServer, free_port
 from test_server import frame, frames_until, guess_all_at_once, login_cookie, make_room, ws_connect
 
 
@@ -162,7 +162,7 @@ def test_rate_limits_count_across_workers(tmp_path, redis_server):
             async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, ada) as on_b:
                 for ws, text in ((on_a, "one"), (on_b, "two"), (on_a, "three")):
                     await ws.send(frame(text))
-                    await frames_until(ws, "message-input")
+                    await frames_until(ws, ACK)
                 await on_b.send(frame("four"))
                 return await frames_until(on_b, "chat-error")
 

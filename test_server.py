@@ -475,3 +475,33 @@ def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_vi
     finally:
         process.terminate()
         process.wait(15)
+
+
+# --- what chat users report elsewhere (issue 17) ------------------------------------------------
+
+
+def test_a_page_rendered_while_another_closes_does_not_race_its_read_marker(server):
+    """A reload closes the old page's socket as the new page is asked for. The closing
+    socket marks the room read on the writer thread, and stays in the hub until that is
+    written, so the new page counts it as a page that saw everything live: no "New" above
+    what was seen, however slow the write (here: held up behind another writer's lock)."""
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "reload")
+    assert "new-divider" not in client.get(f"/room/{slug}/").text
+
+    async def run() -> None:
+        async with ws_connect(server, slug, cookie) as ws:
+            await ws.send(frame("seen live"))
+            await frames_until(ws, "seen live")
+            db.execute("UPDATE room_members SET last_read_id = 0")  # as if not yet marked read
+            db.execute("BEGIN IMMEDIATE")  # and the writer is held up behind this lock
+        # (the socket closed: its write waits for the lock, up to busy_timeout)
+
+    db = sqlite3.connect(server.db_path, isolation_level=None)
+    try:
+        asyncio.run(run())
+        assert "new-divider" not in client.get(f"/room/{slug}/").text
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert "new-divider" not in client.get(f"/room/{slug}/").text

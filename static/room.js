@@ -1,0 +1,110 @@
+// room.js: the room page's only script of our own, for what htmx 4 cannot do without eval
+// (its hx-on attributes compile JavaScript at run time, which the page's
+// Content-Security-Policy refuses). Everything else is htmx attributes and HTML the server
+// renders. The README's "room.js" section says why each part is here.
+"use strict";
+(() => {
+  // 1. The composer empties the moment a message leaves, so what you type next is never
+  // overwritten when the server's answer lands on a slow link; and each message leaves
+  // with a one-time key of its own. Until the server answers for a message it is sent
+  // again on every reconnect (the key has it stored once); if refused, it comes back.
+  const unconfirmed = new Map(); // one-time key -> {frame, text, socket it went out on}
+  let lastKey = null;
+
+  function freshKey() { // base64url of 16 random bytes (crypto.randomUUID needs https)
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  }
+
+  function giveBack(text, answer) { // into the box if it is empty, else quoted in the answer
+    const input = document.getElementById("message-input");
+    if (input && !input.value) {
+      input.value = text;
+    } else if (answer) {
+      const unsent = document.createElement("q");
+      unsent.className = "unsent";
+      unsent.textContent = text;
+      answer.append(" Not sent: ", unsent);
+    }
+  }
+
+  // hx-ws has read the form and is about to send it (or queue it while offline).
+  document.addEventListener("htmx:ws:before:message:outgoing", (event) => {
+    const form = event.target;
+    if (form.id !== "composer") return;
+    const { values, headers } = event.detail.message;
+    lastKey = values.key;
+    unconfirmed.set(lastKey, { frame: JSON.stringify({ ...values, headers }), text: values.message, socket: null });
+    form.elements.message.value = "";
+    form.elements.key.value = freshKey();
+  });
+
+  document.addEventListener("htmx:ws:after:message:outgoing", (event) => { // (not while queued)
+    const sent = unconfirmed.get(event.detail.message.values?.key);
+    if (sent) sent.socket = event.detail.connection.socket;
+  });
+
+  // Every frame the server sends: a sign of life, and maybe the answer to a message.
+  let lastHeard = Date.now();
+  document.addEventListener("htmx:ws:after:message:incoming", () => {
+    lastHeard = Date.now();
+    const answer = document.getElementById("chat-error");
+    if (!answer || answer.dataset.key === undefined || answer.dataset.handled) return;
+    answer.dataset.handled = "yes";
+    const sent = unconfirmed.get(answer.dataset.key);
+    unconfirmed.delete(answer.dataset.key);
+    if (sent && answer.textContent.trim()) giveBack(sent.text, answer); // refused
+  });
+
+  document.addEventListener("htmx:ws:error", (event) => { // e.g. 100 messages queued offline
+    if (event.target.id === "composer" && unconfirmed.has(lastKey)) {
+      giveBack(unconfirmed.get(lastKey).text, document.getElementById("chat-error"));
+      unconfirmed.delete(lastKey);
+    }
+  });
+
+  // 2. The connection status, a polite live region that changes only when the state does:
+  // "Live" when the socket opens, "Reconnecting…" within a second of it closing or of the
+  // server's heartbeats stopping (a dead link no close ever crossed: the socket is closed
+  // here, and htmx opens a new one).
+  function say(state, text) {
+    const status = document.getElementById("connection");
+    if (!status || status.classList.contains("ended") || status.dataset.state === state) return;
+    status.dataset.state = state;
+    status.textContent = text;
+  }
+
+  let socket = null;
+  document.addEventListener("htmx:ws:after:connection", (event) => {
+    socket = event.detail.connection.socket;
+    lastHeard = Date.now();
+    say("live", "Live");
+    for (const sent of unconfirmed.values()) { // sent on a socket that died before it answered
+      if (sent.socket && sent.socket !== socket) {
+        sent.socket = socket;
+        socket.send(sent.frame); // (what htmx still holds in its queue, it sends itself)
+      }
+    }
+  });
+
+  document.addEventListener("htmx:ws:close", (event) => {
+    const { code, connection, reason } = event.detail;
+    if (reason === "closed" && connection.config.reconnectCodes.includes(code)) {
+      say("reconnecting", "Reconnecting…");
+    } else if (reason === "closed") { // htmx will not retry: the page is done
+      say("closed", "Not connected: reload the page.");
+      const texts = [...unconfirmed.values()].map((sent) => sent.text);
+      unconfirmed.clear();
+      if (texts.length) giveBack(texts.join(" "), document.getElementById("chat-error"));
+    }
+  });
+
+  setInterval(() => {
+    const status = document.getElementById("connection");
+    const staleAfter = 1000 * Number(status?.dataset.staleAfter || 25);
+    if (status?.dataset.state === "live" && Date.now() - lastHeard > staleAfter) {
+      say("reconnecting", "Reconnecting…");
+      socket?.close();
+    }
+  }, 1000);
+})();
