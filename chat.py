@@ -1085,30 +1085,38 @@ class RoomClock:
     its whole room. The zone is CHAT_TIMEZONE, else this machine's own (a classroom and a
     hobby server run where their people are); create_app() sets it."""
 
-    def __init__(self, zone: tzinfo | None = None) -> None:
-        self.zone = zone  # None: the machine's local time, daylight saving and all
+    MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
 
-    def local(self, iso: str) -> datetime:
-        """A time from the database (UTC, ISO_SECONDS) in the room's zone."""
-        return datetime.fromisoformat(iso).astimezone(self.zone)
+    def __init__(self, zone: tzinfo | None = None) -> None:
+        self.set_zone(zone)
+
+    def set_zone(self, zone: tzinfo | None) -> None:
+        """None: the machine's local time, daylight saving and all."""
+        self.zone = zone
+        # Messages sent in the same second share one conversion (a busy server sends many).
+        self._shown = functools.lru_cache(maxsize=1024)(self._times)
+
+    def shown(self, iso: str) -> tuple[str, str]:
+        """A time from the database (UTC, ISO_SECONDS) as a message shows it, and in full for
+        its tooltip: ("13:36", "2026-11-30 13:36:10 JST") today; "28 Nov 13:36" on another
+        day, the year too in another year. A time not in ISO_SECONDS is shown as it is."""
+        return self._shown(iso, datetime.now(self.zone).date())
 
     def short(self, iso: str) -> str:
-        """What a message shows: "13:36" today, "28 Nov 13:36" on another day, the year too
-        in another year. (A time that is not ISO_SECONDS is shown as it is.)"""
-        try:
-            when, today = self.local(iso), datetime.now(self.zone).date()
-        except ValueError:
-            return iso
-        if when.date() == today:
-            return f"{when:%H:%M}"
-        return f"{when.day} {when:%b %H:%M}" if when.year == today.year else f"{when.day} {when:%b %Y %H:%M}"
+        return self.shown(iso)[0]
 
     def full(self, iso: str) -> str:
-        """The whole date and time with the zone's name, for a tooltip: "2026-11-28 13:36:10 JST"."""
+        return self.shown(iso)[1]
+
+    def _times(self, iso: str, today: Any) -> tuple[str, str]:
         try:
-            return f"{self.local(iso):%Y-%m-%d %H:%M:%S %Z}".strip()
+            when = datetime.fromisoformat(iso).astimezone(self.zone)
         except ValueError:
-            return iso
+            return iso, iso
+        clock = f"{when.hour:02}:{when.minute:02}"
+        day = f"{when.day} {self.MONTHS[when.month - 1]}"
+        short = clock if when.date() == today else f"{day} {clock}" if when.year == today.year else f"{day} {when.year} {clock}"
+        return short, f"{when.year}-{when.month:02}-{when.day:02} {clock}:{when.second:02} {when.tzname()}"
 
 
 def time_zone(name: str) -> tzinfo | None:
@@ -1172,8 +1180,7 @@ def linkify(text: str) -> Markup:
     return Markup("").join(parts)
 
 
-templates.env.filters["clock"] = lambda iso: room_clock.short(iso)
-templates.env.filters["full_time"] = lambda iso: room_clock.full(iso)
+templates.env.filters["local_time"] = lambda iso: room_clock.shown(iso)
 templates.env.filters["linkify"] = linkify
 fragments = templates.env.get_template("_fragments.html").module
 
@@ -2123,7 +2130,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     """The app for these settings (default: from CHAT_* variables). ValueError for a setting
     that cannot work (an unknown CHAT_TIMEZONE)."""
     settings = settings or Settings.from_env()
-    room_clock.zone = time_zone(settings.timezone)  # one zone per process: see RoomClock
+    room_clock.set_zone(time_zone(settings.timezone))  # one zone per process: see RoomClock
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

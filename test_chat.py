@@ -1315,7 +1315,7 @@ def test_times_are_shown_on_the_rooms_clock(tmp_path, zone, shown):
             db.execute("UPDATE messages SET created_at = '2026-11-30T02:39:10Z'")
         page = client.get(f"/room/{slug}/").text
     assert re.search(rf'<time datetime="2026-11-30T02:39:10Z" title="2026-11-\d\d {shown}:10 \w+">', page), page
-    chat.room_clock.zone = None
+    chat.room_clock.set_zone(None)
 
 
 def test_with_no_setting_times_are_this_machines_local_time(tmp_path, monkeypatch):
