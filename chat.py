@@ -178,7 +178,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     last_seen_at TEXT NOT NULL DEFAULT ''  -- refreshed at most hourly: idle sessions end
 );
-CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id, created_at);  -- an account's sessions, oldest first
+CREATE INDEX IF NOT EXISTS sessions_by_last_seen ON sessions(last_seen_at);  -- ended ones, found without a scan
+CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions(created_at);
 CREATE TABLE IF NOT EXISTS rooms (
     id         INTEGER PRIMARY KEY,
     slug       TEXT NOT NULL UNIQUE,
@@ -195,6 +197,7 @@ CREATE TABLE IF NOT EXISTS room_members (
     last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
     PRIMARY KEY (room_id, user_id)
 );
+CREATE INDEX IF NOT EXISTS memberships_by_user ON room_members(user_id, last_visit_at);  -- a home page
 CREATE TABLE IF NOT EXISTS messages (
     id         INTEGER PRIMARY KEY,
     room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
@@ -248,6 +251,11 @@ MIGRATIONS = [
      "UPDATE room_members SET last_read_id = "
      "(SELECT coalesce(max(id), 0) FROM messages WHERE room_id = room_members.room_id)"],
     ["ALTER TABLE users ADD COLUMN is_guest INTEGER NOT NULL DEFAULT 0"],
+    # Skeletons that take case into account (name_skeleton); the sessions index gains its
+    # second column (SCHEMA makes it again).
+    [lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
+                               [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
+     "DROP INDEX IF EXISTS sessions_by_user"],
 ]
 
 
@@ -433,36 +441,61 @@ def utc_ago(**delta: float) -> str:
     return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
+MAX_SESSIONS = 100  # live sessions per account: logging in again and again ends the oldest
+SESSION_SWEEP = 100  # ended sessions cleared out per login at most: bounded work on the writer
+
+
 def create_session(db: sqlite3.Connection, user_id: int) -> str:
+    """A new session for the user, ending their oldest past MAX_SESSIONS; and a bounded
+    batch of anybody's ended sessions cleared out, found by index, never by a scan."""
     session_id = secrets.token_urlsafe(24)
     now = utc_now()
     with transaction(db):
+        db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE user_id = ? "
+                   "ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (user_id, MAX_SESSIONS - 1))
         db.execute("INSERT INTO sessions (id, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)",
                    (session_id, user_id, now, now))
-        # Each login also clears out sessions that have ended, so the table stays small.
-        db.execute("DELETE FROM sessions WHERE last_seen_at < ? OR created_at < ?",
-                   (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS)))
+        db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE last_seen_at < ? OR created_at < ? "
+                   "LIMIT ?)", (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS), SESSION_SWEEP))
     return session_id
 
 
-def user_by_session(db: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
-    """The session's user, with `session_seen`; None once the session has ended: logged
-    out, idle for SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), or older than SESSION_MAX_DAYS."""
-    return db.execute(  # (the cut-off times computed by SQLite: every handshake asks this)
-        "SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.id = ?1 AND s.last_seen_at >= strftime(?2, 'now', CASE WHEN u.is_guest THEN ?3 ELSE ?4 END) "
-        "AND s.created_at >= strftime(?2, 'now', ?5)",
-        (session_id, ISO_SECONDS, f"-{GUEST_IDLE_HOURS} hours", f"-{SESSION_IDLE_DAYS} days", f"-{SESSION_MAX_DAYS} days"),
-    ).fetchone()
+# A session (s) of a user (u) is live unless it was ended (its row is gone), has been idle for
+# SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), is older than SESSION_MAX_DAYS, or is a
+# guest's while guest mode is off. Its parameters, ?2 to ?6, are live_session_params(); the
+# cut-off times are computed by SQLite (every handshake asks this).
+LIVE_SESSION = ("s.last_seen_at >= strftime(?2, 'now', CASE WHEN u.is_guest THEN ?3 ELSE ?4 END) "
+                "AND s.created_at >= strftime(?2, 'now', ?5) AND (NOT u.is_guest OR ?6)")
 
 
-def touch_session(db: sqlite3.Connection, session_id: str) -> None:
+def live_session_params(guests: bool) -> tuple[Any, ...]:
+    return ISO_SECONDS, f"-{GUEST_IDLE_HOURS} hours", f"-{SESSION_IDLE_DAYS} days", f"-{SESSION_MAX_DAYS} days", guests
+
+
+def user_by_session(db: sqlite3.Connection, session_id: str, guests: bool = True) -> sqlite3.Row | None:
+    """The session's user, with `session_seen`; None once the session is not live (LIVE_SESSION;
+    `guests`: whether guest mode is on)."""
+    return db.execute("SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
+                      f"WHERE s.id = ?1 AND {LIVE_SESSION}", (session_id, *live_session_params(guests))).fetchone()
+
+
+def live_sessions(db: sqlite3.Connection, session_ids: list[str], guests: bool) -> dict[str, str]:
+    """Of these sessions, the live ones (LIVE_SESSION), each with when it was last seen."""
+    return dict(db.execute("SELECT s.id, s.last_seen_at FROM sessions s JOIN users u ON u.id = s.user_id "
+                           f"WHERE s.id IN (SELECT value FROM json_each(?1)) AND {LIVE_SESSION}",
+                           (json.dumps(session_ids), *live_session_params(guests))).fetchall())
+
+
+def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
+    """The sessions were used just now: their idle clocks restart."""
     with transaction(db):
-        db.execute("UPDATE sessions SET last_seen_at = ? WHERE id = ?", (utc_now(), session_id))
+        db.execute("UPDATE sessions SET last_seen_at = ?1 WHERE id IN (SELECT value FROM json_each(?2))",
+                   (utc_now(), json.dumps(session_ids)))
 
 
-def user_and_room(db: sqlite3.Connection, session_id: str, slug: str) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
-    return user_by_session(db, session_id), room_by_slug(db, slug)
+def user_and_room(db: sqlite3.Connection, session_id: str, slug: str,
+                  guests: bool) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
+    return user_by_session(db, session_id, guests), room_by_slug(db, slug)
 
 
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
@@ -727,35 +760,49 @@ def confusable_prototypes() -> dict[str, str]:
 
 
 def name_skeleton(name: str) -> str:
-    """UTS #39's skeleton of a name, ignoring case: two names with the same skeleton look
-    alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may exist."""
+    """UTS #39's skeleton of a name, case taken into account: two names with the same
+    skeleton look alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may
+    exist. The name is mapped, casefolded and mapped again, so that capital I meets small l
+    ("AI", "Al") and zero meets O ("0scar", "Oscar") before case is set aside."""
     prototypes = confusable_prototypes()
-    decomposed = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", name).casefold())
-    return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in decomposed))
+
+    def skeleton(text: str) -> str:
+        return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
+
+    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold())
+
+
+def limit_key(key: Any) -> str:
+    """What a limiter counts under: a fixed-length digest of the key (a username, an address,
+    a user id), so no key an attacker picks can grow a limiter's table, or Redis, by its size."""
+    return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
 
 
 class RateLimiter:
     """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no
     limit. allow() counts an event as it asks, before the work it guards, so a burst that
-    arrives all at once is counted one by one; forgive() takes one back (a login that
-    turned out right is not a failure)."""
+    arrives all at once is counted one by one."""
 
     def __init__(self, limit: int, window: float) -> None:
         self.limit = limit
         self.window = window
-        self._events: dict[Any, deque[float]] = {}  # least recently counted key first
+        self.clock = time.monotonic  # (tests turn it)
+        self._events: dict[str, deque[float]] = {}  # least recently counted key first
 
     async def allow(self, key: Any) -> bool:
         """Count one event if the key is under its limit; say whether it was."""
         if not self.limit:
             return True
-        now = time.monotonic()
+        return self._count(limit_key(key), add=True)
+
+    def _count(self, key: str, add: bool) -> bool:
+        now = self.clock()
         horizon = now - self.window
         events = self._events.pop(key, None) or deque()
         while events and events[0] <= horizon:
             events.popleft()
         allowed = len(events) < self.limit
-        if allowed:
+        if allowed and add:
             events.append(now)
         if events:
             self._events[key] = events  # re-inserted: now the most recently counted
@@ -767,11 +814,87 @@ class RateLimiter:
             del self._events[stale]
         return allowed
 
-    async def forgive(self, key: Any) -> None:
-        if events := self._events.get(key):
-            events.pop()
-            if not events:
-                del self._events[key]
+
+class TooManyFailures(Exception):
+    """A key is at its limit of failures; `retry_after` says in how many seconds it is not."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+def in_plain_words(seconds: float) -> str:
+    """"in a minute", "in 14 minutes", "in an hour": when to try again."""
+    minutes = max(1, -(-int(seconds) // 60))
+    return "in a minute" if minutes == 1 else "in an hour" if minutes == 60 else f"in {minutes} minutes"
+
+
+@dataclass
+class Attempt:
+    """One guarded try (a login, a room code): fail() if it turned out to be a failure."""
+
+    failed: bool = False
+
+    def fail(self) -> None:
+        self.failed = True
+
+
+class FailureLimit(RateLimiter):
+    """At most `limit` failures per key in a sliding `window` of seconds (limit 0: none).
+    Only failures count, not attempts: an attempt waits while the ones still being checked
+    could take a key past its limit, and goes ahead as soon as they cannot. So 25 right
+    passwords sent at once from one address all get in, and of 200 wrong ones sent at once
+    no more than `limit` are ever checked."""
+
+    MAX_WAIT = 10.0  # seconds an attempt waits for others to be checked before it is turned away
+
+    def __init__(self, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self._in_flight: Counter[str] = Counter()
+        self._changed: asyncio.Condition | None = None  # (made in the event loop, at first use)
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, *keys: Any) -> AsyncIterator[Attempt]:
+        """Guard one attempt under each key: TooManyFailures if any is at its limit."""
+        attempt = Attempt()
+        if not self.limit:
+            yield attempt
+            return
+        leave = await self._enter([limit_key(key) for key in keys])
+        try:
+            yield attempt
+        finally:
+            await leave(attempt.failed)
+
+    async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
+        """Wait for the keys to have room for one more attempt; what to call when it is over."""
+        self._changed = self._changed or asyncio.Condition()
+        deadline = self.clock() + self.MAX_WAIT
+        async with self._changed:
+            while True:
+                if blocked := [key for key in keys if not self._count(key, add=False)]:
+                    raise TooManyFailures(self._retry_after(blocked))
+                if all(len(self._events.get(key, ())) + self._in_flight[key] < self.limit for key in keys):
+                    self._in_flight.update(keys)
+                    return functools.partial(self._leave, keys)
+                with contextlib.suppress(TimeoutError):  # others are being checked: wait for them
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - self.clock()))
+                if self.clock() >= deadline:
+                    raise TooManyFailures(5)
+
+    async def _leave(self, keys: list[str], failed: bool) -> None:
+        async with self._changed:
+            self._in_flight.subtract(keys)
+            self._in_flight += Counter()  # (drops the keys back at zero)
+            if failed:
+                for key in keys:
+                    self._events.setdefault(key, deque()).append(self.clock())
+            self._changed.notify_all()
+
+    def _retry_after(self, keys: list[str]) -> float:
+        """Seconds until every key is under its limit again (the oldest failure that counts expires)."""
+        now = self.clock()
+        return max(self._events[key][-self.limit] + self.window - now for key in keys)
 
 
 def csrf_token(conn: HTTPConnection) -> str:
@@ -987,6 +1110,11 @@ class RoomHub:
         for conn in self.everyone():
             await conn.close(code)
 
+    def close_room(self, room_slug: str, code: int) -> None:
+        """Close every socket in the room (1012: they reconnect and catch up), without waiting."""
+        for conn in tuple(self.connections.get(room_slug, ())):
+            asyncio.create_task(conn.close(code))
+
     def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
         """The user logged out (of one session, or everywhere), or left a room: tell the
         pages concerned in place, and close their sockets with a code htmx does not retry."""
@@ -1187,6 +1315,15 @@ fragments = templates.env.get_template("_fragments.html").module
 
 _last_echo: tuple[str, str, str] = ("", "", "")
 
+# What the wire view (made for a projector) never shows: the page's CSRF token and a
+# message's one-time key, in the JSON a page sends and in the answer it gets.
+SECRETS_RE = re.compile(r'("(?:csrf_token|key|X-CSRF-Token)"\s*:\s*")(?:[^"\\]|\\.)*"|(data-key=")[^"]*"')
+
+
+def without_secrets(frame: str) -> str:
+    """The frame with its secrets shown as "…"."""
+    return SECRETS_RE.sub(lambda found: f'{found.group(1) or found.group(2)}…"', frame)
+
 
 def with_wire_echo(frame: str, audience: str) -> str:
     """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it) and who got
@@ -1194,7 +1331,7 @@ def with_wire_echo(frame: str, audience: str) -> str:
     in turn, so remembering the last one renders each echo once and holds one at most."""
     global _last_echo
     if _last_echo[0] is not frame or _last_echo[1] != audience:
-        _last_echo = (frame, audience, frame + str(fragments.wire_entry(frame, WIRE_ECHO_CHARS, audience)))
+        _last_echo = (frame, audience, frame + str(fragments.wire_entry(without_secrets(frame), WIRE_ECHO_CHARS, audience)))
     return _last_echo[2]
 
 
@@ -1224,9 +1361,9 @@ class Chat:
     fanout: LocalFanout = field(init=False)
     message_limit: RateLimiter = field(init=False)
     room_limit: RateLimiter = field(init=False)
-    login_limit: RateLimiter = field(init=False)
+    login_limit: FailureLimit = field(init=False)
     register_limit: RateLimiter = field(init=False)
-    room_guess_limit: RateLimiter = field(init=False)
+    room_guess_limit: FailureLimit = field(init=False)
 
     def __post_init__(self) -> None:
         self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
@@ -1234,13 +1371,14 @@ class Chat:
         if self.settings.redis_url:
             self.fanout = RedisFanout(self.hub, self.settings.redis_url)
             limiter = functools.partial(RedisRateLimiter, self.fanout)
+            failures = functools.partial(RedisFailureLimit, self.fanout)
         else:
-            self.fanout, limiter = LocalFanout(self.hub), RateLimiter
+            self.fanout, limiter, failures = LocalFanout(self.hub), RateLimiter, FailureLimit
         self.message_limit = limiter(self.settings.message_rate, 10)
         self.room_limit = limiter(self.settings.room_rate, 3600)
-        self.login_limit = limiter(self.settings.login_failures, 15 * 60)
+        self.login_limit = failures(self.settings.login_failures, 15 * 60)
         self.register_limit = limiter(self.settings.register_rate, 3600)
-        self.room_guess_limit = limiter(self.settings.room_guesses, 3600)
+        self.room_guess_limit = failures(self.settings.room_guesses, 3600)
 
 
 def chat_of(conn: HTTPConnection) -> Chat:
@@ -1251,8 +1389,9 @@ async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
     session_id = conn.session.get("sid")
     if not session_id:
         return None
-    store = chat_of(conn).store
-    user = await store.read(user_by_session, session_id)
+    chat = chat_of(conn)
+    store = chat.store
+    user = await store.read(user_by_session, session_id, chat.settings.guests)
     if user is not None and user["session_seen"] < utc_ago(hours=1):
         store.write_soon(touch_session, session_id)  # the idle clock restarts, hourly at most
     return user
@@ -1300,6 +1439,13 @@ def client_address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "unknown"
 
 
+def could_not_save(what: str, problem: sqlite3.Error) -> str:
+    """The words for a write the database refused (a full disk, a lock held too long): the
+    transaction rolled back, so nothing was changed, and the person's input is kept."""
+    log.warning("%s: the database refused a write: %r", what, problem)
+    return f"{what} just now: the server could not save it (its disk may be full). Nothing was changed; try again."
+
+
 async def start_session(request: Request, user: sqlite3.Row) -> None:
     store = chat_of(request).store
     request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
@@ -1329,10 +1475,13 @@ async def create_account(request: Request, name: str, password: str | None) -> t
     if not await chat.register_limit.allow(client_address(request)):
         return "Many accounts were created from your address lately. Try again in an hour.", 429
     password_hash = await hashing(hash_password, password) if password is not None else ""
-    user = await chat.store.write(create_user, name, password_hash, password is None)
-    if user is None:
-        return "That name is taken (or looks just like one that is).", 400
-    await start_session(request, user)
+    try:
+        user = await chat.store.write(create_user, name, password_hash, password is None)
+        if user is None:
+            return "That name is taken (or looks just like one that is).", 400
+        await start_session(request, user)
+    except sqlite3.Error as problem:
+        return could_not_save("Your account could not be created", problem), 503
     return None, 303
 
 
@@ -1379,29 +1528,32 @@ async def login(request: Request) -> Response:
     chat = chat_of(request)
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
     password, next_url = form.get("password", ""), safe_next(form.get("next"))
-    # Every attempt counts as a failure before the password is checked, so guesses that
-    # arrive all at once are counted one by one; a right password takes its count back.
-    keys = (("user", username.casefold()), ("address", client_address(request)))
-    counted = []
-    for key in keys:
-        if not await chat.login_limit.allow(key):
-            for earlier in counted:  # this attempt is refused: it counts nowhere
-                await chat.login_limit.forgive(earlier)
-            return render(request, "login.html", 429, form={"username": username, "next": next_url},
-                          error="Too many failed logins. Try again later (in 15 minutes).")
-        counted.append(key)
-    user = await chat.store.read(user_by_name, username)
-    has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
-    stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
-    right, outdated = await hashing(verify_password, password, stored)
-    if not right or not has_password:
-        return render(request, "login.html", 400, form={"username": username, "next": next_url},
-                      error="Wrong username or password.")
-    for key in keys:
-        await chat.login_limit.forgive(key)
+    wrong = render(request, "login.html", 400, form={"username": username[:150], "next": next_url},
+                   error="Wrong username or password.")
+    if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
+        return wrong
+    # Failures count per username and per address; a right password is no failure, and
+    # guesses sent all at once are checked no more than the limit allows (FailureLimit).
+    try:
+        async with chat.login_limit.attempt(("user", username.casefold()), ("address", client_address(request))) as attempt:
+            user = await chat.store.read(user_by_name, username)
+            has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
+            stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
+            right, outdated = await hashing(verify_password, password, stored)
+            if not right or not has_password:
+                attempt.fail()
+    except TooManyFailures as refused:
+        return render(request, "login.html", 429, form={"username": username, "next": next_url},
+                      error=f"Too many failed logins. Try again {in_plain_words(refused.retry_after)}.")
+    if attempt.failed:
+        return wrong
     if outdated:  # an scrypt hash from before argon2id: redone now that we have the password
         chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
-    await start_session(request, user)
+    try:
+        await start_session(request, user)
+    except sqlite3.Error as problem:
+        return render(request, "login.html", 503, form={"username": username, "next": next_url},
+                      error=could_not_save("You could not be logged in", problem))
     return redirect(next_url)
 
 
@@ -1444,36 +1596,35 @@ async def create_room(request: Request) -> Response:
     if not await chat.room_limit.allow(request.state.user["id"]):
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
-    room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
+    try:
+        room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
+    except sqlite3.Error as problem:
+        return render(request, "create.html", 503, form={"room_name": name},
+                      error=could_not_save("The room could not be created", problem))
     return redirect(f"/room/{room['slug']}/")
 
 
-class TooManyGuesses(Exception):
-    """This user or address tried too many unknown room codes lately."""
-
-
-async def count_room_lookup(chat: Chat, user_id: int, address: str, found: bool) -> None:
-    """A room code is the room's only secret, so every lookup counts against the user's
-    and the address's guesses (a code that turns out real is taken back). Past the limit,
-    raises TooManyGuesses before anybody learns what the lookup found, so a burst of
-    guesses is refused long before it could hit a room."""
-    keys = (("user", user_id), ("address", address))
-    for key in keys:
-        if not await chat.room_guess_limit.allow(key):
-            raise TooManyGuesses
-    if found:
-        for key in keys:
-            await chat.room_guess_limit.forgive(key)
+@contextlib.asynccontextmanager
+async def room_lookup(chat: Chat, user_id: int, address: str) -> AsyncIterator[Attempt]:
+    """Guard one lookup of a room code: the code is the room's only secret, so a code that
+    turns out not to exist is a failure against the user's and the address's guesses. Past
+    the limit this raises TooManyFailures before anybody learns what the lookup found, so a
+    burst of guesses is refused long before it could hit a room; real codes never count."""
+    async with chat.room_guess_limit.attempt(("user", user_id), ("address", address)) as attempt:
+        yield attempt
 
 
 async def find_room(request: Request, code: str) -> sqlite3.Row | None:
     chat = chat_of(request)
-    room = await chat.store.read(room_by_slug, code) if code else None
-    await count_room_lookup(chat, request.state.user["id"], client_address(request), room is not None)
+    async with room_lookup(chat, request.state.user["id"], client_address(request)) as lookup:
+        room = await chat.store.read(room_by_slug, code) if code else None
+        if room is None:
+            lookup.fail()
     return room
 
 
-TOO_MANY_GUESSES = "You tried many room codes that do not exist. Try again in an hour."
+def too_many_guesses(refused: TooManyFailures) -> str:
+    return f"You tried many room codes that do not exist. Try again {in_plain_words(refused.retry_after)}."
 
 
 @login_required
@@ -1487,8 +1638,8 @@ async def join_room(request: Request) -> Response:
         return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
     try:
         room = await find_room(request, code)
-    except TooManyGuesses:
-        return render(request, "join.html", 429, form={"room_slug": typed}, error=TOO_MANY_GUESSES)
+    except TooManyFailures as refused:
+        return render(request, "join.html", 429, form={"room_slug": typed}, error=too_many_guesses(refused))
     if room is not None:
         return redirect(f"/room/{room['slug']}/")
     return render(request, "join.html", 404, form={"room_slug": typed},
@@ -1498,8 +1649,8 @@ async def join_room(request: Request) -> Response:
 async def room_or_404(request: Request) -> sqlite3.Row:
     try:
         room = await find_room(request, request.path_params["slug"].lower())
-    except TooManyGuesses:
-        raise HTTPException(429, TOO_MANY_GUESSES) from None
+    except TooManyFailures as refused:
+        raise HTTPException(429, too_many_guesses(refused)) from None
     if room is None:
         raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
     return room
@@ -1579,7 +1730,10 @@ async def edit(request: Request) -> Response:
             raise Refused("A message needs some text; to remove it, use Delete.")
         await check_message(chat, room["id"], message["user_id"], text)
         # (edit_message checks the author again inside its transaction; it was checked above)
-        edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
+        try:
+            edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
+        except sqlite3.Error as problem:
+            raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
     except Refused as problem:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
@@ -1595,7 +1749,11 @@ async def delete(request: Request) -> Response:
     message = await own_message_or_error(request, room)
     await read_form(request)  # the CSRF check
     chat = chat_of(request)
-    if (revision := await chat.store.write(delete_message, message["id"], room["id"], message["user_id"])) is not None:
+    try:
+        revision = await chat.store.write(delete_message, message["id"], room["id"], message["user_id"])
+    except sqlite3.Error as problem:  # said where the page shows the sender's errors
+        return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
+    if revision is not None:
         await chat.fanout.publish(room["slug"], str(fragments.deleted_frame([message["id"]], revision)))
     return HTMLResponse("")
 
@@ -1634,16 +1792,21 @@ def message_id(value: str) -> int | None:
     return int(value)
 
 
+async def storage_error(request: Request, exc: Exception) -> Response:
+    """Any other write the database refused (a full disk): a clear 503, no traceback."""
+    return await http_error(request, HTTPException(503, could_not_save("That could not be done", exc)))
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) if status != 500 else None
     titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 429: "Slow down",
-              500: "Something broke"}
+              500: "Something broke", 503: "Not saved"}
     if request.scope["type"] != "http":
         return PlainTextResponse(titles.get(status, "Error"), status_code=status)
     request.state.user = await current_user(request) if status != 500 else None
     response = render(request, "error.html", status, title=titles.get(status, "Error"),
-                      detail=detail or "Something went wrong on our side. Nothing you sent was lost; try again.")
+                      detail=detail or "Something went wrong on our side; try again. If it keeps happening, tell whoever runs this server.")
     if status == 500:  # Starlette answers these from outside all middleware: add the headers here
         response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
     return response
@@ -1770,7 +1933,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         return None
     session_id = websocket.session.get("sid", "")
     slug = websocket.path_params["slug"].lower()
-    user, room = await chat.store.read(user_and_room, session_id, slug)  # one trip to the database
+    user, room = await chat.store.read(user_and_room, session_id, slug, chat.settings.guests)  # one trip
     if user is None:
         # A page whose session ended (logged out, elsewhere too) while it was away: accept
         # only to tell it so, in place, and close with a code htmx does not retry.
@@ -1780,9 +1943,11 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         await websocket.close(SESSION_ENDED, "logged out")
         return None
     address = client_address(websocket)
-    try:
-        await count_room_lookup(chat, user["id"], address, room is not None)
-    except TooManyGuesses:
+    try:  # (the room was read in the same trip as the session; nothing of it is said before this)
+        async with room_lookup(chat, user["id"], address) as lookup:
+            if room is None:
+                lookup.fail()
+    except TooManyFailures:
         room = None
     if room is None:
         await refuse(websocket, "no such room (or too many unknown codes)")
@@ -1844,7 +2009,7 @@ async def chat_socket(websocket: WebSocket) -> None:
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
     if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
         sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
-        conn.push(str(fragments.wire_entry(sent, WIRE_ECHO_CHARS, SENT)), audience=None)
+        conn.push(str(fragments.wire_entry(without_secrets(sent), WIRE_ECHO_CHARS, SENT)), audience=None)
     key = None
     try:
         if event.get("text") is None:
@@ -1867,6 +2032,37 @@ async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
     conn.caught_up = True
     if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
         conn.push(frame)
+
+
+SESSION_CHECK_SECONDS = 60.0  # how often the sessions of open sockets are checked and kept alive
+
+
+async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> None:
+    """An open room page is its session in use, and a session that ends ends its pages:
+    every `every` seconds, each open socket's session is kept alive (its idle clock restarted,
+    hourly at most, as HTTP requests do), and the pages of sessions that are no longer live
+    (ended elsewhere, idle or too old, a guest's with guest mode off) are told so and closed."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await check_sessions(chat)
+        except sqlite3.Error as problem:
+            log.warning("could not check the sessions of open sockets: %r", problem)
+
+
+async def check_sessions(chat: Chat) -> None:
+    pages = chat.hub.everyone()
+    if not pages:
+        return
+    live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}), chat.settings.guests)
+    for conn in pages:
+        if conn.session_id not in live and not conn.dropped:
+            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_slug)
+            conn.push(str(fragments.page_ended(conn.room_slug)))
+            conn.drop(SESSION_ENDED, "session ended")
+    hour_ago = utc_ago(hours=1)
+    if in_use := [session_id for session_id, seen in live.items() if seen < hour_ago]:
+        chat.store.write_soon(touch_session, *in_use)
 
 
 # What a page gets every CHAT_HEARTBEAT: nothing to swap, only a sign of life that room.js
@@ -1906,13 +2102,16 @@ class RedisFanout(LocalFanout):
         self.worker = secrets.token_hex(4)
         self.tasks: list[asyncio.Task] = []
         self.healthy = True
+        self.missed: set[str] = set()  # rooms whose frames other workers may not have had
+        self.recovering: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        for task in [*self.tasks, self.recovering]:
+            if task is not None:
+                task.cancel()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
             await self.subscriber.aclose()
@@ -1921,13 +2120,43 @@ class RedisFanout(LocalFanout):
         if self.healthy:
             log.error("Redis unreachable (%s): serving this worker's connections only until it is back", problem)
         self.healthy = False
+        if self.recovering is None or self.recovering.done():
+            self.recovering = asyncio.create_task(self._recover())
 
     async def publish(self, room_slug: str, frame: str) -> None:
-        try:
-            await self.redis.publish(f"backchat:room:{room_slug}", frame)
-        except Exception as problem:  # the message is stored; local pages get it now, others on reconnect
-            self._unhealthy(problem)
-            self.hub.broadcast(room_slug, frame)
+        """Every worker's pages get the frame, through Redis. If Redis is away (or was, a
+        moment ago, and is not yet known to be back) this worker's pages get it at once and
+        the room is remembered: once Redis answers, every page in it catches up (_recover)."""
+        if self.healthy:
+            try:
+                await self.redis.publish(f"backchat:room:{room_slug}", frame)
+                return
+            except Exception as problem:  # the message is stored: it is not lost, only late elsewhere
+                self._unhealthy(problem)
+        self.missed.add(room_slug)
+        self.hub.broadcast(room_slug, frame)
+
+    async def _recover(self) -> None:
+        """Ask Redis, with back-off, until it answers; then tell every worker (this one too)
+        which rooms' frames may have gone missing meanwhile: each closes its sockets in them
+        with 1012, and the pages reconnect and catch up from the database (a page that missed
+        nothing is sent nothing)."""
+        delay = 0.25
+        while True:
+            await asyncio.sleep(delay)
+            rooms = sorted(self.missed)
+            try:
+                await self.redis.publish("backchat:resync", json.dumps(rooms))
+            except Exception:
+                delay = min(delay * 2, 5.0)
+                continue
+            self.missed.difference_update(rooms)
+            if not self.healthy:
+                log.warning("Redis is back: publishing again; pages in %d room(s) that may have missed "
+                            "frames reconnect and catch up", len(rooms))
+                self.healthy = True
+            if not self.missed:
+                return
 
     async def _listen(self) -> None:
         """Receive every worker's frames and presence notices; after an outage, close local
@@ -1936,7 +2165,8 @@ class RedisFanout(LocalFanout):
         while True:
             try:
                 async with self.subscriber.pubsub() as pubsub:
-                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout")
+                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout",
+                                            "backchat:resync")
                     if not self.healthy:
                         log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
                         self.healthy = True
@@ -1956,6 +2186,10 @@ class RedisFanout(LocalFanout):
         if channel == "backchat:logout":
             ended = json.loads(data)
             return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_slug"])
+        if channel == "backchat:resync":
+            for room_slug in json.loads(data):
+                self.hub.close_room(room_slug, 1012)
+            return
         kind, room_slug = channel.split(":", 2)[1:]
         if room_slug not in self.hub.connections:
             return  # nobody here is in that room
@@ -2033,14 +2267,10 @@ class RedisRateLimiter(RateLimiter):
         super().__init__(limit, window)
         self.fanout = fanout
 
-    def _key(self, key: Any) -> str:
-        window = int(time.time() // self.window)
-        return f"backchat:limit:{int(self.window)}:{key!s}:{window}"
-
     async def allow(self, key: Any) -> bool:
         if not self.limit:
             return True
-        counter = self._key(key)  # once: both commands must name the same window
+        counter = f"backchat:limit:{int(self.window)}:{limit_key(key)}:{int(time.time() // self.window)}"
         try:
             async with self.fanout.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(counter)
@@ -2050,9 +2280,61 @@ class RedisRateLimiter(RateLimiter):
             return await super().allow(key)
         return count <= self.limit
 
-    async def forgive(self, key: Any) -> None:
-        with contextlib.suppress(Exception):
-            await self.fanout.redis.decr(self._key(key))
+
+class RedisFailureLimit(FailureLimit):
+    """FailureLimit counted in Redis, so every worker sees every failure and every attempt
+    being checked: failures in a fixed-window counter per key (one INCR when a failure
+    happens), attempts in flight in a counter of their own that forgets a crashed worker's
+    within a minute. If Redis is unreachable, this worker counts on its own."""
+
+    POLL = 0.05  # seconds between looks while other workers' attempts are being checked
+
+    def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self.fanout = fanout
+
+    async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
+        try:
+            return await self._enter_redis(keys)
+        except TooManyFailures:
+            raise
+        except Exception as problem:
+            self.fanout._unhealthy(problem)
+            return await super()._enter(keys)
+
+    async def _enter_redis(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
+        redis, window = self.fanout.redis, int(self.window)
+        failures = [f"backchat:failures:{window}:{key}:{int(time.time() // window)}" for key in keys]
+        in_flight = [f"backchat:inflight:{window}:{key}" for key in keys]
+        deadline = time.monotonic() + self.MAX_WAIT
+        while True:
+            async with redis.pipeline(transaction=False) as pipe:
+                for failed, checking in zip(failures, in_flight):
+                    pipe.get(failed).incr(checking).expire(checking, 60)
+                replies = await pipe.execute()
+            counts = [(int(replies[3 * n] or 0), replies[3 * n + 1]) for n in range(len(keys))]  # (ours included)
+            if all(failed + checking <= self.limit for failed, checking in counts):
+                break
+            await self._done(in_flight, [])
+            if blocked := [name for name, (failed, _) in zip(failures, counts) if failed >= self.limit]:
+                raise TooManyFailures(max([await redis.ttl(name) for name in blocked] + [1]))
+            if time.monotonic() >= deadline:
+                raise TooManyFailures(5)
+            await asyncio.sleep(self.POLL)
+
+        async def leave(failed: bool) -> None:
+            with contextlib.suppress(Exception):  # (a lost count: at worst one guess more)
+                await self._done(in_flight, failures if failed else [])
+
+        return leave
+
+    async def _done(self, in_flight: list[str], failures: list[str]) -> None:
+        async with self.fanout.redis.pipeline(transaction=False) as pipe:
+            for checking in in_flight:
+                pipe.decr(checking)
+            for failed in failures:
+                pipe.incr(failed).expire(failed, int(self.window) + 1)
+            await pipe.execute()
 
 
 # ---------------------------------------------------------------------------
@@ -2073,6 +2355,9 @@ def security_headers(nonce: str) -> dict[str, str]:
         "referrer-policy": "same-origin",
         "x-frame-options": "DENY",
     }
+
+
+NO_STORE = (b"cache-control", b"no-store")
 
 
 class SecurityHeaders:
@@ -2108,7 +2393,11 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": list(message.get("headers", [])) + headers}
+                given = list(message.get("headers", []))
+                # Pages depend on the session (history, a CSRF token): no shared cache, nor the
+                # back button after logging out, may keep them. Static files say otherwise.
+                no_store = [] if any(name.lower() == b"cache-control" for name, _ in given) else [NO_STORE]
+                message = {**message, "headers": given + headers + no_store}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -2138,11 +2427,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await store.open()
         app.state.chat = chat = Chat(settings, store)
         await chat.fanout.start()
-        heartbeat = asyncio.create_task(chat.hub.heartbeat(settings.heartbeat))
+        background = [asyncio.create_task(chat.hub.heartbeat(settings.heartbeat)),
+                      asyncio.create_task(watch_sessions(chat))]
         try:
             yield
         finally:
-            heartbeat.cancel()
+            for task in background:
+                task.cancel()
             await chat.fanout.stop()
             await store.close()
 
@@ -2171,7 +2462,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=MAX_FORM_BYTES,
-                     exception_handlers={HTTPException: http_error, Exception: http_error})
+                     exception_handlers={HTTPException: http_error, sqlite3.Error: storage_error, Exception: http_error})
 
 
 def __getattr__(name: str) -> Starlette:
@@ -2257,6 +2548,32 @@ def lan_addresses() -> list[str]:
     return sorted(address for address in found if not address.startswith("127."))
 
 
+def backup(db_path: Path, target: Path) -> int:
+    """Write a consistent copy of the database to `target` (a new file), while the server
+    may be running: SQLite's online backup API copies one snapshot of it, committed writes
+    and nothing half-done. The number of pages copied; FileExistsError rather than overwrite."""
+    if target.exists():
+        raise FileExistsError(f"{target} exists already; name a new file")
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # never creates an empty one
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+        return copy.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        copy.close()
+        source.close()
+
+
+def operate(args: argparse.Namespace) -> None:
+    """`python chat.py backup FILE`: what the operator does beside the running server."""
+    if args.command == "backup":
+        try:
+            pages = backup(args.db, args.file)
+        except (FileExistsError, sqlite3.Error) as problem:
+            sys.exit(f"Backchat: no backup written: {problem}")
+        print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); see the README to restore it")
+
+
 def main(argv: list[str] | None = None) -> None:
     env = Settings.from_env()
     parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
@@ -2267,7 +2584,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ws", default=os.environ.get("CHAT_WS", "auto"), help="uvicorn's WebSocket implementation")
     parser.add_argument("--guests", action="store_true", default=env.guests,
                         help='offer "Join as a guest" (a name, no password) for classes and demos')
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="or, instead of serving:")
+    same_db = argparse.ArgumentParser(add_help=False)  # --db after the command works too
+    same_db.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="SQLite file (default: chat.db)")
+    backup_command = commands.add_parser("backup", parents=[same_db], help="copy the database while it runs")
+    backup_command.add_argument("file", type=Path, help="the new file to write")
     args = parser.parse_args(argv)
+    if args.command:
+        return operate(args)
+    try:
+        time_zone(env.timezone)
+    except ValueError as problem:
+        parser.error(str(problem))
+    serve(args, env)
+
+
+def serve(args: argparse.Namespace, env: Settings) -> None:
+    """`python chat.py`: uvicorn with this app and the limits it relies on."""
     hosts, everywhere = env.allowed_hosts, args.host in ("0.0.0.0", "::", "")
     if everywhere and not os.environ.get("CHAT_ALLOWED_HOSTS"):
         name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
@@ -2280,13 +2613,11 @@ def main(argv: list[str] | None = None) -> None:
     max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
                            "max_connections": max_connections, "guests": args.guests})
-    try:
-        time_zone(settings.timezone)
-    except ValueError as problem:
-        parser.error(str(problem))
     print(f"Backchat: database {settings.db_path.resolve()}")
-    for address in ["localhost", *lan_addresses()] if everywhere else [args.host]:
-        print(f"Backchat: open http://{address}:{args.port}/")
+    # On every interface: the LAN addresses first, the ones to share (an invite link is built
+    # from the address the page was opened at); localhost only works on this machine.
+    for address in [*lan_addresses(), "localhost"] if everywhere else [args.host]:
+        print(f"Backchat: open http://{address}:{args.port}/" + ("  (this machine only)" if address == "localhost" else ""))
     if settings.guests:
         print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
     sys.stdout.flush()

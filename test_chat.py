@@ -228,7 +228,7 @@ def test_failed_logins_are_limited_per_username(client):
     for _ in range(10):
         assert post_form(client, "/auth/login/", "/auth/login/", username="alice", password="nope nope").status_code == 400
     blocked = post_form(client, "/auth/login/", "/auth/login/", username="alice", password=PASSWORD)
-    assert blocked.status_code == 429 and "Try again later" in blocked.text
+    assert blocked.status_code == 429 and "Try again in 15 minutes." in blocked.text
 
 
 # --- rooms ---------------------------------------------------------------------

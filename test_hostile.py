@@ -219,7 +219,7 @@ def test_passwords_are_argon2id_and_old_scrypt_hashes_upgrade_at_login(tmp_path)
 
 
 @pytest.mark.parametrize("lookalike", ["аdmin", "ＡＤＭＩＮ", "adrnin", "Admin", "ad\u200bmin", "\u3164",
-                                       "admin\u202e", "a\u2800"])
+                                       "admin\u202e", "a\u2800", "AdmIn"])
 def test_lookalike_and_invisible_usernames_are_refused(tmp_path, lookalike):
     with limited_app(tmp_path) as client:
         assert register(client, "admin").status_code == 303
@@ -339,4 +339,226 @@ def test_rate_limiter_forgets_expired_keys_without_sweeping_them_all(monkeypatch
     asyncio.run(fill("old"))
     clock[0] += 61  # every old key has expired
     asyncio.run(fill("new"))
-    assert len(limiter._events) == 10_000 and all(key.startswith("new") for key in limiter._events)
+    assert set(limiter._events) == {chat.limit_key(f"new{n}") for n in range(10_000)}
+
+
+# --- hostile users, round three (issue 18) -------------------------------------------------------
+
+
+def test_login_limit_keys_are_bounded_and_overlong_names_count_nowhere(tmp_path):
+    """A username longer than any account can have is refused before anything is counted:
+    200 log-ins with 60,000-character names leave the limiter's tables empty. Every key a
+    limiter stores is a fixed-length digest, whatever was typed."""
+    with limited_app(tmp_path) as client:
+        token = csrf(client.get("/auth/login/").text)
+        for n in range(200):
+            response = client.post("/auth/login/", data={"csrf_token": token, "username": f"{n}{'x' * 60_000}",
+                                                         "password": "whatever"})
+            assert response.status_code == 400 and "Wrong username or password" in response.text
+            assert len(response.content) < 20_000  # the name is not echoed back whole either
+        limit = client.app.state.chat.login_limit
+        assert not limit._events and not limit._in_flight
+    assert {len(chat.limit_key(key)) for key in (("user", "x" * 60_000), ("address", "127.0.0.1"), 7)} == {24}
+
+
+def login_as(client: TestClient, username: str, password: str):
+    return post_form(client, "/auth/login/", "/auth/login/", username=username, password=password)
+
+
+def test_the_login_refusal_says_truthfully_when_to_try_again(tmp_path):
+    with limited_app(tmp_path, login_failures=3) as client:
+        register(client, "ada")
+        client.cookies.clear()
+        limit = client.app.state.chat.login_limit
+        now = [1000.0]
+        limit.clock = lambda: now[0]
+        assert [login_as(client, "ada", f"wrong {n}").status_code for n in range(3)] == [400, 400, 400]
+        refused = login_as(client, "ada", "correct horse")
+        assert refused.status_code == 429 and "Try again in 15 minutes." in refused.text
+        now[0] += 10 * 60 + 1
+        assert "Try again in 5 minutes." in login_as(client, "ada", "correct horse").text
+        now[0] += 5 * 60
+        assert login_as(client, "ada", "correct horse").status_code == 303  # the failures have expired
+
+
+@pytest.mark.parametrize("taken, lookalike", [("Al", "AI"), ("bill", "biII"), ("Daniel", "DanieI"), ("0scar", "Oscar"),
+                                              ("AI", "al"), ("O0", "oo")])
+def test_names_that_look_alike_once_case_is_set_aside_are_refused(tmp_path, taken, lookalike):
+    with limited_app(tmp_path, guests=True) as client:
+        assert register(client, taken).status_code == 303
+        client.cookies.clear()
+        assert register(client, lookalike).status_code == 400
+        as_guest = post_form(client, "/auth/login/", "/auth/guest/", guest_name=lookalike)
+        assert as_guest.status_code == 400 and "taken" in as_guest.text
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        assert db.execute("SELECT count(*) FROM users").fetchone() == (1,)
+
+
+def test_an_account_holds_at_most_100_sessions_and_ended_ones_go_in_bounded_batches(tmp_path):
+    with limited_app(tmp_path) as client:
+        register(client, "ada")
+        with sqlite3.connect(tmp_path / "chat.db") as db:  # 1,000 of other people's ended sessions
+            db.execute("INSERT INTO users (id, username, username_key, password_hash, created_at) "
+                       "VALUES (99, 'old', 'old', '', '2020-01-01T00:00:00Z')")
+            db.executemany("INSERT INTO sessions (id, user_id, created_at, last_seen_at) VALUES (?, 99, ?, ?)",
+                           [(f"old-{n}", "2020-01-01T00:00:00Z", "2020-01-01T00:00:00Z") for n in range(1000)])
+        for attempt in range(chat.MAX_SESSIONS + 4):  # log in again and again from fresh devices
+            client.cookies.clear()
+            assert login_as(client, "ada", "correct horse").status_code == 303
+            if attempt == 0:  # each login clears a bounded batch of ended sessions, not all of them
+                with sqlite3.connect(tmp_path / "chat.db") as db:
+                    assert db.execute("SELECT count(*) FROM sessions WHERE user_id = 99").fetchone() == (
+                        1000 - chat.SESSION_SWEEP,)
+        assert client.get("/", follow_redirects=False).status_code == 200  # the newest lives
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        counts = dict(db.execute("SELECT user_id, count(*) FROM sessions GROUP BY user_id"))
+    assert counts[1] == chat.MAX_SESSIONS
+    assert counts.get(99, 0) == 0  # cleared, a bounded batch per login (105 logins x 100 each)
+
+
+GROWS_WITH_USE = ("users", "sessions", "rooms", "room_members", "messages", "deletions")
+
+
+def test_every_query_a_request_or_a_message_makes_uses_an_index(tmp_path, monkeypatch):
+    """Each statement the app runs while it is used (not at start-up) is planned by SQLite
+    on a database of realistic shape, and none may read a whole table that grows with use."""
+    statements: list[str] = []
+    connect = chat.Store._connect
+
+    def traced(self, for_writing: bool):
+        db = connect(self, for_writing)
+        db.set_trace_callback(statements.append)
+        return db
+
+    monkeypatch.setattr(chat.Store, "_connect", traced)
+    with limited_app(tmp_path, guests=True) as client:
+        statements.clear()  # start-up: the schema and its migrations
+        register(client, "ada")
+        slug = create_room(client, "plans")
+        room = f"/room/{slug}/"
+        post_form(client, "/", "/join/", room_slug=slug)
+        post_form(client, "/", "/join/", room_slug="no-such-code")
+        client.get(room)
+        client.get("/")
+        with client.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:
+            send(ws, "hello")
+            receive_until(ws, "hello")
+            ws.send_text(json.dumps({"after": "0"}))
+        writes_done(client)
+        mid = re.search(r'id="msg-(\d+)"', client.get(room).text).group(1)
+        client.get(f"{room}messages?before={mid}")
+        client.get(f"{room}messages/{mid}/edit")
+        token = csrf(client.get(room).text)
+        client.post(f"{room}messages/{mid}/edit", data={"message": "edited"}, headers={"x-csrf-token": token})
+        client.post(f"{room}messages/{mid}/delete", headers={"x-csrf-token": token})
+        client.portal.call(chat.check_sessions, client.app.state.chat)
+        post_form(client, room, f"{room}messages", message="from the plain form")
+        post_form(client, room, f"{room}leave")
+        post_form(client, "/", "/auth/logout/")
+        login_as(client, "ada", "correct horse")
+        client.cookies.clear()
+        post_form(client, "/auth/login/", "/auth/guest/", guest_name="visitor")
+        writes_done(client)
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        scans = {}
+        for statement in {s for s in statements if re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", s, re.I)}:
+            plan = [row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + statement)]
+            scanned = [step for step in plan if re.match(rf"SCAN ({'|'.join(GROWS_WITH_USE)}|[a-z])\b", step)]
+            if scanned:
+                scans[statement] = scanned
+    assert len(statements) > 50 and not scans, scans
+
+
+def test_private_pages_are_never_cached(tmp_path):
+    with limited_app(tmp_path) as client:
+        pages = ["/auth/login/", "/auth/register/"]
+        register(client, "ada")
+        slug = create_room(client, "private")
+        pages += ["/", "/create/", "/join/", f"/room/{slug}/", f"/room/{slug}/messages?before=9", "/room/nope/"]
+        for page in pages:
+            assert client.get(page).headers["cache-control"] == "no-store", page
+        assert "no-store" not in client.get("/static/chat.css").headers["cache-control"]
+
+
+def test_the_wire_view_never_shows_a_secret(tmp_path):
+    with limited_app(tmp_path) as client:
+        register(client, "teacher")
+        slug = create_room(client, "projected")
+        token = csrf(client.get(f"/room/{slug}/?wire=1").text)
+        with client.websocket_connect(f"/chat/{slug}/?wire=1", headers=ORIGIN) as ws:
+            ws.send_text(json.dumps({"csrf_token": token, "key": "secret-key-1", "message": "hello class",
+                                     "headers": {"HX-Request": "true", "X-CSRF-Token": token}}))
+            sent = receive_until(ws, "Sent by this page")
+            answer = receive_until(ws, 'data-key="secret-key-1"')  # the page itself gets the real key...
+    echoes = sent + answer.split('<div hx-swap-oob="afterbegin:#wire-log">', 1)[1]
+    assert token not in echoes and "secret-key-1" not in echoes  # ...the projector never does
+    assert "&#34;csrf_token&#34;: &#34;…&#34;" in sent and "&#34;key&#34;: &#34;…&#34;" in sent
+    assert "hello class" in sent and "data-key=&#34;…&#34;" in answer
+
+
+def test_guest_sessions_end_when_guest_mode_is_turned_off(tmp_path):
+    with limited_app(tmp_path, guests=True) as client:
+        post_form(client, "/auth/login/", "/auth/guest/", guest_name="visitor")
+        slug = create_room(client, "class")
+        cookies = client.cookies
+        assert client.get("/", follow_redirects=False).status_code == 200
+    with limited_app(tmp_path, guests=False) as client:  # restarted without --guests
+        client.cookies = cookies
+        assert client.get("/", follow_redirects=False).status_code == 303
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            assert "You were logged out" in ws.receive_text()
+
+
+def test_an_open_socket_keeps_its_session_alive_and_ends_with_it(tmp_path):
+    with limited_app(tmp_path, guests=True) as client:
+        post_form(client, "/auth/login/", "/auth/guest/", guest_name="chatty")
+        slug = create_room(client, "all day")
+        chat_app = client.app.state.chat
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            with sqlite3.connect(tmp_path / "chat.db") as db:  # 11 of a guest's 12 idle hours gone
+                db.execute("UPDATE sessions SET last_seen_at = ?", (chat.utc_ago(hours=11),))
+            client.portal.call(chat.check_sessions, chat_app)  # (every SESSION_CHECK_SECONDS)
+            writes_done(client)
+            with sqlite3.connect(tmp_path / "chat.db") as db:
+                (seen,) = db.execute("SELECT last_seen_at FROM sessions").fetchone()
+            assert seen >= chat.utc_ago(minutes=5)  # the open page kept it alive
+            with sqlite3.connect(tmp_path / "chat.db") as db:  # then it ends (here: idle too long)
+                db.execute("UPDATE sessions SET last_seen_at = ?", (chat.utc_ago(hours=13),))
+            client.portal.call(chat.check_sessions, chat_app)
+            assert "You were logged out" in receive_until(ws, "logged out")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                for _ in range(5):
+                    ws.receive_text()
+            assert closed.value.code == chat.SESSION_ENDED
+
+
+def test_a_write_the_disk_refuses_is_a_clear_503_that_keeps_the_input(tmp_path, caplog):
+    """A full disk (here: the writer made read-only): each form answers as a send does, in
+    place and in plain words, with what was typed kept, and nothing half-stored."""
+    with limited_app(tmp_path) as client:
+        register(client, "ada")
+        slug = create_room(client, "full disk")
+        room = f"/room/{slug}/"
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            send(ws, "keep me")
+            receive_until(ws, "keep me")
+        mid = re.search(r'id="msg-(\d+)"', client.get(room).text).group(1)
+        store = client.app.state.chat.store
+        client.portal.call(store.write, lambda db: db.execute("PRAGMA query_only = ON"))
+        token = csrf(client.get(room).text)
+        edit = client.post(f"{room}messages/{mid}/edit", data={"message": "new words"}, headers={"x-csrf-token": token})
+        assert edit.status_code == 503 and "could not be saved" in edit.text and 'id="edit-error"' in edit.text
+        delete = client.post(f"{room}messages/{mid}/delete", headers={"x-csrf-token": token})
+        assert delete.status_code == 503 and 'id="chat-error"' in delete.text and "could not be deleted" in delete.text
+        made = post_form(client, "/", "/create/", room_name="another room")
+        assert made.status_code == 503 and 'value="another room"' in made.text
+        left = post_form(client, room, f"{room}leave")
+        assert left.status_code == 503 and "Nothing was changed" in left.text
+        client.cookies.clear()
+        joined = register(client, "grace")
+        assert joined.status_code == 503 and 'value="grace"' in joined.text and "could not be created" in joined.text
+        client.portal.call(store.write, lambda db: db.execute("PRAGMA query_only = OFF"))
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        assert db.execute("SELECT text FROM messages").fetchall() == [("keep me",)]
+        assert db.execute("SELECT count(*) FROM users").fetchone() == (1,)
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]

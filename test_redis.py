@@ -216,3 +216,63 @@ def test_concurrent_password_guesses_across_workers_cannot_skip_the_limit(two_wo
     statuses = asyncio.run(guess_all_at_once([a.url, b.url], 40, httpx.Client(base_url=a.url)))
     checked = statuses[:-1].count(400)
     assert checked <= 10 and statuses[-1] == 429, statuses
+
+
+# --- hostile users, round three (issue 18) -------------------------------------------------------
+
+
+def redis_client(redis_server: RedisServer):
+    import redis
+
+    return redis.Redis(port=redis_server.port, socket_timeout=10)
+
+
+def test_a_message_stored_during_a_redis_pause_reaches_the_other_workers_pages(two_workers, redis_server):
+    """What a failover does: Redis stops taking writes for 5 s. A message sent meanwhile is
+    stored and shown on its own worker; when Redis answers again, every worker asks the
+    pages in that room to reconnect (1012), and they catch up on it."""
+    a, b = two_workers
+    slug, ada, bob = ada_and_bob(a, b, "paused")
+
+    async def run() -> tuple[int, str]:
+        async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, bob) as on_b:
+            await frames_until(on_b, "<bdi>ada</bdi>")
+            await on_a.send(frame("before"))
+            last_seen = int(re.search(r'name="after" value="(\d+)"', await frames_until(on_b, "before")).group(1))
+            with redis_client(redis_server) as admin:
+                admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
+            await on_a.send(frame("during the pause"))
+            await frames_until(on_a, "during the pause", limit=50)  # stored, and shown on its own worker
+            received = []
+            with pytest.raises(ConnectionClosed) as closed:  # once Redis answers: reconnect and catch up
+                while True:
+                    received.append(await asyncio.wait_for(on_b.recv(), 30))
+            code = closed.value.rcvd.code
+        if any("during the pause" in f for f in received):
+            return code, "live"
+        async with ws_connect(b, slug, bob, query=f"?after={last_seen}") as again:
+            return code, await frames_until(again, "during the pause")
+
+    code, caught_up = asyncio.run(run())
+    assert code == 1012 and "during the pause" in caught_up
+    log = a.log_path.read_text()
+    assert "Redis unreachable" in log and "Redis is back" in log
+
+
+def test_the_login_form_cannot_fill_redis(two_workers, redis_server):
+    a, _ = two_workers
+    client, _ = login_cookie(a, "ada")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
+    with redis_client(redis_server) as admin:
+        before, used = set(admin.keys("*")), admin.info("memory")["used_memory"]
+        for n in range(200):
+            response = client.post("/auth/login/", data={"csrf_token": token, "username": f"{n}{'x' * 60_000}",
+                                                          "password": "wrong"})
+            assert response.status_code == 400
+        assert set(admin.keys("*")) <= before  # refused before anything was counted
+        for n in range(20):  # names that could exist are counted, under keys of one size
+            client.post("/auth/login/", data={"csrf_token": token, "username": f"someone{n}{'y' * 140}",
+                                              "password": "wrong"})
+        counted = set(admin.keys("*")) - before
+        assert counted and all(re.fullmatch(rb"backchat:(failures|inflight):900:[0-9a-f]{24}(:\d+)?", k) for k in counted)
+        assert admin.info("memory")["used_memory"] - used < 256 * 1024

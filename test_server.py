@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -456,7 +457,8 @@ def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_vi
         urls = [line.split("open ", 1)[1].strip() for line in printed if "Backchat: open" in line]
         lan = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
                if "." in a and not a.startswith("127.")]
-        assert urls[0] == f"http://localhost:{port}/" and lan, printed
+        assert lan and urls[0] in {f"http://{address}:{port}/" for address in lan}, printed  # the one to share first
+        assert urls[-1] == f"http://localhost:{port}/  (this machine only)", printed
         assert {f"http://{address}:{port}/" for address in lan} <= set(urls), (urls, lan)
         deadline = time.monotonic() + 20
         while True:
@@ -505,3 +507,70 @@ def test_a_page_rendered_while_another_closes_does_not_race_its_read_marker(serv
         db.execute("ROLLBACK")
         db.close()
     assert "new-divider" not in client.get(f"/room/{slug}/").text
+
+
+# --- hostile users, round three (issue 18) -------------------------------------------------------
+
+
+def test_a_class_logging_in_at_once_from_one_address_all_get_in(tmp_path):
+    """25 people behind one NAT press Log in at the same moment with the right passwords:
+    a limit counts failures, not attempts still being checked, so all 25 get in (and
+    guesses sent at once are still checked no more than the limit allows: the test above)."""
+    live = LiveServer(tmp_path / "chat.db", CHAT_REGISTER_RATE="0").start()
+    try:
+        names = [f"student{n}" for n in range(25)]
+        for name in names:
+            login_cookie(live, name)
+
+        async def everyone_at_once() -> list[int]:
+            clients = [httpx.AsyncClient(base_url=live.url, timeout=60) for _ in names]
+            try:
+                tokens = [re.search(r'name="csrf_token" value="([^"]+)"', (await c.get("/auth/login/")).text).group(1)
+                          for c in clients]
+                responses = await asyncio.gather(*(login_form(c, name, PASSWORD, token)
+                                                   for c, name, token in zip(clients, names, tokens)))
+                return [r.status_code for r in responses]
+            finally:
+                for c in clients:
+                    await c.aclose()
+
+        assert asyncio.run(everyone_at_once()) == [303] * 25
+    finally:
+        live.stop()
+
+
+def chat_py(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HERE / "chat.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_a_backup_taken_while_the_server_runs_restores_as_the_readme_says(server, tmp_path):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "kept safe")
+
+    async def chatter(count: int) -> None:
+        async with ws_connect(server, slug, cookie) as ws:
+            for n in range(count):
+                await ws.send(frame(f"message {n}"))
+            await frames_until(ws, f"message {count - 1}", limit=3 * count)
+
+    asyncio.run(chatter(50))
+    copy = tmp_path / "backup" / "chat-backup.db"
+    copy.parent.mkdir()
+    done = chat_py("backup", str(copy), "--db", str(server.db_path), cwd=tmp_path)  # while it runs
+    assert done.returncode == 0 and "copied to" in done.stdout, done.stderr
+    with sqlite3.connect(copy) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert db.execute("SELECT count(*) FROM messages").fetchone() == (50,)
+    again = chat_py("backup", str(copy), "--db", str(server.db_path), cwd=tmp_path)
+    assert again.returncode != 0 and "exists already" in again.stderr  # never overwrites
+    asyncio.run(chatter(5))  # said after the backup: gone once it is restored
+    # The README's restore: stop the server, put the copy in place of chat.db (its -wal and
+    # -shm files removed), start the server.
+    server.stop()
+    for leftover in (server.db_path.with_name("chat.db-wal"), server.db_path.with_name("chat.db-shm")):
+        leftover.unlink(missing_ok=True)
+    shutil.copyfile(copy, server.db_path)
+    server.start()
+    page = client.get(f"/room/{slug}/").text  # the same session: sessions are in the backup too
+    assert "message 49" in page and page.count('class="msg"') == 50
