@@ -262,8 +262,8 @@ class Client(asyncio.Protocol):
                 return
             payload = bytes(buffer[start:start + length])
             del buffer[:start + length]
-            if opcode == 0x1:
-                for token in TOKEN_RE.findall(payload):
+            if opcode == 0x1:  # (a token counts once per frame: the app's frame says it twice,
+                for token in set(TOKEN_RE.findall(payload)):  # for the eye and for a screen reader)
                     self.on_token(int(token), now)
             elif opcode == 0x9:  # ping: answer so the server keeps us
                 self.send(payload, opcode=0xA)

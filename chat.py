@@ -195,6 +195,7 @@ CREATE TABLE IF NOT EXISTS room_members (
     joined_at     TEXT NOT NULL,
     last_visit_at TEXT NOT NULL,
     last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
+    role          TEXT NOT NULL DEFAULT 'member',  -- 'owner' (the room's creator, and whom owners make so) or 'member'
     PRIMARY KEY (room_id, user_id)
 );
 CREATE INDEX IF NOT EXISTS memberships_by_user ON room_members(user_id, last_visit_at);  -- a home page
@@ -256,6 +257,9 @@ MIGRATIONS = [
     [lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
                                [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
      "DROP INDEX IF EXISTS sessions_by_user"],
+    # Owners: a room's creator owns it.
+    ["ALTER TABLE room_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member'",
+     "UPDATE room_members SET role = 'owner' WHERE user_id = (SELECT created_by FROM rooms WHERE id = room_id)"],
 ]
 
 
@@ -493,9 +497,17 @@ def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
                    (utc_now(), json.dumps(session_ids)))
 
 
-def user_and_room(db: sqlite3.Connection, session_id: str, slug: str,
-                  guests: bool) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
-    return user_by_session(db, session_id, guests), room_by_slug(db, slug)
+def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
+    """The user ids of the room's owners."""
+    return frozenset(row[0] for row in db.execute(
+        "SELECT user_id FROM room_members WHERE room_id = ? AND role = 'owner'", (room_id,)))
+
+
+def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
+                   guests: bool) -> tuple[sqlite3.Row | None, sqlite3.Row | None, frozenset[int]]:
+    """What a socket's handshake needs, in one trip: the session's user, the room, its owners."""
+    room = room_by_slug(db, slug)
+    return user_by_session(db, session_id, guests), room, room_owners(db, room["id"]) if room else frozenset()
 
 
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
@@ -525,7 +537,7 @@ def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int)
             "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
         )
         db.execute(
-            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) VALUES (?, ?, ?, ?, 'owner')",
             (cur.lastrowid, user_id, now, now),
         )
     return room_by_slug(db, slug)
@@ -572,6 +584,13 @@ def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
     row = db.execute("SELECT last_read_id FROM room_members WHERE room_id = ? AND user_id = ?",
                      (room_id, user_id)).fetchone()
     return row[0] if row else None
+
+
+def room_page_rows(db: sqlite3.Connection, room_id: int,
+                   user_id: int) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int]]:
+    """What a room page shows, in one trip: the newest message the user had seen (last_read),
+    the newest page of messages and whether older ones exist (page_before), the owners."""
+    return (last_read(db, room_id, user_id), *page_before(db, room_id, None), room_owners(db, room_id))
 
 
 def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -957,14 +976,14 @@ class Connection:
         self.dropped = False
         self.caught_up = False  # a page catches up once per socket, as it opens
 
-    def push(self, frame: str, audience: str | None = ONLY_YOU) -> None:
+    def push(self, frame: str, audience: str | None = ONLY_YOU, label: str | None = None) -> None:
         """Send a frame without ever waiting: at once if the socket can take it, else later.
         In teaching mode it carries its own source, labelled with its `audience` (None: not
-        shown, as for heartbeats)."""
+        shown, as for heartbeats) and, folded under a `label`, when it is long and routine."""
         if self.dropped:
             return
         if self.wire and audience:
-            frame = with_wire_echo(frame, audience)
+            frame = with_wire_echo(frame, audience, label)
         if self.flusher is None:
             self._send_now(frame)
         elif self.backlog_bytes + len(frame) <= SEND_QUEUE_BYTES:
@@ -1046,12 +1065,21 @@ class Connection:
             self.flusher.cancel()
 
 
+Person = tuple[int, str, bool]  # someone in a room: (user id, name, is a guest)
+
+
+def by_name(people: set[Person]) -> list[Person]:
+    return sorted(people, key=lambda person: (person[1].casefold(), person[0]))
+
+
 class RoomHub:
-    """The in-memory registry: connections per room and who is online in each."""
+    """The in-memory registry: connections per room, who is online in each, and who its
+    owners are (read when a page opens; shown in the online list)."""
 
     def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
         self.connections: dict[str, set[Connection]] = {}
-        self.tabs: dict[str, dict[tuple[int, str, bool], int]] = {}  # room -> (id, name, guest) -> open tabs
+        self.tabs: dict[str, dict[Person, int]] = {}  # room -> person -> open tabs
+        self.owners: dict[str, frozenset[int]] = {}  # room -> its owners' user ids
         self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
         self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
 
@@ -1091,16 +1119,16 @@ class RoomHub:
             del tabs[conn.user]
         if not room:
             del self.connections[conn.room_slug], self.tabs[conn.room_slug]
+            self.owners.pop(conn.room_slug, None)
         return went_offline
 
     def has_page(self, room_slug: str, user_id: int) -> bool:
         """Whether the user has the room open (on this worker)."""
         return any(user[0] == user_id for user in self.tabs.get(room_slug, ()))
 
-    def online(self, room_slug: str) -> list[tuple[str, bool]]:
-        """Who has the room open: (name, is a guest), by name."""
-        return sorted({(name, guest) for _, name, guest in self.tabs.get(room_slug, {})},
-                      key=lambda person: person[0].casefold())
+    def online(self, room_slug: str) -> list[Person]:
+        """Who has the room open, by name."""
+        return by_name(set(self.tabs.get(room_slug, {})))
 
     def everyone(self) -> list[Connection]:
         return [conn for room in self.connections.values() for conn in room]
@@ -1131,14 +1159,20 @@ class RoomHub:
             for conn in self.everyone():
                 conn.push(HEARTBEAT_FRAME, audience=None)
 
-    def broadcast(self, room_slug: str, frame: str) -> None:
-        """Hand one already-rendered frame to every connection in the room, sender included."""
+    def broadcast(self, room_slug: str, frame: str, label: str | None = None) -> None:
+        """Hand one already-rendered frame to every connection in the room, sender included
+        (`label`: what the wire view calls it, shown folded, as for the online list)."""
         for conn in tuple(self.connections.get(room_slug, ())):
-            conn.push(frame, TO_EVERYONE)
+            conn.push(frame, TO_EVERYONE, label)
 
 
-def presence_frame(people: list[tuple[str, bool]]) -> str:  # (name, is a guest), by name
-    return str(fragments.presence(people, oob=True))
+def owners_first(people: list[Person], owners: frozenset[int]) -> list[Person]:
+    """The online list as pages show it: the room's owners (the teacher) first, then by name."""
+    return sorted(people, key=lambda person: person[0] not in owners)
+
+
+def presence_frame(people: list[Person], owners: frozenset[int]) -> str:
+    return str(fragments.presence_frame(owners_first(people, owners), owners))
 
 
 class LocalFanout:
@@ -1149,7 +1183,7 @@ class LocalFanout:
 
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub
-        self.shown: dict[str, list[tuple[str, bool]]] = {}  # the presence list each room's pages last got
+        self.shown: dict[str, tuple] = {}  # the presence list (and owners) each room's pages last got
         self.due: set[tuple[str, str]] = set()  # (action, room) waiting for its window to end
 
     async def start(self) -> None:
@@ -1161,7 +1195,7 @@ class LocalFanout:
     async def publish(self, room_slug: str, frame: str) -> None:
         self.hub.broadcast(room_slug, frame)
 
-    async def online(self, room_slug: str) -> list[tuple[str, bool]]:
+    async def online(self, room_slug: str) -> list[Person]:
         return self.hub.online(room_slug)
 
     async def came_online(self, conn: Connection) -> None:
@@ -1189,10 +1223,10 @@ class LocalFanout:
         if room_slug not in self.hub.connections:
             self.shown.pop(room_slug, None)  # nobody here is in that room any more
             return
-        names = await self.online(room_slug)
-        if self.shown.get(room_slug) != names:
-            self.shown[room_slug] = names
-            self.hub.broadcast(room_slug, presence_frame(names))
+        people, owners = await self.online(room_slug), self.hub.owners.get(room_slug, frozenset())
+        if self.shown.get(room_slug) != (people, owners):
+            self.shown[room_slug] = (people, owners)
+            self.hub.broadcast(room_slug, presence_frame(people, owners), f"Online list ({len(people)})")
 
     async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
         self.hub.end_pages(user_id, session_id, room_slug)
@@ -1313,7 +1347,7 @@ templates.env.filters["linkify"] = linkify
 fragments = templates.env.get_template("_fragments.html").module
 
 
-_last_echo: tuple[str, str, str] = ("", "", "")
+_last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
 
 # What the wire view (made for a projector) never shows: the page's CSRF token and a
 # message's one-time key, in the JSON a page sends and in the answer it gets.
@@ -1325,14 +1359,16 @@ def without_secrets(frame: str) -> str:
     return SECRETS_RE.sub(lambda found: f'{found.group(1) or found.group(2)}…"', frame)
 
 
-def with_wire_echo(frame: str, audience: str) -> str:
+def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
     """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it) and who got
-    it, for pages in teaching mode (?wire=1). A broadcast hands one string to every socket
-    in turn, so remembering the last one renders each echo once and holds one at most."""
+    it, for pages in teaching mode (?wire=1); with a `label`, folded under it. A broadcast
+    hands one string to every socket in turn, so remembering the last one renders each
+    echo once and holds one at most."""
     global _last_echo
-    if _last_echo[0] is not frame or _last_echo[1] != audience:
-        _last_echo = (frame, audience, frame + str(fragments.wire_entry(without_secrets(frame), WIRE_ECHO_CHARS, audience)))
-    return _last_echo[2]
+    if _last_echo[0] is not frame or _last_echo[1] != audience or _last_echo[2] != label:
+        entry = fragments.wire_entry(without_secrets(frame), WIRE_ECHO_CHARS, audience, label)
+        _last_echo = (frame, audience, label, frame + str(entry))
+    return _last_echo[3]
 
 
 def slugify(name: str) -> str:
@@ -1468,17 +1504,39 @@ def username_problem(username: str) -> str | None:
     return None
 
 
+GUEST_NAME_CHARS = 40
+GUEST_NAME_PUNCTUATION = " .'’-"
+
+
+def guest_name_problem(name: str) -> str | None:
+    """A guest's name is a display name, written as people write their names: letters of
+    any script with their accents, digits, spaces and . ' - ("Maria Lopez", "José", "李雷"),
+    1-40 characters, nothing invisible or direction-changing. None if it will do; else why not,
+    in plain words."""
+    if problem := too_long("Names", GUEST_NAME_CHARS, name):
+        return problem
+    if not name:
+        return "Type the name the others should see."
+    if has_invisible(name):
+        return "That name has characters that do not show; type it again with letters, digits and spaces."
+    if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN" or ch in GUEST_NAME_PUNCTUATION
+                                        for ch in name):
+        return "Names are letters, digits and spaces (and . ' -), starting with a letter or digit."
+    return None
+
+
 async def create_account(request: Request, name: str, password: str | None) -> tuple[str | None, int]:
     """Create a user (a guest, without a password) and log them in. None and 303, or the
     reason it was refused and its status."""
     chat = chat_of(request)
     if not await chat.register_limit.allow(client_address(request)):
-        return "Many accounts were created from your address lately. Try again in an hour.", 429
+        return ("This server has made many accounts for your network in the last hour and will not make "
+                "more just now. Ask whoever runs it to raise CHAT_REGISTER_RATE, or try again in an hour."), 429
     password_hash = await hashing(hash_password, password) if password is not None else ""
     try:
         user = await chat.store.write(create_user, name, password_hash, password is None)
         if user is None:
-            return "That name is taken (or looks just like one that is).", 400
+            return "That name is taken on this server, or looks just like one that is; try adding an initial.", 400
         await start_session(request, user)
     except sqlite3.Error as problem:
         return could_not_save("Your account could not be created", problem), 503
@@ -1512,13 +1570,14 @@ async def join_as_guest(request: Request) -> Response:
         raise HTTPException(404, "Guest mode is off on this server.")
     form = await read_form(request)
     next_url = safe_next(form.get("next"))
-    name = unicodedata.normalize("NFKC", form.get("guest_name", "").strip())
-    error, status_code = username_problem(name), 400
+    name = " ".join(unicodedata.normalize("NFKC", form.get("guest_name", "")).split())
+    error, status_code = guest_name_problem(name), 400
     if error is None:
         error, status_code = await create_account(request, name, password=None)
         if error is None:
             return redirect(next_url)
-    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": name}, guest_error=error)
+    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": name[:200]},
+                  guest_error=error)
 
 
 async def login(request: Request) -> Response:
@@ -1670,14 +1729,21 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["slug"], user_id)
-    seen_up_to = None if live_elsewhere else await chat.store.read(last_read, room["id"], user_id)
+    seen_up_to, messages, has_older, owners = await chat.store.read(room_page_rows, room["id"], user_id)
     chat.store.write_soon(record_visit, room["id"], user_id)
-    messages, has_older = await chat.store.read(page_before, room["id"], None)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
-                  seen_up_to=seen_up_to, online=await chat.fanout.online(room["slug"]),
+                  seen_up_to=None if live_elsewhere else seen_up_to,
+                  online=owners_first(await chat.fanout.online(room["slug"]), owners), owners=owners,
+                  online_open=not is_phone(request),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat)
+
+
+def is_phone(request: Request) -> bool:
+    """Whether the browser says it is a phone (its Sec-CH-UA-Mobile hint, or "Mobi" in its
+    user agent, as MDN advises): the room's online list then starts folded behind its count."""
+    return request.headers.get("sec-ch-ua-mobile") == "?1" or "Mobi" in request.headers.get("user-agent", "")
 
 
 @login_required
@@ -1857,7 +1923,7 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_slug, str(fragments.messages_frame([message], message["revision"])))
+        await chat.fanout.publish(room_slug, str(fragments.new_message_frame(message)))
     return True
 
 
@@ -1933,7 +1999,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         return None
     session_id = websocket.session.get("sid", "")
     slug = websocket.path_params["slug"].lower()
-    user, room = await chat.store.read(user_and_room, session_id, slug, chat.settings.guests)  # one trip
+    user, room, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
     if user is None:
         # A page whose session ended (logged out, elsewhere too) while it was away: accept
         # only to tell it so, in place, and close with a code htmx does not retry.
@@ -1960,6 +2026,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
     except BaseException:
         chat.hub.release(user["id"], address)
         raise
+    chat.hub.owners[room["slug"]] = owners  # as the database has them now (the online list marks them)
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
     return Connection(websocket, session_id, user, room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
@@ -2198,15 +2265,15 @@ class RedisFanout(LocalFanout):
         else:
             self.soon(self.show_presence, room_slug)
 
-    async def online(self, room_slug: str) -> list[tuple[str, bool]]:
+    async def online(self, room_slug: str) -> list[Person]:
         try:
             now = time.time()
             entries = await self.redis.zrangebyscore(f"backchat:online:{room_slug}", now, "+inf")
         except Exception as problem:
             self._unhealthy(problem)
             return self.hub.online(room_slug)
-        people = {(name, guest == "1") for _, _, guest, name in (entry.split("|", 3) for entry in entries)}
-        return sorted(people, key=lambda person: person[0].casefold())
+        return by_name({(int(user_id), name, guest == "1")
+                        for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
 
     async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
         ended = {"user_id": user_id, "session_id": session_id, "room_slug": room_slug}

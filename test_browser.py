@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import sqlite3
@@ -223,7 +224,7 @@ SCRIPTS = ("htmx.min.js", "hx-ws.min.js", "hx-upsert.min.js")
 def is_live(person: Person, name: str | None = None) -> None:
     """The page's socket is open and working: the status says Live, presence lists the user."""
     expect(person.page.locator("#connection")).to_have_text("Live")
-    person.page.locator("#presence li", has_text=name or person.name).wait_for()
+    person.page.locator("#presence li", has_text=name or person.name).wait_for(state="attached")  # (maybe folded)
 
 
 def meet(people: list[Person], room_name: str) -> str:
@@ -568,7 +569,7 @@ def test_a_guest_joins_by_link_and_the_wire_view_shows_both_ways(browser, tmp_pa
         teacher.page.goto(invite + "?wire=1")
         student.page.goto(invite)  # the link on the projector
         student.page.fill("#guest_name", "student")
-        student.page.click("button:has-text('Join as a guest')")
+        student.page.get_by_role("button", name="Join", exact=True).click()
         student.page.wait_for_url(invite)
         is_live(student)
         expect(student.page.locator(".site .guest")).to_have_text("guest")
@@ -766,3 +767,287 @@ def test_the_status_is_announced_once_per_change(people, chat_server):
     chat_server.start()
     expect(status).to_have_text("Live", timeout=15_000)
     assert grace.page.evaluate("window.statusTexts") == ["Reconnecting…", "Live"]
+
+
+# --- a whole class on one screen, by keyboard and by screen reader (issue 19) -------------------
+
+
+class Classroom:
+    """A server in guest mode with a teacher's room and `size` guests online in it, each
+    holding a socket open (from a thread: as far as the room knows, a class of phones)."""
+
+    def __init__(self, tmp_path, size: int) -> None:
+        import asyncio
+
+        import httpx
+        from websockets.asyncio.client import connect
+
+        self.server = LiveServer(tmp_path / "chat.db", CHAT_GUESTS="1", CHAT_REGISTER_RATE="0",
+                                 CHAT_MESSAGE_RATE="0").start()
+        self.teacher = self.guest("Teacher")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', self.teacher.get("/").text).group(1)
+        made = self.teacher.post("/create/", data={"csrf_token": token, "room_name": "htmx websockets 101"})
+        self.slug = made.headers["location"].split("/")[2]
+        students = [self.guest(f"Student {n:02}") for n in range(size)]
+        self.stop, self.ready = threading.Event(), threading.Event()
+
+        async def hold() -> None:
+            sockets = [await connect(f"ws://127.0.0.1:{self.server.port}/chat/{self.slug}/", origin=self.server.url,
+                                     additional_headers={"Cookie": f"session={c.cookies['session']}"})
+                       for c in students]
+            for n, ws in enumerate(sockets[:12]):
+                await ws.send(json.dumps({"message": f"hello from student {n}, a message of a usual length"}))
+            self.ready.set()
+            while not self.stop.is_set():
+                await asyncio.sleep(0.05)
+            for ws in sockets:
+                await ws.close()
+
+        self.thread = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(60)
+
+    def guest(self, name: str):
+        import httpx
+
+        client = httpx.Client(base_url=self.server.url)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
+        assert client.post("/auth/guest/", data={"csrf_token": token, "guest_name": name}).status_code == 303
+        return client
+
+    def teacher_in(self, browser, viewport: dict, wire: bool = False, **options) -> Person:
+        person = Person(browser, self.server.url, "Teacher", viewport=viewport, **options)
+        person.context.add_cookies([{"name": "session", "value": self.teacher.cookies["session"], "url": self.server.url}])
+        person.page.goto(f"/room/{self.slug}/" + ("?wire=1" if wire else ""))
+        return person
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.server.stop()
+
+
+PHONE = dict(viewport={"width": 390, "height": 844}, color_scheme="dark", is_mobile=True, has_touch=True,
+             user_agent="Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+                        "Chrome/156.0 Mobile Safari/537.36")
+SCREENS = {  # (what the teacher and students use; "125%": a 1280x800 projector zoomed to 125%)
+    "projector": dict(viewport={"width": 1280, "height": 800}),
+    "laptop": dict(viewport={"width": 1366, "height": 768}),
+    "old-laptop": dict(viewport={"width": 1024, "height": 768}),
+    "phone": PHONE,
+    "125%": dict(viewport={"width": 1024, "height": 640}, device_scale_factor=1.25),
+}
+
+
+def assert_fits_one_screen(person: Person, online: int, label: str) -> None:
+    """The composer on screen and one line high, no page scroll either way, the log and the
+    online list each scrolling inside their own box, the head count right."""
+    page = person.page
+    expect(page.locator("#online-count")).to_have_text(str(online))
+    page.locator("#messages .msg").first.wait_for()
+    size = page.evaluate("() => [innerWidth, innerHeight, document.documentElement.scrollWidth,"
+                         " document.documentElement.scrollHeight]")
+    width, height, scroll_width, scroll_height = size
+    assert scroll_width <= width and scroll_height <= height, (label, size)
+    box = page.locator("#message-input").bounding_box()
+    assert 0 <= box["y"] and box["y"] + box["height"] <= height and box["x"] + box["width"] <= width, (label, box)
+    assert box["height"] <= 48, (label, box)  # one line
+    log = page.locator(".log")
+    log_box = log.bounding_box()
+    assert log_box["height"] >= 120 and log_box["y"] + log_box["height"] <= box["y"], (label, log_box)
+    assert log.evaluate("e => getComputedStyle(e).overflowY") == "auto"
+    online_box = page.locator(".online").bounding_box()
+    assert online_box["y"] + online_box["height"] <= height, (label, online_box)
+    expect(page.locator(".online summary")).to_contain_text(f"Online · {online}")
+    first = page.locator("#presence li").first
+    if page.locator(".online").evaluate("e => e.open"):
+        expect(first).to_contain_text("Teacher")  # the room's owner, first and marked
+        expect(first.locator(".owner")).to_have_text("owner")
+
+
+@pytest.mark.parametrize("size", [5, 40])
+def test_the_room_at_class_size_fits_every_screen(browser, tmp_path, size):
+    classroom = Classroom(tmp_path, size)
+    try:
+        for label, options in SCREENS.items():
+            for wire in (False, True) if label in ("projector", "125%") else (False,):
+                teacher = classroom.teacher_in(browser, wire=wire, **options)
+                try:
+                    is_live(teacher)
+                    assert_fits_one_screen(teacher, size + 1, f"{label}{' wire' if wire else ''}")
+                    details_open = teacher.page.locator(".online").evaluate("e => e.open")
+                    assert details_open == (label != "phone")  # folded behind its count on a phone
+                    if size == 40 and details_open:  # a long list scrolls inside its own box
+                        assert teacher.page.locator(".online").evaluate("e => e.scrollHeight > e.clientHeight + 10")
+                    if wire and label in ("projector", "125%"):  # the wire panel beside the messages, readable
+                        wire_box, log_box = (teacher.page.locator(s).bounding_box() for s in ("#wire-log", ".log"))
+                        assert wire_box["x"] >= log_box["x"] + log_box["width"] and wire_box["y"] < log_box["y"] + 200
+                        teacher.page.locator("#wire-log summary", has_text="Online list").first.wait_for()
+                        assert teacher.page.locator("#wire-log .frame").first.evaluate(
+                            "e => parseFloat(getComputedStyle(e).fontSize)") >= 16
+                    if label == "phone":
+                        teacher.page.locator(".online summary").click()  # unfolds, and still fits
+                        assert_fits_one_screen(teacher, size + 1, "phone, list open")
+                    teacher.screenshot(f"class-{size}-{label}{'-wire' if wire else ''}")
+                    assert teacher.errors == []
+                finally:
+                    teacher.context.close()
+    finally:
+        classroom.close()
+
+
+def test_a_student_arrives_by_the_invite_link_with_a_two_word_name(browser, tmp_path):
+    classroom = Classroom(tmp_path, 3)
+    student = Person(browser, classroom.server.url, "Maria Lopez", **PHONE)
+    try:
+        student.page.goto(f"/room/{classroom.slug}/")  # the invite link on the projector, logged out
+        assert student.page.evaluate("document.activeElement.id") == "guest_name"  # their name, first
+        student.page.keyboard.type("Maria Lopez")
+        student.page.keyboard.press("Enter")
+        student.page.wait_for_url(re.compile(rf"/room/{classroom.slug}/$"))
+        is_live(student, "Maria Lopez")
+        expect(student.page.locator(".site .who")).to_contain_text("Maria Lopez")
+        other = Person(browser, classroom.server.url, "maria lopez", **PHONE)
+        try:  # the same name again: told in plain words what to do
+            other.page.goto(f"/room/{classroom.slug}/")
+            other.page.fill("#guest_name", "maria lopez")
+            other.page.get_by_role("button", name="Join", exact=True).click()
+            expect(other.page.locator('[role="alert"]')).to_contain_text("try adding an initial")
+            expect(other.page.locator("#guest_name")).to_have_value("maria lopez")
+        finally:
+            other.context.close()
+        student.screenshot("guest-two-word-name")
+    finally:
+        student.context.close()
+        classroom.close()
+
+
+def axe_violations(page) -> list[str]:
+    """What axe-core (bundled by axe-playwright-python) finds of impact critical, serious or moderate."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    found = Axe().run(page).response["violations"]
+    return [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']][:3]}" for v in found
+            if v["impact"] in ("critical", "serious", "moderate")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_no_accessibility_violations_on_any_page(browser, tmp_path, scheme):
+    server = LiveServer(tmp_path / "chat.db", CHAT_GUESTS="1", CHAT_MESSAGE_RATE="0").start()
+    ada = Person(browser, server.url, "ada", color_scheme=scheme)
+    try:
+        found = {}
+        page = ada.page
+        for url in ("/auth/login/", "/auth/register/"):
+            page.goto(url)
+            found[url] = axe_violations(page)
+        ada.register()
+        found["home"] = axe_violations(page)
+        for url in ("/create/", "/join/", "/room/no-such-code/"):
+            page.goto(url)
+            found[url] = axe_violations(page)
+        page.goto("/")
+        ada.create_room("accessible")
+        is_live(ada)
+        ada.say("a message with a link https://example.org/a_(b)")
+        found["room"] = axe_violations(page)
+        ada.page.locator(".msg").get_by_role("button", name="Edit").click()
+        expect(page.locator("#edit-text")).to_be_focused()
+        found["editor"] = axe_violations(page)
+        page.keyboard.press("Escape")
+        page.goto(page.url + "?wire=1")
+        is_live(ada)
+        ada.say("on the wire")
+        page.locator("#wire-log .wire-entry").first.wait_for()
+        found["wire"] = axe_violations(page)
+        assert {where: problems for where, problems in found.items() if problems} == {}
+    finally:
+        ada.context.close()
+        server.stop()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_the_focus_ring_stands_out_in_both_schemes(browser, chat_server, scheme):
+    person = Person(browser, chat_server.url, "ada", color_scheme=scheme)
+    try:
+        person.register()
+        person.page.keyboard.press("Tab")
+        colours = person.page.evaluate("""() => {
+            const style = getComputedStyle(document.activeElement);
+            return [style.outlineColor, style.outlineStyle, getComputedStyle(document.body).backgroundColor];
+        }""")
+        ring, style, background = colours
+        assert style == "solid" and contrast(ring, background) >= 3, colours  # WCAG 2.2, non-text contrast
+    finally:
+        person.context.close()
+
+
+def contrast(a: str, b: str) -> float:
+    def luminance(css: str) -> float:
+        channels = [int(c) / 255 for c in re.findall(r"\d+", css)[:3]]
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+
+    light, dark = sorted((luminance(a), luminance(b)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+def test_send_edit_cancel_and_delete_by_keyboard_keep_the_focus(people):
+    ada, grace = people
+    meet(people, "keyboard only")
+    page = ada.page
+    page.keyboard.type("typed, never clicked")
+    page.keyboard.press("Enter")
+    grace.sees_message("typed, never clicked")
+    expect(page.locator("#message-input")).to_be_focused()  # keep typing
+    edit = page.locator(".msg", has_text="typed, never clicked").get_by_role("button", name="Edit")
+    for way_out in ("Escape", "Cancel"):
+        edit.focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#edit-text")).to_be_focused()
+        if way_out == "Escape":
+            page.keyboard.press("Escape")
+        else:
+            page.keyboard.press("Tab")
+            page.keyboard.press("Tab")  # past Save, to Cancel
+            expect(page.get_by_role("button", name="Cancel")).to_be_focused()
+            page.keyboard.press("Enter")
+        expect(page.locator("#editor")).to_be_hidden()
+        expect(edit).to_be_focused()  # back where it was
+    edit.focus()
+    page.keyboard.press("Enter")
+    page.locator("#edit-text").fill("typed, then edited")
+    page.keyboard.press("Enter")  # save
+    grace.sees_message("typed, then edited")
+    edited = page.locator(".msg", has_text="typed, then edited")
+    expect(edited).to_contain_text("(edited)")
+    expect(edited.get_by_role("button", name="Edit")).to_be_focused()  # the same message, its new copy
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.keyboard.press("Tab")  # to Delete
+    expect(edited.get_by_role("button", name="Delete")).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(grace.page.locator(".msg", has_text="typed, then edited")).to_have_count(0)
+    expect(page.locator("#message-input")).to_be_focused()  # the message is gone: back to the composer
+    assert ada.errors == []
+
+
+def test_a_screen_reader_hears_new_messages_once_and_history_never(people, chat_server):
+    ada, grace = people
+    meet(people, "heard once")
+    for n in range(55):
+        ada.say(f"old {n}")
+    grace.sees_message("old 54")
+    announcer = grace.page.locator("#announcer")
+    expect(announcer).to_contain_text("ada: old 54")  # (announcements take turns over 20 slots)
+    expect(announcer.locator("p")).to_have_count(20)
+    expect(ada.page.locator("#announcer p:visible")).to_have_count(0)  # not your own
+    grace.page.reload()
+    is_live(grace)
+    grace.page.click("button.older")  # a page of history...
+    grace.sees_message("old 0")
+    chat_server.stop()  # ...and a catch-up after a restart
+    chat_server.start()
+    expect(grace.page.locator("#connection")).to_have_text("Live", timeout=15_000)
+    assert announcer.locator("p").count() == 0  # read nothing out
+    ada.say("new after all that")
+    expect(announcer).to_have_text("ada: new after all that")

@@ -505,7 +505,7 @@ def test_empty_and_oversized_messages(alice, settings):
         error = receive_until(ws, "chat-error")
         assert 'role="alert"' in error and "4,000" in error and "4,001" in error and 'data-key="long-1"' in error
         send(ws, "y" * 4000)
-        assert receive_until(ws, "msg-").count("y" * 4000) == 1
+        assert receive_until(ws, "msg-").split("upsert:#announcer")[0].count("y" * 4000) == 1
     assert db_rows(settings, "SELECT length(text) FROM messages") == [(4000,)]
 
 
@@ -1338,3 +1338,103 @@ def test_a_message_from_another_day_shows_its_date():
     assert clock.short("") == "" and clock.full("not a time") == "not a time"  # shown as it is, never a 500
     with pytest.raises(ValueError, match="no time zone called 'Mars/Olympus'"):
         chat.time_zone("Mars/Olympus")
+
+
+# --- a whole class on one screen (issue 19) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Maria Lopez", "José Álvarez", "李雷", "O'Brien", "Anne-Marie", "Ngozi Okonkwo-Adeyemi",
+                                  "Д. Иванов", "x" * 40])
+def test_a_guest_is_named_as_people_are_named(classroom, name):
+    register(classroom, "teacher")
+    slug = create_room(classroom, "lesson")
+    classroom.cookies.clear()
+    assert join_as_guest(classroom, f"  {name.replace(' ', '   ')} ", f"/room/{slug}/").status_code == 303
+    page = classroom.get(f"/room/{slug}/").text
+    assert f"Signed in as <b><bdi>{markupsafe.escape(name)}</bdi></b>" in page
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("x" * 41, "Names are at most 40 characters; yours has 41."),
+    ("   ", "Type the name the others should see."),
+    ("Ma\u200bria", "characters that do not show"),
+    ("Maria\u202e", "characters that do not show"),
+    ("<b>Maria</b>", "Names are letters, digits and spaces"),
+    ("Maria 🎉", "Names are letters, digits and spaces"),
+    ("-Maria", "starting with a letter or digit"),
+    ("maria lopez", "That name is taken on this server, or looks just like one that is; try adding an initial."),
+    ("Maria Lоpez", "try adding an initial"),  # a Cyrillic о
+])
+def test_a_guest_name_that_will_not_do_is_told_in_plain_words(classroom, name, problem):
+    assert join_as_guest(classroom, "Maria Lopez").status_code == 303
+    classroom.cookies.clear()
+    refused = join_as_guest(classroom, name)
+    assert refused.status_code == 400 and problem in refused.text
+    assert db_rows(classroom.app.state.chat.settings, "SELECT count(*) FROM users") == [(1,)]
+
+
+def test_with_guests_on_the_invite_link_offers_the_guest_form_first(classroom):
+    register(classroom, "teacher")
+    slug = create_room(classroom, "lesson")
+    classroom.cookies.clear()
+    page = classroom.get(f"/room/{slug}/").text  # the invite link, logged out
+    guest_form, login_form = page.index('action="/auth/guest/"'), page.index('action="/auth/login/"')
+    assert guest_form < login_form and "Have an account? Log in" in page[login_form - 200:login_form + 300]
+    assert re.search(r'<input id="guest_name"[^>]* autofocus>', page)
+    assert not re.search(r'<input id="username"[^>]* autofocus', page)
+    with TestClient(chat.create_app(app_settings(db_path=classroom.app.state.chat.settings.db_path.with_name("b.db")))) as plain:
+        assert re.search(r'<input id="username"[^>]* autofocus>', plain.get("/auth/login/").text)  # guests off
+
+
+def test_a_class_behind_one_address_is_told_what_to_do_at_the_registration_limit(tmp_path):
+    settings = app_settings(db_path=tmp_path / "chat.db", guests=True, register_rate=1)
+    with TestClient(chat.create_app(settings)) as client:
+        assert join_as_guest(client, "first").status_code == 303
+        client.cookies.clear()
+        refused = join_as_guest(client, "second")
+    assert refused.status_code == 429 and "Ask whoever runs it to raise CHAT_REGISTER_RATE" in refused.text
+
+
+def test_every_page_has_one_main_heading(classroom):
+    pages = [classroom.get("/auth/login/").text, classroom.get("/auth/register/").text]
+    register(classroom, "teacher")
+    slug = create_room(classroom, "lesson")
+    pages += [classroom.get(url).text for url in ("/", "/create/", "/join/", f"/room/{slug}/", "/room/nope/")]
+    assert all(page.count("<h1") == 1 for page in pages)
+
+
+def test_the_online_list_counts_and_marks_the_owner_first(two_users):
+    client, bob = two_users
+    slug = create_room(client, "marked")
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as alice_ws, socket_as(client, bob, slug):
+        frame = receive_until(alice_ws, "<bdi>bob</bdi>")
+        page = client.get(f"/room/{slug}/").text
+    assert '<span id="online-count" hx-swap-oob="true">2</span>' in frame
+    assert re.search(r'<li><bdi>alice</bdi> <small class="owner">owner</small></li>\s*<li><bdi>bob</bdi></li>', frame)
+    assert re.search(r'<summary><h2>Online · <span id="online-count">2</span></h2></summary>', page)
+    assert re.search(r'<details class="online" open>', page)
+    phone = client.get(f"/room/{slug}/", headers={"user-agent": "Mozilla/5.0 (Linux; Android 14) Mobile Safari"}).text
+    assert '<details class="online">' in phone  # folded behind its count on a phone
+
+
+def test_the_wire_view_folds_the_online_list_into_one_line(alice):
+    slug = create_room(alice, "projected")
+    with alice.websocket_connect(f"/chat/{slug}/?wire=1", headers=ORIGIN) as ws:
+        frame = receive_until(ws, 'id="presence"')
+    echo = frame.split('<div hx-swap-oob="afterbegin:#wire-log">', 1)[1]
+    assert "<details><summary>↓ Online list (1), to everyone in the room</summary>" in echo
+    assert "&lt;ul id=&#34;presence&#34;" in echo  # the frame itself, folded under it
+
+
+def test_new_messages_are_announced_once_and_history_never(alice):
+    slug = create_room(alice, "heard")
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "read me out")
+        live = receive_until(ws, "read me out")
+    assert 'hx-swap-oob="upsert:#announcer"' in live and "<bdi>alice</bdi>: read me out" in live
+    page = alice.get(f"/room/{slug}/").text
+    assert 'id="announcer" class="visually-hidden" aria-live="polite"' in page
+    assert 'role="log"' not in page and 'id="messages" aria-live' not in page  # the log itself is not read out
+    with alice.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:  # a catch-up
+        caught_up = receive_until(ws, "read me out")
+    assert "announcer" not in caught_up and "announcer" not in alice.get(f"/room/{slug}/messages?before=99").text

@@ -154,8 +154,8 @@ async def count_deliveries(readers, text: str, expected: int) -> list[int]:
     counts = [0] * len(readers)
 
     async def read(i: int) -> None:
-        while counts[i] < expected:
-            counts[i] += (await asyncio.wait_for(readers[i].recv(), 20)).count(text)
+        while counts[i] < expected:  # (the part for screen readers says each message again)
+            counts[i] += (await asyncio.wait_for(readers[i].recv(), 20)).split("upsert:#announcer")[0].count(text)
 
     await asyncio.gather(*(read(i) for i in range(len(readers))))
     return counts
@@ -204,10 +204,12 @@ def test_a_reader_too_far_behind_is_dropped(server):
             return await asyncio.wait_for(reading, 60)
 
     assert asyncio.run(flood()) == [total]  # the reading client got everything
+    # What was buffered for it, then a close frame with 1013 ("try again later"), which htmx
+    # reconnects on, and then catches up from the database. A peer that reads nothing may
+    # not even take the close frame (the server waits a second for it, then hangs up), which
+    # a browser sees as 1006 and htmx reconnects on too. Either way it was let go: read_until
+    # returns at the close frame or when the server hangs up, and raises after 30 s of silence.
     received = read_until(stuck, CLOSE_TOO_SLOW)
-    # What was buffered for it, then a close frame with 1013 ("try again later"), which
-    # htmx reconnects on, and then catches up from the database.
-    assert received.endswith(CLOSE_TOO_SLOW)
     assert received.count(text.encode()) < total
 
 

@@ -1,7 +1,8 @@
 // room.js: the room page's only script of our own, for what htmx 4 cannot do without eval
 // (its hx-on attributes compile JavaScript at run time, which the page's
-// Content-Security-Policy refuses). Everything else is htmx attributes and HTML the server
-// renders. The README's "room.js" section says why each part is here.
+// Content-Security-Policy refuses): the composer, the connection status, and focus.
+// Everything else is htmx attributes and HTML the server renders. The README's "room.js"
+// section says why each part is here.
 "use strict";
 (() => {
   // 1. The composer empties the moment a message leaves, so what you type next is never
@@ -98,6 +99,32 @@
       if (texts.length) giveBack(texts.join(" "), document.getElementById("chat-error"));
     }
   });
+
+  // 3. Focus. The server's answers replace elements (an edited message, the closed editor)
+  // and focus on a replaced element falls to the page itself, where a keyboard or a screen
+  // reader is lost. So the control that had focus in a message (or the message whose editor
+  // is open) is remembered, and when focus was lost it goes back there, or to the composer
+  // if that message is gone (deleted).
+  let focusedIn = null; // [message id, which of its buttons and links]
+  document.addEventListener("focusin", (event) => {
+    if (event.target.closest("#editor")) return; // editing: the message is still the place to come back to
+    const message = event.target.closest(".msg");
+    focusedIn = message ? [message.id, [...message.querySelectorAll("button, a")].indexOf(event.target)] : null;
+  });
+
+  function refocus() {
+    if (!focusedIn || (document.activeElement && document.activeElement !== document.body)) return;
+    const message = document.getElementById(focusedIn[0]);
+    const control = message?.querySelectorAll("button, a")[focusedIn[1]];
+    (control?.checkVisibility() ? control : document.getElementById("message-input"))?.focus();
+  }
+  for (const name of ["htmx:after:swap", "htmx:ws:after:message:incoming"]) document.addEventListener(name, refocus);
+  document.addEventListener("toggle", (event) => { // the editor closed (Escape, Cancel)
+    if (event.target.id === "editor" && event.newState === "closed") {
+      event.target.replaceChildren(); // so the next Edit never shows this message's form while its own loads
+      setTimeout(refocus);
+    }
+  }, true);
 
   setInterval(() => {
     const status = document.getElementById("connection");
