@@ -1,10 +1,23 @@
 """Backchat: a small real-time chat server in one file, for people who learn htmx.
 
-Read it top to bottom: settings, storage, auth, the room hub, HTTP routes, the
-WebSocket route (one message's whole path ends there), then what only scaling out
-needs (Redis), app assembly, main(). The browser side is plain htmx 4: the page
-opens a WebSocket (hx-ws:connect), forms send JSON frames (hx-ws:send), and every
-frame the server sends back is HTML whose hx-swap-oob elements htmx swaps in.
+The browser side is htmx 4: the room page opens a WebSocket (hx-ws:connect), its message
+form sends JSON frames (hx-ws:send), and every frame the server sends back is HTML whose
+hx-swap-oob elements htmx swaps in. lesson/minimal_chat.py is the same idea in 60 lines.
+
+The path of one message, in the order it runs (search for each name):
+  chat_socket          the WebSocket route: admit() checks the handshake, then it reads frames
+  handle_frame         one frame from a page (the wire view's echo starts here)
+  parse_frame          the form's fields out of htmx's JSON
+  post_message         the one path for the socket and the plain form: the checks, then...
+  Store.add_message    ...the commit to SQLite, on the writer thread (add_messages, INSERT_MESSAGE)
+  new_message_frame    the message rendered once (a macro in templates/_fragments.html)
+  LocalFanout.publish  the one string handed on (RedisFanout.publish with several workers)
+  RoomHub.broadcast    to every socket in the room
+  Connection.push      each socket sends it without ever waiting
+
+The file, top to bottom: settings, storage, auth, the room hub, HTTP routes, the WebSocket
+route, then what only scaling out needs (Redis), app assembly, the operator's commands and
+main(). The path above starts near the end of the WebSocket route and climbs back up.
 """
 
 from __future__ import annotations

@@ -1051,3 +1051,51 @@ def test_a_screen_reader_hears_new_messages_once_and_history_never(people, chat_
     assert announcer.locator("p").count() == 0  # read nothing out
     ada.say("new after all that")
     expect(announcer).to_have_text("ada: new after all that")
+
+
+# --- the lesson beside chat.py (issue 20) ---------------------------------------------------------
+
+
+def test_two_pages_chat_through_the_lesson(browser):
+    import subprocess
+    import sys
+
+    import httpx
+
+    from conftest import HERE, free_port
+
+    port = free_port()
+    lesson = subprocess.Popen([sys.executable, str(HERE / "lesson" / "minimal_chat.py")], cwd=HERE,
+                              env={**__import__("os").environ, "LESSON_PORT": str(port)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pages = []
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # wait for it to listen
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/").status_code == 200:
+                    break
+            assert time.monotonic() < deadline and lesson.poll() is None
+            time.sleep(0.05)
+        pages = [Person(browser, f"http://127.0.0.1:{port}", name) for name in ("left", "right")]
+        for person in pages:
+            person.page.goto("/")
+        left, right = pages
+        for person in pages:  # each sees its own first message come back: its socket is open
+            person.page.fill("#message-input", f"{person.name} is here")
+            person.page.press("#message-input", "Enter")
+            person.sees_message(f"{person.name} is here")
+        left.page.fill("#message-input", "hello from the lesson")
+        left.page.press("#message-input", "Enter")
+        right.sees_message("hello from the lesson")
+        expect(left.page.locator("#message-input")).to_have_value("")  # the server emptied the box
+        right.page.fill("#message-input", "and back")
+        right.page.press("#message-input", "Enter")
+        left.sees_message("and back")
+        left.screenshot("lesson")
+        assert left.errors == [] and right.errors == []
+    finally:
+        for person in pages:
+            person.context.close()
+        lesson.terminate()
+        lesson.wait(10)

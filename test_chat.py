@@ -1438,3 +1438,67 @@ def test_new_messages_are_announced_once_and_history_never(alice):
     with alice.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:  # a catch-up
         caught_up = receive_until(ws, "read me out")
     assert "announcer" not in caught_up and "announcer" not in alice.get(f"/room/{slug}/messages?before=99").text
+
+
+# --- the lesson beside chat.py (issue 20) ---------------------------------------------------------
+
+
+def lesson_app():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("minimal_chat", Path(__file__).parent / "lesson" / "minimal_chat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def frame_shape(frame: str) -> list[tuple]:
+    """What a message frame's swap and message are made of, whatever else either side adds:
+    each top-level element's tag and hx-swap-oob, and the message's id, class, author and
+    text elements."""
+    from html.parser import HTMLParser
+
+    shape, depth = [], 0
+    kept = {"article": ("class", "id"), "bdi": ("class",), "p": ("dir",)}
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            nonlocal depth
+            attrs = dict(attrs)
+            if depth == 0:
+                shape.append((0, tag, attrs.get("hx-swap-oob")))
+            elif tag in kept:
+                shape.append((tag, *(re.sub(r"\d+", "N", attrs.get(name) or "") for name in kept[tag])))
+            if tag not in ("input", "br"):
+                depth += 1
+
+        def handle_endtag(self, tag):
+            nonlocal depth
+            depth -= 1
+
+    Parser().feed(frame)
+    return [part for part in shape if part != (0, "input", "true")]  # (chat.py's revision cursor)
+
+
+def test_the_lesson_and_chat_py_send_the_same_frames(alice):
+    lesson = lesson_app()
+    with TestClient(lesson.app) as client:
+        page = client.get("/").text
+        with client.websocket_connect("/chat/") as ws:
+            ws.send_text(json.dumps({"message": "hello <class>", "headers": {"HX-Request": "true"}}))
+            lesson_frame, reset = ws.receive_text(), ws.receive_text()
+    slug = create_room(alice, "the real thing")
+    real_page = alice.get(f"/room/{slug}/").text
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "hello <class>")
+        real_frame = receive_until(ws, "hello &lt;class&gt;").split("<div hx-swap-oob=\"upsert:#announcer\">")[0]
+    assert frame_shape(lesson_frame) == frame_shape(real_frame) == [
+        (0, "div", "upsert:#messages"), ("article", "msg", "msg-N"), ("bdi", "author"), ("p", "auto")]
+    assert "hello &lt;class&gt;" in lesson_frame  # escaped, as chat.py does
+    assert reset.startswith('<input id="message-input" name="message"') and 'hx-swap-oob="true"' in reset
+    for html in (page, real_page):  # the same attributes and the same form field, so the same JSON frame
+        assert re.search(r'<div [^>]*hx-ws:connect="/chat/[^"]*"', html) and 'hx-swap="none"' in html
+        assert re.search(r'<form id="composer"[^>]* hx-ws:send', html)
+        assert re.search(r'<input id="message-input" name="message"', html)
+        assert all(f"/static/vendor/htmx-4.0.1/{name}" in html for name in HTMX_FILES)
+    assert len((Path(__file__).parent / "lesson" / "minimal_chat.py").read_text().splitlines()) <= 60
