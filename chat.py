@@ -584,7 +584,7 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     """The user's rooms, most recently visited first, each with `unread`: how many messages
     arrived since the user last had it open (a short walk of the room's index, capped)."""
     return db.execute(
-        "SELECT r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
+        "SELECT r.id, r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
         "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread "
         "FROM room_members m JOIN rooms r ON r.id = m.room_id "
         "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
@@ -1090,9 +1090,9 @@ class RoomHub:
     owners are (read when a page opens; shown in the online list)."""
 
     def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
-        self.connections: dict[str, set[Connection]] = {}
-        self.tabs: dict[str, dict[Person, int]] = {}  # room -> person -> open tabs
-        self.owners: dict[str, frozenset[int]] = {}  # room -> its owners' user ids
+        self.connections: dict[int, set[Connection]] = {}  # room id -> its sockets
+        self.tabs: dict[int, dict[Person, int]] = {}  # room id -> person -> open tabs
+        self.owners: dict[int, frozenset[int]] = {}  # room id -> its owners' user ids
         self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
         self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
 
@@ -1114,34 +1114,34 @@ class RoomHub:
 
     def join(self, conn: Connection) -> bool:
         """Register a connection; True when its user just came online in the room."""
-        self.connections.setdefault(conn.room_slug, set()).add(conn)
-        tabs = self.tabs.setdefault(conn.room_slug, {})
+        self.connections.setdefault(conn.room_id, set()).add(conn)
+        tabs = self.tabs.setdefault(conn.room_id, {})
         tabs[conn.user] = tabs.get(conn.user, 0) + 1
         return tabs[conn.user] == 1
 
     def leave(self, conn: Connection) -> bool:
         """Forget a connection; True when its user's last tab in the room closed."""
-        room = self.connections.get(conn.room_slug, set())
+        room = self.connections.get(conn.room_id, set())
         if conn not in room:
             return False
         room.discard(conn)
-        tabs = self.tabs[conn.room_slug]
+        tabs = self.tabs[conn.room_id]
         tabs[conn.user] -= 1
         went_offline = tabs[conn.user] == 0
         if went_offline:
             del tabs[conn.user]
         if not room:
-            del self.connections[conn.room_slug], self.tabs[conn.room_slug]
-            self.owners.pop(conn.room_slug, None)
+            del self.connections[conn.room_id], self.tabs[conn.room_id]
+            self.owners.pop(conn.room_id, None)
         return went_offline
 
-    def has_page(self, room_slug: str, user_id: int) -> bool:
+    def has_page(self, room_id: int, user_id: int) -> bool:
         """Whether the user has the room open (on this worker)."""
-        return any(user[0] == user_id for user in self.tabs.get(room_slug, ()))
+        return any(user[0] == user_id for user in self.tabs.get(room_id, ()))
 
-    def online(self, room_slug: str) -> list[Person]:
+    def online(self, room_id: int) -> list[Person]:
         """Who has the room open, by name."""
-        return by_name(set(self.tabs.get(room_slug, {})))
+        return by_name(set(self.tabs.get(room_id, {})))
 
     def everyone(self) -> list[Connection]:
         return [conn for room in self.connections.values() for conn in room]
@@ -1151,18 +1151,18 @@ class RoomHub:
         for conn in self.everyone():
             await conn.close(code)
 
-    def close_room(self, room_slug: str, code: int) -> None:
+    def close_room(self, room_id: int, code: int) -> None:
         """Close every socket in the room (1012: they reconnect and catch up), without waiting."""
-        for conn in tuple(self.connections.get(room_slug, ())):
+        for conn in tuple(self.connections.get(room_id, ())):
             asyncio.create_task(conn.close(code))
 
-    def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
+    def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
         """The user logged out (of one session, or everywhere), or left a room: tell the
         pages concerned in place, and close their sockets with a code htmx does not retry."""
         for conn in self.everyone():
-            if conn.user_id == user_id and session_id in (None, conn.session_id) and room_slug in (None, conn.room_slug):
-                conn.push(str(fragments.page_ended(conn.room_slug, left_room=room_slug is not None)))
-                conn.drop(SESSION_ENDED, "logged out" if room_slug is None else "left the room")
+            if conn.user_id == user_id and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
+                conn.push(str(fragments.page_ended(conn.room_slug, left_room=room_id is not None)))
+                conn.drop(SESSION_ENDED, "logged out" if room_id is None else "left the room")
 
     async def heartbeat(self, every: float) -> None:
         """Tell every page it is live, again and again: a page whose frames stop coming
@@ -1172,10 +1172,10 @@ class RoomHub:
             for conn in self.everyone():
                 conn.push(HEARTBEAT_FRAME, audience=None)
 
-    def broadcast(self, room_slug: str, frame: str, label: str | None = None) -> None:
+    def broadcast(self, room_id: int, frame: str, label: str | None = None) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included
         (`label`: what the wire view calls it, shown folded, as for the online list)."""
-        for conn in tuple(self.connections.get(room_slug, ())):
+        for conn in tuple(self.connections.get(room_id, ())):
             conn.push(frame, TO_EVERYONE, label)
 
 
@@ -1196,8 +1196,8 @@ class LocalFanout:
 
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub
-        self.shown: dict[str, tuple] = {}  # the presence list (and owners) each room's pages last got
-        self.due: set[tuple[str, str]] = set()  # (action, room) waiting for its window to end
+        self.shown: dict[int, tuple] = {}  # the presence list (and owners) each room's pages last got
+        self.due: set[tuple[str, int]] = set()  # (action, room id) waiting for its window to end
 
     async def start(self) -> None:
         pass
@@ -1205,44 +1205,44 @@ class LocalFanout:
     async def stop(self) -> None:
         pass
 
-    async def publish(self, room_slug: str, frame: str) -> None:
-        self.hub.broadcast(room_slug, frame)
+    async def publish(self, room_id: int, frame: str) -> None:
+        self.hub.broadcast(room_id, frame)
 
-    async def online(self, room_slug: str) -> list[Person]:
-        return self.hub.online(room_slug)
+    async def online(self, room_id: int) -> list[Person]:
+        return self.hub.online(room_id)
 
     async def came_online(self, conn: Connection) -> None:
-        self.soon(self.show_presence, conn.room_slug)
+        self.soon(self.show_presence, conn.room_id)
 
     went_offline = came_online  # either way: everybody gets the new list, soon
 
-    def soon(self, action: Callable[[str], Awaitable[None]], room_slug: str) -> None:
+    def soon(self, action: Callable[[int], Awaitable[None]], room_id: int) -> None:
         """Run `action(room)` once PRESENCE_WINDOW from now, however often it is asked for
         meanwhile: an account that connects and disconnects in a loop costs a room a few
         small frames a second, not one per connection."""
-        key = (action.__name__, room_slug)
+        key = (action.__name__, room_id)
         if key in self.due:
             return
         self.due.add(key)
 
         def window_ended() -> None:
             self.due.discard(key)
-            asyncio.create_task(action(room_slug))
+            asyncio.create_task(action(room_id))
 
         asyncio.get_running_loop().call_later(self.PRESENCE_WINDOW, window_ended)
 
-    async def show_presence(self, room_slug: str) -> None:
+    async def show_presence(self, room_id: int) -> None:
         """Send the room's pages its online list, if it changed since they last got it."""
-        if room_slug not in self.hub.connections:
-            self.shown.pop(room_slug, None)  # nobody here is in that room any more
+        if room_id not in self.hub.connections:
+            self.shown.pop(room_id, None)  # nobody here is in that room any more
             return
-        people, owners = await self.online(room_slug), self.hub.owners.get(room_slug, frozenset())
-        if self.shown.get(room_slug) != (people, owners):
-            self.shown[room_slug] = (people, owners)
-            self.hub.broadcast(room_slug, presence_frame(people, owners), f"Online list ({len(people)})")
+        people, owners = await self.online(room_id), self.hub.owners.get(room_id, frozenset())
+        if self.shown.get(room_id) != (people, owners):
+            self.shown[room_id] = (people, owners)
+            self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
 
-    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
-        self.hub.end_pages(user_id, session_id, room_slug)
+    async def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
+        self.hub.end_pages(user_id, session_id, room_id)
 
 
 # ---------------------------------------------------------------------------
@@ -1649,7 +1649,7 @@ async def home(request: Request) -> Response:
     user_id = request.state.user["id"]
     rooms = await chat.store.read(rooms_of, user_id)
     # A room open live in another tab has nothing unread, as its page's "New" divider says.
-    live = {room["slug"] for room in rooms if chat.hub.has_page(room["slug"], user_id)}
+    live = {room["slug"] for room in rooms if chat.hub.has_page(room["id"], user_id)}
     return render(request, "home.html", rooms=rooms, live=live, create={}, join={})
 
 
@@ -1741,13 +1741,13 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # room live has seen all of it, and one that closes marks it read before it leaves the
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
-    live_elsewhere = chat.hub.has_page(room["slug"], user_id)
+    live_elsewhere = chat.hub.has_page(room["id"], user_id)
     seen_up_to, messages, has_older, owners = await chat.store.read(room_page_rows, room["id"], user_id)
     chat.store.write_soon(record_visit, room["id"], user_id)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
                   seen_up_to=None if live_elsewhere else seen_up_to,
-                  online=owners_first(await chat.fanout.online(room["slug"]), owners), owners=owners,
+                  online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
                   online_open=not is_phone(request),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat)
@@ -1767,7 +1767,7 @@ async def send_message(request: Request) -> Response:
     form = await read_form(request)
     user = request.state.user
     try:
-        await post_message(chat_of(request), room["id"], room["slug"], user["id"], form.get("message", ""),
+        await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
                            form.get("key") or None)
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
@@ -1817,7 +1817,7 @@ async def edit(request: Request) -> Response:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
         raise HTTPException(404, "That message is not here (any more).")
-    await chat.fanout.publish(room["slug"], str(fragments.messages_frame([edited], edited["revision"])))
+    await chat.fanout.publish(room["id"], str(fragments.messages_frame([edited], edited["revision"])))
     return HTMLResponse(str(fragments.editor_closed()))
 
 
@@ -1833,7 +1833,7 @@ async def delete(request: Request) -> Response:
     except sqlite3.Error as problem:  # said where the page shows the sender's errors
         return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
     if revision is not None:
-        await chat.fanout.publish(room["slug"], str(fragments.deleted_frame([message["id"]], revision)))
+        await chat.fanout.publish(room["id"], str(fragments.deleted_frame([message["id"]], revision)))
     return HTMLResponse("")
 
 
@@ -1845,7 +1845,7 @@ async def leave_room(request: Request) -> Response:
     await read_form(request)
     chat = chat_of(request)
     await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
-    await chat.fanout.end_pages(request.state.user["id"], room_slug=room["slug"])
+    await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"])
     return redirect("/")
 
 
@@ -1921,7 +1921,7 @@ async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> No
         raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
 
 
-async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, text: str, key: str | None) -> bool:
+async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None) -> bool:
     """Check one message, store it, then push it to the room: the one path every message
     takes, from the socket or from the plain form. False if there was nothing to send;
     raises Refused with the reason it was not taken."""
@@ -1936,7 +1936,7 @@ async def post_message(chat: Chat, room_id: int, room_slug: str, user_id: int, t
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_slug, str(fragments.new_message_frame(message)))
+        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)))
     return True
 
 
@@ -2039,7 +2039,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
     except BaseException:
         chat.hub.release(user["id"], address)
         raise
-    chat.hub.owners[room["slug"]] = owners  # as the database has them now (the online list marks them)
+    chat.hub.owners[room["id"]] = owners  # as the database has them now (the online list marks them)
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
     return Connection(websocket, session_id, user, room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
@@ -2098,7 +2098,7 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
         if "after" in fields:
             return await catch_up(chat, conn, fields["after"])
         key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
-        await post_message(chat, conn.room_id, conn.room_slug, conn.user_id, fields["message"], fields["key"])
+        await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"])
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
     conn.push(COMPOSER_ACK.replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
@@ -2203,18 +2203,18 @@ class RedisFanout(LocalFanout):
         if self.recovering is None or self.recovering.done():
             self.recovering = asyncio.create_task(self._recover())
 
-    async def publish(self, room_slug: str, frame: str) -> None:
+    async def publish(self, room_id: int, frame: str) -> None:
         """Every worker's pages get the frame, through Redis. If Redis is away (or was, a
         moment ago, and is not yet known to be back) this worker's pages get it at once and
         the room is remembered: once Redis answers, every page in it catches up (_recover)."""
         if self.healthy:
             try:
-                await self.redis.publish(f"backchat:room:{room_slug}", frame)
+                await self.redis.publish(f"backchat:room:{room_id}", frame)
                 return
             except Exception as problem:  # the message is stored: it is not lost, only late elsewhere
                 self._unhealthy(problem)
-        self.missed.add(room_slug)
-        self.hub.broadcast(room_slug, frame)
+        self.missed.add(room_id)
+        self.hub.broadcast(room_id, frame)
 
     async def _recover(self) -> None:
         """Ask Redis, with back-off, until it answers; then tell every worker (this one too)
@@ -2265,59 +2265,59 @@ class RedisFanout(LocalFanout):
     def _deliver(self, channel: str, data: str) -> None:
         if channel == "backchat:logout":
             ended = json.loads(data)
-            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_slug"])
+            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_id"])
         if channel == "backchat:resync":
-            for room_slug in json.loads(data):
-                self.hub.close_room(room_slug, 1012)
+            for room_id in json.loads(data):
+                self.hub.close_room(room_id, 1012)
             return
-        kind, room_slug = channel.split(":", 2)[1:]
-        if room_slug not in self.hub.connections:
+        kind, room = channel.split(":", 2)[1:]
+        if (room_id := int(room)) not in self.hub.connections:
             return  # nobody here is in that room
         if kind == "room":
-            self.hub.broadcast(room_slug, data)
+            self.hub.broadcast(room_id, data)
         else:
-            self.soon(self.show_presence, room_slug)
+            self.soon(self.show_presence, room_id)
 
-    async def online(self, room_slug: str) -> list[Person]:
+    async def online(self, room_id: int) -> list[Person]:
         try:
             now = time.time()
-            entries = await self.redis.zrangebyscore(f"backchat:online:{room_slug}", now, "+inf")
+            entries = await self.redis.zrangebyscore(f"backchat:online:{room_id}", now, "+inf")
         except Exception as problem:
             self._unhealthy(problem)
-            return self.hub.online(room_slug)
+            return self.hub.online(room_id)
         return by_name({(int(user_id), name, guest == "1")
                         for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
 
-    async def end_pages(self, user_id: int, session_id: str | None = None, room_slug: str | None = None) -> None:
-        ended = {"user_id": user_id, "session_id": session_id, "room_slug": room_slug}
+    async def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
+        ended = {"user_id": user_id, "session_id": session_id, "room_id": room_id}
         try:
             await self.redis.publish("backchat:logout", json.dumps(ended))
         except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
             self._unhealthy(problem)
-            self.hub.end_pages(user_id, session_id, room_slug)
+            self.hub.end_pages(user_id, session_id, room_id)
 
     def _entry(self, user: tuple[int, str, bool]) -> str:
         user_id, name, guest = user
         return f"{self.worker}|{user_id}|{int(guest)}|{name}"
 
-    async def announce(self, room_slug: str) -> None:
+    async def announce(self, room_id: int) -> None:
         """Tell every worker (itself too) that the room's presence changed."""
         try:
-            await self.redis.publish(f"backchat:presence:{room_slug}", "")
+            await self.redis.publish(f"backchat:presence:{room_id}", "")
         except Exception as problem:
             self._unhealthy(problem)
-            await self.show_presence(room_slug)
+            await self.show_presence(room_id)
 
     async def came_online(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
-            await self.redis.zadd(f"backchat:online:{conn.room_slug}",
+            await self.redis.zadd(f"backchat:online:{conn.room_id}",
                                   {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
-        self.soon(self.announce, conn.room_slug)
+        self.soon(self.announce, conn.room_id)
 
     async def went_offline(self, conn: Connection) -> None:
         with contextlib.suppress(Exception):
-            await self.redis.zrem(f"backchat:online:{conn.room_slug}", self._entry(conn.user))
-        self.soon(self.announce, conn.room_slug)
+            await self.redis.zrem(f"backchat:online:{conn.room_id}", self._entry(conn.user))
+        self.soon(self.announce, conn.room_id)
 
     async def _heartbeat(self) -> None:
         """Renew this worker's presence entries, drop expired ones (a crashed worker's),
@@ -2325,8 +2325,8 @@ class RedisFanout(LocalFanout):
         while True:
             await asyncio.sleep(self.HEARTBEAT)
             expires = time.time() + self.PRESENCE_TTL
-            for room_slug, tabs in list(self.hub.tabs.items()):
-                key = f"backchat:online:{room_slug}"
+            for room_id, tabs in list(self.hub.tabs.items()):
+                key = f"backchat:online:{room_id}"
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         pipe.zadd(key, {self._entry(user): expires for user in tabs})
@@ -2335,7 +2335,7 @@ class RedisFanout(LocalFanout):
                         await pipe.execute()
                 except Exception as problem:
                     self._unhealthy(problem)
-                await self.show_presence(room_slug)
+                await self.show_presence(room_id)
 
 
 class RedisRateLimiter(RateLimiter):
