@@ -63,7 +63,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
+                                 StreamingResponse)
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -182,8 +183,14 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_at    TEXT NOT NULL,
     username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
-    is_guest      INTEGER NOT NULL DEFAULT 0  -- a guest: no password, a session of GUEST_IDLE_HOURS
+    is_guest      INTEGER NOT NULL DEFAULT 0,  -- a guest: no password, a session of GUEST_IDLE_HOURS
+    deactivated_at TEXT  -- set by the operator (python chat.py users deactivate): no way in
 );
+CREATE TABLE IF NOT EXISTS login_links (  -- python chat.py users login-link: one use, one hour
+    token_hash TEXT PRIMARY KEY,  -- sha256 of the link's token: the database never holds the link
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    expires_at TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS users_by_skeleton ON users(username_skeleton);
 CREATE TABLE IF NOT EXISTS sessions (
     id         TEXT PRIMARY KEY,          -- random; the signed cookie carries it
@@ -200,8 +207,24 @@ CREATE TABLE IF NOT EXISTS rooms (
     name       TEXT NOT NULL,
     created_by INTEGER NOT NULL REFERENCES users(id),
     created_at TEXT NOT NULL,
-    revision   INTEGER NOT NULL DEFAULT 0  -- advanced by every insert, edit and delete in the room
+    revision   INTEGER NOT NULL DEFAULT 0,  -- advanced by every change its pages must see
+    locked     INTEGER NOT NULL DEFAULT 0,  -- only its owners may post
+    slow_mode  INTEGER NOT NULL DEFAULT 0,  -- seconds between a member's messages; 0: off
+    cleared_up_to INTEGER NOT NULL DEFAULT 0,  -- its messages up to this id were cleared (gone, or going)
+    cleared_revision INTEGER NOT NULL DEFAULT 0,  -- and the revision of that clearing
+    deleted_at TEXT  -- deleted: not found any more, while its rows are removed
 );
+CREATE TABLE IF NOT EXISTS room_codes (  -- a room's earlier codes: they still lead its members in
+    slug    TEXT PRIMARY KEY,
+    room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS removals (  -- people an owner removed from a room, until let back in
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    removed_by INTEGER NOT NULL,
+    removed_at TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS room_members (
     room_id       INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
@@ -273,6 +296,14 @@ MIGRATIONS = [
     # Owners: a room's creator owns it.
     ["ALTER TABLE room_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member'",
      "UPDATE room_members SET role = 'owner' WHERE user_id = (SELECT created_by FROM rooms WHERE id = room_id)"],
+    # Running a room and the server: its settings, clearing and deleting it, removing people,
+    # closing accounts (the new tables are SCHEMA's).
+    ["ALTER TABLE rooms ADD COLUMN locked INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE rooms ADD COLUMN slow_mode INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE rooms ADD COLUMN cleared_up_to INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE rooms ADD COLUMN cleared_revision INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE rooms ADD COLUMN deleted_at TEXT",
+     "ALTER TABLE users ADD COLUMN deactivated_at TEXT"],
 ]
 
 
@@ -478,11 +509,11 @@ def create_session(db: sqlite3.Connection, user_id: int) -> str:
 
 
 # A session (s) of a user (u) is live unless it was ended (its row is gone), has been idle for
-# SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), is older than SESSION_MAX_DAYS, or is a
-# guest's while guest mode is off. Its parameters, ?2 to ?6, are live_session_params(); the
+# SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), is older than SESSION_MAX_DAYS, is a
+# guest's while guest mode is off, or its account was closed by the operator. Its parameters, ?2 to ?6, are live_session_params(); the
 # cut-off times are computed by SQLite (every handshake asks this).
 LIVE_SESSION = ("s.last_seen_at >= strftime(?2, 'now', CASE WHEN u.is_guest THEN ?3 ELSE ?4 END) "
-                "AND s.created_at >= strftime(?2, 'now', ?5) AND (NOT u.is_guest OR ?6)")
+                "AND s.created_at >= strftime(?2, 'now', ?5) AND (NOT u.is_guest OR ?6) AND u.deactivated_at IS NULL")
 
 
 def live_session_params(guests: bool) -> tuple[Any, ...]:
@@ -517,10 +548,18 @@ def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
 
 
 def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
-                   guests: bool) -> tuple[sqlite3.Row | None, sqlite3.Row | None, frozenset[int]]:
-    """What a socket's handshake needs, in one trip: the session's user, the room, its owners."""
-    room = room_by_slug(db, slug)
-    return user_by_session(db, session_id, guests), room, room_owners(db, room["id"]) if room else frozenset()
+                   guests: bool) -> tuple[sqlite3.Row | None, RoomAccess | None, frozenset[int]]:
+    """What a socket's handshake needs, in one trip: the session's user, the room as the code
+    leads them to it (room_access), its owners."""
+    user = user_by_session(db, session_id, guests)
+    access = room_access(db, slug, user["id"]) if user else None
+    return user, access, room_owners(db, access.room["id"]) if access else frozenset()
+
+
+def end_sessions_of(db: sqlite3.Connection, user_id: int) -> None:
+    """Every session of the user ends (a login link logs them in afresh)."""
+    with transaction(db):
+        db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
 
 
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
@@ -539,12 +578,17 @@ def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> No
 ROOM_CODE_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 
 
+def new_room_code(db: sqlite3.Connection, slug_base: str) -> str:
+    while True:  # a clash of random suffixes is all but impossible; just draw again
+        slug = f"{slug_base}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
+        if db.execute("SELECT 1 FROM rooms WHERE slug = ?1 UNION ALL SELECT 1 FROM room_codes WHERE slug = ?1",
+                      (slug,)).fetchone() is None:
+            return slug
+
+
 def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
     with transaction(db):
-        while True:  # a clash of random suffixes is all but impossible; just draw again
-            slug = f"{slug_base}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
-            if db.execute("SELECT 1 FROM rooms WHERE slug = ?", (slug,)).fetchone() is None:
-                break
+        slug = new_room_code(db, slug_base)
         now = utc_now()
         cur = db.execute(
             "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
@@ -557,7 +601,38 @@ def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int)
 
 
 def room_by_slug(db: sqlite3.Connection, slug: str) -> sqlite3.Row | None:
-    return db.execute("SELECT * FROM rooms WHERE slug = ?", (slug,)).fetchone()
+    """The room with this code, unless it was deleted."""
+    return db.execute("SELECT * FROM rooms WHERE slug = ? AND deleted_at IS NULL", (slug,)).fetchone()
+
+
+@dataclass(frozen=True)
+class RoomAccess:
+    """A room as one user may reach it by a code: their role in it ('owner', 'member', or
+    None if it is not one of theirs), whether an owner removed them, and whether the code
+    was one of its earlier ones (which lead its members in, and nobody else)."""
+
+    room: sqlite3.Row
+    role: str | None
+    removed: bool
+    old_code: bool
+
+
+# A room with what one user (?2) is in it: their role (NULL: not a member) and whether removed.
+ROOM_FOR_USER = ("SELECT r.*, (SELECT role FROM room_members WHERE room_id = r.id AND user_id = ?2) AS viewer_role, "
+                 "EXISTS (SELECT 1 FROM removals WHERE room_id = r.id AND user_id = ?2) AS viewer_removed FROM rooms r ")
+
+
+def room_access(db: sqlite3.Connection, code: str, user_id: int) -> RoomAccess | None:
+    """The room a code leads this user to; None if it leads nowhere (an unknown code, a
+    deleted room, or a room's earlier code in the hands of somebody who is not a member)."""
+    room = db.execute(f"{ROOM_FOR_USER} WHERE r.slug = ?1 AND r.deleted_at IS NULL", (code, user_id)).fetchone()
+    old_code = room is None
+    if old_code:
+        room = db.execute(f"{ROOM_FOR_USER} JOIN room_codes c ON c.room_id = r.id WHERE c.slug = ?1 "
+                          "AND r.deleted_at IS NULL", (code, user_id)).fetchone()
+    if room is None or (old_code and room["viewer_role"] is None and not room["viewer_removed"]):
+        return None  # (somebody removed is told so, by any of its codes)
+    return RoomAccess(room, room["viewer_role"], bool(room["viewer_removed"]), old_code)
 
 
 def room_revision(db: sqlite3.Connection, room_id: int) -> int:
@@ -587,7 +662,7 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
         "SELECT r.id, r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
         "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread "
         "FROM room_members m JOIN rooms r ON r.id = m.room_id "
-        "WHERE m.user_id = ? ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
+        "WHERE m.user_id = ? AND r.deleted_at IS NULL ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
         (UNREAD_SHOWN + 1, user_id),
     ).fetchall()
 
@@ -618,7 +693,10 @@ def mark_read_now(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
 
 
 def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    """The user leaves the room; CannotDo for its only owner (somebody must run it)."""
     with transaction(db):
+        if room_owners(db, room_id) == {user_id}:
+            raise CannotDo("You are this room's only owner: make somebody else an owner first, or delete the room.")
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
 
 
@@ -636,11 +714,16 @@ NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
 
 # One statement stores a message and hands back its row as pages show it. Its id is past
 # every deleted one too: SQLite would reuse a deleted newest id, and a page catching up
-# would take the new message for the deleted one.
+# would take the new message for the deleted one. Nothing is stored from somebody an owner
+# removed, nor from a member while the room is locked, nor in a deleted room: checked in the
+# same statement, so no send can slip past a removal or a lock that committed first.
 INSERT_MESSAGE = (
     "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
-    "VALUES (1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
-    f"        ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}) "
+    "SELECT 1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
+    f"      ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION} "
+    "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = ?1 AND user_id = ?2) "
+    "  AND (SELECT deleted_at IS NULL AND (NOT locked OR EXISTS (SELECT 1 FROM room_members "
+    "       WHERE room_id = ?1 AND user_id = ?2 AND role = 'owner')) FROM rooms WHERE id = ?1) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
     "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision")
@@ -648,25 +731,43 @@ INSERT_MESSAGE = (
 NewMessage = tuple[int, int, str, "str | None"]  # room id, user id, text, the composer's key
 
 
-def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | None]:
+def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | str | None]:
     """Store messages in one transaction (group commit: see Store.add_message). For each,
-    its row, or None when its user already sent one with its key (a resend)."""
+    its row; None when its user already sent one with its key (a resend); or why it was
+    not stored: "removed", "locked" or "deleted"."""
     rows = []
     with transaction(db):
         for message in messages:
             returned = db.execute(INSERT_MESSAGE, message).fetchall()  # all: the statement ends before COMMIT
-            rows.append(returned[0] if returned else None)
+            rows.append(returned[0] if returned else why_not_stored(db, *message))
     return rows  # only after COMMIT: nobody is shown a message the database could still lose
 
 
+def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str, key: str | None) -> str | None:
+    """Why INSERT_MESSAGE stored nothing (the rare case, asked only then)."""
+    if key is not None and db.execute("SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
+                                      (user_id, key)).fetchone():
+        return None  # a resend
+    if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone():
+        return "removed"
+    return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
+
+
+# A message still in its room: not among those an owner cleared (while they are removed).
+NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
+
+
 class NotYours(Exception):
-    """Only a message's author may edit or delete it."""
+    """Only a message's author may edit it, or delete it (an owner may delete any)."""
 
 
-def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> sqlite3.Row | None:
-    """The message if it is in this room; NotYours if somebody else wrote it."""
-    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ?", (message_id, room_id)).fetchone()
-    if row is not None and row["user_id"] != user_id:
+def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
+                any_author: bool = False) -> sqlite3.Row | None:
+    """The message if it is in this room; NotYours if somebody else wrote it (unless
+    `any_author`: an owner deleting)."""
+    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ? AND {NOT_CLEARED}",
+                     (message_id, room_id)).fetchone()
+    if row is not None and row["user_id"] != user_id and not any_author:
         raise NotYours
     return row
 
@@ -681,12 +782,13 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id:
     return message_by_id(db, message_id)
 
 
-def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int) -> int | None:
+def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
+                   any_author: bool = False) -> int | None:
     """Delete the row, text and all (secure_delete overwrites it on disk), leaving only its
     id and the room's revision, for pages that catch up later. That revision; None if there
     was no such message."""
     with transaction(db):
-        if own_message(db, message_id, room_id, user_id) is None:
+        if own_message(db, message_id, room_id, user_id, any_author) is None:
             return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
         return db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
@@ -696,7 +798,7 @@ def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_i
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
     """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
     rows = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? ORDER BY m.id DESC LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? AND {NOT_CLEARED} ORDER BY m.id DESC LIMIT ?",
         (room_id, before if before is not None else 2**63 - 1, limit + 1),
     ).fetchall()
     return rows[:limit][::-1], len(rows) > limit
@@ -707,12 +809,147 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
     """What changed in a room after `revision`: up to `limit` new or edited messages in id
     order, and up to `limit` deletions (`message_id`, `revision`)."""
     changed = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? ORDER BY m.revision LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? AND {NOT_CLEARED} ORDER BY m.revision LIMIT ?",
         (room_id, revision, limit),
     ).fetchall()
     deleted = db.execute("SELECT message_id, revision FROM deletions WHERE room_id = ? AND revision > ? "
                          "ORDER BY revision LIMIT ?", (room_id, revision, limit)).fetchall()
     return sorted(changed, key=lambda m: m["id"]), deleted
+
+
+# Running a room (the owners' tools: see Moderation) and the transcript.
+
+SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
+PURGE_BATCH = 500  # rows removed per transaction when a room is cleared or deleted
+
+
+def room_settings(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, frozenset[int]]:
+    """The room as its pages must show it (its settings and code), and its owners."""
+    return db.execute("SELECT * FROM rooms WHERE id = ?", (room_id,)).fetchone(), room_owners(db, room_id)
+
+
+def change_room(db: sqlite3.Connection, room_id: int, settings: dict[str, int]) -> tuple[sqlite3.Row, frozenset[int]]:
+    """Set the room's `locked` or `slow_mode`; its pages must see it: the room moves on a revision."""
+    assert set(settings) <= {"locked", "slow_mode"}
+    with transaction(db):
+        db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)}, revision = revision + 1 "
+                   "WHERE id = :room_id", {**settings, "room_id": room_id})
+    return room_settings(db, room_id)
+
+
+class CannotDo(Exception):
+    """A moderation step that would leave the room in a state it must not be in; says why."""
+
+
+def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> tuple[sqlite3.Row, frozenset[int]]:
+    """Make a member an owner, or an owner a member (stepping down): CannotDo for somebody
+    who is not a member, or for the room's last owner stepping down."""
+    with transaction(db):
+        if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone() is None:
+            raise CannotDo("That person is not a member of this room.")
+        if role == "member" and room_owners(db, room_id) == {user_id}:
+            raise CannotDo("You are this room's only owner: make somebody else an owner first.")
+        db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?", (role, room_id, user_id))
+        db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ?", (room_id,))
+    return room_settings(db, room_id)
+
+
+def remove_member(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -> sqlite3.Row:
+    """Take somebody out of the room until an owner lets them back in: their name, or
+    CannotDo (an owner, yourself, nobody)."""
+    with transaction(db):
+        person = db.execute("SELECT u.id, u.username, m.role FROM users u LEFT JOIN room_members m "
+                            "ON m.user_id = u.id AND m.room_id = ? WHERE u.id = ?", (room_id, user_id)).fetchone()
+        if person is None:
+            raise CannotDo("There is nobody like that here.")
+        if user_id == by or person["role"] == "owner":
+            raise CannotDo("Owners cannot be removed; an owner can step down first.")
+        db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+        db.execute("INSERT INTO removals (room_id, user_id, removed_by, removed_at) VALUES (?, ?, ?, ?) "
+                   "ON CONFLICT DO NOTHING", (room_id, user_id, by, utc_now()))
+    return person
+
+
+def let_back_in(db: sqlite3.Connection, room_id: int, user_id: int) -> str | None:
+    """Undo a removal (they can join again by the code); their name, or None if not removed."""
+    with transaction(db):
+        row = db.execute("DELETE FROM removals WHERE room_id = ? AND user_id = ? "
+                         "RETURNING (SELECT username FROM users WHERE id = user_id)", (room_id, user_id)).fetchall()
+    return row[0][0] if row else None
+
+
+def change_code(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, frozenset[int]]:
+    """A new code for the room; the old one stays a way in for its members only (room_access)."""
+    with transaction(db):
+        old = db.execute("SELECT slug FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
+        slug = new_room_code(db, old.rsplit("-", 1)[0])
+        db.execute("INSERT INTO room_codes (slug, room_id) VALUES (?, ?)", (old, room_id))
+        db.execute("UPDATE rooms SET slug = ?, revision = revision + 1 WHERE id = ?", (slug, room_id))
+    return room_settings(db, room_id)
+
+
+def clear_room(db: sqlite3.Connection, room_id: int) -> int:
+    """Every message so far is cleared at once (NOT_CLEARED hides them) and removed in
+    batches (purge_room); the room's new revision, from which pages start again. The newest
+    cleared id is kept in `deletions`, as a deleted message's is, so no id is used again."""
+    with transaction(db):
+        revision, newest = db.execute(
+            "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages WHERE room_id = ?1), cleared_up_to), "
+            "revision = revision + 1, cleared_revision = revision + 1 WHERE id = ?1 RETURNING revision, cleared_up_to",
+            (room_id,)).fetchall()[0]
+        if newest:
+            db.execute("INSERT INTO deletions (message_id, room_id, revision) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                       (newest, room_id, revision))
+    return revision
+
+
+def delete_room(db: sqlite3.Connection, room_id: int) -> None:
+    """The room is deleted at once (not found any more) and its rows removed in batches."""
+    with transaction(db):
+        db.execute("UPDATE rooms SET deleted_at = ?, revision = revision + 1 WHERE id = ?", (utc_now(), room_id))
+
+
+def purge_room(db: sqlite3.Connection, room_id: int) -> bool:
+    """Remove one batch of a cleared or deleted room's rows (secure_delete overwrites them);
+    whether there is more to do. A deleted room's own row goes last."""
+    with transaction(db):
+        room = db.execute("SELECT cleared_up_to, deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()
+        if room is None:
+            return False
+        bound = 2**63 - 1 if room["deleted_at"] else room["cleared_up_to"]
+        gone = db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE room_id = ? AND id <= ? "
+                          "LIMIT ?)", (room_id, bound, PURGE_BATCH)).rowcount
+        if not room["deleted_at"]:
+            return gone == PURGE_BATCH
+        if gone:
+            return True
+        for table in ("deletions", "room_members", "removals", "room_codes"):
+            db.execute(f"DELETE FROM {table} WHERE room_id = ?", (room_id,))
+        db.execute("DELETE FROM rooms WHERE id = ?", (room_id,))
+    return False
+
+
+def members_of(db: sqlite3.Connection, room_id: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """The room's members (owners first, then by name) and the people removed from it."""
+    members = db.execute("SELECT u.id, u.username, u.is_guest, m.role FROM room_members m JOIN users u ON u.id = m.user_id "
+                         "WHERE m.room_id = ? ORDER BY m.role = 'owner' DESC, u.username_key LIMIT 1000",
+                         (room_id,)).fetchall()
+    removed = db.execute("SELECT u.id, u.username, u.is_guest FROM removals r JOIN users u ON u.id = r.user_id "
+                         "WHERE r.room_id = ? ORDER BY u.username_key LIMIT 1000", (room_id,)).fetchall()
+    return members, removed
+
+
+def rooms_to_purge(db: sqlite3.Connection) -> list[int]:
+    """Rooms a stop left half cleared or half deleted (read once, at start)."""
+    return [row[0] for row in db.execute(
+        "SELECT id FROM rooms r WHERE deleted_at IS NOT NULL OR EXISTS "
+        "(SELECT 1 FROM messages m WHERE m.room_id = r.id AND m.id <= r.cleared_up_to)")]
+
+
+def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+    """Up to `limit` of the room's messages after message id `after`, oldest first."""
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
+                      (room_id, after, limit)).fetchall()
 
 
 # ---------------------------------------------------------------------------
@@ -826,6 +1063,13 @@ class RateLimiter:
         if not self.limit:
             return True
         return self._count(limit_key(key), add=True)
+
+    async def retry_after(self, key: Any) -> float:
+        """Seconds until the key is under its limit again (0: it is now)."""
+        events = self._events.get(limit_key(key))
+        if not self.limit or not events or len(events) < self.limit:
+            return 0.0
+        return max(0.0, events[-self.limit] + self.window - self.clock())
 
     def _count(self, key: str, add: bool) -> bool:
         now = self.clock()
@@ -1081,18 +1325,34 @@ class Connection:
 Person = tuple[int, str, bool]  # someone in a room: (user id, name, is a guest)
 
 
+@dataclass(frozen=True)
+class RoomState:
+    """What a room's owners set, as every worker holding a page of it keeps it in memory:
+    read at each handshake, changed by the owners' tools (Moderation). Posting obeys it
+    (the database checks a lock and removals again as it stores a message)."""
+
+    slug: str
+    owners: frozenset[int] = frozenset()
+    locked: bool = False
+    slow_mode: int = 0  # seconds between a member's messages; 0: off
+
+    @classmethod
+    def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
+        return cls(room["slug"], owners, bool(room["locked"]), room["slow_mode"])
+
+
 def by_name(people: set[Person]) -> list[Person]:
     return sorted(people, key=lambda person: (person[1].casefold(), person[0]))
 
 
 class RoomHub:
-    """The in-memory registry: connections per room, who is online in each, and who its
-    owners are (read when a page opens; shown in the online list)."""
+    """The in-memory registry: connections per room, who is online in each, and each room's
+    state (its owners, lock and slow mode; read when a page opens)."""
 
     def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
         self.connections: dict[int, set[Connection]] = {}  # room id -> its sockets
         self.tabs: dict[int, dict[Person, int]] = {}  # room id -> person -> open tabs
-        self.owners: dict[int, frozenset[int]] = {}  # room id -> its owners' user ids
+        self.rooms: dict[int, RoomState] = {}  # room id -> its state, while a page of it is open here
         self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
         self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
 
@@ -1132,7 +1392,7 @@ class RoomHub:
             del tabs[conn.user]
         if not room:
             del self.connections[conn.room_id], self.tabs[conn.room_id]
-            self.owners.pop(conn.room_id, None)
+            self.rooms.pop(conn.room_id, None)
         return went_offline
 
     def has_page(self, room_id: int, user_id: int) -> bool:
@@ -1156,13 +1416,20 @@ class RoomHub:
         for conn in tuple(self.connections.get(room_id, ())):
             asyncio.create_task(conn.close(code))
 
-    def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
-        """The user logged out (of one session, or everywhere), or left a room: tell the
-        pages concerned in place, and close their sockets with a code htmx does not retry."""
+    def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
+                  why: str = "logged out") -> None:
+        """Pages that may not go on (`why`: "logged out" of one session or everywhere, "left"
+        the room, "removed" from it, the room "deleted"; user None: everybody in the room):
+        told in place, and their sockets closed with a code htmx does not retry."""
         for conn in self.everyone():
-            if conn.user_id == user_id and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
-                conn.push(str(fragments.page_ended(conn.room_slug, left_room=room_id is not None)))
-                conn.drop(SESSION_ENDED, "logged out" if room_id is None else "left the room")
+            if user_id in (None, conn.user_id) and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
+                conn.push(str(fragments.page_ended(conn.room_slug, why)))
+                conn.drop(SESSION_ENDED, why)
+
+    def set_room(self, room_id: int, state: RoomState) -> None:
+        """The room's state changed (its owners' tools): kept, if a page of it is open here."""
+        if room_id in self.connections:
+            self.rooms[room_id] = state
 
     async def heartbeat(self, every: float) -> None:
         """Tell every page it is live, again and again: a page whose frames stop coming
@@ -1236,13 +1503,22 @@ class LocalFanout:
         if room_id not in self.hub.connections:
             self.shown.pop(room_id, None)  # nobody here is in that room any more
             return
-        people, owners = await self.online(room_id), self.hub.owners.get(room_id, frozenset())
+        state = self.hub.rooms.get(room_id)
+        people, owners = await self.online(room_id), state.owners if state else frozenset()
         if self.shown.get(room_id) != (people, owners):
             self.shown[room_id] = (people, owners)
             self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
 
-    async def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
-        self.hub.end_pages(user_id, session_id, room_id)
+    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
+                        why: str = "logged out") -> None:
+        self.hub.end_pages(user_id, session_id, room_id, why)
+
+    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
+        """Its owners changed the room: every worker keeps its new state, every page gets the
+        frame that shows it, and the online list marks the owners as they are now."""
+        self.hub.set_room(room_id, state)
+        self.hub.broadcast(room_id, frame)
+        self.soon(self.show_presence, room_id)
 
 
 # ---------------------------------------------------------------------------
@@ -1282,6 +1558,10 @@ class RoomClock:
 
     def full(self, iso: str) -> str:
         return self.shown(iso)[1]
+
+    def zone_name(self) -> str:
+        """The zone's name as its times carry it ("JST", "CET"), today."""
+        return datetime.now(timezone.utc).astimezone(self.zone).tzname() or "UTC"
 
     def _times(self, iso: str, today: Any) -> tuple[str, str]:
         try:
@@ -1413,6 +1693,8 @@ class Chat:
     login_limit: FailureLimit = field(init=False)
     register_limit: RateLimiter = field(init=False)
     room_guess_limit: FailureLimit = field(init=False)
+    slow_limits: dict[int, RateLimiter] = field(init=False)  # slow mode's seconds -> one message per that
+    purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows on their way out
 
     def __post_init__(self) -> None:
         self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
@@ -1428,6 +1710,7 @@ class Chat:
         self.login_limit = failures(self.settings.login_failures, 15 * 60)
         self.register_limit = limiter(self.settings.register_rate, 3600)
         self.room_guess_limit = failures(self.settings.room_guesses, 3600)
+        self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
 
 
 def chat_of(conn: HTTPConnection) -> Chat:
@@ -1619,6 +1902,9 @@ async def login(request: Request) -> Response:
                       error=f"Too many failed logins. Try again {in_plain_words(refused.retry_after)}.")
     if attempt.failed:
         return wrong
+    if user["deactivated_at"]:
+        return render(request, "login.html", 403, form={"username": username, "next": next_url},
+                      error="This account was closed by whoever runs this server.")
     if outdated:  # an scrypt hash from before argon2id: redone now that we have the password
         chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
     try:
@@ -1627,6 +1913,34 @@ async def login(request: Request) -> Response:
         return render(request, "login.html", 503, form={"username": username, "next": next_url},
                       error=could_not_save("You could not be logged in", problem))
     return redirect(next_url)
+
+
+async def login_link(request: Request) -> Response:
+    """A link from `python chat.py users login-link NAME`: it logs that account in, once,
+    within the hour; a registered user sets a new password on the way (recovery without
+    e-mail), and every other session of theirs ends."""
+    token = request.path_params["token"]
+    chat = chat_of(request)
+    if len(token) > 100 or (user := await chat.store.read(login_link_user, token, False)) is None:
+        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+    if request.method != "POST":
+        return render(request, "login_link.html", account=user, form={})
+    form = await read_form(request)
+    password, again = form.get("password1", ""), form.get("password2", "")
+    if not user["is_guest"]:
+        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
+                 if len(password) < MIN_PASSWORD_CHARS else "The two passwords differ." if password != again else None)
+        if error:
+            return render(request, "login_link.html", 400, account=user, form={}, error=error)
+    if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
+        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+    if not user["is_guest"]:
+        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
+    await chat.store.write(end_sessions_of, user["id"])
+    await chat.fanout.end_pages(user["id"])
+    await start_session(request, user)
+    log.info("%s logged in with a login link", user["username"])
+    return redirect("/")
 
 
 async def logout(request: Request) -> Response:
@@ -1686,13 +2000,20 @@ async def room_lookup(chat: Chat, user_id: int, address: str) -> AsyncIterator[A
         yield attempt
 
 
-async def find_room(request: Request, code: str) -> sqlite3.Row | None:
+REMOVED = "You were removed from this room."
+
+
+async def find_room(request: Request, code: str) -> RoomAccess | None:
+    """The room a code leads the user to (room_access), counted as a guess if it leads nowhere;
+    403 for somebody an owner removed from it."""
     chat = chat_of(request)
     async with room_lookup(chat, request.state.user["id"], client_address(request)) as lookup:
-        room = await chat.store.read(room_by_slug, code) if code else None
-        if room is None:
+        access = await chat.store.read(room_access, code, request.state.user["id"]) if code else None
+        if access is None:
             lookup.fail()
-    return room
+    if access is not None and access.removed:
+        raise HTTPException(403, f"{REMOVED} An owner of it can let you back in.")
+    return access
 
 
 def too_many_guesses(refused: TooManyFailures) -> str:
@@ -1709,28 +2030,36 @@ async def join_room(request: Request) -> Response:
     if not code:
         return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
     try:
-        room = await find_room(request, code)
+        access = await find_room(request, code)
     except TooManyFailures as refused:
         return render(request, "join.html", 429, form={"room_slug": typed}, error=too_many_guesses(refused))
-    if room is not None:
-        return redirect(f"/room/{room['slug']}/")
+    if access is not None:
+        return redirect(f"/room/{access.room['slug']}/")
     return render(request, "join.html", 404, form={"room_slug": typed},
                   error=f"No room has the code “{code}”. Check it with whoever invited you.")
 
 
 async def room_or_404(request: Request) -> sqlite3.Row:
+    """The room in the URL, for this user (room_access): 404, 403 or 429 otherwise."""
+    return (await access_or_404(request)).room
+
+
+async def access_or_404(request: Request) -> RoomAccess:
     try:
-        room = await find_room(request, request.path_params["slug"].lower())
+        access = await find_room(request, request.path_params["slug"].lower())
     except TooManyFailures as refused:
         raise HTTPException(429, too_many_guesses(refused)) from None
-    if room is None:
+    if access is None:
         raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
-    return room
+    return access
 
 
 @login_required
 async def room_page(request: Request) -> Response:
-    return await render_room(request, await room_or_404(request))
+    access = await access_or_404(request)
+    if access.old_code:  # a member with the room's earlier link: to where it is now
+        return redirect(f"/room/{access.room['slug']}/" + (f"?{request.url.query}" if request.url.query else ""))
+    return await render_room(request, access.room)
 
 
 async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
@@ -1748,7 +2077,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
                   seen_up_to=None if live_elsewhere else seen_up_to,
                   online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
-                  online_open=not is_phone(request),
+                  state=RoomState.of(room, owners), online_open=not is_phone(request),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat)
 
@@ -1763,25 +2092,28 @@ def is_phone(request: Request) -> bool:
 async def send_message(request: Request) -> Response:
     """The composer without JavaScript (or before htmx has loaded): a plain POST, with the
     same checks as a frame on the socket, then back to the room. Text never goes in a URL."""
-    room = await room_or_404(request)
+    access = await access_or_404(request)
+    room = access.room
     form = await read_form(request)
     user = request.state.user
+    state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
     try:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
-                           form.get("key") or None)
+                           form.get("key") or None, state)
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
                                  draft=form.get("message", ""))
     return redirect(f"/room/{room['slug']}/#composer")
 
 
-async def own_message_or_error(request: Request, room: sqlite3.Row) -> sqlite3.Row:
-    """The message named in the URL, if the user wrote it: 404 if it is not in this room,
-    403 if somebody else wrote it. The author check is here, on the server, whatever the
-    page shows."""
+async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: bool = False) -> sqlite3.Row:
+    """The message named in the URL, if the user wrote it (or `any_author`: an owner
+    deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
+    is here, on the server, whatever the page shows."""
     wanted = message_id(request.path_params["message_id"])
     try:
-        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"])
+        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"],
+                                                             any_author)
     except NotYours:
         raise HTTPException(403, "Only its author can change a message.") from None
     if not found:
@@ -1823,17 +2155,23 @@ async def edit(request: Request) -> Response:
 
 @login_required
 async def delete(request: Request) -> Response:
-    """Delete a message: gone from the database and from every open page."""
-    room = await room_or_404(request)
-    message = await own_message_or_error(request, room)
+    """Delete a message (its author, or an owner of the room: any message in it): gone from
+    the database and from every open page."""
+    access = await access_or_404(request)
+    room, as_owner = access.room, access.role == "owner"
+    message = await own_message_or_error(request, room, any_author=as_owner)
     await read_form(request)  # the CSRF check
     chat = chat_of(request)
+    me = request.state.user
     try:
-        revision = await chat.store.write(delete_message, message["id"], room["id"], message["user_id"])
+        revision = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
     except sqlite3.Error as problem:  # said where the page shows the sender's errors
         return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
     if revision is not None:
         await chat.fanout.publish(room["id"], str(fragments.deleted_frame([message["id"]], revision)))
+        if message["user_id"] != me["id"]:
+            log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
+                     message["id"], room["slug"])
     return HTMLResponse("")
 
 
@@ -1844,8 +2182,11 @@ async def leave_room(request: Request) -> Response:
     room = await room_or_404(request)
     await read_form(request)
     chat = chat_of(request)
-    await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
-    await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"])
+    try:
+        await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
+    except CannotDo as problem:
+        raise HTTPException(409, str(problem)) from None
+    await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"], why="left")
     return redirect("/")
 
 
@@ -1921,20 +2262,34 @@ async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> No
         raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
 
 
-async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None) -> bool:
+LOCKED = "This room is locked by its owner: only its owners can write for now."
+NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("This room was deleted.", 404)}
+
+
+async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
+                       state: RoomState | None) -> bool:
     """Check one message, store it, then push it to the room: the one path every message
-    takes, from the socket or from the plain form. False if there was nothing to send;
-    raises Refused with the reason it was not taken."""
+    takes, from the socket or from the plain form. `state`: the room's lock and slow mode, as
+    the hub holds them (the database checks a lock, and removals, again as it stores). False
+    if there was nothing to send; raises Refused with the reason it was not taken."""
     text = clean_text(text).strip()
     if not text:
         return False  # an empty message is simply not sent
     if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
         raise Refused("That message came with a broken `key`; reload the page.")
     await check_message(chat, room_id, user_id, text)
+    if state is not None and user_id not in state.owners:  # owners are never held back
+        if state.locked:
+            raise Refused(LOCKED, 403)
+        if state.slow_mode and not await (slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
+            wait = max(1, round(await slow.retry_after((room_id, user_id))))
+            raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
     try:
         message = await chat.store.add_message(room_id, user_id, text, key)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
+    if isinstance(message, str):  # a removal, a lock or a deletion got there first
+        raise Refused(*NOT_STORED[message])
     if message is not None:  # None: a resend of a stored message (same key), already shown
         await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)))
     return True
@@ -1980,9 +2335,10 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revisio
     Either way the frame moves the page's revision on. Runs on the reader thread, so a big
     catch-up never holds up the event loop."""
     changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
-    if not changed and not deleted:
+    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?", (revision, room_id)).fetchone()[0]
+    if not changed and not deleted and not cleared_since:
         return None
-    if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT:
+    if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT and not cleared_since:
         newest = max(row["revision"] for row in [*changed, *deleted])
         frame = (str(fragments.messages_frame(changed)) if changed else "") + str(
             fragments.deleted_frame([row["message_id"] for row in deleted], newest))
@@ -1995,6 +2351,14 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revisio
         if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
         messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
+
+
+async def end_at_once(websocket: WebSocket, slug: str, why: str) -> None:
+    """Accept only to tell the page in place why it may not go on (page_ended), and close
+    with a code htmx does not retry."""
+    await websocket.accept()
+    await websocket.send_text(str(fragments.page_ended(slug, why)))
+    await websocket.close(SESSION_ENDED, why)
 
 
 async def refuse(websocket: WebSocket, reason: str) -> None:
@@ -2012,25 +2376,25 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         return None
     session_id = websocket.session.get("sid", "")
     slug = websocket.path_params["slug"].lower()
-    user, room, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
+    user, access, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
     if user is None:
         # A page whose session ended (logged out, elsewhere too) while it was away: accept
         # only to tell it so, in place, and close with a code htmx does not retry.
         log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
-        await websocket.accept()
-        await websocket.send_text(str(fragments.page_ended(slug)))
-        await websocket.close(SESSION_ENDED, "logged out")
-        return None
+        return await end_at_once(websocket, slug, "logged out")
     address = client_address(websocket)
     try:  # (the room was read in the same trip as the session; nothing of it is said before this)
         async with room_lookup(chat, user["id"], address) as lookup:
-            if room is None:
+            if access is None:
                 lookup.fail()
     except TooManyFailures:
-        room = None
-    if room is None:
+        access = None
+    if access is None:
         await refuse(websocket, "no such room (or too many unknown codes)")
         return None
+    if access.removed:  # told so, as a removal tells the pages open at the time
+        return await end_at_once(websocket, slug, "removed")
+    room = access.room
     if not chat.hub.claim(user["id"], address):
         await refuse(websocket, f"{user['username']} or {address} has too many sockets open")
         return None
@@ -2039,7 +2403,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
     except BaseException:
         chat.hub.release(user["id"], address)
         raise
-    chat.hub.owners[room["id"]] = owners  # as the database has them now (the online list marks them)
+    chat.hub.rooms[room["id"]] = RoomState.of(room, owners)  # as the database has it now
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
     return Connection(websocket, session_id, user, room["id"], room["slug"],
                       wire=websocket.query_params.get("wire") == "1")
@@ -2098,7 +2462,8 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
         if "after" in fields:
             return await catch_up(chat, conn, fields["after"])
         key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
-        await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"])
+        await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
+                           chat.hub.rooms.get(conn.room_id))
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
     conn.push(COMPOSER_ACK.replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
@@ -2114,7 +2479,7 @@ async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
         conn.push(frame)
 
 
-SESSION_CHECK_SECONDS = 60.0  # how often the sessions of open sockets are checked and kept alive
+SESSION_CHECK_SECONDS = 5.0  # how often the sessions of open sockets are checked (a closed account leaves soon)
 
 
 async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> None:
@@ -2152,6 +2517,192 @@ HEARTBEAT_FRAME = "<!-- live -->"
 # answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
 KEY_SLOT = "key-slot"
 COMPOSER_ACK = str(fragments.chat_error(key=KEY_SLOT))
+
+
+# ---------------------------------------------------------------------------
+# Moderation
+# What a room's owners can do to run it (delete any message, remove people and let them back
+# in, make owners, lock, slow mode, a new code, clear, delete) and the transcript every member
+# can take home. Each is checked here, on the server, and reaches every page (room_changed).
+# ---------------------------------------------------------------------------
+
+
+async def owner_or_403(request: Request) -> RoomAccess:
+    """The room in the URL, if the user is one of its owners; 403 for anybody else."""
+    access = await access_or_404(request)
+    if access.role != "owner":
+        raise HTTPException(403, "Only this room's owners can do that.")
+    return access
+
+
+def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[int]) -> str:
+    """What every page of the room gets when its owners change it: the room's state (its lock,
+    slow mode and owners, shown by each page's own style), its code and link, its revision."""
+    return str(fragments.room_changed_frame(RoomState.of(room, owners), room["revision"],
+                                            str(request.url_for("room", slug=room["slug"]))))
+
+
+async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int], what: str) -> None:
+    """Tell every page of the room, on every worker, and log who did it."""
+    chat = chat_of(request)
+    await chat.fanout.room_changed(room["id"], RoomState.of(room, owners), room_changed_frame(request, room, owners))
+    log.info("moderation: %s %s in %s", request.state.user["username"], what, room["slug"])
+
+
+@login_required
+async def manage_room(request: Request) -> Response:
+    """The owners' page: the room's settings, its members, the people removed from it."""
+    access = await owner_or_403(request)
+    members, removed = await chat_of(request).store.read(members_of, access.room["id"])
+    return render(request, "manage.html", room=access.room, members=members, removed=removed,
+                  slow_modes=SLOW_MODES, error=request.query_params.get("error", "")[:200])
+
+
+MODERATION_STEPS = ("lock", "unlock", "slow_mode", "new_code", "make_owner", "step_down", "remove", "let_back_in")
+
+
+@login_required
+async def moderate(request: Request) -> Response:
+    """One owner's step, from the manage page's forms (field `step`, and `user_id` or
+    `slow_mode`); back to that page. 403 for a member, 400 for a step that makes no sense."""
+    access = await owner_or_403(request)
+    form = await read_form(request)
+    chat, room, me = chat_of(request), access.room, request.state.user
+    step, target = form.get("step", ""), message_id(form.get("user_id", ""))
+    if step not in MODERATION_STEPS or (step in ("make_owner", "remove", "let_back_in") and target is None):
+        raise HTTPException(400, "That is not something an owner can do here.")
+    try:
+        if step in ("lock", "unlock"):
+            room, owners = await chat.store.write(change_room, room["id"], {"locked": int(step == "lock")})
+            await room_changed(request, room, owners, f"{step}ed the room")
+        elif step == "slow_mode":
+            seconds = form.get("slow_mode", "")
+            if not seconds.isdigit() or int(seconds) not in SLOW_MODES:
+                raise HTTPException(400, f"Slow mode is one of {', '.join(map(str, SLOW_MODES))} seconds.")
+            room, owners = await chat.store.write(change_room, room["id"], {"slow_mode": int(seconds)})
+            await room_changed(request, room, owners, f"set slow mode to {seconds} s")
+        elif step == "new_code":
+            if not await chat.room_limit.allow(me["id"]):
+                raise CannotDo("You have made many rooms and codes lately. Try again in an hour.")
+            room, owners = await chat.store.write(change_code, room["id"])
+            await room_changed(request, room, owners, f"gave the room a new code, {room['slug']}")
+        elif step in ("make_owner", "step_down"):
+            who = target if step == "make_owner" else me["id"]
+            room, owners = await chat.store.write(set_role, room["id"], who, "owner" if step == "make_owner" else "member")
+            await room_changed(request, room, owners, f"{'made user %d an owner' % who if step == 'make_owner' else 'stepped down'}")
+            if step == "step_down":
+                return redirect(f"/room/{room['slug']}/")
+        elif step == "remove":
+            person = await chat.store.write(remove_member, room["id"], target, me["id"])
+            await chat.fanout.end_pages(target, room_id=room["id"], why="removed")
+            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["slug"])
+        elif step == "let_back_in":
+            if name := await chat.store.write(let_back_in, room["id"], target):
+                log.info("moderation: %s let %s back into %s", me["username"], name, room["slug"])
+    except CannotDo as problem:
+        return redirect(f"/room/{room['slug']}/manage?error={quote(str(problem))}")
+    return redirect(f"/room/{room['slug']}/manage")
+
+
+@login_required
+async def clear_history(request: Request) -> Response:
+    """Clear every message, after a confirm step (GET shows it): gone from every page at once,
+    its rows removed in batches behind it."""
+    access = await owner_or_403(request)
+    if request.method != "POST":
+        return render(request, "confirm.html", room=access.room, what="clear")
+    await read_form(request)
+    chat, room = chat_of(request), access.room
+    revision = await chat.store.write(clear_room, room["id"])
+    await chat.fanout.publish(room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
+    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["slug"])
+    purge_soon(chat, room["id"])
+    return redirect(f"/room/{room['slug']}/")
+
+
+@login_required
+async def remove_room(request: Request) -> Response:
+    """Delete the room, after a confirm step: every open page is told and closed, its code
+    answers 404 from then on, it leaves everyone's list, and its rows go in batches."""
+    access = await owner_or_403(request)
+    if request.method != "POST":
+        return render(request, "confirm.html", room=access.room, what="delete")
+    await read_form(request)
+    chat, room = chat_of(request), access.room
+    await chat.store.write(delete_room, room["id"])
+    await chat.fanout.end_pages(None, room_id=room["id"], why="deleted")
+    log.info("moderation: %s deleted the room %s", request.state.user["username"], room["slug"])
+    purge_soon(chat, room["id"])
+    return redirect("/")
+
+
+def purge_soon(chat: Chat, room_id: int) -> None:
+    """Remove a cleared or deleted room's rows, a batch per write, so messages elsewhere go
+    on being stored in between (the ones still there are hidden meanwhile: NOT_CLEARED)."""
+    async def purge() -> None:
+        with contextlib.suppress(sqlite3.Error):  # (a restart finishes it: purge_left_over)
+            while await chat.store.write(purge_room, room_id):
+                pass
+
+    task = asyncio.create_task(purge())
+    chat.purges.add(task)
+    task.add_done_callback(chat.purges.discard)
+
+
+async def purge_left_over(chat: Chat) -> None:
+    """At start: finish the purges a stop cut short."""
+    for room_id in await chat.store.read(rooms_to_purge):
+        purge_soon(chat, room_id)
+
+
+TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcript streams
+
+
+@login_required
+async def transcript(request: Request) -> Response:
+    """Every message of the room in order, as a Markdown file (or ?format=json), for its
+    members: streamed a page at a time from the database, so memory stays flat however long."""
+    access = await access_or_404(request)
+    if access.role is None:
+        raise HTTPException(403, "Only the room's members can download its transcript.")
+    room, as_json = access.room, request.query_params.get("format") == "json"
+    store = chat_of(request).store
+
+    async def pages() -> AsyncIterator[list[sqlite3.Row]]:
+        after = 0
+        while rows := await store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
+            yield rows
+            after = rows[-1]["id"]
+
+    body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
+    filename = f"{room['slug']}-transcript.{'json' if as_json else 'md'}"
+    return StreamingResponse(body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
+                             headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
+def markdown_text(text: str) -> str:
+    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line quoted."""
+    return "\n".join(f"> {line}" for line in str(escape(text)).split("\n"))
+
+
+async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
+    yield f"# {escape(room['name'])}\n\nThe transcript of {room['slug']}; times are {room_clock.zone_name()}.\n"
+    async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
+        yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
+                      f"{room_clock.full(m['created_at'])[:16]}{' · (edited)' if m['edited_at'] else ''}\n\n"
+                      f"{markdown_text(m['text'])}\n" for m in rows)
+
+
+async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
+    yield json.dumps({"room": room["name"], "code": room["slug"]})[:-1] + ', "messages": ['
+    first = True
+    async for rows in pages:
+        for m in rows:
+            yield ("" if first else ",") + json.dumps({
+                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]), "sent_at": m["created_at"],
+                "local_time": room_clock.full(m["created_at"]), "text": m["text"], "edited_at": m["edited_at"]})
+            first = False
+    yield "]}"
 
 
 # ---------------------------------------------------------------------------
@@ -2246,7 +2797,7 @@ class RedisFanout(LocalFanout):
             try:
                 async with self.subscriber.pubsub() as pubsub:
                     await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout",
-                                            "backchat:resync")
+                                            "backchat:resync", "backchat:state")
                     if not self.healthy:
                         log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
                         self.healthy = True
@@ -2265,7 +2816,13 @@ class RedisFanout(LocalFanout):
     def _deliver(self, channel: str, data: str) -> None:
         if channel == "backchat:logout":
             ended = json.loads(data)
-            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_id"])
+            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_id"], ended["why"])
+        if channel == "backchat:state":
+            changed = json.loads(data)
+            room_id, (slug, owners, locked, slow_mode) = changed["room_id"], changed["state"]
+            self.hub.set_room(room_id, RoomState(slug, frozenset(owners), locked, slow_mode))
+            self.hub.broadcast(room_id, changed["frame"])
+            return self.soon(self.show_presence, room_id)
         if channel == "backchat:resync":
             for room_id in json.loads(data):
                 self.hub.close_room(room_id, 1012)
@@ -2288,13 +2845,24 @@ class RedisFanout(LocalFanout):
         return by_name({(int(user_id), name, guest == "1")
                         for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
 
-    async def end_pages(self, user_id: int, session_id: str | None = None, room_id: int | None = None) -> None:
-        ended = {"user_id": user_id, "session_id": session_id, "room_id": room_id}
+    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
+                        why: str = "logged out") -> None:
+        ended = {"user_id": user_id, "session_id": session_id, "room_id": room_id, "why": why}
         try:
             await self.redis.publish("backchat:logout", json.dumps(ended))
         except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
             self._unhealthy(problem)
-            self.hub.end_pages(user_id, session_id, room_id)
+            self.hub.end_pages(user_id, session_id, room_id, why)
+
+    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
+        changed = {"room_id": room_id, "state": [state.slug, sorted(state.owners), state.locked, state.slow_mode],
+                   "frame": frame}
+        try:
+            await self.redis.publish("backchat:state", json.dumps(changed))
+        except Exception as problem:  # this worker's pages now; the others' when they reconnect
+            self._unhealthy(problem)
+            self.missed.add(room_id)
+            await super().room_changed(room_id, state, frame)
 
     def _entry(self, user: tuple[int, str, bool]) -> str:
         user_id, name, guest = user
@@ -2347,10 +2915,19 @@ class RedisRateLimiter(RateLimiter):
         super().__init__(limit, window)
         self.fanout = fanout
 
+    def _counter(self, key: Any) -> str:
+        return f"backchat:limit:{int(self.window)}:{limit_key(key)}:{int(time.time() // self.window)}"
+
+    async def retry_after(self, key: Any) -> float:
+        try:
+            return max(0.0, float(await self.fanout.redis.ttl(self._counter(key))))
+        except Exception:
+            return await super().retry_after(key)
+
     async def allow(self, key: Any) -> bool:
         if not self.limit:
             return True
-        counter = f"backchat:limit:{int(self.window)}:{limit_key(key)}:{int(time.time() // self.window)}"
+        counter = self._counter(key)  # once: both commands must name the same window
         try:
             async with self.fanout.redis.pipeline(transaction=True) as pipe:
                 pipe.incr(counter)
@@ -2507,6 +3084,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await store.open()
         app.state.chat = chat = Chat(settings, store)
         await chat.fanout.start()
+        await purge_left_over(chat)
         background = [asyncio.create_task(chat.hub.heartbeat(settings.heartbeat)),
                       asyncio.create_task(watch_sessions(chat))]
         try:
@@ -2523,6 +3101,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/auth/login/", login, methods=["GET", "POST"]),
         Route("/auth/guest/", join_as_guest, methods=["POST"]),
         Route("/auth/logout/", logout, methods=["POST"]),
+        Route("/auth/link/{token}", login_link, methods=["GET", "POST"]),
         Route("/create/", create_room, methods=["GET", "POST"]),
         Route("/join/", join_room, methods=["GET", "POST"]),
         Route("/room/{slug}/", room_page, name="room"),
@@ -2532,6 +3111,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/room/{slug}/messages/{message_id}/edit", edit, methods=["POST"]),
         Route("/room/{slug}/messages/{message_id}/delete", delete, methods=["POST"]),
         Route("/room/{slug}/leave", leave_room, methods=["POST"]),
+        Route("/room/{slug}/manage", manage_room),
+        Route("/room/{slug}/manage", moderate, methods=["POST"]),
+        Route("/room/{slug}/clear", clear_history, methods=["GET", "POST"]),
+        Route("/room/{slug}/delete-room", remove_room, methods=["GET", "POST"]),
+        Route("/room/{slug}/transcript", transcript),
         WebSocketRoute("/chat/{slug}/", chat_socket),
         Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static"),
         Route("/healthz", healthz),
@@ -2552,6 +3136,112 @@ def __getattr__(name: str) -> Starlette:
         globals()["app"] = create_app()
         return globals()["app"]
     raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------
+# The operator's commands
+# `python chat.py backup FILE` and `python chat.py users ...`: what whoever runs the server
+# needs and has no page for, run beside the server on the same database.
+# ---------------------------------------------------------------------------
+
+
+def backup(db_path: Path, target: Path) -> int:
+    """Write a consistent copy of the database to `target` (a new file), while the server
+    may be running: SQLite's online backup API copies one snapshot of it, committed writes
+    and nothing half-done. The number of pages copied; FileExistsError rather than overwrite."""
+    if target.exists():
+        raise FileExistsError(f"{target} exists already; name a new file")
+    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # never creates an empty one
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+        return copy.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        copy.close()
+        source.close()
+
+
+def accounts(db: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Every account: name, guest, created, last seen (its newest session), rooms, closed."""
+    return db.execute("SELECT u.username, u.is_guest, u.created_at, u.deactivated_at, "
+                      "(SELECT max(last_seen_at) FROM sessions WHERE user_id = u.id) AS last_seen, "
+                      "(SELECT count(*) FROM room_members WHERE user_id = u.id) AS rooms "
+                      "FROM users u ORDER BY u.username_key").fetchall()
+
+
+def deactivate(db: sqlite3.Connection, username: str) -> bool:
+    """Close an account: its sessions end (its open pages, on every worker, within
+    SESSION_CHECK_SECONDS) and it cannot log in again. False if there is no such account."""
+    with transaction(db):
+        user = user_by_name(db, username)
+        if user is None:
+            return False
+        db.execute("UPDATE users SET deactivated_at = ? WHERE id = ?", (utc_now(), user["id"]))
+        db.execute("DELETE FROM sessions WHERE user_id = ?", (user["id"],))
+        db.execute("DELETE FROM login_links WHERE user_id = ?", (user["id"],))
+    return True
+
+
+LOGIN_LINK_HOURS = 1
+
+
+def make_login_link(db: sqlite3.Connection, username: str) -> str | None:
+    """A one-time token that logs the account in (and asks a registered user for a new
+    password) within LOGIN_LINK_HOURS: password recovery without e-mail. Only its hash is
+    stored; an earlier link of the account stops working. None: no such open account."""
+    token = secrets.token_urlsafe(32)
+    with transaction(db):
+        user = user_by_name(db, username)
+        if user is None or user["deactivated_at"]:
+            return None
+        db.execute("DELETE FROM login_links WHERE user_id = ?", (user["id"],))
+        db.execute("INSERT INTO login_links (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
+                   (hashlib.sha256(token.encode()).hexdigest(), user["id"], utc_ago(hours=-LOGIN_LINK_HOURS)))
+    return token
+
+
+def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Row | None:
+    """The account a login link is for, if it is unused, unexpired and the account open;
+    with `use`, the link is used up in the same transaction (it works once)."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with transaction(db):
+        row = db.execute("SELECT u.* FROM login_links l JOIN users u ON u.id = l.user_id WHERE l.token_hash = ? "
+                         "AND l.expires_at >= ? AND u.deactivated_at IS NULL", (digest, utc_now())).fetchone()
+        if row is not None and use:
+            db.execute("DELETE FROM login_links WHERE token_hash = ?", (digest,))
+    return row
+
+
+def operate(args: argparse.Namespace) -> None:
+    """The subcommands: backup, users (list), users deactivate NAME, users login-link NAME."""
+    if args.command == "backup":
+        try:
+            pages = backup(args.db, args.file)
+        except (FileExistsError, sqlite3.Error) as problem:
+            sys.exit(f"Backchat: no backup written: {problem}")
+        print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); see the README to restore it")
+        return
+    if not args.db.exists():
+        sys.exit(f"Backchat: there is no database at {args.db} (give --db)")
+    db = Store(args.db)._connect(for_writing=True)  # (migrated first, as the server would)
+    try:
+        if args.action == "deactivate":
+            if not deactivate(db, args.name):
+                sys.exit(f"Backchat: there is no account called {args.name!r}")
+            print(f"Backchat: {args.name} is closed: logged out everywhere (open pages within "
+                  f"{SESSION_CHECK_SECONDS:g} s) and cannot log in again")
+        elif args.action == "login-link":
+            if (token := make_login_link(db, args.name)) is None:
+                sys.exit(f"Backchat: there is no open account called {args.name!r}")
+            print(f"Backchat: a login link for {args.name}, for one use within {LOGIN_LINK_HOURS} hour; give it "
+                  f"to them privately:\n  {args.url.rstrip('/')}/auth/link/{token}")
+        else:
+            print(f"{'name':24} {'guest':5} {'created':20} {'last seen':20} {'rooms':>5}  closed")
+            for row in accounts(db):
+                print(f"{row['username'][:24]:24} {'yes' if row['is_guest'] else '':5} {row['created_at']:20} "
+                      f"{row['last_seen'] or '-':20} {row['rooms']:>5}  {row['deactivated_at'] or ''}")
+    finally:
+        db.close()
 
 
 # ---------------------------------------------------------------------------
@@ -2628,32 +3318,6 @@ def lan_addresses() -> list[str]:
     return sorted(address for address in found if not address.startswith("127."))
 
 
-def backup(db_path: Path, target: Path) -> int:
-    """Write a consistent copy of the database to `target` (a new file), while the server
-    may be running: SQLite's online backup API copies one snapshot of it, committed writes
-    and nothing half-done. The number of pages copied; FileExistsError rather than overwrite."""
-    if target.exists():
-        raise FileExistsError(f"{target} exists already; name a new file")
-    source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # never creates an empty one
-    copy = sqlite3.connect(target)
-    try:
-        source.backup(copy)
-        return copy.execute("PRAGMA page_count").fetchone()[0]
-    finally:
-        copy.close()
-        source.close()
-
-
-def operate(args: argparse.Namespace) -> None:
-    """`python chat.py backup FILE`: what the operator does beside the running server."""
-    if args.command == "backup":
-        try:
-            pages = backup(args.db, args.file)
-        except (FileExistsError, sqlite3.Error) as problem:
-            sys.exit(f"Backchat: no backup written: {problem}")
-        print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); see the README to restore it")
-
-
 def main(argv: list[str] | None = None) -> None:
     env = Settings.from_env()
     parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
@@ -2669,7 +3333,13 @@ def main(argv: list[str] | None = None) -> None:
     same_db.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="SQLite file (default: chat.db)")
     backup_command = commands.add_parser("backup", parents=[same_db], help="copy the database while it runs")
     backup_command.add_argument("file", type=Path, help="the new file to write")
+    users = commands.add_parser("users", parents=[same_db], help="list accounts, close one, or make a login link")
+    users.add_argument("action", nargs="?", choices=["list", "deactivate", "login-link"], default="list")
+    users.add_argument("name", nargs="?", help="the account's name (for deactivate and login-link)")
+    users.add_argument("--url", default="http://localhost:8000", help="the address people open (for login-link)")
     args = parser.parse_args(argv)
+    if args.command == "users" and args.action != "list" and not args.name:
+        parser.error(f"users {args.action} needs the account's name")
     if args.command:
         return operate(args)
     try:

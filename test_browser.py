@@ -68,7 +68,7 @@ class Person:
     def screenshot(self, label: str) -> str:
         ARTIFACTS.mkdir(exist_ok=True)
         path = ARTIFACTS / f"{label}-{self.name}.png"
-        self.page.screenshot(path=path, full_page=True)
+        self.page.screenshot(path=path, full_page=True, caret="initial")  # (hiding it injects a style CSP refuses)
         print(f"screenshot: {path}")
         return str(path)
 
@@ -1099,3 +1099,71 @@ def test_two_pages_chat_through_the_lesson(browser):
             person.context.close()
         lesson.terminate()
         lesson.wait(10)
+
+
+# --- the room's owner runs the room (issue 21) -------------------------------------------------
+
+
+def test_the_owner_runs_the_room_while_a_members_page_is_open(people):
+    ada, grace = people
+    room = meet(people, "run by ada")
+    tools = ada.context.new_page()  # the owner's tools in a second tab; her room page stays open
+    ada.say("from ada")
+    grace.say("something rude")
+    ada.sees_message("something rude")
+    # 1. delete any message: an owner's page shows Delete on every message; a member's does not
+    expect(grace.page.locator(".msg", has_text="from ada").get_by_role("button", name="Delete")).to_be_hidden()
+    expect(ada.page.locator(".msg", has_text="something rude").get_by_role("button", name="Edit")).to_be_hidden()
+    ada.page.once("dialog", lambda dialog: dialog.accept())
+    ada.page.locator(".msg", has_text="something rude").get_by_role("button", name="Delete").click()
+    expect(grace.page.locator(".msg", has_text="something rude")).to_have_count(0)
+    expect(grace.page.get_by_role("link", name="Manage room")).to_be_hidden()
+    ada.page.get_by_role("link", name="Manage room").click()  # (from the room page; then back in the other tab)
+    ada.page.wait_for_url(re.compile(r"/manage$"))
+    tools.goto(ada.page.url)
+    ada.page.goto(room)
+    is_live(ada)
+    # 3. lock: every member's page shows it at once, its composer gone; the owner's stays
+    tools.get_by_role("button", name="Lock room").click()
+    expect(grace.page.locator("#room-state")).to_contain_text("This room is locked by its owner")
+    expect(grace.page.locator("#message-input")).to_be_hidden()
+    expect(ada.page.locator("#message-input")).to_be_visible()
+    grace.screenshot("locked")
+    tools.get_by_role("button", name="Unlock room").click()
+    expect(grace.page.locator("#message-input")).to_be_visible()
+    # 4. slow mode: the composer says so, and a second message too soon is refused with the wait
+    tools.get_by_label("Slow mode").select_option("30")
+    tools.get_by_role("button", name="Set slow mode").click()
+    expect(grace.page.locator("#room-state")).to_have_text("Slow mode: one message every 30 s.")
+    expect(ada.page.locator("#room-state .slow")).to_be_hidden()  # owners are exempt
+    grace.say("one")
+    grace.say("two, too soon", accepted=False)
+    expect(grace.page.locator("#chat-error")).to_contain_text("Wait")
+    expect(grace.page.locator("#message-input")).to_have_value("two, too soon")  # given back
+    # 5. a new invite link: the open pages show it
+    old_code = ada.page.locator("#room-code code").inner_text()
+    tools.get_by_role("button", name="New invite link").click()
+    expect(grace.page.locator("#room-code code")).not_to_have_text(old_code)
+    new_code = grace.page.locator("#room-code code").inner_text()
+    assert new_code in grace.page.input_value("#invite")
+    # 2. remove grace: her page is told and stops; the room refuses her until she is let back in
+    tools.get_by_role("button", name="Remove grace").click()
+    expect(grace.page.locator("#composer")).to_have_text(re.compile("You were removed from this room"))
+    expect(ada.page.locator("#presence li", has_text="grace")).to_have_count(0)
+    grace.screenshot("removed")
+    grace.page.reload()
+    expect(grace.page.locator('[role="alert"]')).to_contain_text("You were removed from this room")
+    tools.get_by_role("button", name="Let grace back in").click()
+    grace.page.goto(f"/room/{new_code}/")
+    is_live(grace)
+    # 6. clear the history (after its confirm step): gone from every page at once; then delete the room
+    tools.get_by_role("link", name="Clear history").click()
+    tools.get_by_role("button", name="Clear history").click()
+    expect(grace.page.locator("#messages .msg")).to_have_count(0)
+    tools.goto(f"/room/{new_code}/manage")
+    tools.get_by_role("link", name="Delete room").click()
+    tools.get_by_role("button", name="Delete room").click()
+    expect(grace.page.locator("#composer")).to_have_text(re.compile("This room was deleted"))
+    grace.screenshot("room-deleted")
+    assert grace.page.goto(f"/room/{new_code}/").status == 404
+    assert ada.errors == [] and all("status of 40" in e for e in grace.errors)  # (the 403 and 404 pages she was shown)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -1502,3 +1503,343 @@ def test_the_lesson_and_chat_py_send_the_same_frames(alice):
         assert re.search(r'<input id="message-input" name="message"', html)
         assert all(f"/static/vendor/htmx-4.0.1/{name}" in html for name in HTMX_FILES)
     assert len((Path(__file__).parent / "lesson" / "minimal_chat.py").read_text().splitlines()) <= 60
+
+
+# --- the room's owner runs the room (issue 21) ---------------------------------------------------
+
+
+def moderate(client: TestClient, slug: str, step: str, **fields: str):
+    return post_form(client, f"/room/{slug}/manage", f"/room/{slug}/manage", step=step, **fields)
+
+
+def user_id_of(settings: chat.Settings, name: str) -> int:
+    return db_rows(settings, "SELECT id FROM users WHERE username = ?", name)[0][0]
+
+
+@pytest.fixture
+def owned_room(two_users, settings):
+    """alice owns a room bob is a member of: (client as alice, bob's cookies, the room's code)."""
+    client, bob = two_users
+    slug = create_room(client, "run by alice")
+    with as_user(client, bob):
+        client.get(f"/room/{slug}/")
+    return client, bob, slug
+
+
+def test_an_owner_deletes_any_message_a_member_only_their_own(owned_room, settings, caplog):
+    caplog.set_level(logging.INFO, logger="backchat")
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    (alices,) = say_in(client, slug, "alice says")
+    with as_user(client, bob):
+        (bobs,) = say_in(client, slug, "bob says something rude")
+        assert htmx_post(client, f"{room}messages/{alices}/delete", room).status_code == 403  # a member: not others'
+    with socket_as(client, bob, slug) as bob_ws:
+        assert htmx_post(client, f"{room}messages/{bobs}/delete", room).status_code == 200  # the owner: anyone's
+        assert f'<div id="msg-{bobs}" hx-swap-oob="delete">' in receive_until(bob_ws, "delete")
+    assert db_rows(settings, "SELECT text FROM messages") == [("alice says",)]
+    assert f"moderation: alice deleted bob's message {bobs}" in caplog.text
+    page = client.get(room).text  # an owner's page shows Delete on every message (its own style)
+    assert re.search(r'\.room:has\(#room-state\[data-owners~="\d+"\]\) :is\(\.msg \.actions, \.msg \.delete', page)
+    assert re.search(r'<div id="room-state" class="room-state" data-owners="\d+">', page)
+
+
+def test_an_owner_removes_a_person_and_lets_them_back_in(owned_room, settings, caplog):
+    caplog.set_level(logging.INFO, logger="backchat")
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    bob_id = user_id_of(settings, "bob")
+    with socket_as(client, bob, slug) as bob_ws:
+        assert moderate(client, slug, "remove", user_id=str(bob_id)).status_code == 303
+        code, frames = closed_with(bob_ws)
+    assert code == chat.SESSION_ENDED and "You were removed from this room." in frames  # told in place, not retried
+    assert "moderation: alice removed bob from" in caplog.text
+    with as_user(client, bob):
+        for response in (client.get(room), client.get(f"{room}messages?before=9"),
+                         post_form(client, "/", "/join/", room_slug=slug), post_form(client, room, f"{room}messages", message="hi")):
+            assert response.status_code == 403 and "You were removed from this room." in response.text
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+            assert "You were removed from this room." in ws.receive_text()
+        assert slug not in client.get("/").text  # gone from bob's list
+    manage = client.get(f"{room}manage").text
+    assert re.search(r"Let bob back in", manage) and "Remove bob" not in manage
+    assert moderate(client, slug, "let_back_in", user_id=str(bob_id)).status_code == 303
+    with as_user(client, bob):
+        assert post_form(client, "/", "/join/", room_slug=slug).status_code == 303  # in again, by the code
+        say_in(client, slug, "back")
+    assert db_rows(settings, "SELECT text FROM messages") == [("back",)]
+
+
+def test_a_removed_person_racing_their_removal_with_a_send_stores_nothing(owned_room, settings):
+    client, bob, slug = owned_room
+    bob_id = user_id_of(settings, "bob")
+    with socket_as(client, bob, slug) as bob_ws:
+        with sqlite3.connect(settings.db_path) as db:  # the removal commits just before bob's frame is stored
+            db.execute("INSERT INTO removals VALUES ((SELECT id FROM rooms), ?, 1, '')", (bob_id,))
+        send(bob_ws, "slipped in?")
+        assert "You were removed from this room." in receive_until(bob_ws, "chat-error")
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
+
+
+def test_a_locked_room_takes_messages_from_its_owners_only(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    with socket_as(client, bob, slug) as bob_ws:
+        assert moderate(client, slug, "lock").status_code == 303
+        state = receive_until(bob_ws, "room-state")
+        assert "data-locked" in state and "This room is locked by its owner" in state  # at once, on every page
+        send(bob_ws, "can I?")
+        assert "This room is locked by its owner" in receive_until(bob_ws, "chat-error")
+    with as_user(client, bob):
+        refused = post_form(client, room, f"{room}messages", message="the plain form?")
+        assert refused.status_code == 403 and "locked by its owner" in refused.text and 'value="the plain form?"' in refused.text
+    say_in(client, slug, "the owner may")
+    moderate(client, slug, "unlock")
+    with as_user(client, bob):
+        say_in(client, slug, "now I may")
+    assert [t for (t,) in db_rows(settings, "SELECT text FROM messages ORDER BY id")] == ["the owner may", "now I may"]
+
+
+def test_slow_mode_holds_members_to_one_message_per_interval(owned_room, settings):
+    client, bob, slug = owned_room
+    for bad in ("7", "abc", "", "-5", "9" * 100):
+        assert moderate(client, slug, "slow_mode", slow_mode=bad).status_code == 400
+    assert moderate(client, slug, "slow_mode", slow_mode="30").status_code == 303
+    with as_user(client, bob):
+        assert "Slow mode: one message every 30 s." in client.get(f"/room/{slug}/").text
+    with socket_as(client, bob, slug) as bob_ws:
+        send(bob_ws, "first")
+        receive_until(bob_ws, ACK)
+        send(bob_ws, "second")
+        refusal = receive_until(bob_ws, "Slow mode")
+        assert re.search(r"Slow mode: one message every 30 s. Wait (2\d|30) s more.", refusal), refusal
+    say_in(client, slug, "owner one", "owner two")  # owners are exempt
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(3,)]
+
+
+def test_a_new_invite_link_admits_nobody_by_the_old_one_but_members(owned_room, settings):
+    client, bob, slug = owned_room
+    with socket_as(client, bob, slug) as bob_ws:
+        assert moderate(client, slug, "new_code").status_code == 303
+        frame = receive_until(bob_ws, "room-code")
+    new = re.search(r"<code>([^<]+)</code>", frame).group(1)
+    assert new != slug and new.startswith("run-by-alice-") and f"/room/{new}/" in frame
+    with as_user(client, bob):  # a member's old link leads them in
+        moved = client.get(f"/room/{slug}/", follow_redirects=False)
+        assert moved.status_code == 303 and moved.headers["location"] == f"/room/{new}/"
+        with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:  # an open page's socket too
+            send(ws, "still here")
+            receive_until(ws, "still here")
+    client.cookies.clear()
+    register(client, "carol")
+    assert client.get(f"/room/{slug}/").status_code == 404  # a stranger: the same 404 as any wrong code
+    assert post_form(client, "/", "/join/", room_slug=slug).status_code == 404
+    assert client.get(f"/room/{new}/").status_code == 200
+
+
+def test_clearing_the_history_empties_every_page_and_removes_the_rows(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    say_in(client, slug, *(f"old {n}" for n in range(3)))
+    cursor = page_revision(client.get(room).text)
+    assert "Clear the history" in client.get(f"{room}clear").text  # the confirm step
+    with socket_as(client, bob, slug) as bob_ws:
+        assert post_form(client, f"{room}clear", f"{room}clear").status_code == 303
+        emptied = receive_until(bob_ws, 'id="messages"')
+    assert 'hx-swap-oob="innerHTML"' in emptied and "old 0" not in emptied
+    writes_done(client)
+    for _ in range(50):  # the purge runs in batches behind the page
+        if db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]:
+            break
+        writes_done(client)
+    assert db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
+    say_in(client, slug, "after the clear")
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?after={cursor}", headers=ORIGIN) as ws:
+        caught_up = receive_until(ws, "after the clear")  # a page from before the clear: the room afresh
+    assert 'hx-swap-oob="innerHTML"' in caught_up and "old 1" not in caught_up
+
+
+def test_deleting_the_room_ends_every_page_and_every_way_in(owned_room, settings, caplog):
+    caplog.set_level(logging.INFO, logger="backchat")
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    say_in(client, slug, "soon gone")
+    assert "Delete " in client.get(f"{room}delete-room").text
+    with socket_as(client, bob, slug) as bob_ws:
+        assert post_form(client, f"{room}delete-room", f"{room}delete-room").status_code == 303
+        code, frames = closed_with(bob_ws)
+    assert code == chat.SESSION_ENDED and "This room was deleted." in frames
+    assert client.get(room).status_code == 404 and slug not in client.get("/").text
+    with as_user(client, bob):
+        assert client.get(room).status_code == 404 and slug not in client.get("/").text
+    for _ in range(50):
+        if db_rows(settings, "SELECT count(*) FROM rooms") == [(0,)]:
+            break
+        writes_done(client)
+    assert db_rows(settings, "SELECT (SELECT count(*) FROM rooms) + (SELECT count(*) FROM messages) "
+                             "+ (SELECT count(*) FROM room_members)") == [(0,)]
+    assert "moderation: alice deleted the room" in caplog.text
+
+
+def test_owners_make_owners_and_a_room_always_keeps_one(owned_room, settings):
+    client, bob, slug = owned_room
+    alice_id, bob_id = user_id_of(settings, "alice"), user_id_of(settings, "bob")
+    stuck = moderate(client, slug, "step_down")  # the only owner
+    assert "only owner" in client.get(stuck.headers["location"]).text
+    assert post_form(client, f"/room/{slug}/", f"/room/{slug}/leave").status_code == 409  # nor may it leave
+    assert "cannot be removed" in client.get(moderate(client, slug, "remove", user_id=str(alice_id)).headers["location"]).text
+    assert moderate(client, slug, "make_owner", user_id=str(bob_id)).status_code == 303
+    with as_user(client, bob):
+        assert client.get(f"/room/{slug}/manage").status_code == 200  # bob runs it too now
+        assert "cannot be removed" in client.get(
+            moderate(client, slug, "remove", user_id=str(alice_id)).headers["location"]).text
+    assert moderate(client, slug, "step_down").headers["location"] == f"/room/{slug}/"
+    assert dict(db_rows(settings, "SELECT user_id, role FROM room_members")) == {alice_id: "member", bob_id: "owner"}
+
+
+def test_every_owners_step_is_refused_to_a_member_and_to_other_rooms_owners(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    (mid,) = say_in(client, slug, "by alice")
+    alice_id = user_id_of(settings, "alice")
+    with as_user(client, bob):
+        other = create_room(client, "bob's own room")  # bob owns a room, just not this one
+        assert client.get(f"{room}manage").status_code == 403
+        for step in chat.MODERATION_STEPS:
+            assert moderate(client, slug, step, user_id=str(alice_id), slow_mode="5").status_code == 403, step
+        for url in (f"{room}clear", f"{room}delete-room"):
+            assert client.get(url).status_code == 403
+            assert post_form(client, room, url).status_code == 403
+        assert htmx_post(client, f"/room/{other}/messages/{mid}/delete", f"/room/{other}/").status_code == 404
+    assert client.post(f"{room}manage", data={"step": "lock"}).status_code == 403  # no CSRF token
+    for fields in ({"step": "nope"}, {"step": "x" * 10_000}, {"step": "remove"}, {"step": "remove", "user_id": "x"},
+                   {"step": "make_owner", "user_id": str(2**70)}):
+        assert moderate(client, slug, **fields).status_code in (400, 303), fields
+    assert moderate(client, slug, "make_owner", user_id="999999").status_code == 303  # nobody: told, nothing done
+    assert db_rows(settings, "SELECT locked, slow_mode FROM rooms WHERE slug = ?", slug) == [(0, 0)]
+    assert db_rows(settings, "SELECT text FROM messages") == [("by alice",)]
+
+
+def test_every_member_can_take_the_transcript_home(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "hello <b>class</b>\n# not a heading")
+        receive_until(ws, "not a heading")
+    with as_user(client, bob):
+        (reply,) = say_in(client, slug, "a reply")
+        htmx_post(client, f"{room}messages/{reply}/edit", room, message="a reply, edited")
+        markdown = client.get(f"{room}transcript")
+        as_json = client.get(f"{room}transcript?format=json")
+    assert markdown.headers["content-disposition"] == f'attachment; filename="{slug}-transcript.md"'
+    assert markdown.headers["content-type"].startswith("text/markdown")
+    text = markdown.text
+    assert text.startswith("# run by alice\n") and text.index("**alice**") < text.index("**bob**")
+    assert "> hello &lt;b&gt;class&lt;/b&gt;\n> # not a heading" in text and "(edited)" in text
+    data = json.loads(as_json.text)
+    assert [m["text"] for m in data["messages"]] == ["hello <b>class</b>\n# not a heading", "a reply, edited"]
+    assert data["messages"][1]["edited_at"] and data["messages"][0]["author"] == "alice"
+    client.cookies.clear()
+    register(client, "stranger")
+    assert client.get(f"{room}transcript").status_code == 403
+
+
+# --- upgrading from the previous release (issues 17-22) -------------------------------------------
+
+
+# The schema as release 2c8ea84 (before issues 17-22) made it, PRAGMA user_version 4.
+PREVIOUS_RELEASE_SCHEMA = """CREATE TABLE IF NOT EXISTS users (
+    id            INTEGER PRIMARY KEY,
+    username      TEXT NOT NULL,
+    username_key  TEXT NOT NULL UNIQUE,  -- casefolded: names are unique ignoring case
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
+    is_guest      INTEGER NOT NULL DEFAULT 0  -- a guest: no password, a session of GUEST_IDLE_HOURS
+);
+CREATE INDEX IF NOT EXISTS users_by_skeleton ON users(username_skeleton);
+CREATE TABLE IF NOT EXISTS sessions (
+    id         TEXT PRIMARY KEY,          -- random; the signed cookie carries it
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL DEFAULT ''  -- refreshed at most hourly: idle sessions end
+);
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id);
+CREATE TABLE IF NOT EXISTS rooms (
+    id         INTEGER PRIMARY KEY,
+    slug       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    created_by INTEGER NOT NULL REFERENCES users(id),
+    created_at TEXT NOT NULL,
+    revision   INTEGER NOT NULL DEFAULT 0  -- advanced by every insert, edit and delete in the room
+);
+CREATE TABLE IF NOT EXISTS room_members (
+    room_id       INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    joined_at     TEXT NOT NULL,
+    last_visit_at TEXT NOT NULL,
+    last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id),
+    text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
+    created_at TEXT NOT NULL,
+    client_key TEXT,  -- the composer's one-time key: a message resent after an outage is stored once
+    revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last edited
+    edited_at  TEXT
+);
+-- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
+-- Catch-up: what changed in a room since revision N.
+CREATE INDEX IF NOT EXISTS messages_by_revision ON messages(room_id, revision);
+CREATE TABLE IF NOT EXISTS deletions (  -- a deleted message leaves only its id behind
+    message_id INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    revision   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deletions_by_revision ON deletions(room_id, revision);
+-- A room's revision is that of its newest change: a new, edited or deleted message carries
+-- the room's next revision (NEXT_REVISION, below) and these record it in the room.
+CREATE TRIGGER IF NOT EXISTS messages_advance_room AFTER INSERT ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER IF NOT EXISTS edits_advance_room AFTER UPDATE OF revision ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER IF NOT EXISTS deletions_advance_room AFTER INSERT ON deletions
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+"""
+
+
+def test_a_database_from_the_release_before_is_upgraded_and_works(tmp_path):
+    db_path = tmp_path / "chat.db"
+    with sqlite3.connect(db_path) as db:
+        db.executescript(PREVIOUS_RELEASE_SCHEMA)
+        db.execute("PRAGMA user_version = 4")
+        for uid, name in ((1, "Al"), (2, "AI"), (3, "bob")):  # look-alikes by case, from before the rule
+            db.execute("INSERT INTO users (id, username, username_key, password_hash, created_at, username_skeleton) "
+                       "VALUES (?, ?, ?, 'x', '2026-01-01T00:00:00Z', ?)", (uid, name, name.casefold(), name.casefold()))
+        db.execute("INSERT INTO sessions VALUES ('s1', 1, '2026-11-29T00:00:00Z', '2026-11-29T00:00:00Z')")
+        db.execute("INSERT INTO rooms VALUES (1, 'old-room-abc', 'Old room', 1, '2026-01-01T00:00:00Z', 2)")
+        db.executemany("INSERT INTO room_members VALUES (1, ?, '', '', 0)", [(1,), (3,)])
+        db.executemany("INSERT INTO messages VALUES (?, 1, ?, ?, '2026-01-01T00:00:00Z', NULL, ?, NULL)",
+                       [(1, 1, "from before", 1), (2, 3, "also from before", 2)])
+    settings = app_settings(db_path=db_path)
+    with TestClient(chat.create_app(settings)) as client:
+        client.cookies.set("session", "")
+        register(client, "carol")
+        post_form(client, "/", "/join/", room_slug="old-room-abc")
+        page = client.get("/room/old-room-abc/").text
+        assert "from before" in page and "also from before" in page
+        say_in(client, "old-room-abc", "after the upgrade")
+        assert register(client, "al").status_code == 400  # the case-aware skeleton, recomputed
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
+        assert dict(db.execute("SELECT user_id, role FROM room_members WHERE user_id IN (1, 3)")) == {1: "owner", 3: "member"}
+        assert db.execute("SELECT locked, slow_mode, deleted_at FROM rooms").fetchone() == (0, 0, None)
+        skeletons = dict(db.execute("SELECT username, username_skeleton FROM users WHERE id < 3"))
+        assert skeletons["Al"] == skeletons["AI"]
+        assert [row[2] for row in db.execute("PRAGMA index_info(sessions_by_user)")] == ["user_id", "created_at"]
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

@@ -276,3 +276,55 @@ def test_the_login_form_cannot_fill_redis(two_workers, redis_server):
         counted = set(admin.keys("*")) - before
         assert counted and all(re.fullmatch(rb"backchat:(failures|inflight):900:[0-9a-f]{24}(:\d+)?", k) for k in counted)
         assert admin.info("memory")["used_memory"] - used < 256 * 1024
+
+
+# --- the room's owner runs the room, across workers (issue 21) ----------------------------------
+
+
+def owner_step(client: httpx.Client, slug: str, step: str, **fields: str) -> httpx.Response:
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get(f"/room/{slug}/manage").text).group(1)
+    return client.post(f"/room/{slug}/manage", data={"csrf_token": token, "step": step, **fields})
+
+
+def test_removing_locking_clearing_and_deleting_reach_the_other_workers_pages(two_workers):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "run across workers")
+    bob_client, bob = login_cookie(b, "bob")
+    _, carol = login_cookie(b, "carol")
+    for cookie in (bob, carol):  # both become members by opening the room
+        httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": cookie})
+    bob_id = int(re.search(r'name="user_id" value="(\d+)"[^<]*<button[^>]*>Remove bob',
+                           client.get(f"/room/{slug}/manage").text.replace("\n", " ")).group(1))
+
+    async def run() -> None:
+        async with ws_connect(b, slug, bob) as bob_page, ws_connect(b, slug, carol) as carol_page:
+            await frames_until(carol_page, "<bdi>bob</bdi>")
+            owner_step(client, slug, "lock")  # through worker a...
+            assert "data-locked" in await frames_until(carol_page, "room-state")  # ...seen on worker b
+            await carol_page.send(frame("may I?"))
+            assert "locked by its owner" in await frames_until(carol_page, "chat-error")  # and obeyed there
+            owner_step(client, slug, "unlock")
+            await frames_until(carol_page, 'data-owners')
+            owner_step(client, slug, "remove", user_id=str(bob_id))
+            received = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    received.append(await asyncio.wait_for(bob_page.recv(), 10))
+            assert closed.value.rcvd.code == 1008 and "You were removed from this room." in "".join(received)
+            await carol_page.send(frame("before the clear"))
+            await frames_until(carol_page, "before the clear")
+            token = re.search(r'name="csrf_token" value="([^"]+)"', client.get(f"/room/{slug}/clear").text).group(1)
+            assert client.post(f"/room/{slug}/clear", data={"csrf_token": token}).status_code == 303
+            emptied = await frames_until(carol_page, 'id="messages"')
+            assert 'hx-swap-oob="innerHTML"' in emptied and "before the clear" not in emptied
+            token = re.search(r'name="csrf_token" value="([^"]+)"', client.get(f"/room/{slug}/delete-room").text).group(1)
+            assert client.post(f"/room/{slug}/delete-room", data={"csrf_token": token}).status_code == 303
+            received = []
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    received.append(await asyncio.wait_for(carol_page.recv(), 10))
+            assert closed.value.rcvd.code == 1008 and "This room was deleted." in "".join(received)
+
+    asyncio.run(run())
+    assert httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": carol}).status_code == 404

@@ -576,3 +576,80 @@ def test_a_backup_taken_while_the_server_runs_restores_as_the_readme_says(server
     server.start()
     page = client.get(f"/room/{slug}/").text  # the same session: sessions are in the backup too
     assert "message 49" in page and page.count('class="msg"') == 50
+
+
+# --- the operator's command line (issue 21) ----------------------------------------------------
+
+
+def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tmp_path):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "operated")
+    _, grace_cookie = login_cookie(server, "grace")
+    db = ["--db", str(server.db_path)]
+    listed = chat_py("users", *db, cwd=tmp_path)
+    assert listed.returncode == 0 and re.search(r"^ada\s+\S+T\S+Z\s+\S+\s+1\s*$", listed.stdout, re.M), listed.stdout
+    assert re.search(r"^grace\s", listed.stdout, re.M)
+
+    async def closed_within_seconds() -> int:
+        async with ws_connect(server, slug, grace_cookie) as page:
+            await frames_until(page, "<bdi>grace</bdi>")
+            done = chat_py("users", "deactivate", "grace", *db, cwd=tmp_path)
+            assert done.returncode == 0 and "grace is closed" in done.stdout, done.stderr
+            started = time.monotonic()
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(page.recv(), 30)
+            assert time.monotonic() - started < 15  # within SESSION_CHECK_SECONDS, and then some
+            return closed.value.rcvd.code
+
+    assert asyncio.run(closed_within_seconds()) == 1008  # told in place, not retried
+    assert httpx.get(f"{server.url}/", headers={"Cookie": grace_cookie}, follow_redirects=False).status_code == 303
+    again = httpx.Client(base_url=server.url)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', again.get("/auth/login/").text).group(1)
+    refused = again.post("/auth/login/", data={"csrf_token": token, "username": "grace", "password": PASSWORD})
+    assert refused.status_code == 403 and "closed" in refused.text
+    assert chat_py("users", "login-link", "grace", *db, cwd=tmp_path).returncode != 0  # not for a closed account
+    assert chat_py("users", "deactivate", "nobody", *db, cwd=tmp_path).returncode != 0
+
+    made = chat_py("users", "login-link", "ada", *db, "--url", server.url, cwd=tmp_path)
+    link = re.search(r"(http://\S+/auth/link/\S+)", made.stdout).group(1)
+    assert made.returncode == 0 and "one use within 1 hour" in made.stdout
+    forgot = httpx.Client(base_url=server.url)  # ada, who forgot her password, on another device
+    page = forgot.get(link)
+    assert page.status_code == 200 and "Set a new password" in page.text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    short = forgot.post(link, data={"csrf_token": token, "password1": "short", "password2": "short"})
+    assert short.status_code == 400  # and the link still works
+    used = forgot.post(link, data={"csrf_token": token, "password1": "a new password", "password2": "a new password"})
+    assert used.status_code == 303 and forgot.get("/", follow_redirects=False).status_code == 200
+    assert forgot.get(link).status_code == 404  # once only
+    assert httpx.get(f"{server.url}/", headers={"Cookie": cookie}, follow_redirects=False).status_code == 303  # her old sessions end
+    fresh = httpx.Client(base_url=server.url)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', fresh.get("/auth/login/").text).group(1)
+    assert fresh.post("/auth/login/", data={"csrf_token": token, "username": "ada", "password": "a new password"}
+                      ).status_code == 303
+    with sqlite3.connect(server.db_path) as conn:  # the database holds only the link's hash
+        assert link.rsplit("/", 1)[1] not in str(conn.execute("SELECT * FROM login_links").fetchall())
+    for bogus in ("nope", "x" * 5000):
+        assert httpx.get(f"{server.url}/auth/link/{bogus}", headers={"Cookie": cookie}).status_code == 404
+
+
+def test_a_transcript_of_100000_messages_streams_in_flat_memory(server):
+    client, cookie = login_cookie(server, "ada")
+    slug = make_room(client, "long class")
+    with sqlite3.connect(server.db_path) as db:
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                       ((room_id, user_id, f"message {n} " + "x" * 200, "2026-11-30T10:00:00Z", n + 1)
+                        for n in range(100_000)))
+    rss_before = server_rss_kib(server)
+    peak, size, count, tail = 0, 0, 0, ""
+    with client.stream("GET", f"/room/{slug}/transcript", timeout=120) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_text():
+            size += len(chunk)
+            count += (tail + chunk).count("**ada**")  # (a name may straddle two chunks; the
+            tail = (tail + chunk)[-6:]                 # tail is too short to hold a whole one)
+            peak = max(peak, server_rss_kib(server) - rss_before)
+    assert count == 100_000 and size > 20_000_000  # all of it, about 22 MB of Markdown...
+    assert peak < 16 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"  # ...in a few MiB of memory
