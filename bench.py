@@ -490,6 +490,42 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
     return results
 
 
+# --- search: time to a page of hits against the number of messages -----------------------
+
+SEARCHES = {"common word": "message", "rare word": "needle", "prefix": "mess", "two words": "history needle"}
+
+
+def search_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
+    """GET /search/ (median ms) in a room of `count` messages, all of them indexed by the
+    triggers as they were inserted: a word in every message (the newest 50 of them), a word in
+    one message halfway back, a prefix of the common word, and two words."""
+    import httpx
+
+    results = []
+    for count in sizes:
+        with tempfile.TemporaryDirectory() as workdir:
+            server = Server("app", Path(workdir), "auto")
+            try:
+                cookie, (slug,) = http_setup(server.port)
+                with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
+                    room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
+                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                                   ((room_id, user_id, f"history message {n}" + (" needle" if n == count // 2 else ""),
+                                     "2026-01-01T00:00:00Z", n + 1) for n in range(count)))
+                while True:  # the server indexes new messages in batches, each second: wait for all
+                    with sqlite3.connect(Path(workdir) / "bench.db") as db:
+                        if db.execute("SELECT indexed_up_to >= (SELECT max(id) FROM messages) FROM search_state").fetchone()[0]:
+                            break
+                    time.sleep(0.2)
+                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
+                    results.append({"messages": count, **{
+                        name: median_get_ms(client, f"/search/?q={query.replace(' ', '+')}", repeats)
+                        for name, query in SEARCHES.items()}})
+            finally:
+                server.stop()
+    return results
+
+
 # --- reporting ---------------------------------------------------------------------------
 
 
@@ -579,6 +615,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=float, default=8, help="seconds of sending per run")
     parser.add_argument("--size", type=int, default=100, help="characters per message")
     parser.add_argument("--history", type=int, nargs="*", default=[0, 50, 10_000, 100_000], help="room sizes to time")
+    parser.add_argument("--search", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
+                        help="room sizes to time a search in")
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
     parser.add_argument("--workers", type=int, default=0,
                         help="also run the app as `uvicorn chat:app --workers N` with Redis fan-out (needs redis-server)")
@@ -618,6 +656,13 @@ def main(argv: list[str] | None = None) -> None:
             for row in report["history"]:
                 print(f"  {row['messages']:>10,}{row['room_page_ms']:>16.2f}{row['older_page_ms']:>17.2f}"
                       f"{row['catch_up_ms']:>28.2f}{row['history_page_ms']:>21.2f}")
+    if args.search:
+        report["search"] = search_timings(args.search)
+        if not args.json:
+            print("\nSearch (median of 30 GETs of /search/, ms)")
+            print(f"  {'messages':>10}" + "".join(f"{name:>14}" for name in SEARCHES))
+            for row in report["search"]:
+                print(f"  {row['messages']:>10,}" + "".join(f"{row[name]:>14.2f}" for name in SEARCHES))
     if args.json:
         print(json.dumps(report, indent=2))
 

@@ -175,6 +175,11 @@ def load_secret_key(settings: Settings) -> str:
 # It all runs on database threads (one writer, one reader), never on the event loop.
 # ---------------------------------------------------------------------------
 
+# The search index: an external-content FTS5 table over messages.text (it stores only the
+# index; the text stays in messages). Words are split as Unicode says, accents folded.
+SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5("
+                "text, content='messages', content_rowid='id', tokenize='unicode61 remove_diacritics 2')")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     id            INTEGER PRIMARY KEY,
@@ -242,14 +247,30 @@ CREATE TABLE IF NOT EXISTS messages (
     text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
     created_at TEXT NOT NULL,
     client_key TEXT,  -- the composer's one-time key: a message resent after an outage is stored once
-    revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last edited
-    edited_at  TEXT
+    revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last changed
+    edited_at  TEXT,
+    reply_to   INTEGER  -- the message of the same room it answers (its quote shows that one as it is now)
 );
 -- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
 CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
 -- Catch-up: what changed in a room since revision N.
 CREATE INDEX IF NOT EXISTS messages_by_revision ON messages(room_id, revision);
+CREATE INDEX IF NOT EXISTS messages_by_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
+CREATE TABLE IF NOT EXISTS mentions (  -- who a message mentions (@name): their home page marks the room
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    room_id    INTEGER NOT NULL,
+    PRIMARY KEY (user_id, room_id, message_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mentions_by_message ON mentions(message_id);
+CREATE TABLE IF NOT EXISTS reactions (  -- one row per message, person and emoji (REACTIONS)
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    emoji      TEXT NOT NULL,
+    PRIMARY KEY (message_id, user_id, emoji)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS reactions_by_user ON reactions(user_id);
 CREATE TABLE IF NOT EXISTS deletions (  -- a deleted message leaves only its id behind
     message_id INTEGER PRIMARY KEY,
     room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
@@ -264,10 +285,27 @@ CREATE TRIGGER IF NOT EXISTS edits_advance_room AFTER UPDATE OF revision ON mess
 BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
 CREATE TRIGGER IF NOT EXISTS deletions_advance_room AFTER INSERT ON deletions
 BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+-- Search: FTS5's index of every message's text. New messages are indexed in batches, up to
+-- search_state.indexed_up_to (index_new_messages: a second behind at most); these triggers
+-- keep what is indexed in step with edits and deletes (a cleared or deleted room's rows too).
+{SEARCH_INDEX};
+CREATE TABLE IF NOT EXISTS search_state (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    indexed_up_to INTEGER NOT NULL  -- every message up to this id is in messages_fts
+);
+INSERT OR IGNORE INTO search_state (id, indexed_up_to) VALUES (1, 0);
+CREATE TRIGGER IF NOT EXISTS edits_indexed AFTER UPDATE OF text ON messages
+WHEN OLD.id <= (SELECT indexed_up_to FROM search_state) BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', OLD.id, OLD.text);
+    INSERT INTO messages_fts (rowid, text) VALUES (NEW.id, NEW.text);
+END;
+CREATE TRIGGER IF NOT EXISTS deletions_indexed AFTER DELETE ON messages
+WHEN OLD.id <= (SELECT indexed_up_to FROM search_state)
+BEGIN INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', OLD.id, OLD.text); END;
 -- Sending moves your read marker: what you wrote is read, and so is what came before it.
 CREATE TRIGGER IF NOT EXISTS messages_read_by_author AFTER INSERT ON messages
 BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
-"""
+""".replace("{SEARCH_INDEX}", SEARCH_INDEX)
 
 # Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
 # counts the ones a database has had. A new database gets SCHEMA as it is and skips them.
@@ -304,6 +342,9 @@ MIGRATIONS = [
      "ALTER TABLE rooms ADD COLUMN cleared_revision INTEGER NOT NULL DEFAULT 0",
      "ALTER TABLE rooms ADD COLUMN deleted_at TEXT",
      "ALTER TABLE users ADD COLUMN deactivated_at TEXT"],
+    # Replies. (The search index, its triggers, and the mentions and reactions tables are
+    # SCHEMA's; the messages already there are indexed in the background, index_new_messages.)
+    ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
 ]
 
 
@@ -321,10 +362,18 @@ def migrate(db: sqlite3.Connection) -> None:
     db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
 
-# A message as pages show it: its row and its author's name. Every query for messages starts so.
-SELECT_MESSAGES = ("SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, "
-                   "m.revision "
-                   "FROM messages m JOIN users u ON u.id = m.user_id")
+# A message as pages show it: its row, its author's name, the message it answers as that is
+# now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
+# "emoji id name" lines). Every query for messages starts so.
+SELECT_MESSAGES = (
+    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, m.revision, "
+    "m.reply_to, q.text AS quote_text, (SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
+    "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10)) FROM mentions x JOIN users xu ON xu.id = x.user_id "
+    " WHERE x.message_id = m.id) AS mentioned, "
+    "(SELECT group_concat(r.emoji || ' ' || r.user_id || ' ' || ru.username, char(10)) FROM reactions r "
+    " JOIN users ru ON ru.id = r.user_id WHERE r.message_id = m.id) AS reactions "
+    "FROM messages m JOIN users u ON u.id = m.user_id "
+    "LEFT JOIN messages q ON q.id = m.reply_to AND q.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)")
 
 
 @contextlib.contextmanager
@@ -370,13 +419,14 @@ class Store:
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
 
-    async def add_message(self, room_id: int, user_id: int, text: str, key: str | None) -> sqlite3.Row | None:
+    async def add_message(self, room_id: int, user_id: int, text: str, key: str | None,
+                          reply_to: int | None = None) -> sqlite3.Row | str | None:
         """Store one message, committed with whatever else is waiting (group commit). A lone
         message goes to the writer at once; messages that arrive while a commit is under way
         wait for it to end, then all of them go in one transaction and come back in one trip,
         so the hand-off and the commit are paid per batch, not per message."""
         done = asyncio.get_running_loop().create_future()
-        self._waiting.append(((room_id, user_id, text, key), done))
+        self._waiting.append(((room_id, user_id, text, key, reply_to), done))
         if not self._committing:
             self._commit_waiting()
         return await done
@@ -541,6 +591,12 @@ def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
                    (utc_now(), json.dumps(session_ids)))
 
 
+def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
+    """The ids and names of the room's members (the first 200 by name), for the composer's @ list."""
+    return db.execute("SELECT u.id, u.username FROM room_members m JOIN users u ON u.id = m.user_id "
+                      "WHERE m.room_id = ? ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
+
+
 def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
     """The user ids of the room's owners."""
     return frozenset(row[0] for row in db.execute(
@@ -657,10 +713,13 @@ UNREAD_SHOWN = 99  # past this a badge says "99+": counting stops there, however
 
 def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     """The user's rooms, most recently visited first, each with `unread`: how many messages
-    arrived since the user last had it open (a short walk of the room's index, capped)."""
+    arrived since the user last had it open (a short walk of the room's index, capped), and
+    `mentioned`: whether one of those mentions them."""
     return db.execute(
         "SELECT r.id, r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
-        "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread "
+        "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread, "
+        "  EXISTS (SELECT 1 FROM mentions x WHERE x.user_id = m.user_id AND x.room_id = r.id "
+        "          AND x.message_id > m.last_read_id) AS mentioned "
         "FROM room_members m JOIN rooms r ON r.id = m.room_id "
         "WHERE m.user_id = ? AND r.deleted_at IS NULL ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
         (UNREAD_SHOWN + 1, user_id),
@@ -708,6 +767,10 @@ def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None
                       (message_id,)).fetchone()
 
 
+# A message still in its room: not among those an owner cleared (while they are removed).
+NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
+
+
 # The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
 # record it in the room).
 NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
@@ -718,32 +781,63 @@ NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
 # removed, nor from a member while the room is locked, nor in a deleted room: checked in the
 # same statement, so no send can slip past a removal or a lock that committed first.
 INSERT_MESSAGE = (
-    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision) "
+    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision, reply_to) "
     "SELECT 1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
-    f"      ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION} "
+    f"      ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}, "
+    f"      (SELECT id FROM messages m WHERE id = ?5 AND room_id = ?1 AND {NOT_CLEARED}) "  # (another room's: none)
     "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = ?1 AND user_id = ?2) "
     "  AND (SELECT deleted_at IS NULL AND (NOT locked OR EXISTS (SELECT 1 FROM room_members "
     "       WHERE room_id = ?1 AND user_id = ?2 AND role = 'owner')) FROM rooms WHERE id = ?1) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
-    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision")
+    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision, "
+    "          reply_to, NULL AS quote_text, NULL AS quote_author, NULL AS mentioned, NULL AS reactions")
 
-NewMessage = tuple[int, int, str, "str | None"]  # room id, user id, text, the composer's key
+NewMessage = tuple[int, int, str, "str | None", "int | None"]  # room id, user id, text, the composer's key, reply to
 
 
 def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | str | None]:
     """Store messages in one transaction (group commit: see Store.add_message). For each,
     its row; None when its user already sent one with its key (a resend); or why it was
-    not stored: "removed", "locked" or "deleted"."""
+    not stored: "removed", "locked" or "deleted". A reply, or a message with an "@" in it,
+    is read back whole (its quote, whom it mentions: record_mentions); any other is its
+    INSERT's own row."""
     rows = []
     with transaction(db):
         for message in messages:
             returned = db.execute(INSERT_MESSAGE, message).fetchall()  # all: the statement ends before COMMIT
-            rows.append(returned[0] if returned else why_not_stored(db, *message))
+            if not returned:
+                rows.append(why_not_stored(db, *message))
+            elif "@" in message[2] or returned[0]["reply_to"] is not None:
+                record_mentions(db, returned[0]["id"], message[0], message[2])
+                rows.append(message_by_id(db, returned[0]["id"]))
+            else:
+                rows.append(returned[0])
     return rows  # only after COMMIT: nobody is shown a message the database could still lose
 
 
-def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str, key: str | None) -> str | None:
+def record_mentions(db: sqlite3.Connection, message_id: int, room_id: int, text: str) -> None:
+    """Note whom the message's text mentions (@name: a member of the room, longest name first)."""
+    db.execute("DELETE FROM mentions WHERE message_id = ?", (message_id,))
+    if "@" not in text:
+        return
+    members = db.execute("SELECT u.id, u.username FROM room_members rm JOIN users u ON u.id = rm.user_id "
+                         "WHERE rm.room_id = ? LIMIT 1000", (room_id,)).fetchall()
+    named = {name.casefold(): user_id for user_id, name in members}
+    db.executemany("INSERT INTO mentions (message_id, user_id, room_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                   [(message_id, named[found.casefold()], room_id)
+                    for found in mention_pattern([name for _, name in members]).findall(text)])
+
+
+def mention_pattern(names: list[str]) -> re.Pattern[str]:
+    """"@name" for any of these names, ignoring case; the longest name that fits wins, and a
+    name must end where a word does ("@ada" is not in "@adam")."""
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)) or "(?!)"
+    return re.compile(rf"(?<![\w@])@({alternatives})(?!\w)", re.IGNORECASE)
+
+
+def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str, key: str | None,
+                   reply_to: int | None = None) -> str | None:
     """Why INSERT_MESSAGE stored nothing (the rare case, asked only then)."""
     if key is not None and db.execute("SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
                                       (user_id, key)).fetchone():
@@ -751,10 +845,6 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone():
         return "removed"
     return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
-
-
-# A message still in its room: not among those an owner cleared (while they are removed).
-NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
 
 
 class NotYours(Exception):
@@ -772,27 +862,80 @@ def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: 
     return row
 
 
-def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, text: str) -> sqlite3.Row | None:
-    """The edited message (None: no such message here); NotYours for somebody else's."""
+def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
+                 text: str) -> list[sqlite3.Row] | None:
+    """The edited message, then the replies whose quote of it changed with it (None: no such
+    message here); NotYours for somebody else's."""
     with transaction(db):
         if own_message(db, message_id, room_id, user_id) is None:
             return None
         db.execute(f"UPDATE messages SET text = ?2, edited_at = ?3, revision = {NEXT_REVISION} WHERE id = ?4",
                    (room_id, text, utc_now(), message_id))
-    return message_by_id(db, message_id)
+        record_mentions(db, message_id, room_id, text)
+        replies = requote_replies(db, message_id, room_id)
+    return [message_by_id(db, message_id), *replies]
+
+
+def requote_replies(db: sqlite3.Connection, message_id: int, room_id: int) -> list[sqlite3.Row]:
+    """The replies to a message that was just edited or deleted, moved on to the room's next
+    revision (their quotes show it as it is now), as pages show them."""
+    ids = [row[0] for row in db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE reply_to = ?2 "
+                                        "AND room_id = ?1 RETURNING id", (room_id, message_id)).fetchall()]
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.id IN ({','.join('?' * len(ids))}) ORDER BY m.id",
+                      ids).fetchall() if ids else []
 
 
 def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
-                   any_author: bool = False) -> int | None:
-    """Delete the row, text and all (secure_delete overwrites it on disk), leaving only its
-    id and the room's revision, for pages that catch up later. That revision; None if there
-    was no such message."""
+                   any_author: bool = False) -> tuple[int, list[sqlite3.Row]] | None:
+    """Delete the row, text and all (secure_delete overwrites it on disk; its reactions and
+    mentions go with it), leaving only its id and the room's revision, for pages that catch
+    up later. That revision and the replies now quoting a deleted message; None if there was
+    no such message."""
     with transaction(db):
         if own_message(db, message_id, room_id, user_id, any_author) is None:
             return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        return db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
-                          "RETURNING revision", (room_id, message_id)).fetchall()[0][0]
+        revision = db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
+                              "RETURNING revision", (room_id, message_id)).fetchall()[0][0]
+        replies = requote_replies(db, message_id, room_id)
+    return (replies[-1]["revision"] if replies else revision), replies
+
+
+REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing", "🎉": "party", "😮": "surprised", "👀": "eyes"}
+
+
+def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, emoji: str,
+          given: bool) -> sqlite3.Row | None:
+    """Give (`given`) or take back one's reaction to a message of this room; the message as
+    pages show it, on the room's next revision if that changed anything (None: no such
+    message here). Giving twice, or taking back what was not given, changes nothing."""
+    with transaction(db):
+        if own_message(db, message_id, room_id, user_id, any_author=True) is None:
+            return None
+        changed = db.execute(
+            "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?) ON CONFLICT DO NOTHING" if given else
+            "DELETE FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?",
+            (message_id, user_id, emoji)).rowcount
+        if changed:
+            db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2", (room_id, message_id))
+    return message_by_id(db, message_id)
+
+
+def page_after(db: sqlite3.Connection, room_id: int, after: int, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+    """Up to `limit` messages newer than `after`, oldest first; and whether more exist."""
+    rows = db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
+                      (room_id, after, limit + 1)).fetchall()
+    return rows[:limit], len(rows) > limit
+
+
+def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
+    """The messages around one of the room's (it among them), oldest first, and whether older
+    and newer ones exist; None if that message is not in this room."""
+    if own_message(db, message_id, room_id, 0, any_author=True) is None:
+        return None
+    older, has_older = page_before(db, room_id, message_id + 1, PAGE_SIZE // 2)
+    newer, has_newer = page_after(db, room_id, message_id, PAGE_SIZE // 2)
+    return older + newer, has_older, has_newer
 
 
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
@@ -950,6 +1093,63 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int
     """Up to `limit` of the room's messages after message id `after`, oldest first."""
     return db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
                       (room_id, after, limit)).fetchall()
+
+
+# Search (the Search section has the page): FTS5 finds the words, the newest first, in the
+# rooms the person is a member of now.
+
+SEARCH_BATCH = 500  # messages indexed per transaction
+
+
+def index_new_messages(db: sqlite3.Connection) -> bool:
+    """Add the messages sent since the last call to the search index, SEARCH_BATCH at a time
+    in one transaction (the index_search task calls it every second, and at start for what an
+    upgrade brought). Indexing each message as it is sent cost more than its INSERT (README,
+    "Search"). Whether more are waiting."""
+    with transaction(db):
+        mark = db.execute("SELECT indexed_up_to FROM search_state").fetchone()[0]
+        rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                          (mark, SEARCH_BATCH)).fetchall()
+        if rows:
+            db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", [tuple(row) for row in rows])
+            db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
+    return len(rows) == SEARCH_BATCH
+
+SEARCH_PAGE = 50  # hits per page of results
+SEARCH_CHARS = 200  # a longer query is cut here (and at SEARCH_WORDS words)
+SEARCH_WORDS = 12
+HIT_START, HIT_END = "\x02", "\x03"  # around each matched word in a snippet: no message holds these (clean_text)
+
+
+def search_expression(query: str) -> str | None:
+    """Any text as an FTS5 query that cannot be a syntax error: each word in double quotes
+    (FTS5 reads a quoted string as the phrase of its tokens, so `AND`, `NEAR(`, `*` and `:`
+    are only words), the last one a prefix (`"wor"*` finds "world" as it is typed). None if
+    no word has a letter or digit in it: nothing to look for."""
+    words = [word for word in query[:SEARCH_CHARS].split() if any(ch.isalnum() for ch in word)][:SEARCH_WORDS]
+    if not words:
+        return None
+    return " ".join('"' + word.replace('"', '""') + '"' for word in words) + "*"
+
+
+def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
+                    before: int | None) -> tuple[list[sqlite3.Row], bool]:
+    """The newest SEARCH_PAGE messages older than `before` matching the FTS5 `expression`
+    (search_expression) in the rooms the user is a member of (not those left, removed from,
+    cleared or deleted), newest first, each with its room and a `snippet` of its text with
+    the matches between HIT_START and HIT_END; and whether there are more. The index is
+    walked newest first (CROSS JOIN keeps it the outer loop), so a page costs about as much
+    at a million messages as at a thousand, unless most matches are in other people's rooms."""
+    rows = db.execute(
+        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.slug, r.name AS room_name, "
+        f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
+        "FROM messages_fts f CROSS JOIN messages m ON m.id = f.rowid "
+        "JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ? "
+        "JOIN rooms r ON r.id = m.room_id JOIN users u ON u.id = m.user_id "
+        "WHERE messages_fts MATCH ? AND f.rowid < ? AND r.deleted_at IS NULL AND m.id > r.cleared_up_to "
+        "ORDER BY f.rowid DESC LIMIT ?",
+        (user_id, expression, before if before is not None else 2**63 - 1, SEARCH_PAGE + 1)).fetchall()
+    return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
 # ---------------------------------------------------------------------------
@@ -1613,30 +1813,73 @@ def real_host(url: str) -> str | None:
                     for label in host.split("."))
 
 
-def linkify(text: str) -> Markup:
-    """Message text as HTML: escaped, with its http(s) links made links. It is built from
-    escaped pieces (Markup.format escapes the URL too), so no markup can ride along; a link
-    whose text could hide where it goes has its real host beside it."""
+def linkify(text: str, mentioned: str | None = None) -> Markup:
+    """Message text as HTML: escaped, with its http(s) links made links and the people it
+    mentions (`mentioned`: "id name" lines, as SELECT_MESSAGES gives them) marked. It is
+    built from escaped pieces (Markup.format escapes the URL too), so no markup can ride
+    along; a link whose text could hide where it goes has its real host beside it."""
+    plain = with_mentions(mentioned) if mentioned else escape
     if "://" not in text:  # the common case, 20 times cheaper than asking the linkifier
-        return escape(text)
+        return plain(text)
     parts, done = [], 0
     for found in LINKS.match(text) or ():
         if found.schema not in ("http:", "https:"):
             continue
         url = text[found.index:found.last_index].rstrip(TYPOGRAPHIC_CLOSERS)
-        parts.append(escape(text[done:found.index]))
+        parts.append(plain(text[done:found.index]))
         if host := real_host(url):  # (its text isolated, so no direction control reaches past it)
             parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank"><bdi>{0}</bdi></a>'
                                 ' <small class="real-host">(goes to {1})</small>').format(url, host))
         else:
             parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url))
         done = found.index + len(url)
-    parts.append(escape(text[done:]))
+    parts.append(plain(text[done:]))
     return Markup("").join(parts)
+
+
+def with_mentions(mentioned: str) -> Callable[[str], Markup]:
+    """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
+    as a mention of that person's id: the room page's style marks those of its viewer."""
+    people = {name.casefold(): user_id for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
+    pattern = mention_pattern(list(people))
+
+    def marked(text: str) -> Markup:
+        parts, done = [], 0
+        for found in pattern.finditer(text):
+            parts += [escape(text[done:found.start()]), Markup('<span class="mention" data-user="{0}">{1}</span>').format(
+                people.get(found.group(1).casefold(), ""), found.group(0))]
+            done = found.end()
+        return Markup("").join([*parts, escape(text[done:])])
+    return marked
+
+
+def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
+    emoji, its name, and who gave it ([(id, name)])."""
+    given: dict[str, list[tuple[str, str]]] = {}
+    for line in reactions.split("\n"):
+        emoji, user_id, name = line.split(" ", 2)
+        given.setdefault(emoji, []).append((user_id, name))
+    return [(emoji, label, given[emoji]) for emoji, label in REACTIONS.items() if emoji in given]
+
+
+def first_line(text: str, limit: int = 100) -> str:
+    """A message's first line, cut at `limit` characters: what a quote of it shows."""
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def marked_hits(snippet: str) -> Markup:
+    """A search snippet as HTML: escaped, the words found in <mark>."""
+    return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
 templates.env.filters["local_time"] = lambda iso: room_clock.shown(iso)
 templates.env.filters["linkify"] = linkify
+templates.env.filters["mentioned_ids"] = lambda mentioned: " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
+templates.env.filters["reaction_groups"] = reaction_groups
+templates.env.filters["first_line"] = first_line
+templates.env.filters["hits"] = marked_hits
 fragments = templates.env.get_template("_fragments.html").module
 
 
@@ -2059,11 +2302,15 @@ async def room_page(request: Request) -> Response:
     access = await access_or_404(request)
     if access.old_code:  # a member with the room's earlier link: to where it is now
         return redirect(f"/room/{access.room['slug']}/" + (f"?{request.url.query}" if request.url.query else ""))
-    return await render_room(request, access.room)
+    return await render_room(request, access.room, around=message_id(request.query_params.get("around", "")),
+                             reply=message_id(request.query_params.get("reply", "")))
 
 
 async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
-                      draft: str = "") -> Response:
+                      draft: str = "", around: int | None = None, reply: int | None = None) -> Response:
+    """The room page: its newest messages, or (`around`: a message id, as a search hit links
+    to it) those around one message, older and newer both loadable; `reply`: the composer
+    armed to answer that message (the Reply link without JavaScript)."""
     chat = chat_of(request)
     user_id = request.state.user["id"]
     # The "New" divider goes after what the user had seen. A page of theirs that shows the
@@ -2072,6 +2319,11 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["id"], user_id)
     seen_up_to, messages, has_older, owners = await chat.store.read(room_page_rows, room["id"], user_id)
+    has_newer, replying_to, members = False, None, await chat.store.read(member_names, room["id"])
+    if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
+        (messages, has_older, has_newer), seen_up_to = found, None
+    if reply is not None:
+        replying_to = await chat.store.read(own_message, reply, room["id"], 0, True)
     chat.store.write_soon(record_visit, room["id"], user_id)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
@@ -2079,7 +2331,8 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                   online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
                   state=RoomState.of(room, owners), online_open=not is_phone(request),
                   invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
-                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat)
+                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat,
+                  has_newer=has_newer, replying_to=replying_to, members=members)
 
 
 def is_phone(request: Request) -> bool:
@@ -2099,10 +2352,10 @@ async def send_message(request: Request) -> Response:
     state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
     try:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
-                           form.get("key") or None, state)
+                           form.get("key") or None, state, message_id(form.get("reply_to", "")))
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
-                                 draft=form.get("message", ""))
+                                 draft=form.get("message", ""), reply=message_id(form.get("reply_to", "")))
     return redirect(f"/room/{room['slug']}/#composer")
 
 
@@ -2149,7 +2402,7 @@ async def edit(request: Request) -> Response:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
         raise HTTPException(404, "That message is not here (any more).")
-    await chat.fanout.publish(room["id"], str(fragments.messages_frame([edited], edited["revision"])))
+    await chat.fanout.publish(room["id"], str(fragments.messages_frame(edited, edited[-1]["revision"])))
     return HTMLResponse(str(fragments.editor_closed()))
 
 
@@ -2164,15 +2417,68 @@ async def delete(request: Request) -> Response:
     chat = chat_of(request)
     me = request.state.user
     try:
-        revision = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
+        deleted = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
     except sqlite3.Error as problem:  # said where the page shows the sender's errors
         return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
-    if revision is not None:
-        await chat.fanout.publish(room["id"], str(fragments.deleted_frame([message["id"]], revision)))
+    if deleted is not None:
+        revision, replies = deleted  # (the replies' quotes now say "deleted message")
+        await chat.fanout.publish(room["id"], (str(fragments.messages_frame(replies)) if replies else "")
+                                  + str(fragments.deleted_frame([message["id"]], revision)))
         if message["user_id"] != me["id"]:
             log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
                      message["id"], room["slug"])
     return HTMLResponse("")
+
+
+async def member_or_403(request: Request) -> RoomAccess:
+    """The room in the URL, for one of its members: 403 for anybody else."""
+    access = await access_or_404(request)
+    if access.role is None:
+        raise HTTPException(403, "Only the room's members can do that: join it first.")
+    return access
+
+
+@login_required
+async def reaction_picker(request: Request) -> Response:
+    """The React button's choices for one message, loaded into the page's reactor popover."""
+    access = await member_or_403(request)
+    message = await own_message_or_error(request, access.room, any_author=True)
+    return HTMLResponse(str(fragments.reaction_picker(message, REACTIONS)))
+
+
+@login_required
+async def react_to(request: Request) -> Response:
+    """Give a reaction (`give`: one of REACTIONS) or take yours back (`take_back`): members
+    only, not in a locked room (but for its owners), at the pace messages are limited to.
+    Every page of the room gets the message's new reactions, on the room's next revision."""
+    access = await member_or_403(request)
+    room = access.room
+    message = await own_message_or_error(request, room, any_author=True)
+    form = await read_form(request)
+    chat, me = chat_of(request), request.state.user
+    emoji, given = (form["give"], True) if "give" in form else (form.get("take_back", ""), False)
+    if emoji not in REACTIONS:
+        return HTMLResponse(str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
+    if access.role != "owner" and room["locked"]:  # (as the database has it now)
+        return HTMLResponse(str(fragments.chat_error(LOCKED)), 403)
+    if not await chat.message_limit.allow((me["id"], room["id"])):
+        return HTMLResponse(str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
+    try:
+        changed = await chat.store.write(react, message["id"], room["id"], me["id"], emoji, given)
+    except sqlite3.Error as problem:
+        return HTMLResponse(str(fragments.chat_error(could_not_save("Your reaction could not be saved", problem))), 503)
+    if changed is None:  # deleted meanwhile
+        raise HTTPException(404, "That message is not here (any more).")
+    if changed["revision"] != message["revision"]:  # (giving twice changes nothing, and sends nothing)
+        await chat.fanout.publish(room["id"], str(fragments.messages_frame([changed], changed["revision"])))
+    return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
+
+
+@login_required
+async def reply_to(request: Request) -> Response:
+    """The Reply link: the composer's "Replying to ..." box for that message."""
+    access = await member_or_403(request)
+    return HTMLResponse(str(fragments.replying(await own_message_or_error(request, access.room, any_author=True))))
 
 
 @login_required
@@ -2192,11 +2498,16 @@ async def leave_room(request: Request) -> Response:
 
 @login_required
 async def older_messages(request: Request) -> Response:
+    """A page of history: older than `before` (Load older messages), or newer than `after`
+    (Load newer messages, below a page opened around an old message)."""
     room = await room_or_404(request)
+    store = chat_of(request).store
+    if (after := message_id(request.query_params.get("after", ""))) is not None:
+        messages, has_newer = await store.read(page_after, room["id"], after)
+        return HTMLResponse(str(fragments.newer_page(room, messages, after, has_newer)))
     before = message_id(request.query_params.get("before", ""))
     if before is None:
-        return PlainTextResponse("`before` must be a message id.", status_code=400)
-    store = chat_of(request).store
+        return PlainTextResponse("`before` (or `after`) must be a message id.", status_code=400)
     messages, has_older = await store.read(page_before, room["id"], before)
     return HTMLResponse(str(fragments.history_page(room, messages, has_older)))
 
@@ -2267,10 +2578,11 @@ NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("T
 
 
 async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
-                       state: RoomState | None) -> bool:
+                       state: RoomState | None, reply_to: int | None = None) -> bool:
     """Check one message, store it, then push it to the room: the one path every message
     takes, from the socket or from the plain form. `state`: the room's lock and slow mode, as
-    the hub holds them (the database checks a lock, and removals, again as it stores). False
+    the hub holds them (the database checks a lock, and removals, again as it stores).
+    `reply_to`: the id of the message it answers (one of another room's is ignored). False
     if there was nothing to send; raises Refused with the reason it was not taken."""
     text = clean_text(text).strip()
     if not text:
@@ -2285,7 +2597,7 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
             wait = max(1, round(await slow.retry_after((room_id, user_id))))
             raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
     try:
-        message = await chat.store.add_message(room_id, user_id, text, key)
+        message = await chat.store.add_message(room_id, user_id, text, key, reply_to)
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if isinstance(message, str):  # a removal, a lock or a deletion got there first
@@ -2298,8 +2610,8 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
 def parse_frame(frame: str) -> dict[str, Any]:
     """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
     beside htmx's `headers`) from one of the room page's two forms: the composer
-    ({"message": str, "key": str | None}) or the catch-up form ({"after": int}, the
-    revision the page has). Refused, with the reason, for anything else."""
+    ({"message": str, "key": str | None, "reply_to": int | None}) or the catch-up form
+    ({"after": int}, the revision the page has). Refused, with the reason, for anything else."""
     try:
         data = json.loads(frame)
     except (ValueError, RecursionError):
@@ -2314,7 +2626,10 @@ def parse_frame(frame: str) -> dict[str, Any]:
     key = data.get("key")
     if key is not None and not isinstance(key, str):
         raise Refused("That message came with a broken `key`; reload the page.")
-    return {"message": data["message"], "key": key}
+    reply_to = data.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := message_id(reply_to)) is None):
+        raise Refused("`reply_to` must be the id of the message you answer.")
+    return {"message": data["message"], "key": key, "reply_to": reply_to}
 
 
 def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
@@ -2463,7 +2778,7 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
             return await catch_up(chat, conn, fields["after"])
         key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
         await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
-                           chat.hub.rooms.get(conn.room_id))
+                           chat.hub.rooms.get(conn.room_id), fields["reply_to"])
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
     conn.push(COMPOSER_ACK.replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
@@ -2477,6 +2792,21 @@ async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
     conn.caught_up = True
     if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
         conn.push(frame)
+
+
+SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may be
+
+
+async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
+    """Keep the search index up with the messages: every `every` seconds, index what was sent
+    meanwhile (index_new_messages), a batch per trip to the writer so sends interleave."""
+    while True:
+        try:
+            while await chat.store.write(index_new_messages):
+                pass
+        except sqlite3.Error as problem:
+            log.warning("could not index new messages for search: %r", problem)
+        await asyncio.sleep(every)
 
 
 SESSION_CHECK_SECONDS = 5.0  # how often the sessions of open sockets are checked (a closed account leaves soon)
@@ -2703,6 +3033,32 @@ async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.R
                 "local_time": room_clock.full(m["created_at"]), "text": m["text"], "edited_at": m["edited_at"]})
             first = False
     yield "]}"
+
+
+# ---------------------------------------------------------------------------
+# Search
+# Finding what was said in your rooms: the search page (its queries are in Storage). A hit
+# links to its room page opened around it (render_room's `around`).
+# ---------------------------------------------------------------------------
+
+
+@login_required
+async def search(request: Request) -> Response:
+    """`GET /search/?q=words[&before=id]`: the newest SEARCH_PAGE messages with those words
+    (the last one a prefix) in the rooms the person is a member of, then "More". Any text is
+    a valid query; an empty one shows the box."""
+    query = request.query_params.get("q", "")[:SEARCH_CHARS]
+    before = message_id(request.query_params.get("before", ""))
+    expression = search_expression(query)
+    hits, more = [], False
+    if expression is not None:
+        try:
+            hits, more = await chat_of(request).store.read(search_messages, request.state.user["id"], expression, before)
+        except sqlite3.OperationalError as problem:  # (search_expression leaves FTS5 nothing to object to)
+            log.warning("search for %r failed: %r", expression, problem)
+            raise HTTPException(400, "That search could not be run; try other words.") from None
+    return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
+                  more=more and hits[-1]["id"])
 
 
 # ---------------------------------------------------------------------------
@@ -3086,7 +3442,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         await chat.fanout.start()
         await purge_left_over(chat)
         background = [asyncio.create_task(chat.hub.heartbeat(settings.heartbeat)),
-                      asyncio.create_task(watch_sessions(chat))]
+                      asyncio.create_task(watch_sessions(chat)), asyncio.create_task(index_search(chat))]
         try:
             yield
         finally:
@@ -3110,6 +3466,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/room/{slug}/messages/{message_id}/edit", message_editor),
         Route("/room/{slug}/messages/{message_id}/edit", edit, methods=["POST"]),
         Route("/room/{slug}/messages/{message_id}/delete", delete, methods=["POST"]),
+        Route("/room/{slug}/messages/{message_id}/react", reaction_picker),
+        Route("/room/{slug}/messages/{message_id}/react", react_to, methods=["POST"]),
+        Route("/room/{slug}/messages/{message_id}/reply", reply_to),
+        Route("/search/", search),
         Route("/room/{slug}/leave", leave_room, methods=["POST"]),
         Route("/room/{slug}/manage", manage_room),
         Route("/room/{slug}/manage", moderate, methods=["POST"]),

@@ -22,7 +22,8 @@ HERE = Path(__file__).resolve().parent
 def test_bench_runs_end_to_end_and_reports_json():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
-         "--history", "0", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--floor", "--json"],
+         "--history", "0", "60", "--search", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--floor",
+         "--json"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     report = json.loads(done.stdout)
@@ -36,6 +37,8 @@ def test_bench_runs_end_to_end_and_reports_json():
     assert [row["messages"] for row in report["history"]] == [0, 60]
     assert all(row["room_page_ms"] > 0 and row["older_page_ms"] > 0 for row in report["history"])
     assert all(row["catch_up_ms"] > 0 and row["history_page_ms"] > 0 for row in report["history"])
+    (search,) = report["search"]
+    assert search["messages"] == 60 and all(search[name] > 0 for name in bench.SEARCHES)
 
 
 def test_bench_measures_the_redis_path_in_many_small_rooms():
@@ -45,7 +48,7 @@ def test_bench_measures_the_redis_path_in_many_small_rooms():
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "4", "--rates", "2", "--duration", "1", "--history",
-         "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
+         "--search", "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     (rooms,) = json.loads(done.stdout)["many_rooms"]["runs"]

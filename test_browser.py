@@ -177,7 +177,7 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     db = sqlite3.connect(chat_server.db_path, isolation_level=None)  # what others said meanwhile,
     db.row_factory = sqlite3.Row  # stored the way the app stores it (another worker, say)
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
-    chat.add_messages(db, [(room_id, user_id, f"while away {n}", None) for n in range(3)])
+    chat.add_messages(db, [(room_id, user_id, f"while away {n}", None, None) for n in range(3)])
     db.close()
     chat_server.start()
 
@@ -203,7 +203,7 @@ def test_a_page_more_than_a_page_behind_gets_the_newest_page_and_can_load_the_re
     db.row_factory = sqlite3.Row
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
     missed = chat.CATCH_UP_LIMIT + 10
-    chat.add_messages(db, [(room_id, user_id, f"missed {n}", None) for n in range(missed)])
+    chat.add_messages(db, [(room_id, user_id, f"missed {n}", None, None) for n in range(missed)])
     db.close()
     chat_server.start()
     texts = grace.page.locator("#messages .msg p")
@@ -951,7 +951,20 @@ def test_no_accessibility_violations_on_any_page(browser, tmp_path, scheme):
         is_live(ada)
         ada.say("a message with a link https://example.org/a_(b)")
         found["room"] = axe_violations(page)
-        ada.page.locator(".msg").get_by_role("button", name="Edit").click()
+        page.get_by_role("button", name="React").click()
+        found["reactions"] = axe_violations(page)
+        page.locator("#reactor").get_by_role("button", name="🎉 party").click()
+        page.locator(".msg").get_by_role("link", name="Reply").click()
+        expect(page.locator("#message-input")).to_be_focused()
+        found["replying"] = axe_violations(page)
+        ada.say("@ada answering myself")
+        page.locator(".msg .quote").wait_for()
+        found["reacted, replied, mentioned"] = axe_violations(page)
+        page.goto("/search/?q=link")
+        found["search"] = axe_violations(page)
+        page.go_back()
+        is_live(ada)
+        ada.page.locator(".msg").first.get_by_role("button", name="Edit").click()
         expect(page.locator("#edit-text")).to_be_focused()
         found["editor"] = axe_violations(page)
         page.keyboard.press("Escape")
@@ -1167,3 +1180,110 @@ def test_the_owner_runs_the_room_while_a_members_page_is_open(people):
     grace.screenshot("room-deleted")
     assert grace.page.goto(f"/room/{new_code}/").status == 404
     assert ada.errors == [] and all("status of 40" in e for e in grace.errors)  # (the 403 and 404 pages she was shown)
+
+
+# Issue 22: find and answer. Mentions, reactions and replies with two pages open; search.
+
+
+def test_mentions_reactions_and_replies_reach_both_pages_live(people):
+    ada, grace = people
+    meet(people, "answers")
+    ada.say("planning the Mercury (planet) talk")
+    grace.sees_message("Mercury")
+    # @mention: the composer offers the members; grace's copy is marked, ada's is not
+    assert {"@ada ", "@grace "} <= set(ada.page.locator("#members option").evaluate_all("os => os.map(o => o.value)"))
+    ada.say("@grace can you bring slides?")
+    grace.sees_message("bring slides")
+    mention = grace.page.locator(".msg", has_text="bring slides")
+    expect(mention.locator(".mention")).to_have_text("@grace")
+    assert mention.evaluate("e => getComputedStyle(e).borderInlineStartWidth") == "4px"
+    assert ada.page.locator(".msg", has_text="bring slides").evaluate(
+        "e => getComputedStyle(e).borderInlineStartWidth") != "4px"
+
+    # a reaction: given from the picker, counted on both pages, pressed only for its giver
+    talk = grace.page.locator(".msg", has_text="Mercury")
+    talk.get_by_role("button", name="React").click()
+    grace.page.locator("#reactor").get_by_role("button", name="👍 thumbs up").click()
+    expect(grace.page.locator("#reactor")).to_be_hidden()
+    for person, pressed in ((grace, "true"), (ada, "false")):
+        button = person.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1")
+        expect(button).to_be_visible()
+        expect(button).to_have_attribute("aria-pressed", pressed)
+    expect(ada.page.locator(".msg", has_text="Mercury").locator(".reaction")).to_have_attribute("title", "thumbs up: grace")
+    ada.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1").click()  # ada adds hers
+    expect(grace.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 2")).to_have_attribute(
+        "aria-pressed", "true")
+    given = grace.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 2")
+    given.focus()
+    grace.page.keyboard.press("Enter")  # grace takes hers back, by keyboard; focus stays on the reaction
+    expect(ada.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1")).to_have_attribute(
+        "aria-pressed", "true")
+    expect(grace.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1")).to_be_focused()
+    grace.screenshot("reactions")
+
+    # a reply: armed from the message, sent with a quote linking to the original
+    grace.page.locator(".msg", has_text="bring slides").get_by_role("link", name="Reply").click()
+    expect(grace.page.locator("#replying")).to_contain_text("Replying to ada: @grace can you bring slides?")
+    expect(grace.page.locator("#message-input")).to_be_focused()
+    grace.say("yes, ten of them")
+    expect(grace.page.locator("#replying")).to_be_empty()
+    for person in people:
+        quote = person.page.locator(".msg", has_text="yes, ten of them").locator(".quote")
+        expect(quote).to_have_text("ada: @grace can you bring slides?")
+        original = person.page.locator(".msg", has_text="bring slides").first.get_attribute("id")
+        assert quote.get_attribute("href") == f"#{original}"
+    # the quote follows the original: edited, then deleted
+    ada.page.locator(".msg", has_text="bring slides").get_by_role("button", name="Edit").click()
+    ada.page.fill("#edit-text", "@grace can you bring the slides and a laptop?")
+    ada.page.press("#edit-text", "Enter")
+    expect(grace.page.locator(".msg", has_text="yes, ten of them").locator(".quote")).to_have_text(
+        "ada: @grace can you bring the slides and a laptop?")
+    ada.page.once("dialog", lambda dialog: dialog.accept())
+    ada.page.locator(".msg", has_text="laptop").first.get_by_role("button", name="Delete").click()
+    expect(grace.page.locator(".msg", has_text="yes, ten of them").locator(".quote")).to_have_text("deleted message")
+    ada.screenshot("replies")
+    assert not ada.errors and not grace.errors
+
+
+def test_a_search_finds_words_and_opens_the_room_around_the_hit(people, chat_server):
+    ada, grace = people
+    room = meet(people, "search me")
+    ada.say("the zebra crossing is at noon")
+    with sqlite3.connect(chat_server.db_path) as db:  # a long history after it (the triggers index it)
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+        for n in range(120):
+            db.execute("INSERT INTO messages (room_id, user_id, text, created_at, revision) "
+                       "VALUES (?, ?, ?, '2026-11-30T10:00:00Z', (SELECT revision + 1 FROM rooms WHERE id = ?))",
+                       (room_id, user_id, f"later message {n}", room_id))
+    indexed = time.monotonic() + 10  # the search index is a second behind the messages at most
+    while time.monotonic() < indexed:
+        with sqlite3.connect(chat_server.db_path) as db:
+            if db.execute("SELECT indexed_up_to >= (SELECT max(id) FROM messages) FROM search_state").fetchone()[0]:
+                break
+        time.sleep(0.05)
+    grace.page.get_by_role("searchbox", name="Search messages").fill("ZEBR")  # any case; the last word a prefix
+    grace.page.keyboard.press("Enter")
+    grace.page.wait_for_url(re.compile(r"/search/\?q=ZEBR"))
+    hit = grace.page.locator(".hit")
+    expect(hit).to_have_count(1)
+    expect(hit.locator("mark")).to_have_text("zebra")
+    grace.screenshot("search")
+    hit.get_by_role("link", name="search me").click()
+    grace.page.wait_for_url(re.compile(r"\?around=\d+#msg-\d+$"))
+    expect(grace.page.locator(".msg", has_text="zebra")).to_be_in_viewport()
+    is_live(grace)
+    expect(grace.page.locator(".msg", has_text="later message 119")).to_have_count(0)  # not loaded yet
+    ada.say("said while grace reads the past")  # the page is live
+    grace.sees_message("said while grace reads the past")
+    for _ in range(3):  # newer pages fill the gap, in order, before what came live
+        newer = grace.page.get_by_role("button", name="Load newer messages")
+        if newer.count() == 0:
+            break
+        shown = newer.get_attribute("id")
+        newer.click()
+        expect(grace.page.locator(f"#{shown}")).to_have_count(0)
+    expect(grace.page.get_by_role("button", name="Load newer messages")).to_have_count(0)
+    texts = grace.page.locator("#messages .msg p").all_inner_texts()
+    assert texts.index("later message 0") < texts.index("later message 119") < texts.index("said while grace reads the past")
+    assert len(texts) == len(set(texts))
+    assert not grace.errors

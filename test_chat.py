@@ -1843,3 +1843,350 @@ def test_a_database_from_the_release_before_is_upgraded_and_works(tmp_path):
         assert skeletons["Al"] == skeletons["AI"]
         assert [row[2] for row in db.execute("PRAGMA index_info(sessions_by_user)")] == ["user_id", "created_at"]
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+# --- find and answer: search, mentions, reactions, replies (issue 22) ------------------------------
+
+
+def search_page(client: TestClient, query: str, **params: str):
+    """Search, once the index has every message sent so far (it is kept a second behind at most)."""
+    while client.portal.call(client.app.state.chat.store.write, chat.index_new_messages):
+        pass
+    return client.get("/search/", params={"q": query, **params})
+
+
+def test_search_finds_words_in_your_rooms_only_newest_first_with_marks(two_users, settings):
+    client, bob = two_users
+    mine = create_room(client, "mine")
+    say_in(client, mine, "the Zebra crossing", "zebras everywhere", "nothing here")
+    with as_user(client, bob):
+        theirs = create_room(client, "theirs")
+        say_in(client, theirs, "the secret zebra of bob")
+    page = search_page(client, "zeb").text  # the last word is a prefix; case does not matter
+    hits = re.findall(r'<li class="hit"><a href="/room/([^/]+)/\?around=(\d+)#msg-(\d+)">', page)
+    assert [slug for slug, _, _ in hits] == [mine, mine] and hits[0][1] > hits[1][1]  # newest first
+    assert all(around == anchor for _, around, anchor in hits)
+    assert "<mark>zebras</mark> everywhere" in page and "the <mark>Zebra</mark> crossing" in page
+    assert "secret" not in page  # another room's words stay there
+    with as_user(client, bob):
+        assert "secret" in search_page(client, "zebra").text
+        post_form(client, f"/room/{theirs}/", f"/room/{theirs}/leave")  # (bob owns it alone: refused)
+        client.get(f"/room/{mine}/")  # (opening the room makes a member of you)
+        assert "the <mark>Zebra</mark> crossing" in search_page(client, "zebra").text
+        post_form(client, f"/room/{mine}/", f"/room/{mine}/leave")
+        assert "Zebra" not in search_page(client, "zebra").text  # a room left is not searched
+
+
+def test_any_text_is_a_valid_search_and_none_is_a_500(alice):
+    slug = create_room(alice, "odd")
+    say_in(alice, slug, 'quotes inside and NEAR(things) AND (more) col:on *star*')
+    for query in ['"', '""', 'AND (', 'NEAR(', 'NEAR(a b', '*', ':', 'col:on', '"inside', 'x' * 10_000, "\x00",
+                  "OR", "NOT", "(", ")", "^", "-", "+", "a" * 50 + " " + "b " * 500, "日本語", "🎉", "%", "\\"]:
+        response = search_page(alice, query)
+        assert response.status_code == 200, query
+    assert "<mark>inside</mark>" in search_page(alice, '"inside').text
+    assert "<mark>NEAR(things</mark>)" in search_page(alice, "NEAR(things)").text  # (a phrase, marked whole)
+    empty = search_page(alice, "")
+    assert empty.status_code == 200 and 'id="search-q"' in empty.text and "Nothing found" not in empty.text
+    assert "Type a word with a letter or a digit" in search_page(alice, "* :").text
+    assert alice.get("/search/", params={"q": "x", "before": "-1"}).status_code == 200
+    alice.cookies.clear()
+    assert alice.get("/search/?q=x", follow_redirects=False).status_code in (302, 303)  # logged in only
+
+
+def test_search_pages_fifty_at_a_time_and_a_hit_opens_its_room_around_it(tmp_path):
+    alice = TestClient(chat.create_app(app_settings(db_path=tmp_path / "chat.db", message_rate=0)),
+                       base_url="http://testserver").__enter__()
+    register(alice, "alice")
+    slug = create_room(alice, "many")
+    ids = say_in(alice, slug, *[f"needle {n}" for n in range(120)])
+    first = search_page(alice, "needle").text
+    assert first.count('class="hit"') == 50 and "</mark> 119<" in first
+    more = re.search(r'href="/search/\?q=needle&amp;before=(\d+)">More</a>', first).group(1)
+    second = search_page(alice, "needle", before=more).text
+    assert second.count('class="hit"') == 50 and "</mark> 69<" in second and "</mark> 70<" not in second
+    third = search_page(alice, "needle", before=re.search(r"before=(\d+)\">More", second).group(1)).text
+    assert third.count('class="hit"') == 20 and ">More<" not in third
+    page = alice.get(f"/room/{slug}/?around={ids[10]}").text  # 25 older at most, 25 newer, both loadable
+    shown = message_ids(page)
+    assert shown == ids[:36] and ids[10] in shown
+    assert f'id="msg-{ids[35]}-newer"' in page and "Load newer messages" in page and "Load older" not in page
+    newer = alice.get(f"/room/{slug}/messages?after={ids[35]}").text
+    assert message_ids(newer) == ids[36:86] and f'<div id="msg-{ids[35]}-newer" hx-swap-oob="delete">' in newer
+    assert 'hx-swap-oob="upsert:#messages"' in newer and f'id="msg-{ids[85]}-newer"' in newer
+    for around in ("999999", "abc", "-1", "9" * 40):  # not a message of this room: the room as usual
+        assert message_ids(alice.get(f"/room/{slug}/?around={around}").text) == ids[-50:]
+    alice.__exit__(None, None, None)
+
+
+def test_the_search_index_follows_edits_deletes_and_clearing(alice, settings):
+    slug = create_room(alice, "follow")
+    room = f"/room/{slug}/"
+    first, second = say_in(alice, slug, "original wording", "another wording")
+    assert htmx_post(alice, f"{room}messages/{first}/edit", room, message="changed phrasing").status_code == 200
+    assert "Nothing found" in search_page(alice, "original").text
+    assert "<mark>phrasing</mark>" in search_page(alice, "phrasing").text
+    assert htmx_post(alice, f"{room}messages/{second}/delete", room).status_code == 200
+    assert "Nothing found" in search_page(alice, "another").text
+    assert post_form(alice, f"/room/{slug}/clear", f"/room/{slug}/clear").status_code == 303
+    assert "Nothing found" in search_page(alice, "phrasing").text
+    writes_done(alice)
+    with sqlite3.connect(settings.db_path) as db:  # the index holds no row of a message that is gone
+        assert db.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'phrasing OR another'").fetchone() == (0,)
+        assert db.execute("INSERT INTO messages_fts (messages_fts, rank) VALUES ('integrity-check', 1)")
+
+
+def test_a_mention_marks_the_copy_of_the_one_mentioned_and_their_home_page(two_users, settings):
+    client, bob = two_users
+    slug = create_room(client, "mentions")
+    with as_user(client, bob):
+        client.get(f"/room/{slug}/")
+    bob_id = user_id_of(settings, "bob")
+    say_in(client, slug, "hey @BOB, and @bobby and email@bob.example and @nobody")  # while bob is away
+    with as_user(client, bob):
+        assert "you were mentioned" in client.get("/").text
+        page = client.get(f"/room/{slug}/").text  # its own style marks bob's copy; reading clears the "@"
+        assert f'.msg[data-mentions~="{bob_id}"]' in page and f'<option id="member-{bob_id}" value="@bob ">' in page
+        assert f'data-mentions="{bob_id}"' in page  # by id: rendered once for everybody
+        assert page.count('class="mention"') == 1 and f'<span class="mention" data-user="{bob_id}">@BOB</span>' in page
+        writes_done(client)
+        assert "you were mentioned" not in client.get("/").text
+    with socket_as(client, bob, slug) as bob_ws:  # live too
+        say_in(client, slug, "again @bob")
+        assert f'<span class="mention" data-user="{bob_id}">@bob</span>' in receive_until(bob_ws, "again")
+    assert "you were mentioned" not in client.get("/").text  # alice was not mentioned
+
+
+def react_post(client: TestClient, slug: str, message: int, **fields: str):
+    """A reaction button pressed (the CSRF token from the home page: opening the room would join it)."""
+    return htmx_post(client, f"/room/{slug}/messages/{message}/react", "/", **fields)
+
+
+def test_reactions_toggle_live_and_caught_up_one_per_person_and_emoji(owned_room, settings):
+    client, bob, slug = owned_room
+    (said,) = say_in(client, slug, "react to me")
+    picker = client.get(f"/room/{slug}/messages/{said}/react").text
+    assert all(f'value="{emoji}"' in picker for emoji in chat.REACTIONS)
+    with socket_as(client, bob, slug) as bob_ws:
+        assert react_post(client, slug, said, give="👍").status_code == 200
+        frame = receive_until(bob_ws, "reactions")
+        assert re.search(r'<span class="reaction" data-by="\d+" title="thumbs up: alice">', frame)
+        assert 'aria-pressed="false" hx-post="messages/%d/react" hx-swap="none">👍 1</button>' % said in frame
+        assert 'aria-pressed="true"' in frame  # (the "take back" twin; the page's style shows one)
+        assert 'id="room-revision"' in frame
+        assert react_post(client, slug, said, give="👍").status_code == 200  # twice: still one
+    with as_user(client, bob):
+        page = client.get(f"/room/{slug}/").text
+        after = page_revision(page)
+        react_post(client, slug, said, give="🎉")
+        react_post(client, slug, said, give="👍")
+    assert db_rows(settings, "SELECT emoji, count(*) FROM reactions GROUP BY emoji ORDER BY emoji") == [("🎉", 1), ("👍", 2)]
+    with as_user(client, bob):  # an offline page catches up on reactions by revision
+        with client.websocket_connect(f"/chat/{slug}/?after={after - 1}", headers=ORIGIN) as ws:
+            caught = receive_until(ws, "reactions")
+        assert "👍 2" in caught and "🎉 1" in caught
+        react_post(client, slug, said, take_back="👍")
+        react_post(client, slug, said, take_back="👍")  # taking back twice: nothing more
+    assert db_rows(settings, "SELECT count(*) FROM reactions") == [(2,)]
+    assert htmx_post(client, f"/room/{slug}/messages/{said}/delete", f"/room/{slug}/").status_code == 200
+    assert db_rows(settings, "SELECT count(*) FROM reactions") == [(0,)]  # its reactions went with it
+
+
+def test_reactions_are_attacked(owned_room, settings, tmp_path):
+    client, bob, slug = owned_room
+    (said,) = say_in(client, slug, "target")
+    for fields in ({"give": "💩"}, {"give": ""}, {}, {"give": "👍" * 1000}, {"take_back": "x" * 100_000}):
+        response = react_post(client, slug, said, **fields)
+        assert response.status_code in (400, 413) and response.status_code != 500
+    assert react_post(client, slug, 999_999, give="👍").status_code == 404
+    assert client.post(f"/room/{slug}/messages/{said}/react", data={"give": "👍"}).status_code == 403  # no CSRF token
+    with as_user(client, type(client.cookies)()):
+        register(client, "carol")
+        elsewhere = create_room(client, "elsewhere")
+        (hers,) = say_in(client, elsewhere, "from carol")
+        assert react_post(client, slug, said, give="👍").status_code == 403  # not a member
+    assert react_post(client, slug, hers, give="👍").status_code == 404  # another room's message, by this room
+    assert react_post(client, elsewhere, hers, give="👍").status_code == 403  # ... or by that room: not a member
+    assert moderate(client, slug, "lock").status_code == 303
+    with as_user(client, bob):
+        assert react_post(client, slug, said, give="👍").status_code == 403  # locked: members wait
+    assert react_post(client, slug, said, give="👍").status_code == 200  # owners do not
+    assert db_rows(settings, "SELECT count(*) FROM reactions") == [(1,)]
+    limited = TestClient(chat.create_app(app_settings(db_path=tmp_path / "limited.db", message_rate=5)),
+                         base_url="http://testserver")
+    with limited:
+        register(limited, "dora")
+        room = create_room(limited, "fast")
+        (one,) = say_in(limited, room, "one")
+        token = csrf(limited.get(f"/room/{room}/").text)
+        codes = [limited.post(f"/room/{room}/messages/{one}/react", headers={"x-csrf-token": token},
+                              data={"give": "👍"} if n % 2 else {"take_back": "👍"}).status_code for n in range(1000)]
+    assert codes.count(429) > 900 and 500 not in codes  # reactions share the message rate
+
+
+def test_a_reply_quotes_the_original_as_it_is_now(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    (question,) = say_in(client, slug, "what time is the exam?\nsecond line")
+    with socket_as(client, bob, slug) as bob_ws, as_user(client, bob):
+        armed = client.get(f"{room}messages/{question}/reply").text
+        assert f'name="reply_to" value="{question}" checked' in armed and "what time is the exam?</q>" in armed
+        ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+        ws.send_text(json.dumps({"message": "at nine", "reply_to": str(question)}))
+        frame = receive_until(ws, "at nine")
+        ws.__exit__(None, None, None)
+    assert f'<a class="quote" href="#msg-{question}"><bdi>alice</bdi>: <q dir="auto">what time is the exam?</q></a>' in frame
+    (answer,) = message_ids(frame)
+    with socket_as(client, bob, slug) as bob_ws:
+        assert htmx_post(client, f"{room}messages/{question}/edit", room, message="when is the exam?").status_code == 200
+        edited = receive_until(bob_ws, "when is")
+        assert message_ids(edited) == [question, answer] and "<q dir=\"auto\">when is the exam?</q>" in edited
+        assert htmx_post(client, f"{room}messages/{question}/delete", room).status_code == 200
+        gone = receive_until(bob_ws, "deleted message")
+        assert f'id="msg-{answer}"' in gone and f'<div id="msg-{question}" hx-swap-oob="delete">' in gone
+    assert "<i>deleted message</i>" in client.get(room).text
+
+
+def test_replies_without_javascript_and_replies_to_other_rooms(owned_room, settings):
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    (question,) = say_in(client, slug, "a plain question")
+    with as_user(client, bob):
+        page = client.get(f"{room}?reply={question}").text  # the Reply link, followed without htmx
+        assert f'name="reply_to" value="{question}" checked' in page
+        fields = composer_fields(page)
+        response = client.post(f"{room}messages", data={**fields, "message": "a plain answer", "reply_to": str(question)},
+                               follow_redirects=False)
+        assert response.status_code == 303
+        other = create_room(client, "bob's other")
+        (foreign,) = say_in(client, other, "in another room")
+        for bad in (str(foreign), "999999", "abc", "-1", "9" * 40, ""):
+            ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+            ws.send_text(json.dumps({"message": f"reply to {bad[:5]}", "reply_to": bad}))
+            frame = receive_until(ws, "chat-error")
+            ws.__exit__(None, None, None)
+            assert "Internal" not in frame
+        for bad in (None, 7, [1], {"a": 1}):
+            ws = client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__()
+            ws.send_text(json.dumps({"message": "typed", "reply_to": bad}))
+            frame = receive_until(ws, "chat-error")
+            ws.__exit__(None, None, None)
+            assert bad is None or "`reply_to` must be the id" in frame
+    rows = dict(db_rows(settings, "SELECT text, reply_to FROM messages"))
+    assert rows["a plain answer"] == question
+    assert rows["reply to " + str(foreign)[:5]] is None  # another room's message is never quoted
+    assert "in another room" not in client.get(room).text
+
+
+def test_a_database_from_the_release_with_owners_gains_search(tmp_path):
+    db_path = tmp_path / "chat.db"
+    with sqlite3.connect(db_path) as db:
+        db.executescript(RELEASE_WITH_OWNERS_SCHEMA)
+        db.execute("PRAGMA user_version = 7")
+        db.execute("INSERT INTO users (id, username, username_key, password_hash, created_at, username_skeleton) "
+                   "VALUES (1, 'ada', 'ada', 'x', '2026-01-01T00:00:00Z', 'ada')")
+        db.execute("INSERT INTO rooms (id, slug, name, created_by, created_at, revision) VALUES (1, 'old-abc', 'Old', 1, '', 2)")
+        db.execute("INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) VALUES (1, 1, '', '', 'owner')")
+        db.executemany("INSERT INTO messages (id, room_id, user_id, text, created_at, revision) VALUES (?, 1, 1, ?, '', ?)",
+                       [(1, "the old archive", 1), (2, "more archived words", 2)])
+    with TestClient(chat.create_app(app_settings(db_path=db_path)), base_url="http://testserver") as client:
+        register(client, "bea")
+        client.get("/room/old-abc/")
+        assert "<mark>archive</mark>" in search_page(client, "archi").text  # built for the messages already there
+        assert "<mark>archived</mark>" in search_page(client, "archi").text
+        (new,) = say_in(client, "old-abc", "a new archive entry")
+        react_post(client, "old-abc", new, give="🎉")
+        assert search_page(client, "archive").text.count('class="hit"') == 3  # (the last word is a prefix)
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
+        assert db.execute("SELECT count(*) FROM messages_fts WHERE messages_fts MATCH 'archive*'").fetchone() == (3,)
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+RELEASE_WITH_OWNERS_SCHEMA = """CREATE TABLE users (
+    id            INTEGER PRIMARY KEY,
+    username      TEXT NOT NULL,
+    username_key  TEXT NOT NULL UNIQUE,  -- casefolded: names are unique ignoring case
+    password_hash TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
+    is_guest      INTEGER NOT NULL DEFAULT 0,  -- a guest: no password, a session of GUEST_IDLE_HOURS
+    deactivated_at TEXT  -- set by the operator (python chat.py users deactivate): no way in
+);
+CREATE TABLE login_links (  -- python chat.py users login-link: one use, one hour
+    token_hash TEXT PRIMARY KEY,  -- sha256 of the link's token: the database never holds the link
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    expires_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX users_by_skeleton ON users(username_skeleton);
+CREATE TABLE sessions (
+    id         TEXT PRIMARY KEY,          -- random; the signed cookie carries it
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL DEFAULT ''  -- refreshed at most hourly: idle sessions end
+);
+CREATE INDEX sessions_by_user ON sessions(user_id, created_at);
+CREATE INDEX sessions_by_last_seen ON sessions(last_seen_at);
+CREATE INDEX sessions_by_age ON sessions(created_at);
+CREATE TABLE rooms (
+    id         INTEGER PRIMARY KEY,
+    slug       TEXT NOT NULL UNIQUE,
+    name       TEXT NOT NULL,
+    created_by INTEGER NOT NULL REFERENCES users(id),
+    created_at TEXT NOT NULL,
+    revision   INTEGER NOT NULL DEFAULT 0,  -- advanced by every change its pages must see
+    locked     INTEGER NOT NULL DEFAULT 0,  -- only its owners may post
+    slow_mode  INTEGER NOT NULL DEFAULT 0,  -- seconds between a member's messages; 0: off
+    cleared_up_to INTEGER NOT NULL DEFAULT 0,  -- its messages up to this id were cleared (gone, or going)
+    cleared_revision INTEGER NOT NULL DEFAULT 0,  -- and the revision of that clearing
+    deleted_at TEXT  -- deleted: not found any more, while its rows are removed
+);
+CREATE TABLE room_codes (  -- a room's earlier codes: they still lead its members in
+    slug    TEXT PRIMARY KEY,
+    room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE
+) WITHOUT ROWID;
+CREATE TABLE removals (  -- people an owner removed from a room, until let back in
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    removed_by INTEGER NOT NULL,
+    removed_at TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE room_members (
+    room_id       INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id       INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    joined_at     TEXT NOT NULL,
+    last_visit_at TEXT NOT NULL,
+    last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
+    role          TEXT NOT NULL DEFAULT 'member',  -- 'owner' (the room's creator, and whom owners make so) or 'member'
+    PRIMARY KEY (room_id, user_id)
+);
+CREATE INDEX memberships_by_user ON room_members(user_id, last_visit_at);
+CREATE TABLE messages (
+    id         INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id),
+    text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
+    created_at TEXT NOT NULL,
+    client_key TEXT,  -- the composer's one-time key: a message resent after an outage is stored once
+    revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last edited
+    edited_at  TEXT
+);
+CREATE INDEX messages_by_room ON messages(room_id, id);
+CREATE UNIQUE INDEX messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
+CREATE INDEX messages_by_revision ON messages(room_id, revision);
+CREATE TABLE deletions (  -- a deleted message leaves only its id behind
+    message_id INTEGER PRIMARY KEY,
+    room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    revision   INTEGER NOT NULL
+);
+CREATE INDEX deletions_by_revision ON deletions(room_id, revision);
+CREATE TRIGGER messages_advance_room AFTER INSERT ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER edits_advance_room AFTER UPDATE OF revision ON messages
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER deletions_advance_room AFTER INSERT ON deletions
+BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
+CREATE TRIGGER messages_read_by_author AFTER INSERT ON messages
+BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
+"""

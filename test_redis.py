@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -328,3 +329,31 @@ def test_removing_locking_clearing_and_deleting_reach_the_other_workers_pages(tw
 
     asyncio.run(run())
     assert httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": carol}).status_code == 404
+
+
+def test_reactions_and_quotes_reach_the_other_workers_pages(two_workers):
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "reacting across workers")
+    bob_client, bob = login_cookie(b, "bob")
+    httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": bob})  # a member
+
+    async def run() -> None:
+        async with ws_connect(a, slug, ada) as ada_page, ws_connect(b, slug, bob) as bob_page:
+            await bob_page.send(frame("a message on worker b"))
+            said = int(re.search(r'id="msg-(\d+)"', await frames_until(ada_page, "a message on worker b")).group(1))
+            token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
+            given = client.post(f"/room/{slug}/messages/{said}/react", data={"give": "🎉"},
+                                headers={"x-csrf-token": token, "hx-request": "true"})
+            assert given.status_code == 200  # through worker a...
+            assert re.search(r'title="party: ada">.*🎉 1</button>', await frames_until(bob_page, "reactions"))  # ...on b
+            await ada_page.send(json_frame("an answer from a", reply_to=str(said)))
+            answer = await frames_until(bob_page, "an answer from a")
+            assert f'<a class="quote" href="#msg-{said}"><bdi>bob</bdi>: <q dir="auto">a message on worker b</q>' in answer
+
+    asyncio.run(run())
+
+
+def json_frame(text: str, **fields: str) -> str:
+    return json.dumps({"message": text, **fields})
+

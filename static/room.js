@@ -38,6 +38,7 @@
     unconfirmed.set(lastKey, { frame: JSON.stringify({ ...values, headers }), text: values.message, socket: null });
     form.elements.message.value = "";
     form.elements.key.value = freshKey();
+    document.getElementById("replying")?.replaceChildren(); // (the reply went with this message)
   });
 
   document.addEventListener("htmx:ws:after:message:outgoing", (event) => { // (not while queued)
@@ -107,7 +108,7 @@
   // if that message is gone (deleted).
   let focusedIn = null; // [message id, which of its buttons and links]
   document.addEventListener("focusin", (event) => {
-    if (event.target.closest("#editor")) return; // editing: the message is still the place to come back to
+    if (event.target.closest("#editor, #reactor")) return; // editing, reacting: the message is still the place to come back to
     const message = event.target.closest(".msg");
     focusedIn = message ? [message.id, [...message.querySelectorAll("button, a")].indexOf(event.target)] : null;
   });
@@ -115,12 +116,22 @@
   function refocus() {
     if (!focusedIn || (document.activeElement && document.activeElement !== document.body)) return;
     const message = document.getElementById(focusedIn[0]);
-    const control = message?.querySelectorAll("button, a")[focusedIn[1]];
-    (control?.checkVisibility() ? control : document.getElementById("message-input"))?.focus();
+    let control = message?.querySelectorAll("button, a")[focusedIn[1]];
+    if (control && !control.checkVisibility()) { // a reaction's "give" became "take back", or back
+      control = [...control.parentElement.children].find((twin) => twin.checkVisibility());
+    }
+    (control || document.getElementById("message-input"))?.focus();
   }
   for (const name of ["htmx:after:swap", "htmx:ws:after:message:incoming"]) document.addEventListener(name, refocus);
-  document.addEventListener("toggle", (event) => { // the editor closed (Escape, Cancel)
-    if (event.target.id === "editor" && event.newState === "closed") {
+  document.addEventListener("htmx:after:swap", () => { // Reply: on to the box, to write the answer
+    const replying = document.getElementById("replying");
+    if (replying?.childElementCount && replying.dataset.armed !== replying.querySelector("input").value) {
+      replying.dataset.armed = replying.querySelector("input").value;
+      document.getElementById("message-input")?.focus();
+    }
+  });
+  document.addEventListener("toggle", (event) => { // the editor or the reactions closed (Escape, Cancel, chosen)
+    if ((event.target.id === "editor" || event.target.id === "reactor") && event.newState === "closed") {
       event.target.replaceChildren(); // so the next Edit never shows this message's form while its own loads
       setTimeout(refocus);
     }
