@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -349,17 +349,29 @@ MIGRATIONS = [
 
 
 def migrate(db: sqlite3.Connection) -> None:
-    """Bring the database to SCHEMA: upgrade an old one step by step, then create what is missing."""
-    version = db.execute("PRAGMA user_version").fetchone()[0]
-    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
-        version = len(MIGRATIONS)  # a new database: SCHEMA is already the newest shape
-    for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-        with transaction(db):  # a step and its version number commit together
+    """Bring the database to SCHEMA: upgrade an old one step by step, then create what is
+    missing, all in one transaction. Workers that start together on a new file (uvicorn
+    --workers) take turns: the second finds the first one's work done, never half done."""
+    with transaction(db):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages'").fetchone() is None:
+            version = len(MIGRATIONS)  # a new database: SCHEMA is already the newest shape
+        for step in MIGRATIONS[version:]:
             for statement in step:
                 db.execute(statement) if isinstance(statement, str) else statement(db)
-            db.execute(f"PRAGMA user_version = {number}")
-    db.executescript(SCHEMA)  # IF NOT EXISTS throughout: adds only what is missing
-    db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+        for statement in schema_statements(SCHEMA):  # IF NOT EXISTS throughout: adds only what is missing
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+
+def schema_statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script one by one (executescript would commit first)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
 
 
 # A message as pages show it: its row, its author's name, the message it answers as that is

@@ -2190,3 +2190,30 @@ BEGIN UPDATE rooms SET revision = NEW.revision WHERE id = NEW.room_id; END;
 CREATE TRIGGER messages_read_by_author AFTER INSERT ON messages
 BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
 """
+
+def test_workers_starting_together_on_a_new_file_each_find_it_whole(tmp_path):
+    """uvicorn --workers N starts N processes at once: each migrates the same new chat.db."""
+    for attempt in range(10):
+        path = tmp_path / f"new{attempt}.db"
+        problems: list[BaseException] = []
+        start = threading.Barrier(6)
+
+        def open_it() -> None:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout=5000")
+            try:
+                start.wait()
+                chat.migrate(db)
+            except BaseException as problem:  # noqa: BLE001 (reported below)
+                problems.append(problem)
+            finally:
+                db.close()
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert problems == []
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
