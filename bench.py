@@ -133,16 +133,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pinned(cmd: list[str], core: int) -> list[str]:
+def pinned_cmd(cmd: list[str], core: int) -> list[str]:
     return ["taskset", "-c", str(core), *cmd] if shutil.which("taskset") and os.cpu_count() >= 2 else cmd
 
 
 class Server:
     """A server process pinned to core 0: the app (`python chat.py`, or with `workers`,
-    `uvicorn chat:app --workers N` sharing a redis-server) or the baseline."""
+    `uvicorn chat:app --workers N` sharing a redis-server; with `pinned` too, N processes
+    `python chat.py` on ports of their own, so that a load generator can choose each room's
+    worker) or the baseline."""
 
-    def __init__(self, kind: str, workdir: Path, ws: str, workers: int = 0) -> None:
+    def __init__(self, kind: str, workdir: Path, ws: str, workers: int = 0, pinned: bool = False) -> None:
         self.kind, self.port = kind, free_port()
+        self.ports = [self.port]
+        self.workers: list[subprocess.Popen] = []
         # Every limit a load generator would trip (one user, one address, many sockets) is off.
         env = {**os.environ, "CHAT_MESSAGE_RATE": "0", "CHAT_ROOM_RATE": "0", "CHAT_LOGIN_FAILURES": "0",
                "CHAT_REGISTER_RATE": "0", "CHAT_ROOM_GUESSES": "0", "CHAT_SOCKETS_PER_USER": "0",
@@ -150,7 +154,7 @@ class Server:
         self.redis: subprocess.Popen | None = None
         if kind == "app" and workers:
             redis_port = free_port()
-            self.redis = subprocess.Popen(pinned(["redis-server", "--port", str(redis_port), "--save", "",
+            self.redis = subprocess.Popen(pinned_cmd(["redis-server", "--port", str(redis_port), "--save", "",
                                                   "--appendonly", "no"], 0),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             env["CHAT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
@@ -163,39 +167,56 @@ class Server:
             if kind == "floor":
                 cmd += ["--floor-db", str(workdir / "floor.db")]
         self.log = open(workdir / f"{kind}.log", "wb")
-        self.process = subprocess.Popen(pinned(cmd, 0), env=env, cwd=HERE, stdout=self.log, stderr=subprocess.STDOUT)
+        if kind == "app" and workers and pinned:
+            self.ports = [self.port] + [free_port() for _ in range(workers - 1)]
+            self.workers = [subprocess.Popen(pinned_cmd([sys.executable, str(HERE / "chat.py"), "--port", str(port), "--db",
+                                                         env["CHAT_DB"]], 0), env=env, cwd=HERE, stdout=self.log,
+                                             stderr=subprocess.STDOUT) for port in self.ports]
+            self.process = self.workers[0]
+        else:
+            self.process = subprocess.Popen(pinned_cmd(cmd, 0), env=env, cwd=HERE, stdout=self.log,
+                                            stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                time.sleep(1.0 if workers else 0)  # let every worker finish starting
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"{kind} server did not start: see {workdir}")
+        for port in self.ports:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"{kind} server did not start: see {workdir}") from None
+                    time.sleep(0.05)
+        time.sleep(1.0 if workers else 0)  # let every worker finish starting
 
-    def pids(self) -> list[int]:
-        """The server process, every process below it, and its redis-server if any."""
+    def pids(self, roots: list[int] | None = None) -> list[int]:
+        """The server's processes (or those of `roots`), every process below them, and its
+        redis-server if any."""
         children: dict[int, list[int]] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, ValueError, IndexError):
                 fields = stat.read_text().rsplit(")", 1)[1].split()
                 children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-        found, todo = [], [self.process.pid] + ([self.redis.pid] if self.redis else [])
+        found = []
+        todo = roots if roots is not None else [p.pid for p in (self.workers or [self.process])] + (
+            [self.redis.pid] if self.redis else [])
         while todo:
             pid = todo.pop()
             found.append(pid)
             todo += children.get(pid, [])
         return found
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the whole server (all its processes), from /proc."""
+    def cpu_seconds(self, roots: list[int] | None = None) -> float:
+        """User + system CPU of the whole server (all its processes), or of `roots`, from /proc."""
         total = 0
-        for pid in self.pids():
+        for pid in self.pids(roots):
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 total += sum(int(x) for x in fields[11:13])
         return total / CLK_TCK
+
+    def cpu_by_worker(self) -> list[float]:
+        """With pinned workers: each one's CPU seconds (Redis's is in cpu_seconds only)."""
+        return [self.cpu_seconds([worker.pid]) for worker in self.workers]
 
     def rss_kib(self) -> int:
         total = 0
@@ -205,7 +226,7 @@ class Server:
         return total
 
     def stop(self) -> None:
-        for process in (self.process, self.redis):
+        for process in (*(self.workers or [self.process]), self.redis):
             if process is None:
                 continue
             process.send_signal(signal.SIGTERM)
@@ -314,6 +335,7 @@ class Run:
     rss_kib_per_idle_socket: float = 0.0
     handshakes_per_s: float = 0.0
     generator_cpu_share: float = 0.0
+    per_worker: list[dict] = field(default_factory=list)  # with pinned workers: each one's rooms and CPU
     valid: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -344,6 +366,12 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     """`rooms` rooms of `sockets` sockets each; in each, `senders` of them send `rate`
     messages a second between them."""
     run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders, rooms)
+    # Pinned workers: room k is served by worker k % (N - 1), and the last worker serves none:
+    # it shows what a worker spends on rooms it has no socket in.
+    serving = max(1, len(server.ports) - 1)
+
+    def port_of(room: int) -> int:
+        return server.ports[room % serving]
     if server.kind == "app":
         cookie, slugs = http_setup(server.port, rooms)
     else:
@@ -356,9 +384,9 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     def on_token(token: int, now: float) -> None:
         latencies.append(now - sent_at[token])
 
-    async def open_one(path: str) -> Client:
-        _, client = await loop.create_connection(lambda: Client(upgrade_request(server.port, path, cookie), on_token),
-                                                 "127.0.0.1", server.port)
+    async def open_one(path: str, port: int) -> Client:
+        _, client = await loop.create_connection(lambda: Client(upgrade_request(port, path, cookie), on_token),
+                                                 "127.0.0.1", port)
         await client.open
         return client
 
@@ -370,7 +398,7 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
 
     async def open_limited(room: int) -> None:
         async with in_flight:
-            by_room[room].append(await open_one(f"/chat/{slugs[room]}/"))
+            by_room[room].append(await open_one(f"/chat/{slugs[room]}/", port_of(room)))
 
     await asyncio.gather(*(open_limited(room) for room in range(rooms) for _ in range(sockets)))
     clients = [client for room in by_room for client in room]
@@ -384,6 +412,7 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     run.expected = total * sockets
     filler = "x" * max(0, size - 20)
     cpu_before, gen_before, wall_before = server.cpu_seconds(), time.process_time(), time.perf_counter()
+    workers_before = server.cpu_by_worker()
     for n in range(total):
         target = wall_before + n / rate
         delay = target - time.perf_counter()
@@ -397,6 +426,13 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - wall_before
     server_cpu = server.cpu_seconds() - cpu_before
+    for worker, (before, after) in enumerate(zip(workers_before, server.cpu_by_worker())):
+        its_rooms = [room for room in range(rooms) if len(server.ports) > 1 and worker < serving and room % serving == worker]
+        its_messages = sum(1 for n in range(total) if n % rooms in its_rooms)
+        run.per_worker.append({"worker": worker, "rooms": len(its_rooms), "messages": its_messages,
+                               "cpu_ms": round(1000 * (after - before), 1),
+                               "cpu_us_per_message_of_its_rooms": round(1e6 * (after - before) / its_messages, 1)
+                               if its_messages else None})
     run.generator_cpu_share = (time.process_time() - gen_before) / wall
     run.received = len(latencies)
     run.lost = run.expected - run.received
@@ -419,9 +455,9 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
 
 
 def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str,
-            workers: int = 0, rooms: int = 1) -> Run:
+            workers: int = 0, rooms: int = 1, pinned: bool = False) -> Run:
     with tempfile.TemporaryDirectory() as workdir:
-        server = Server(kind, Path(workdir), ws, workers)
+        server = Server(kind, Path(workdir), ws, workers, pinned)
         try:
             return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms))
         finally:
@@ -556,6 +592,10 @@ def print_pair(app: Run, base: Run, labels: tuple[str, str] = ("app", "baseline"
         fa = f"{a:,.1f}" if isinstance(a, float) else f"{a:,}"
         fb = f"{b:,.1f}" if isinstance(b, float) else f"{b:,}"
         print(f"  {label:28}{fa:>12}{fb:>12}{ratio(a, b) if show_ratio else '':>9}")
+    for worker in app.per_worker:
+        print(f"  worker {worker['worker']}: {worker['rooms']} rooms, {worker['messages']:,} messages in them, "
+              f"{worker['cpu_ms']:,.0f} ms CPU" + (f", {worker['cpu_us_per_message_of_its_rooms']:,.0f} µs per message"
+                                                  if worker["messages"] else " (no socket in any room)"))
     for run in (app, base):
         if not run.valid or run.notes:
             print(f"  {run.server}: {'INVALID: ' if not run.valid else ''}{'; '.join(run.notes)}")
@@ -575,12 +615,38 @@ def compare(args: argparse.Namespace, run) -> dict:
             print("  the floor (the loop + a session read and a commit, each on a thread) against the loop:")
             print_pair(floor, base, ("floor", "baseline"))
     if args.workers:
-        scaled = run("app", workers=args.workers)
+        scaled = run("app", workers=args.workers, pinned=args.pinned)
         result["app_redis"] = asdict(scaled)
         if not args.json:
-            print(f"  with Redis fan-out, {args.workers} workers, against one process:")
+            print(f"  with Redis fan-out, {args.workers} workers{' (rooms pinned)' if args.pinned else ''}, "
+                  "against one process:")
             print_pair(scaled, app, ("workers", "1 process"))
+    result["ratios"] = ratios(result)
+    if not args.json:
+        print("  ratios: " + ", ".join(f"{name} {value:.2f}x" for name, value in result["ratios"].items()))
     return result
+
+
+def ratios(result: dict) -> dict[str, float]:
+    """The figures the performance targets are stated in, for one shape: the app against the
+    loop and the floor, and Redis workers against one process."""
+    app, base = result["app"], result["baseline"]
+    per = "cpu_us_per_message" if app["rooms"] > 1 else "cpu_us_per_frame"
+    found = {}
+
+    def add(name: str, a: float, b: float) -> None:
+        if a and b:
+            found[name] = a / b
+
+    add(f"app/loop {per}", app[per], base[per])
+    add("app/loop handshakes", app["handshakes_per_s"], base["handshakes_per_s"])
+    if floor := result.get("floor"):
+        add(f"app/floor {per}", app[per], floor[per])
+        add("app/floor handshakes", app["handshakes_per_s"], floor["handshakes_per_s"])
+    if scaled := result.get("app_redis"):
+        add(f"workers/1 process {per}", scaled[per], app[per])
+        add("workers/1 process handshakes", scaled["handshakes_per_s"], app["handshakes_per_s"])
+    return found
 
 
 def many_rooms(args: argparse.Namespace) -> dict:
@@ -620,6 +686,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
     parser.add_argument("--workers", type=int, default=0,
                         help="also run the app as `uvicorn chat:app --workers N` with Redis fan-out (needs redis-server)")
+    parser.add_argument("--pinned", action="store_true",
+                        help="with --workers N: N processes on ports of their own, each room on one of the first "
+                             "N-1 (the last serves none), CPU per worker")
     parser.add_argument("--rooms", type=int, default=0,
                         help="also run the many-rooms shape: this many rooms of --room-sockets each, one sender each")
     parser.add_argument("--room-sockets", type=int, default=3, help="sockets per room in the many-rooms shape")

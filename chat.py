@@ -1354,6 +1354,13 @@ class FailureLimit(RateLimiter):
         finally:
             await leave(attempt.failed)
 
+    async def check(self, *keys: Any) -> None:
+        """TooManyFailures if any key is at its limit, for an attempt already known to succeed
+        (a handshake with a real room code): it cannot fail, so it need not be counted or wait
+        for the attempts still being checked (with Redis: one round trip instead of two)."""
+        if self.limit and (blocked := [key for key in map(limit_key, keys) if not self._count(key, add=False)]):
+            raise TooManyFailures(self._retry_after(blocked))
+
     async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
         """Wait for the keys to have room for one more attempt; what to call when it is over."""
         self._changed = self._changed or asyncio.Condition()
@@ -1686,6 +1693,13 @@ class LocalFanout:
 
     async def publish(self, room_id: int, frame: str) -> None:
         self.hub.broadcast(room_id, frame)
+
+    async def watch(self, room_id: int) -> None:
+        """A socket of this worker is in the room: its frames must reach this worker from now
+        on (RedisFanout subscribes to the room; here, every frame is this worker's anyway)."""
+
+    async def unwatch(self, room_id: int) -> None:
+        """The last socket of this worker in the room closed."""
 
     async def online(self, room_id: int) -> list[Person]:
         return self.hub.online(room_id)
@@ -2711,8 +2725,10 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         return await end_at_once(websocket, slug, "logged out")
     address = client_address(websocket)
     try:  # (the room was read in the same trip as the session; nothing of it is said before this)
-        async with room_lookup(chat, user["id"], address) as lookup:
-            if access is None:
+        if access is not None:  # a real code never counts: only refused if a key is past its limit
+            await chat.room_guess_limit.check(("user", user["id"]), ("address", address))
+        else:
+            async with room_lookup(chat, user["id"], address) as lookup:
                 lookup.fail()
     except TooManyFailures:
         access = None
@@ -2744,6 +2760,7 @@ async def chat_socket(websocket: WebSocket) -> None:
     hub, fanout = chat.hub, chat.fanout
     # Join before any catch-up: a message stored in between arrives both ways, and the
     # page's upsert swap shows it once.
+    await fanout.watch(conn.room_id)  # (before the catch-up: a frame sent after it reads will arrive)
     if hub.join(conn):
         await fanout.came_online(conn)
     try:
@@ -2775,6 +2792,8 @@ async def chat_socket(websocket: WebSocket) -> None:
         finally:
             if hub.leave(conn):
                 await fanout.went_offline(conn)
+            if conn.room_id not in hub.connections:
+                await fanout.unwatch(conn.room_id)
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
@@ -3082,9 +3101,14 @@ async def search(request: Request) -> Response:
 
 class RedisFanout(LocalFanout):
     """Fan-out across processes through Redis pub/sub: each worker publishes a room's
-    frames to a channel and every worker (itself included) hands what it receives to its
-    own connections. Presence is a sorted set per room whose entries expire unless their
-    worker keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
+    frames to the room's channel, and the workers with a socket in the room (itself too)
+    hand what they receive to their connections. A worker subscribes to a room's channels
+    while it has a socket in it (watch, unwatch), so it spends nothing on other rooms'
+    messages. Presence is a sorted set per room whose entries expire unless their worker
+    keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
+
+    EVERY_ROOM = ("backchat:logout", "backchat:resync", "backchat:state")  # rare: every worker hears them
+    SUBSCRIBED_WITHIN = 2.0  # seconds a handshake waits for Redis to confirm a room's subscription
 
     PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
     HEARTBEAT = 5.0  # seconds between renewals
@@ -3103,6 +3127,8 @@ class RedisFanout(LocalFanout):
         self.healthy = True
         self.missed: set[str] = set()  # rooms whose frames other workers may not have had
         self.recovering: asyncio.Task | None = None
+        self.pubsub: Any = None  # the subscriber's pub/sub, while it is connected
+        self.watched: dict[int, asyncio.Event] = {}  # rooms with sockets here -> set once subscribed
 
     async def start(self) -> None:
         self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
@@ -3157,26 +3183,54 @@ class RedisFanout(LocalFanout):
             if not self.missed:
                 return
 
+    @staticmethod
+    def _channels(room_id: int) -> tuple[str, str]:
+        return f"backchat:room:{room_id}", f"backchat:presence:{room_id}"
+
+    async def watch(self, room_id: int) -> None:
+        """Subscribe to the room's channels (the first socket here in it) and wait, briefly,
+        for Redis to confirm: a frame published after that reaches this worker, so nothing
+        sent between the page's catch-up and its first live frame is missed."""
+        if room_id not in self.watched:
+            self.watched[room_id] = asyncio.Event()
+            with contextlib.suppress(Exception):  # (Redis away: _listen subscribes when it is back)
+                await self.pubsub.subscribe(*self._channels(room_id))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.watched[room_id].wait(), self.SUBSCRIBED_WITHIN)
+
+    async def unwatch(self, room_id: int) -> None:
+        if self.watched.pop(room_id, None) is not None:
+            with contextlib.suppress(Exception):
+                await self.pubsub.unsubscribe(*self._channels(room_id))
+
     async def _listen(self) -> None:
-        """Receive every worker's frames and presence notices; after an outage, close local
-        sockets with 1012 so their pages reconnect and catch up on what they missed."""
+        """Receive the frames and presence notices of the rooms with sockets here, and what
+        every worker must hear; after an outage, close local sockets with 1012 so their pages
+        reconnect and catch up on what they missed."""
         delay = 0.5
         while True:
             try:
                 async with self.subscriber.pubsub() as pubsub:
-                    await pubsub.psubscribe("backchat:room:*", "backchat:presence:*", "backchat:logout",
-                                            "backchat:resync", "backchat:state")
+                    for subscribed in self.watched.values():
+                        subscribed.clear()
+                    self.pubsub = pubsub
+                    await pubsub.subscribe(*self.EVERY_ROOM, *(channel for room_id in list(self.watched)
+                                                               for channel in self._channels(room_id)))
                     if not self.healthy:
                         log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
                         self.healthy = True
                         await self.hub.close_all(1012)
                     delay = 0.5
                     async for message in pubsub.listen():
-                        if message["type"] == "pmessage":
+                        if message["type"] == "message":
                             self._deliver(message["channel"], message["data"])
+                        elif message["type"] == "subscribe" and message["channel"].startswith("backchat:room:"):
+                            if subscribed := self.watched.get(int(message["channel"].rsplit(":", 1)[1])):
+                                subscribed.set()
             except asyncio.CancelledError:
                 raise
             except Exception as problem:
+                self.pubsub = None
                 self._unhealthy(problem)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -3317,6 +3371,19 @@ class RedisFailureLimit(FailureLimit):
     def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.fanout = fanout
+
+    async def check(self, *keys: Any) -> None:
+        if not self.limit:
+            return
+        try:
+            window = int(self.window)
+            failures = [f"backchat:failures:{window}:{limit_key(key)}:{int(time.time() // window)}" for key in keys]
+            counts = await self.fanout.redis.mget(failures)
+        except Exception as problem:
+            self.fanout._unhealthy(problem)
+            return await super().check(*keys)
+        if blocked := [name for name, count in zip(failures, counts) if int(count or 0) >= self.limit]:
+            raise TooManyFailures(max([await self.fanout.redis.ttl(name) for name in blocked] + [1]))
 
     async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
         try:

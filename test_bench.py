@@ -24,8 +24,9 @@ def test_bench_runs_end_to_end_and_reports_json():
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
          "--history", "0", "60", "--search", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--floor",
          "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=300,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     (pair,) = report["fan_out"]
     for run in (pair["app"], pair["baseline"], pair["floor"]):
@@ -49,8 +50,9 @@ def test_bench_measures_the_redis_path_in_many_small_rooms():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "4", "--rates", "2", "--duration", "1", "--history",
          "--search", "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=300,
     )
+    assert done.returncode == 0, done.stderr[-3000:]
     (rooms,) = json.loads(done.stdout)["many_rooms"]["runs"]
     scaled = rooms["app_redis"]  # 2 uvicorn workers and their redis-server, CPU of all three counted
     assert scaled["server"] == "app+redis" and scaled["rooms"] == 3
@@ -72,3 +74,21 @@ def test_the_floor_server_checks_the_session_and_commits_before_it_sends(tmp_pat
             assert ws.receive_text() == "hello floor"
             with sqlite3.connect(floor_db) as db:  # committed by the time it came back
                 assert db.execute("SELECT user_id, text FROM messages").fetchall() == [(1, "hello floor")]
+
+
+def test_bench_pins_rooms_to_workers_and_reports_each_workers_cpu():
+    if shutil.which("redis-server") is None:
+        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed, and BACKCHAT_REQUIRE_REDIS=1")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    done = subprocess.run(
+        [sys.executable, str(HERE / "bench.py"), "--sockets", "2", "--rates", "2", "--duration", "1", "--history",
+         "--search", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--workers", "3", "--pinned", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rooms,) = json.loads(done.stdout)["many_rooms"]["runs"]
+    pinned = rooms["app_redis"]
+    assert pinned["expected"] == pinned["received"] == 24 and pinned["lost"] == 0
+    assert [(w["rooms"], w["messages"]) for w in pinned["per_worker"]] == [(2, 6), (2, 6), (0, 0)]  # the last: none
+    assert set(rooms["ratios"]) >= {"app/loop cpu_us_per_message", "workers/1 process cpu_us_per_message"}

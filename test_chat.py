@@ -2191,6 +2191,7 @@ CREATE TRIGGER messages_read_by_author AFTER INSERT ON messages
 BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
 """
 
+
 def test_workers_starting_together_on_a_new_file_each_find_it_whole(tmp_path):
     """uvicorn --workers N starts N processes at once: each migrates the same new chat.db."""
     for attempt in range(10):

@@ -357,3 +357,70 @@ def test_reactions_and_quotes_reach_the_other_workers_pages(two_workers):
 def json_frame(text: str, **fields: str) -> str:
     return json.dumps({"message": text, **fields})
 
+
+def room_subscribers(redis_server: RedisServer, room_id: int) -> int:
+    """How many workers are subscribed to the room's frames."""
+    return dict(redis_client(redis_server).pubsub_numsub(f"backchat:room:{room_id}"))[f"backchat:room:{room_id}".encode()]
+
+
+def test_a_worker_hears_only_the_rooms_it_has_sockets_in(two_workers, redis_server):
+    a, b = two_workers
+    ada_client, ada = login_cookie(a, "ada")
+    here = make_room(ada_client, "on worker a")
+    bob_client, bob = login_cookie(b, "bob")
+    there = make_room(bob_client, "on worker b")
+    with sqlite3.connect(a.db_path) as db:
+        here_id, there_id = (db.execute("SELECT id FROM rooms WHERE slug = ?", (slug,)).fetchone()[0] for slug in (here, there))
+    bob_client.get(f"/room/{here}/")  # bob is a member of ada's room, through worker b, with no socket there
+
+    def subscribers_become(room_id: int, count: int) -> None:
+        deadline = time.monotonic() + 10
+        while room_subscribers(redis_server, room_id) != count:
+            assert time.monotonic() < deadline, f"room {room_id} kept {room_subscribers(redis_server, room_id)} subscribers"
+            time.sleep(0.02)
+
+    async def run() -> None:
+        assert room_subscribers(redis_server, here_id) == 0  # nobody has a socket in it yet
+        async with ws_connect(a, here, ada) as ada_page, ws_connect(b, there, bob) as bob_page:
+            await frames_until(ada_page, "<bdi>ada</bdi>")
+            await frames_until(bob_page, "<bdi>bob</bdi>")
+            # each worker is subscribed to its own room only: b gets none of a's room's frames
+            assert room_subscribers(redis_server, here_id) == 1 and room_subscribers(redis_server, there_id) == 1
+            token = re.search(r'name="csrf_token" value="([^"]+)"', bob_client.get(f"/room/{here}/").text).group(1)
+            assert bob_client.post(f"/room/{here}/messages", data={"csrf_token": token, "message": "posted on b"}).status_code == 303
+            await frames_until(ada_page, "posted on b")  # sent through b, heard on a
+            async with ws_connect(b, here, bob) as bob_in_here:  # b's first socket in it: b subscribes...
+                assert room_subscribers(redis_server, here_id) == 2
+                assert "<bdi>bob</bdi>" in await frames_until(ada_page, 'id="presence"')  # presence crosses
+                await ada_page.send(frame("from a to both"))
+                await frames_until(bob_in_here, "from a to both")
+            subscribers_become(here_id, 1)  # ...and unsubscribes after its last socket there closes
+            await ada_page.send(frame("after bob left"))
+            await frames_until(ada_page, "after bob left")
+            with pytest.raises(asyncio.TimeoutError):  # bob's page in his own room hears nothing of it
+                while True:
+                    assert "after bob left" not in await asyncio.wait_for(bob_page.recv(), 1)
+        subscribers_become(here_id, 0)
+        subscribers_become(there_id, 0)
+
+    asyncio.run(run())
+
+
+def test_a_real_code_past_the_guess_limit_is_refused_on_every_worker(tmp_path, redis_server):
+    """A handshake with a real code is not counted as a guess (one look at the counts in Redis),
+    but once the user's guesses are past the limit it is refused there too, on any worker."""
+    with workers(tmp_path, redis_server, CHAT_ROOM_GUESSES="3") as (a, b):
+        client, ada = login_cookie(a, "ada")
+        real = make_room(client, "real")
+
+        async def handshake(server: LiveServer) -> bool:
+            try:
+                async with ws_connect(server, real, ada):
+                    return True
+            except Exception:  # refused: 403 at the handshake
+                return False
+
+        assert asyncio.run(handshake(b))  # a real code: in, and not counted
+        assert [client.get(f"/room/room-guess{n}/").status_code for n in range(3)] == [404] * 3  # guesses, on a
+        assert client.get(f"/room/{real}/").status_code == 429
+        assert not asyncio.run(handshake(b))  # past the limit: refused on b as well
