@@ -502,6 +502,17 @@ def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, re
         db.close()
 
 
+def fill_room(workdir: Path, slug: str, count: int) -> int:
+    """Put `count` messages in the room, in one transaction, straight into the database ("history
+    message <n>"; the one halfway back also says "needle"); the room's id."""
+    with sqlite3.connect(workdir / "bench.db") as db:
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                       ((room_id, user_id, f"history message {n}" + (" needle" if n == count // 2 else ""),
+                         "2026-01-01T00:00:00Z", n + 1) for n in range(count)))
+    return room_id
+
+
 def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
     import httpx
 
@@ -511,11 +522,7 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
             server = Server("app", Path(workdir), "auto")
             try:
                 cookie, (slug,) = http_setup(server.port)
-                with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
-                    room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
-                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
-                                   ((room_id, user_id, f"history message {n}", "2026-01-01T00:00:00Z", n + 1)
-                                    for n in range(count)))
+                room_id = fill_room(Path(workdir), slug, count)
                 with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
                     older = f"/room/{slug}/messages?before={count // 2 + 1}"
                     results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
@@ -532,9 +539,9 @@ SEARCHES = {"common word": "message", "rare word": "needle", "prefix": "mess", "
 
 
 def search_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
-    """GET /search/ (median ms) in a room of `count` messages, all of them indexed by the
-    triggers as they were inserted: a word in every message (the newest 50 of them), a word in
-    one message halfway back, a prefix of the common word, and two words."""
+    """GET /search/ (median ms) in a room of `count` messages, once the server has indexed them
+    all: a word in every message (the newest 50 of them), a word in one message halfway back,
+    a prefix of the common word, and two words."""
     import httpx
 
     results = []
@@ -543,11 +550,7 @@ def search_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
             server = Server("app", Path(workdir), "auto")
             try:
                 cookie, (slug,) = http_setup(server.port)
-                with sqlite3.connect(Path(workdir) / "bench.db") as db:  # one transaction
-                    room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
-                    db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
-                                   ((room_id, user_id, f"history message {n}" + (" needle" if n == count // 2 else ""),
-                                     "2026-01-01T00:00:00Z", n + 1) for n in range(count)))
+                fill_room(Path(workdir), slug, count)
                 while True:  # the server indexes new messages in batches, each second: wait for all
                     with sqlite3.connect(Path(workdir) / "bench.db") as db:
                         if db.execute("SELECT indexed_up_to >= (SELECT max(id) FROM messages) FROM search_state").fetchone()[0]:
