@@ -745,11 +745,13 @@ def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
     return row[0] if row else None
 
 
-def room_page_rows(db: sqlite3.Connection, room_id: int,
-                   user_id: int) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int]]:
+def room_page_rows(db: sqlite3.Connection, room_id: int, user_id: int
+                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int], list[tuple[int, str]]]:
     """What a room page shows, in one trip: the newest message the user had seen (last_read),
-    the newest page of messages and whether older ones exist (page_before), the owners."""
-    return (last_read(db, room_id, user_id), *page_before(db, room_id, None), room_owners(db, room_id))
+    the newest page of messages and whether older ones exist (page_before), the owners, and
+    the members to offer as @names (member_names)."""
+    return (last_read(db, room_id, user_id), *page_before(db, room_id, None), room_owners(db, room_id),
+            member_names(db, room_id))
 
 
 def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -2344,8 +2346,8 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["id"], user_id)
-    seen_up_to, messages, has_older, owners = await chat.store.read(room_page_rows, room["id"], user_id)
-    has_newer, replying_to, members = False, None, await chat.store.read(member_names, room["id"])
+    seen_up_to, messages, has_older, owners, members = await chat.store.read(room_page_rows, room["id"], user_id)
+    has_newer, replying_to = False, None
     if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
         (messages, has_older, has_newer), seen_up_to = found, None
     if reply is not None:
