@@ -10,14 +10,15 @@ The path of one message, in the order it runs (search for each name):
   parse_frame          the form's fields out of htmx's JSON
   post_message         the one path for the socket and the plain form: the checks, then...
   Store.add_message    ...the commit to SQLite, on the writer thread (add_messages, INSERT_MESSAGE)
-  new_message_frame    the message rendered once (a macro in templates/_fragments.html)
+  new_message_frame    the message rendered once (macros in templates/_fragments.html:
+                       new_message_frame wraps messages_frame, which wraps message)
   LocalFanout.publish  the one string handed on (RedisFanout.publish with several workers)
   RoomHub.broadcast    to every socket in the room
   Connection.push      each socket sends it without ever waiting
 
 The file, top to bottom: settings, storage, auth, the room hub, HTTP routes, the WebSocket
-route, then what only scaling out needs (Redis), app assembly, the operator's commands and
-main(). The path above starts near the end of the WebSocket route and climbs back up.
+route, moderation (the owners' tools), search, then what only scaling out needs (Redis), app
+assembly, the operator's commands and main(). The path above starts near the end of the WebSocket route and climbs back up.
 """
 
 from __future__ import annotations
