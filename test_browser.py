@@ -885,6 +885,8 @@ def test_the_room_at_class_size_fits_every_screen(browser, tmp_path, size):
                         teacher.page.locator("#wire-log summary", has_text="Online list").first.wait_for()
                         assert teacher.page.locator("#wire-log .frame").first.evaluate(
                             "e => parseFloat(getComputedStyle(e).fontSize)") >= 16
+                    if label != "phone":  # the invite link whole, for the back row to copy off the screen
+                        assert teacher.page.locator("#invite").evaluate("e => e.scrollWidth <= e.clientWidth"), label
                     if label == "phone":
                         teacher.page.locator(".online summary").click()  # unfolds, and still fits
                         assert_fits_one_screen(teacher, size + 1, "phone, list open")
@@ -1041,6 +1043,13 @@ def test_send_edit_cancel_and_delete_by_keyboard_keep_the_focus(people):
     page.keyboard.press("Enter")
     expect(grace.page.locator(".msg", has_text="typed, then edited")).to_have_count(0)
     expect(page.locator("#message-input")).to_be_focused()  # the message is gone: back to the composer
+    page.locator(".brand").focus()  # lost in the page's head: one link leads back to the box
+    page.keyboard.press("Shift+Tab")
+    expect(page.get_by_role("link", name="Skip to the message box")).to_be_focused()
+    page.keyboard.press("Enter")
+    page.keyboard.type("back by the skip link")
+    page.keyboard.press("Enter")
+    grace.sees_message("back by the skip link")
     assert ada.errors == []
 
 
