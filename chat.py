@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -631,6 +631,13 @@ def end_sessions_of(db: sqlite3.Connection, user_id: int) -> None:
         db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
 
 
+def end_guest_sessions(db: sqlite3.Connection) -> int:
+    """Guest mode is off: every guest's session ends (a later start with --guests does not
+    bring them back). How many ended."""
+    with transaction(db):
+        return db.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE is_guest)").rowcount
+
+
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
     with transaction(db):
         if everywhere:
@@ -1174,6 +1181,7 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
 # ---------------------------------------------------------------------------
 
 USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
+MAX_USERNAME_ECHO = 150  # a refused name is shown back at most this long (not 60,000 characters)
 MIN_PASSWORD_CHARS = 8
 # argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
 PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
@@ -2128,7 +2136,8 @@ async def register(request: Request) -> Response:
         error, status_code = await create_account(request, username, password)
         if error is None:
             return redirect(next_url)
-    return render(request, "register.html", status_code, form={"username": username, "next": next_url}, error=error)
+    return render(request, "register.html", status_code, form={"username": username[:MAX_USERNAME_ECHO], "next": next_url},
+                  error=error)
 
 
 async def join_as_guest(request: Request) -> Response:
@@ -2155,7 +2164,7 @@ async def login(request: Request) -> Response:
     chat = chat_of(request)
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
     password, next_url = form.get("password", ""), safe_next(form.get("next"))
-    wrong = render(request, "login.html", 400, form={"username": username[:150], "next": next_url},
+    wrong = render(request, "login.html", 400, form={"username": username[:MAX_USERNAME_ECHO], "next": next_url},
                    error="Wrong username or password.")
     if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
         return wrong
@@ -3379,14 +3388,21 @@ class RedisFailureLimit(FailureLimit):
         if not self.limit:
             return
         try:
-            window = int(self.window)
-            failures = [f"backchat:failures:{window}:{limit_key(key)}:{int(time.time() // window)}" for key in keys]
+            failures, ends_in = self._failure_counters(map(limit_key, keys))
             counts = await self.fanout.redis.mget(failures)
         except Exception as problem:
             self.fanout._unhealthy(problem)
             return await super().check(*keys)
-        if blocked := [name for name, count in zip(failures, counts) if int(count or 0) >= self.limit]:
-            raise TooManyFailures(max([await self.fanout.redis.ttl(name) for name in blocked] + [1]))
+        if any(int(count or 0) >= self.limit for count in counts):
+            raise TooManyFailures(ends_in)
+
+    def _failure_counters(self, keys: Iterable[str]) -> tuple[list[str], float]:
+        """The keys' failure counters for the current block of `window` seconds (fixed blocks
+        of the clock, the same on every worker), and the seconds until that block ends: when a
+        key at its limit may try again."""
+        window = int(self.window)
+        block, into = divmod(time.time(), window)
+        return [f"backchat:failures:{window}:{key}:{int(block)}" for key in keys], max(1.0, window - into)
 
     async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
         try:
@@ -3399,7 +3415,7 @@ class RedisFailureLimit(FailureLimit):
 
     async def _enter_redis(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
         redis, window = self.fanout.redis, int(self.window)
-        failures = [f"backchat:failures:{window}:{key}:{int(time.time() // window)}" for key in keys]
+        failures, ends_in = self._failure_counters(keys)
         in_flight = [f"backchat:inflight:{window}:{key}" for key in keys]
         deadline = time.monotonic() + self.MAX_WAIT
         while True:
@@ -3411,8 +3427,8 @@ class RedisFailureLimit(FailureLimit):
             if all(failed + checking <= self.limit for failed, checking in counts):
                 break
             await self._done(in_flight, [])
-            if blocked := [name for name, (failed, _) in zip(failures, counts) if failed >= self.limit]:
-                raise TooManyFailures(max([await redis.ttl(name) for name in blocked] + [1]))
+            if any(failed >= self.limit for failed, _ in counts):
+                raise TooManyFailures(ends_in)
             if time.monotonic() >= deadline:
                 raise TooManyFailures(5)
             await asyncio.sleep(self.POLL)
@@ -3523,6 +3539,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.chat = chat = Chat(settings, store)
         await chat.fanout.start()
         await purge_left_over(chat)
+        if not settings.guests and (ended := await store.write(end_guest_sessions)):
+            log.info("guest mode is off: %d guest session(s) ended", ended)
         background = [asyncio.create_task(chat.hub.heartbeat(settings.heartbeat)),
                       asyncio.create_task(watch_sessions(chat)), asyncio.create_task(index_search(chat))]
         try:

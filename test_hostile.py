@@ -358,6 +358,9 @@ def test_login_limit_keys_are_bounded_and_overlong_names_count_nowhere(tmp_path)
             assert len(response.content) < 20_000  # the name is not echoed back whole either
         limit = client.app.state.chat.login_limit
         assert not limit._events and not limit._in_flight
+        refused = client.post("/auth/register/", data={"csrf_token": token, "username": "x" * 60_000,
+                                                        "password1": "long enough", "password2": "long enough"})
+        assert refused.status_code == 400 and len(refused.content) < 20_000  # nor by the sign-up form
     assert {len(chat.limit_key(key)) for key in (("user", "x" * 60_000), ("address", "127.0.0.1"), 7)} == {24}
 
 
@@ -507,6 +510,9 @@ def test_guest_sessions_end_when_guest_mode_is_turned_off(tmp_path):
         assert client.get("/", follow_redirects=False).status_code == 303
         with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
             assert "You were logged out" in ws.receive_text()
+    with limited_app(tmp_path, guests=True) as client:  # and guest mode back on: ended, not paused
+        client.cookies = cookies
+        assert client.get("/", follow_redirects=False).status_code == 303
 
 
 def test_an_open_socket_keeps_its_session_alive_and_ends_with_it(tmp_path):

@@ -219,6 +219,24 @@ def test_concurrent_password_guesses_across_workers_cannot_skip_the_limit(two_wo
     assert checked <= 10 and statuses[-1] == 429, statuses
 
 
+def test_the_login_refusal_says_truly_when_to_try_again_across_workers(two_workers):
+    """Failures count in blocks of the clock (15 minutes, the same on every worker): the
+    refusal names the end of the block, when the count starts again (it said "16 minutes",
+    each failure's counter lifetime, however little of the block was left)."""
+    a, b = two_workers
+    login_cookie(a, "ada")
+    client = httpx.Client(base_url=a.url)
+    assert asyncio.run(guess_all_at_once([a.url], 10, client)) == [400] * 10 + [429]  # (its last: a look)
+    page = httpx.Client(base_url=b.url, cookies=client.cookies)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page.get("/auth/login/").text).group(1)
+    minutes = [-(-int(900 - time.time() % 900) // 60)]  # what is left of the block, in whole minutes
+    refused = page.post("/auth/login/", data={"csrf_token": token, "username": "ada", "password": "wrong"})
+    minutes.append(-(-int(900 - time.time() % 900) // 60))
+    said = refused.text
+    assert refused.status_code == 429
+    assert any(f"Try again {'in a minute' if m == 1 else f'in {m} minutes'}." in said for m in minutes), said
+
+
 # --- hostile users, round three (issue 18) -------------------------------------------------------
 
 
