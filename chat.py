@@ -2843,12 +2843,18 @@ SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may b
 async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
     """Keep the search index up with the messages: every `every` seconds, index what was sent
     meanwhile (index_new_messages), a batch per trip to the writer so sends interleave."""
+    failing = False  # (a full disk is said once, and its end once: not every second)
     while True:
         try:
             while await chat.store.write(index_new_messages):
                 pass
+            if failing:
+                log.warning("indexing new messages for search again")
+            failing = False
         except sqlite3.Error as problem:
-            log.warning("could not index new messages for search: %r", problem)
+            if not failing:
+                log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
+            failing = True
         await asyncio.sleep(every)
 
 

@@ -6,6 +6,7 @@ test_browser.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import markupsafe
 import pytest
@@ -2226,3 +2228,26 @@ def test_workers_starting_together_on_a_new_file_each_find_it_whole(tmp_path):
         assert problems == []
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
+
+
+def test_a_search_index_that_cannot_write_says_so_once_and_once_when_it_can_again(caplog):
+    """A full disk stops the indexer: one warning, not one a second, and one when it is over."""
+    calls = []
+
+    class Store:
+        async def write(self, work):
+            calls.append(work)
+            if len(calls) <= 5:
+                raise sqlite3.OperationalError("database or disk is full")
+            return False
+
+    async def run() -> None:
+        task = asyncio.create_task(chat.index_search(SimpleNamespace(store=Store()), every=0))
+        while len(calls) < 8:
+            await asyncio.sleep(0)
+        task.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="backchat"):
+        asyncio.run(run())
+    said = [record.getMessage() for record in caplog.records]
+    assert len(said) == 2 and "disk is full" in said[0] and "again" in said[1], said
