@@ -1713,7 +1713,12 @@ class LocalFanout:
         """The last socket of this worker in the room closed."""
 
     async def online(self, room_id: int) -> list[Person]:
-        return self.hub.online(room_id)
+        """Who has the room open, by name (on every worker)."""
+        return (await self.online_in([room_id]))[room_id]
+
+    async def online_in(self, room_ids: list[int]) -> dict[int, list[Person]]:
+        """online() for several rooms at once (RedisFanout: one trip to Redis for all)."""
+        return {room_id: self.hub.online(room_id) for room_id in room_ids}
 
     async def came_online(self, conn: Connection) -> None:
         self.soon(self.show_presence, conn.room_id)
@@ -1737,14 +1742,20 @@ class LocalFanout:
 
     async def show_presence(self, room_id: int) -> None:
         """Send the room's pages its online list, if it changed since they last got it."""
-        if room_id not in self.hub.connections:
-            self.shown.pop(room_id, None)  # nobody here is in that room any more
-            return
-        state = self.hub.rooms.get(room_id)
-        people, owners = await self.online(room_id), state.owners if state else frozenset()
-        if self.shown.get(room_id) != (people, owners):
-            self.shown[room_id] = (people, owners)
-            self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
+        await self.show_presences([room_id])
+
+    async def show_presences(self, room_ids: list[int]) -> None:
+        """show_presence() for several rooms, with one online_in() for all of them."""
+        for room_id in room_ids:
+            if room_id not in self.hub.connections:
+                self.shown.pop(room_id, None)  # nobody here is in that room any more
+        online = await self.online_in([room_id for room_id in room_ids if room_id in self.hub.connections])
+        for room_id, people in online.items():
+            state = self.hub.rooms.get(room_id)
+            owners = state.owners if state else frozenset()
+            if room_id in self.hub.connections and self.shown.get(room_id) != (people, owners):
+                self.shown[room_id] = (people, owners)
+                self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
 
     async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
                         why: str = "logged out") -> None:
@@ -3126,6 +3137,7 @@ class RedisFanout(LocalFanout):
     keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
 
     EVERY_ROOM = ("backchat:logout", "backchat:resync", "backchat:state")  # rare: every worker hears them
+    ALL_ROOMS = 0  # (no room's id: soon() runs announce once a window for all the rooms that changed)
     SUBSCRIBED_WITHIN = 2.0  # seconds a handshake waits for Redis to confirm a room's subscription
 
     PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
@@ -3147,6 +3159,9 @@ class RedisFanout(LocalFanout):
         self.recovering: asyncio.Task | None = None
         self.pubsub: Any = None  # the subscriber's pub/sub, while it is connected
         self.watched: dict[int, asyncio.Event] = {}  # rooms with sockets here -> set once subscribed
+        # Since the last announce: room id -> who came online (True) or went offline (False).
+        self.changed: dict[int, dict[Person, bool]] = {}
+        self.presence_due: set[int] = set()  # rooms whose presence changed, to be shown at the window's end
 
     async def start(self) -> None:
         self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
@@ -3272,18 +3287,29 @@ class RedisFanout(LocalFanout):
             return  # nobody here is in that room
         if kind == "room":
             self.hub.broadcast(room_id, data)
-        else:
-            self.soon(self.show_presence, room_id)
+        else:  # shown once the window ends, with every other room whose presence changed meanwhile
+            self.presence_due.add(room_id)
+            self.soon(self.show_due_presence, self.ALL_ROOMS)
 
-    async def online(self, room_id: int) -> list[Person]:
+    async def show_due_presence(self, _: int = 0) -> None:
+        due, self.presence_due = sorted(self.presence_due), set()
+        await self.show_presences(due)
+
+    async def online_in(self, room_ids: list[int]) -> dict[int, list[Person]]:
+        if not room_ids:
+            return {}
         try:
             now = time.time()
-            entries = await self.redis.zrangebyscore(f"backchat:online:{room_id}", now, "+inf")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room_id in room_ids:
+                    pipe.zrangebyscore(f"backchat:online:{room_id}", now, "+inf")
+                found = await pipe.execute()
         except Exception as problem:
             self._unhealthy(problem)
-            return self.hub.online(room_id)
-        return by_name({(int(user_id), name, guest == "1")
-                        for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
+            return await super().online_in(room_ids)
+        return {room_id: by_name({(int(user_id), name, guest == "1")
+                                  for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
+                for room_id, entries in zip(room_ids, found)}
 
     async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
                         why: str = "logged out") -> None:
@@ -3308,42 +3334,53 @@ class RedisFanout(LocalFanout):
         user_id, name, guest = user
         return f"{self.worker}|{user_id}|{int(guest)}|{name}"
 
-    async def announce(self, room_id: int) -> None:
-        """Tell every worker (itself too) that the room's presence changed."""
+    async def announce(self, _: int = 0) -> None:
+        """Write who came online and who went offline since the last announce, in every room,
+        and tell every worker (itself too) which rooms' presence changed: one trip to Redis
+        for all of them, so a class arriving at once costs a few trips, not one per socket."""
+        changed, self.changed = self.changed, {}
+        expires = time.time() + self.PRESENCE_TTL
         try:
-            await self.redis.publish(f"backchat:presence:{room_id}", "")
-        except Exception as problem:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for room_id, people in changed.items():
+                    key = f"backchat:online:{room_id}"
+                    if went := [self._entry(person) for person, online in people.items() if not online]:
+                        pipe.zrem(key, *went)
+                    if came := {self._entry(person): expires for person, online in people.items() if online}:
+                        pipe.zadd(key, came)
+                    pipe.publish(f"backchat:presence:{room_id}", "")
+                await pipe.execute()
+        except Exception as problem:  # (who is here is written again by the next _heartbeat)
             self._unhealthy(problem)
-            await self.show_presence(room_id)
+            for room_id in changed:
+                await self.show_presence(room_id)
 
     async def came_online(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):
-            await self.redis.zadd(f"backchat:online:{conn.room_id}",
-                                  {self._entry(conn.user): time.time() + self.PRESENCE_TTL})
-        self.soon(self.announce, conn.room_id)
+        self.changed.setdefault(conn.room_id, {})[conn.user] = True
+        self.soon(self.announce, self.ALL_ROOMS)
 
     async def went_offline(self, conn: Connection) -> None:
-        with contextlib.suppress(Exception):
-            await self.redis.zrem(f"backchat:online:{conn.room_id}", self._entry(conn.user))
-        self.soon(self.announce, conn.room_id)
+        self.changed.setdefault(conn.room_id, {})[conn.user] = False
+        self.soon(self.announce, self.ALL_ROOMS)
 
     async def _heartbeat(self) -> None:
         """Renew this worker's presence entries, drop expired ones (a crashed worker's),
         and show pages any change that caused."""
         while True:
             await asyncio.sleep(self.HEARTBEAT)
-            expires = time.time() + self.PRESENCE_TTL
-            for room_id, tabs in list(self.hub.tabs.items()):
-                key = f"backchat:online:{room_id}"
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        pipe.zadd(key, {self._entry(user): expires for user in tabs})
-                        pipe.zremrangebyscore(key, "-inf", time.time())
+            now = time.time()
+            rooms = list(self.hub.tabs.items())
+            try:  # (every room in one trip: an idle worker with 100 rooms open wakes for one)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for room_id, tabs in rooms:
+                        key = f"backchat:online:{room_id}"
+                        pipe.zadd(key, {self._entry(user): now + self.PRESENCE_TTL for user in tabs})
+                        pipe.zremrangebyscore(key, "-inf", now)
                         pipe.expire(key, int(self.PRESENCE_TTL) * 2)
-                        await pipe.execute()
-                except Exception as problem:
-                    self._unhealthy(problem)
-                await self.show_presence(room_id)
+                    await pipe.execute()
+            except Exception as problem:
+                self._unhealthy(problem)
+            await self.show_presences([room_id for room_id, _ in rooms])
 
 
 class RedisRateLimiter(RateLimiter):

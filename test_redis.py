@@ -442,3 +442,28 @@ def test_a_real_code_past_the_guess_limit_is_refused_on_every_worker(tmp_path, r
         assert [client.get(f"/room/room-guess{n}/").status_code for n in range(3)] == [404] * 3  # guesses, on a
         assert client.get(f"/room/{real}/").status_code == 429
         assert not asyncio.run(handshake(b))  # past the limit: refused on b as well
+
+
+def test_a_class_arriving_at_once_is_written_to_redis_in_a_few_trips(tmp_path, redis_server):
+    """Who came online is written when the presence window ends, in one pipeline with every
+    other room's: 12 people opening a room at once on two workers cost a few ZADDs, not one
+    each (and one presence read per worker per window), and every page lists all 12."""
+    with workers(tmp_path, redis_server, CHAT_REGISTER_RATE="0") as (a, b):
+        client, _ = login_cookie(a, "teacher")
+        slug = make_room(client, "class")
+        cookies = [login_cookie(a, f"student{n}")[1] for n in range(12)]
+        stats = redis_client(redis_server)
+        stats.config_resetstat()
+
+        async def run() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                pages = await asyncio.gather(*(stack.enter_async_context(ws_connect((a, b)[n % 2], slug, cookie))
+                                               for n, cookie in enumerate(cookies)))
+                for page in pages:
+                    await frames_until(page, 'id="online-count" hx-swap-oob="true">12<')
+
+        asyncio.run(run())
+        calls = {name: stats.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0)
+                 for name in ("zadd", "zrangebyscore")}
+        assert calls["zadd"] <= 6 and calls["zrangebyscore"] <= 12, calls  # (each socket did one of each)
+
