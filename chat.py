@@ -18,7 +18,8 @@ The path of one message, in the order it runs (search for each name):
 
 The file, top to bottom: settings, storage, auth, the room hub, HTTP routes, the WebSocket
 route, moderation (the owners' tools), search, then what only scaling out needs (Redis), app
-assembly, the operator's commands and main(). The path above starts near the end of the WebSocket route and climbs back up.
+assembly, the operator's commands and main(). The path above starts near the end of the
+WebSocket route and climbs back up.
 """
 
 from __future__ import annotations
