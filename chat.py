@@ -1182,7 +1182,13 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
 # ---------------------------------------------------------------------------
 
 USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
-MAX_USERNAME_ECHO = 150  # a refused name is shown back at most this long (not 60,000 characters)
+NAME_SHOWN_BACK = 1_000  # characters: a refused name longer than this is not put back in the form
+
+
+def shown_back(name: str) -> str:
+    """A refused name as its form shows it again: whole, so it can be corrected (never cut
+    short unsaid), unless it is far past any limit (a 60,000-character paste): then not at all."""
+    return name if len(name) <= NAME_SHOWN_BACK else ""
 MIN_PASSWORD_CHARS = 8
 # argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
 PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
@@ -2148,7 +2154,7 @@ async def register(request: Request) -> Response:
         error, status_code = await create_account(request, username, password)
         if error is None:
             return redirect(next_url)
-    return render(request, "register.html", status_code, form={"username": username[:MAX_USERNAME_ECHO], "next": next_url},
+    return render(request, "register.html", status_code, form={"username": shown_back(username), "next": next_url},
                   error=error)
 
 
@@ -2165,7 +2171,7 @@ async def join_as_guest(request: Request) -> Response:
         error, status_code = await create_account(request, name, password=None)
         if error is None:
             return redirect(next_url)
-    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": name[:200]},
+    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": shown_back(name)},
                   guest_error=error)
 
 
@@ -2176,7 +2182,7 @@ async def login(request: Request) -> Response:
     chat = chat_of(request)
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
     password, next_url = form.get("password", ""), safe_next(form.get("next"))
-    wrong = render(request, "login.html", 400, form={"username": username[:MAX_USERNAME_ECHO], "next": next_url},
+    wrong = render(request, "login.html", 400, form={"username": shown_back(username), "next": next_url},
                    error="Wrong username or password.")
     if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
         return wrong
