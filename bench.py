@@ -37,6 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -514,23 +515,31 @@ def fill_room(workdir: Path, slug: str, count: int) -> int:
 
 
 def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
-    import httpx
-
     results = []
     for count in sizes:
-        with tempfile.TemporaryDirectory() as workdir:
-            server = Server("app", Path(workdir), "auto")
-            try:
-                cookie, (slug,) = http_setup(server.port)
-                room_id = fill_room(Path(workdir), slug, count)
-                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
-                    older = f"/room/{slug}/messages?before={count // 2 + 1}"
-                    results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
-                                    "older_page_ms": median_get_ms(client, older, repeats),
-                                    **catch_up_against_page_ms(Path(workdir) / "bench.db", room_id, slug, count, repeats)})
-            finally:
-                server.stop()
+        with app_with_a_room_of(count) as (client, db_path, room_id, slug):
+            older = f"/room/{slug}/messages?before={count // 2 + 1}"
+            results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
+                            "older_page_ms": median_get_ms(client, older, repeats),
+                            **catch_up_against_page_ms(db_path, room_id, slug, count, repeats)})
     return results
+
+
+@contextlib.contextmanager
+def app_with_a_room_of(count: int) -> Iterator[tuple[Any, Path, int, str]]:
+    """The app on a fresh database with one room of `count` messages: (an httpx client logged
+    in as its owner, the database's path, the room's id and its code); stopped afterwards."""
+    import httpx
+
+    with tempfile.TemporaryDirectory() as workdir:
+        server = Server("app", Path(workdir), "auto")
+        try:
+            cookie, (slug,) = http_setup(server.port)
+            room_id = fill_room(Path(workdir), slug, count)
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
+                yield client, Path(workdir) / "bench.db", room_id, slug
+        finally:
+            server.stop()
 
 
 # --- search: time to a page of hits against the number of messages -----------------------
@@ -542,26 +551,17 @@ def search_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
     """GET /search/ (median ms) in a room of `count` messages, once the server has indexed them
     all: a word in every message (the newest 50 of them), a word in one message halfway back,
     a prefix of the common word, and two words."""
-    import httpx
-
     results = []
     for count in sizes:
-        with tempfile.TemporaryDirectory() as workdir:
-            server = Server("app", Path(workdir), "auto")
-            try:
-                cookie, (slug,) = http_setup(server.port)
-                fill_room(Path(workdir), slug, count)
-                while True:  # the server indexes new messages in batches, each second: wait for all
-                    with sqlite3.connect(Path(workdir) / "bench.db") as db:
-                        if db.execute("SELECT indexed_up_to >= (SELECT max(id) FROM messages) FROM search_state").fetchone()[0]:
-                            break
-                    time.sleep(0.2)
-                with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
-                    results.append({"messages": count, **{
-                        name: median_get_ms(client, f"/search/?q={query.replace(' ', '+')}", repeats)
-                        for name, query in SEARCHES.items()}})
-            finally:
-                server.stop()
+        with app_with_a_room_of(count) as (client, db_path, _, _):
+            while True:  # the server indexes new messages in batches, each second: wait for all
+                with sqlite3.connect(db_path) as db:
+                    if db.execute("SELECT indexed_up_to >= (SELECT max(id) FROM messages) FROM search_state").fetchone()[0]:
+                        break
+                time.sleep(0.2)
+            results.append({"messages": count, **{
+                name: median_get_ms(client, f"/search/?q={query.replace(' ', '+')}", repeats)
+                for name, query in SEARCHES.items()}})
     return results
 
 

@@ -19,6 +19,14 @@ import bench
 HERE = Path(__file__).resolve().parent
 
 
+def needs_redis() -> None:
+    """Skip without redis-server; in CI (BACKCHAT_REQUIRE_REDIS=1) fail instead."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed, and BACKCHAT_REQUIRE_REDIS=1")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+
+
 def test_bench_runs_end_to_end_and_reports_json():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
@@ -43,10 +51,7 @@ def test_bench_runs_end_to_end_and_reports_json():
 
 
 def test_bench_measures_the_redis_path_in_many_small_rooms():
-    if shutil.which("redis-server") is None:
-        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and BACKCHAT_REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    needs_redis()
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "4", "--rates", "2", "--duration", "1", "--history",
          "--search", "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
@@ -77,10 +82,7 @@ def test_the_floor_server_checks_the_session_and_commits_before_it_sends(tmp_pat
 
 
 def test_bench_pins_rooms_to_workers_and_reports_each_workers_cpu():
-    if shutil.which("redis-server") is None:
-        if os.environ.get("BACKCHAT_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not installed, and BACKCHAT_REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    needs_redis()
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "2", "--rates", "2", "--duration", "1", "--history",
          "--search", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--workers", "3", "--pinned", "--json"],
