@@ -1786,6 +1786,14 @@ class LocalFanout:
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
 
 
+def template_filter(name: str) -> Callable[[Callable], Callable]:
+    """Register the function below as the templates' filter `name` (a section registers its own)."""
+    def register(function: Callable) -> Callable:
+        templates.env.filters[name] = function
+        return function
+    return register
+
+
 class RoomClock:
     """Times as pages show them, in one zone for everybody: a message is rendered once for
     its whole room. The zone is CHAT_TIMEZONE, else this machine's own (a classroom and a
@@ -1843,6 +1851,18 @@ def time_zone(name: str) -> tzinfo | None:
 
 room_clock = RoomClock()
 
+
+@template_filter("local_time")
+def local_time(iso: str) -> tuple[str, str]:
+    """A time from the database as pages show it, short and in full (RoomClock.shown)."""
+    return room_clock.shown(iso)
+
+
+@template_filter("mentioned_ids")
+def mentioned_ids(mentioned: str) -> str:
+    """The ids of the people a message mentions ("id name" lines), for its data-mentions."""
+    return " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
+
 # Links as people paste them (balanced brackets, trailing punctuation, quotes around them,
 # query strings, internationalised domains): linkify-it-py, the linkifier markdown-it uses.
 # Only http(s) links that say so; no bare "example.org", e-mail, ftp: or //host.
@@ -1868,6 +1888,7 @@ def real_host(url: str) -> str | None:
                     for label in host.split("."))
 
 
+@template_filter("linkify")
 def linkify(text: str, mentioned: str | None = None) -> Markup:
     """Message text as HTML: escaped, with its http(s) links made links and the people it
     mentions (`mentioned`: "id name" lines, as SELECT_MESSAGES gives them) marked. It is
@@ -1908,6 +1929,7 @@ def with_mentions(mentioned: str) -> Callable[[str], Markup]:
     return marked
 
 
+@template_filter("reaction_groups")
 def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
     emoji, its name, and who gave it ([(id, name)])."""
@@ -1918,24 +1940,34 @@ def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]
     return [(emoji, label, given[emoji]) for emoji, label in REACTIONS.items() if emoji in given]
 
 
+@template_filter("first_line")
 def first_line(text: str, limit: int = 100) -> str:
     """A message's first line, cut at `limit` characters: what a quote of it shows."""
     line = text.split("\n", 1)[0]
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
+@template_filter("hits")
 def marked_hits(snippet: str) -> Markup:
     """A search snippet as HTML: escaped, the words found in <mark>."""
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
-templates.env.filters["local_time"] = lambda iso: room_clock.shown(iso)
-templates.env.filters["linkify"] = linkify
-templates.env.filters["mentioned_ids"] = lambda mentioned: " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
-templates.env.filters["reaction_groups"] = reaction_groups
-templates.env.filters["first_line"] = first_line
-templates.env.filters["hits"] = marked_hits
-fragments = templates.env.get_template("_fragments.html").module
+
+
+class Fragments:
+    """The macros of templates/_fragments.html, compiled at first use: Jinja checks a
+    template's filters as it compiles it, and each section registers its own (template_filter)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = templates.env.get_template("_fragments.html").module
+        self.__dict__.update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
+        return getattr(module, name)
+
+
+fragments = Fragments()
 
 
 _last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
@@ -2842,7 +2874,7 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
                            chat.hub.rooms.get(conn.room_id), fields["reply_to"])
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
-    conn.push(COMPOSER_ACK.replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
+    conn.push(composer_ack().replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
 
 
 async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
@@ -2913,7 +2945,11 @@ HEARTBEAT_FRAME = "<!-- live -->"
 # What the sender gets once its message is taken: the same every time but for the key it
 # answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
 KEY_SLOT = "key-slot"
-COMPOSER_ACK = str(fragments.chat_error(key=KEY_SLOT))
+
+
+@functools.cache
+def composer_ack() -> str:
+    return str(fragments.chat_error(key=KEY_SLOT))
 
 
 # ---------------------------------------------------------------------------
