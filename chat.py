@@ -79,20 +79,10 @@ log = logging.getLogger("backchat")
 
 
 # ---------------------------------------------------------------------------
-# Settings
-# Every knob the app has, read once from CHAT_* environment variables (and the
-# command line in main()); everything below receives a Settings, never os.environ.
+# 1. Settings
+# Every knob the app has, read once from CHAT_* environment variables (and the command line
+# in main()); everything below receives a Settings, never os.environ.
 # ---------------------------------------------------------------------------
-
-MAX_MESSAGE_CHARS = 4000
-MAX_ROOM_NAME_CHARS = 128
-PAGE_SIZE = 50  # messages per history page
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
-CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
-SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
-WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
-MAX_FORM_BYTES = 64 * 1024
-MAX_WS_FRAME_BYTES = 64 * 1024
 
 
 def _env_int(env: dict[str, str], name: str, default: int) -> int:
@@ -172,15 +162,43 @@ def load_secret_key(settings: Settings) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Storage
-# SQLite through the standard library: the schema, and every query the app makes.
-# It all runs on database threads (one writer, one reader), never on the event loop.
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
 # ---------------------------------------------------------------------------
+
+
+MAX_MESSAGE_CHARS = 4000
+
+
+MAX_ROOM_NAME_CHARS = 128
+
+
+PAGE_SIZE = 50  # messages per history page
+
+
+CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+
+
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+
+
+SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
+
+
+WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
+
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
+
 
 # The search index: an external-content FTS5 table over messages.text (it stores only the
 # index; the text stays in messages). Words are split as Unicode says, accents folded.
 SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5("
                 "text, content='messages', content_rowid='id', tokenize='unicode61 remove_diacritics 2')")
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -308,6 +326,7 @@ BEGIN INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', OLD
 CREATE TRIGGER IF NOT EXISTS messages_read_by_author AFTER INSERT ON messages
 BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
 """.replace("{SEARCH_INDEX}", SEARCH_INDEX)
+
 
 # Upgrades for a chat.db made by an earlier release, oldest first; PRAGMA user_version
 # counts the ones a database has had. A new database gets SCHEMA as it is and skips them.
@@ -519,10 +538,6 @@ class Store:
         db.close()
 
 
-# Queries: plain functions of a connection, run through Store.read or Store.write.
-# Users and sessions:
-
-
 def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
     """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
     skeleton = name_skeleton(username)
@@ -554,6 +569,8 @@ def utc_ago(**delta: float) -> str:
 
 
 MAX_SESSIONS = 100  # live sessions per account: logging in again and again ends the oldest
+
+
 SESSION_SWEEP = 100  # ended sessions cleared out per login at most: bounded work on the writer
 
 
@@ -645,9 +662,6 @@ def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> No
             db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
         else:
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-
-
-# Rooms:
 
 
 # The code is the room's only secret: 13 random characters from 32 (65 bits) behind the
@@ -782,9 +796,6 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
 
 
-# Messages:
-
-
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
     return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
                       (message_id,)).fetchone()
@@ -797,6 +808,7 @@ NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
 # The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
 # record it in the room).
 NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
+
 
 # One statement stores a message and hands back its row as pages show it. Its id is past
 # every deleted one too: SQLite would reuse a deleted newest id, and a page catching up
@@ -815,6 +827,7 @@ INSERT_MESSAGE = (
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
     "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision, "
     "          reply_to, NULL AS quote_text, NULL AS quote_author, NULL AS mentioned, NULL AS reactions")
+
 
 NewMessage = tuple[int, int, str, "str | None", "int | None"]  # room id, user id, text, the composer's key, reply to
 
@@ -983,9 +996,9 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
     return sorted(changed, key=lambda m: m["id"]), deleted
 
 
-# Running a room (the owners' tools: see Moderation) and the transcript.
-
 SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
+
+
 PURGE_BATCH = 500  # rows removed per transaction when a room is cleared or deleted
 
 
@@ -1118,9 +1131,6 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int
                       (room_id, after, limit)).fetchall()
 
 
-# Search (the Search section has the page): FTS5 finds the words, the newest first, in the
-# rooms the person is a member of now.
-
 SEARCH_BATCH = 500  # messages indexed per transaction
 
 
@@ -1138,9 +1148,16 @@ def index_new_messages(db: sqlite3.Connection) -> bool:
             db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
     return len(rows) == SEARCH_BATCH
 
+
 SEARCH_PAGE = 50  # hits per page of results
+
+
 SEARCH_CHARS = 200  # a longer query is cut here (and at SEARCH_WORDS words)
+
+
 SEARCH_WORDS = 12
+
+
 HIT_START, HIT_END = "\x02", "\x03"  # around each matched word in a snippet: no message holds these (clean_text)
 
 
@@ -1175,13 +1192,9 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
-# ---------------------------------------------------------------------------
-# Auth
-# Password hashing, the cookie session (a random id the database can revoke),
-# CSRF tokens, safe redirects and the rate limits that guard them.
-# ---------------------------------------------------------------------------
-
 USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
+
+
 NAME_SHOWN_BACK = 1_000  # characters: a refused name longer than this is not put back in the form
 
 
@@ -1189,14 +1202,26 @@ def shown_back(name: str) -> str:
     """A refused name as its form shows it again: whole, so it can be corrected (never cut
     short unsaid), unless it is far past any limit (a 60,000-character paste): then not at all."""
     return name if len(name) <= NAME_SHOWN_BACK else ""
+
+
 MIN_PASSWORD_CHARS = 8
+
+
 # argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
 PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+
 # Hashes run here, two at a time: a flood of logins or registrations queues instead of
 # taking every core (and 19 MiB a hash) from the chat.
 HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
+
+
 SESSION_IDLE_DAYS = 14  # a session unused this long has ended
+
+
 SESSION_MAX_DAYS = 30  # and none lives longer than this (the cookie's own lifetime)
+
+
 GUEST_IDLE_HOURS = 12  # a guest's session (the only way in to a guest account) ends sooner
 
 
@@ -1427,15 +1452,9 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-# ---------------------------------------------------------------------------
-# The room hub
-# Who is connected to which room, who is online, and fan-out: one rendered frame to
-# every connection in a room (across workers: RedisFanout, near the end of the file).
-# ---------------------------------------------------------------------------
-
-
 # Who a frame went to, as the wire view (?wire=1) labels it.
 TO_EVERYONE, ONLY_YOU, SENT = "to everyone in the room", "only to you", "sent by this page"
+
 
 # Close code for a socket whose session ended: "policy violation", which htmx does not
 # retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
@@ -1776,12 +1795,6 @@ class LocalFanout:
         self.soon(self.show_presence, room_id)
 
 
-# ---------------------------------------------------------------------------
-# HTTP routes
-# The pages and forms. Every fragment of HTML comes from templates/: pages extend
-# base.html; the pieces also pushed over the socket are macros in _fragments.html.
-# ---------------------------------------------------------------------------
-
 # autoescape=True: every {{ value }} is HTML-escaped, which is what keeps user text inert.
 templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
 
@@ -1863,11 +1876,14 @@ def mentioned_ids(mentioned: str) -> str:
     """The ids of the people a message mentions ("id name" lines), for its data-mentions."""
     return " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
 
+
 # Links as people paste them (balanced brackets, trailing punctuation, quotes around them,
 # query strings, internationalised domains): linkify-it-py, the linkifier markdown-it uses.
 # Only http(s) links that say so; no bare "example.org", e-mail, ftp: or //host.
 LINKS = LinkifyIt(schemas={"ftp:": None, "//": None, "mailto:": None},
                   options={"fuzzy_link": False, "fuzzy_email": False, "fuzzy_ip": False})
+
+
 TYPOGRAPHIC_CLOSERS = "»”“’‘›‹«…"  # quotes and an ellipsis around a link are not part of it
 
 
@@ -1953,8 +1969,6 @@ def marked_hits(snippet: str) -> Markup:
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
-
-
 class Fragments:
     """The macros of templates/_fragments.html, compiled at first use: Jinja checks a
     template's filters as it compiles it, and each section registers its own (template_filter)."""
@@ -1971,6 +1985,7 @@ fragments = Fragments()
 
 
 _last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
+
 
 # What the wire view (made for a projector) never shows: the page's CSRF token and a
 # message's one-time key, in the JSON a page sends and in the answer it gets.
@@ -2131,6 +2146,8 @@ def username_problem(username: str) -> str | None:
 
 
 GUEST_NAME_CHARS = 40
+
+
 GUEST_NAME_PUNCTUATION = " .'’-"
 
 
@@ -2631,12 +2648,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-# ---------------------------------------------------------------------------
-# The WebSocket route
-# One socket per open room page: checked at the handshake, caught up from the
-# database, then each text frame becomes a stored message pushed to the room.
-# ---------------------------------------------------------------------------
-
 MESSAGE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -2662,6 +2673,8 @@ async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> No
 
 
 LOCKED = "This room is locked by its owner: only its owners can write for now."
+
+
 NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("This room was deleted.", 404)}
 
 
@@ -2942,6 +2955,8 @@ async def check_sessions(chat: Chat) -> None:
 # What a page gets every CHAT_HEARTBEAT: nothing to swap, only a sign of life that room.js
 # counts (a page that stops getting them says "Reconnecting…" and reconnects).
 HEARTBEAT_FRAME = "<!-- live -->"
+
+
 # What the sender gets once its message is taken: the same every time but for the key it
 # answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
 KEY_SLOT = "key-slot"
@@ -2950,14 +2965,6 @@ KEY_SLOT = "key-slot"
 @functools.cache
 def composer_ack() -> str:
     return str(fragments.chat_error(key=KEY_SLOT))
-
-
-# ---------------------------------------------------------------------------
-# Moderation
-# What a room's owners can do to run it (delete any message, remove people and let them back
-# in, make owners, lock, slow mode, a new code, clear, delete) and the transcript every member
-# can take home. Each is checked here, on the server, and reaches every page (room_changed).
-# ---------------------------------------------------------------------------
 
 
 async def owner_or_403(request: Request) -> RoomAccess:
@@ -3138,13 +3145,6 @@ async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.R
     yield "]}"
 
 
-# ---------------------------------------------------------------------------
-# Search
-# Finding what was said in your rooms: the search page (its queries are in Storage). A hit
-# links to its room page opened around it (render_room's `around`).
-# ---------------------------------------------------------------------------
-
-
 @login_required
 async def search(request: Request) -> Response:
     """`GET /search/?q=words[&before=id]`: the newest SEARCH_PAGE messages with those words
@@ -3162,13 +3162,6 @@ async def search(request: Request) -> Response:
             raise HTTPException(400, "That search could not be run; try other words.") from None
     return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
                   more=more and hits[-1]["id"])
-
-
-# ---------------------------------------------------------------------------
-# Scaling out: Redis
-# Only with CHAT_REDIS_URL (nothing above needs it): the hub's fan-out, presence and
-# rate limits, shared by every worker through Redis.
-# ---------------------------------------------------------------------------
 
 
 class RedisFanout(LocalFanout):
@@ -3534,13 +3527,6 @@ class RedisFailureLimit(FailureLimit):
             await pipe.execute()
 
 
-# ---------------------------------------------------------------------------
-# App assembly
-# Security headers, sessions, the route table, and the lifespan that opens and
-# closes the database and the fan-out.
-# ---------------------------------------------------------------------------
-
-
 def security_headers(nonce: str) -> dict[str, str]:
     """Headers every HTML response carries. Scripts only from this site (htmx needs no
     inline script and no eval); inline style only with this response's nonce."""
@@ -3684,13 +3670,6 @@ def __getattr__(name: str) -> Starlette:
     raise AttributeError(name)
 
 
-# ---------------------------------------------------------------------------
-# The operator's commands
-# `python chat.py backup FILE` and `python chat.py users ...`: what whoever runs the server
-# needs and has no page for, run beside the server on the same database.
-# ---------------------------------------------------------------------------
-
-
 def backup(db_path: Path, target: Path) -> int:
     """Write a consistent copy of the database to `target` (a new file), while the server
     may be running: SQLite's online backup API copies one snapshot of it, committed writes
@@ -3790,14 +3769,9 @@ def operate(args: argparse.Namespace) -> None:
         db.close()
 
 
-# ---------------------------------------------------------------------------
-# main()
-# `python chat.py`: flags over CHAT_* variables, then uvicorn with the WebSocket
-# limits this app relies on.
-# ---------------------------------------------------------------------------
-
-
 REQUEST_HEAD_SECONDS = 10  # to send a request's line and headers, before the connection is cut
+
+
 ACCEPT_BACKLOG = 128  # connections accepted in one go (uvicorn's default, 2048, could overrun the file limit)
 
 
