@@ -162,36 +162,12 @@ def load_secret_key(settings: Settings) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 2. The database
+# SQLite through the standard library: the schema (each table names the section that owns
+# it), its migrations, the Store (one writer thread, one reader thread, checkpoints on a
+# third: never the event loop), the message SELECT every section shares, and revisions.
+# A capability's own queries live in its section.
 # ---------------------------------------------------------------------------
-
-
-MAX_MESSAGE_CHARS = 4000
-
-
-MAX_ROOM_NAME_CHARS = 128
-
-
-PAGE_SIZE = 50  # messages per history page
-
-
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
-
-
-CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
-
-
-SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
-
-
-WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
-
-
-MAX_FORM_BYTES = 64 * 1024
-
-
-MAX_WS_FRAME_BYTES = 64 * 1024
 
 
 # The search index: an external-content FTS5 table over messages.text (it stores only the
@@ -395,20 +371,6 @@ def schema_statements(script: str) -> Iterator[str]:
             statement = ""
 
 
-# A message as pages show it: its row, its author's name, the message it answers as that is
-# now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
-# "emoji id name" lines). Every query for messages starts so.
-SELECT_MESSAGES = (
-    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, m.revision, "
-    "m.reply_to, q.text AS quote_text, (SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
-    "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10)) FROM mentions x JOIN users xu ON xu.id = x.user_id "
-    " WHERE x.message_id = m.id) AS mentioned, "
-    "(SELECT group_concat(r.emoji || ' ' || r.user_id || ' ' || ru.username, char(10)) FROM reactions r "
-    " JOIN users ru ON ru.id = r.user_id WHERE r.message_id = m.id) AS reactions "
-    "FROM messages m JOIN users u ON u.id = m.user_id "
-    "LEFT JOIN messages q ON q.id = m.reply_to AND q.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)")
-
-
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection) -> Any:
     """All or nothing: the block's writes commit together or not at all."""
@@ -426,6 +388,10 @@ ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"  # every time in the database: UTC, to the se
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).strftime(ISO_SECONDS)
+
+
+def utc_ago(**delta: float) -> str:
+    return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
 class Store:
@@ -538,6 +504,80 @@ class Store:
         db.close()
 
 
+# A message as pages show it: its row, its author's name, the message it answers as that is
+# now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
+# "emoji id name" lines). Every query for messages starts so.
+SELECT_MESSAGES = (
+    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, m.revision, "
+    "m.reply_to, q.text AS quote_text, (SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
+    "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10)) FROM mentions x JOIN users xu ON xu.id = x.user_id "
+    " WHERE x.message_id = m.id) AS mentioned, "
+    "(SELECT group_concat(r.emoji || ' ' || r.user_id || ' ' || ru.username, char(10)) FROM reactions r "
+    " JOIN users ru ON ru.id = r.user_id WHERE r.message_id = m.id) AS reactions "
+    "FROM messages m JOIN users u ON u.id = m.user_id "
+    "LEFT JOIN messages q ON q.id = m.reply_to AND q.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)")
+
+
+# A message still in its room: not among those an owner cleared (while they are removed).
+NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
+
+
+# The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
+# record it in the room).
+NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
+
+
+def room_revision(db: sqlite3.Connection, room_id: int) -> int:
+    """The revision of the room's newest change (0 for a room with none)."""
+    return db.execute("SELECT revision FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
+
+
+def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
+                  limit: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
+    """What changed in a room after `revision`: up to `limit` new or edited messages in id
+    order, and up to `limit` deletions (`message_id`, `revision`)."""
+    changed = db.execute(
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? AND {NOT_CLEARED} ORDER BY m.revision LIMIT ?",
+        (room_id, revision, limit),
+    ).fetchall()
+    deleted = db.execute("SELECT message_id, revision FROM deletions WHERE room_id = ? AND revision > ? "
+                         "ORDER BY revision LIMIT ?", (room_id, revision, limit)).fetchall()
+    return sorted(changed, key=lambda m: m["id"]), deleted
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
+MAX_MESSAGE_CHARS = 4000
+
+
+MAX_ROOM_NAME_CHARS = 128
+
+
+PAGE_SIZE = 50  # messages per history page
+
+
+CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+
+
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+
+
+SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
+
+
+WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
+
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
+
+
 def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
     """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
     skeleton = name_skeleton(username)
@@ -562,10 +602,6 @@ def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
 
 def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
     return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
-
-
-def utc_ago(**delta: float) -> str:
-    return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
 MAX_SESSIONS = 100  # live sessions per account: logging in again and again ends the oldest
@@ -726,11 +762,6 @@ def room_access(db: sqlite3.Connection, code: str, user_id: int) -> RoomAccess |
     return RoomAccess(room, room["viewer_role"], bool(room["viewer_removed"]), old_code)
 
 
-def room_revision(db: sqlite3.Connection, room_id: int) -> int:
-    """The revision of the room's newest change (0 for a room with none)."""
-    return db.execute("SELECT revision FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
-
-
 def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
     """The user opened the room: it is (again) one of theirs, and all in it is seen."""
     now = utc_now()
@@ -799,15 +830,6 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
     return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
                       (message_id,)).fetchone()
-
-
-# A message still in its room: not among those an owner cleared (while they are removed).
-NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
-
-
-# The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
-# record it in the room).
-NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
 
 
 # One statement stores a message and hands back its row as pages show it. Its id is past
@@ -981,19 +1003,6 @@ def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit:
         (room_id, before if before is not None else 2**63 - 1, limit + 1),
     ).fetchall()
     return rows[:limit][::-1], len(rows) > limit
-
-
-def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
-                  limit: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
-    """What changed in a room after `revision`: up to `limit` new or edited messages in id
-    order, and up to `limit` deletions (`message_id`, `revision`)."""
-    changed = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? AND {NOT_CLEARED} ORDER BY m.revision LIMIT ?",
-        (room_id, revision, limit),
-    ).fetchall()
-    deleted = db.execute("SELECT message_id, revision FROM deletions WHERE room_id = ? AND revision > ? "
-                         "ORDER BY revision LIMIT ?", (room_id, revision, limit)).fetchall()
-    return sorted(changed, key=lambda m: m["id"]), deleted
 
 
 SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
