@@ -546,6 +546,234 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
 
 
 # ---------------------------------------------------------------------------
+# 3. Guards
+# What every input passes before it is believed: text cleaning, look-alike names, lengths,
+# the one refusal (Refused), and the rate and failure limits (their Redis twins: section 13).
+# ---------------------------------------------------------------------------
+
+
+# Unicode's control characters (category Cc: U+0000-U+001F, U+007F-U+009F) but newline and tab.
+CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)]) | {ord("\n"): "\n", ord("\t"): "\t"}
+
+
+def clean_text(value: str) -> str:
+    """Text as it may be stored: no lone surrogates, no control characters but newline and tab."""
+    return value.encode("utf-8", "replace").decode("utf-8").translate(CONTROL_CHARACTERS)
+
+
+# Letters that draw nothing (Hangul fillers, the blank Braille cell): like the format
+# characters (zero-width spaces and joiners, bidi overrides), they let one name pass for another.
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def has_invisible(name: str) -> bool:
+    return any(ch in BLANK_LETTERS or unicodedata.category(ch) in ("Cf", "Co", "Cn") for ch in name)
+
+
+@functools.cache
+def confusable_prototypes() -> dict[str, str]:
+    """Unicode's confusables.txt (UTS #39, vendored in data/): each character that looks
+    like another, mapped to the one it looks like."""
+    prototypes = {}
+    for line in (HERE / "data" / "confusables.txt").read_text(encoding="utf-8-sig").splitlines():
+        fields = line.split("#", 1)[0].split(";")
+        if len(fields) >= 2:
+            source, target = ("".join(chr(int(code, 16)) for code in field.split()) for field in fields[:2])
+            prototypes[source] = target
+    return prototypes
+
+
+def name_skeleton(name: str) -> str:
+    """UTS #39's skeleton of a name, case taken into account: two names with the same
+    skeleton look alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may
+    exist. The name is mapped, casefolded and mapped again, so that capital I meets small l
+    ("AI", "Al") and zero meets O ("0scar", "Oscar") before case is set aside."""
+    prototypes = confusable_prototypes()
+
+    def skeleton(text: str) -> str:
+        return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
+
+    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold())
+
+
+def too_long(what: str, limit: int, value: str) -> str | None:
+    """The refusal for a value over its limit, counted as the server counts (characters,
+    not the browser's UTF-16 units: an emoji is one), so nothing is ever cut short unsaid."""
+    if len(value) > limit:
+        return f"{what} are at most {limit:,} characters; yours has {len(value):,}."
+    return None
+
+
+class Refused(ValueError):
+    """A message or frame the chat will not take; its text is shown to the sender."""
+
+    def __init__(self, text: str, status_code: int = 400) -> None:
+        super().__init__(text)
+        self.status_code = status_code
+
+
+def message_id(value: str) -> int | None:
+    """A message id from a URL (`before`, `after`), or None: ASCII digits that SQLite can hold."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return None
+    return int(value)
+
+
+def could_not_save(what: str, problem: sqlite3.Error) -> str:
+    """The words for a write the database refused (a full disk, a lock held too long): the
+    transaction rolled back, so nothing was changed, and the person's input is kept."""
+    log.warning("%s: the database refused a write: %r", what, problem)
+    return f"{what} just now: the server could not save it (its disk may be full). Nothing was changed; try again."
+
+
+def limit_key(key: Any) -> str:
+    """What a limiter counts under: a fixed-length digest of the key (a username, an address,
+    a user id), so no key an attacker picks can grow a limiter's table, or Redis, by its size."""
+    return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
+
+
+class RateLimiter:
+    """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no
+    limit. allow() counts an event as it asks, before the work it guards, so a burst that
+    arrives all at once is counted one by one."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = time.monotonic  # (tests turn it)
+        self._events: dict[str, deque[float]] = {}  # least recently counted key first
+
+    async def allow(self, key: Any) -> bool:
+        """Count one event if the key is under its limit; say whether it was."""
+        if not self.limit:
+            return True
+        return self._count(limit_key(key), add=True)
+
+    async def retry_after(self, key: Any) -> float:
+        """Seconds until the key is under its limit again (0: it is now)."""
+        events = self._events.get(limit_key(key))
+        if not self.limit or not events or len(events) < self.limit:
+            return 0.0
+        return max(0.0, events[-self.limit] + self.window - self.clock())
+
+    def _count(self, key: str, add: bool) -> bool:
+        now = self.clock()
+        horizon = now - self.window
+        events = self._events.pop(key, None) or deque()
+        while events and events[0] <= horizon:
+            events.popleft()
+        allowed = len(events) < self.limit
+        if allowed and add:
+            events.append(now)
+        if events:
+            self._events[key] = events  # re-inserted: now the most recently counted
+        # Forget a couple of keys whose events have all expired, oldest first: the table
+        # stays as small as the set of recent keys without ever sweeping all of it.
+        for stale, stale_events in list(itertools.islice(self._events.items(), 2)):
+            if stale_events[-1] > horizon:
+                break
+            del self._events[stale]
+        return allowed
+
+
+class TooManyFailures(Exception):
+    """A key is at its limit of failures; `retry_after` says in how many seconds it is not."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+def in_plain_words(seconds: float) -> str:
+    """"in a minute", "in 14 minutes", "in an hour": when to try again."""
+    minutes = max(1, -(-int(seconds) // 60))
+    return "in a minute" if minutes == 1 else "in an hour" if minutes == 60 else f"in {minutes} minutes"
+
+
+@dataclass
+class Attempt:
+    """One guarded try (a login, a room code): fail() if it turned out to be a failure."""
+
+    failed: bool = False
+
+    def fail(self) -> None:
+        self.failed = True
+
+
+class FailureLimit(RateLimiter):
+    """At most `limit` failures per key in a sliding `window` of seconds (limit 0: none).
+    Only failures count, not attempts: an attempt waits while the ones still being checked
+    could take a key past its limit, and goes ahead as soon as they cannot. So 25 right
+    passwords sent at once from one address all get in, and of 200 wrong ones sent at once
+    no more than `limit` are ever checked."""
+
+    MAX_WAIT = 10.0  # seconds an attempt waits for others to be checked before it is turned away
+
+    def __init__(self, limit: int, window: float) -> None:
+        super().__init__(limit, window)
+        self._in_flight: Counter[str] = Counter()
+        self._changed: asyncio.Condition | None = None  # (made in the event loop, at first use)
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, *keys: Any) -> AsyncIterator[Attempt]:
+        """Guard one attempt under each key: TooManyFailures if any is at its limit."""
+        attempt = Attempt()
+        if not self.limit:
+            yield attempt
+            return
+        leave = await self._enter([limit_key(key) for key in keys])
+        try:
+            yield attempt
+        finally:
+            await leave(attempt.failed)
+
+    async def check(self, *keys: Any) -> None:
+        """TooManyFailures if any key is at its limit, for an attempt already known to succeed
+        (a handshake with a real room code): it cannot fail, so it need not be counted or wait
+        for the attempts still being checked (with Redis: one round trip instead of two)."""
+        if self.limit and (blocked := [key for key in map(limit_key, keys) if not self._count(key, add=False)]):
+            raise TooManyFailures(self._retry_after(blocked))
+
+    async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
+        """Wait for the keys to have room for one more attempt; what to call when it is over."""
+        self._changed = self._changed or asyncio.Condition()
+        deadline = self.clock() + self.MAX_WAIT
+        async with self._changed:
+            while True:
+                if blocked := [key for key in keys if not self._count(key, add=False)]:
+                    raise TooManyFailures(self._retry_after(blocked))
+                if all(len(self._events.get(key, ())) + self._in_flight[key] < self.limit for key in keys):
+                    self._in_flight.update(keys)
+                    return functools.partial(self._leave, keys)
+                with contextlib.suppress(TimeoutError):  # others are being checked: wait for them
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - self.clock()))
+                if self.clock() >= deadline:
+                    raise TooManyFailures(5)
+
+    async def _leave(self, keys: list[str], failed: bool) -> None:
+        async with self._changed:
+            self._in_flight.subtract(keys)
+            self._in_flight += Counter()  # (drops the keys back at zero)
+            if failed:
+                for key in keys:
+                    self._events.setdefault(key, deque()).append(self.clock())
+            self._changed.notify_all()
+
+    def _retry_after(self, keys: list[str]) -> float:
+        """Seconds until every key is under its limit again (the oldest failure that counts expires)."""
+        now = self.clock()
+        return max(self._events[key][-self.limit] + self.window - now for key in keys)
+
+
+class CannotDo(Exception):
+    """A moderation step that would leave the room in a state it must not be in; says why."""
+
+
+class NotYours(Exception):
+    """Only a message's author may edit it, or delete it (an owner may delete any)."""
+
+
+# ---------------------------------------------------------------------------
 # Not yet re-cut
 # What the re-cut has not moved yet, in its old order.
 # ---------------------------------------------------------------------------
@@ -905,10 +1133,6 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
 
 
-class NotYours(Exception):
-    """Only a message's author may edit it, or delete it (an owner may delete any)."""
-
-
 def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
                 any_author: bool = False) -> sqlite3.Row | None:
     """The message if it is in this room; NotYours if somebody else wrote it (unless
@@ -1023,10 +1247,6 @@ def change_room(db: sqlite3.Connection, room_id: int, settings: dict[str, int]) 
         db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)}, revision = revision + 1 "
                    "WHERE id = :room_id", {**settings, "room_id": room_id})
     return room_settings(db, room_id)
-
-
-class CannotDo(Exception):
-    """A moderation step that would leave the room in a state it must not be in; says why."""
 
 
 def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> tuple[sqlite3.Row, frozenset[int]]:
@@ -1259,189 +1479,6 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 # Checking a password that belongs to nobody costs the same as a real one, so the
 # response time does not tell which usernames exist.
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
-
-
-# Unicode's control characters (category Cc: U+0000-U+001F, U+007F-U+009F) but newline and tab.
-CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)]) | {ord("\n"): "\n", ord("\t"): "\t"}
-
-
-def clean_text(value: str) -> str:
-    """Text as it may be stored: no lone surrogates, no control characters but newline and tab."""
-    return value.encode("utf-8", "replace").decode("utf-8").translate(CONTROL_CHARACTERS)
-
-
-# Letters that draw nothing (Hangul fillers, the blank Braille cell): like the format
-# characters (zero-width spaces and joiners, bidi overrides), they let one name pass for another.
-BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
-
-
-def has_invisible(name: str) -> bool:
-    return any(ch in BLANK_LETTERS or unicodedata.category(ch) in ("Cf", "Co", "Cn") for ch in name)
-
-
-@functools.cache
-def confusable_prototypes() -> dict[str, str]:
-    """Unicode's confusables.txt (UTS #39, vendored in data/): each character that looks
-    like another, mapped to the one it looks like."""
-    prototypes = {}
-    for line in (HERE / "data" / "confusables.txt").read_text(encoding="utf-8-sig").splitlines():
-        fields = line.split("#", 1)[0].split(";")
-        if len(fields) >= 2:
-            source, target = ("".join(chr(int(code, 16)) for code in field.split()) for field in fields[:2])
-            prototypes[source] = target
-    return prototypes
-
-
-def name_skeleton(name: str) -> str:
-    """UTS #39's skeleton of a name, case taken into account: two names with the same
-    skeleton look alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may
-    exist. The name is mapped, casefolded and mapped again, so that capital I meets small l
-    ("AI", "Al") and zero meets O ("0scar", "Oscar") before case is set aside."""
-    prototypes = confusable_prototypes()
-
-    def skeleton(text: str) -> str:
-        return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
-
-    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold())
-
-
-def limit_key(key: Any) -> str:
-    """What a limiter counts under: a fixed-length digest of the key (a username, an address,
-    a user id), so no key an attacker picks can grow a limiter's table, or Redis, by its size."""
-    return hashlib.blake2b(repr(key).encode(), digest_size=12).hexdigest()
-
-
-class RateLimiter:
-    """At most `limit` events per key in a sliding `window` of seconds; limit 0 means no
-    limit. allow() counts an event as it asks, before the work it guards, so a burst that
-    arrives all at once is counted one by one."""
-
-    def __init__(self, limit: int, window: float) -> None:
-        self.limit = limit
-        self.window = window
-        self.clock = time.monotonic  # (tests turn it)
-        self._events: dict[str, deque[float]] = {}  # least recently counted key first
-
-    async def allow(self, key: Any) -> bool:
-        """Count one event if the key is under its limit; say whether it was."""
-        if not self.limit:
-            return True
-        return self._count(limit_key(key), add=True)
-
-    async def retry_after(self, key: Any) -> float:
-        """Seconds until the key is under its limit again (0: it is now)."""
-        events = self._events.get(limit_key(key))
-        if not self.limit or not events or len(events) < self.limit:
-            return 0.0
-        return max(0.0, events[-self.limit] + self.window - self.clock())
-
-    def _count(self, key: str, add: bool) -> bool:
-        now = self.clock()
-        horizon = now - self.window
-        events = self._events.pop(key, None) or deque()
-        while events and events[0] <= horizon:
-            events.popleft()
-        allowed = len(events) < self.limit
-        if allowed and add:
-            events.append(now)
-        if events:
-            self._events[key] = events  # re-inserted: now the most recently counted
-        # Forget a couple of keys whose events have all expired, oldest first: the table
-        # stays as small as the set of recent keys without ever sweeping all of it.
-        for stale, stale_events in list(itertools.islice(self._events.items(), 2)):
-            if stale_events[-1] > horizon:
-                break
-            del self._events[stale]
-        return allowed
-
-
-class TooManyFailures(Exception):
-    """A key is at its limit of failures; `retry_after` says in how many seconds it is not."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
-def in_plain_words(seconds: float) -> str:
-    """"in a minute", "in 14 minutes", "in an hour": when to try again."""
-    minutes = max(1, -(-int(seconds) // 60))
-    return "in a minute" if minutes == 1 else "in an hour" if minutes == 60 else f"in {minutes} minutes"
-
-
-@dataclass
-class Attempt:
-    """One guarded try (a login, a room code): fail() if it turned out to be a failure."""
-
-    failed: bool = False
-
-    def fail(self) -> None:
-        self.failed = True
-
-
-class FailureLimit(RateLimiter):
-    """At most `limit` failures per key in a sliding `window` of seconds (limit 0: none).
-    Only failures count, not attempts: an attempt waits while the ones still being checked
-    could take a key past its limit, and goes ahead as soon as they cannot. So 25 right
-    passwords sent at once from one address all get in, and of 200 wrong ones sent at once
-    no more than `limit` are ever checked."""
-
-    MAX_WAIT = 10.0  # seconds an attempt waits for others to be checked before it is turned away
-
-    def __init__(self, limit: int, window: float) -> None:
-        super().__init__(limit, window)
-        self._in_flight: Counter[str] = Counter()
-        self._changed: asyncio.Condition | None = None  # (made in the event loop, at first use)
-
-    @contextlib.asynccontextmanager
-    async def attempt(self, *keys: Any) -> AsyncIterator[Attempt]:
-        """Guard one attempt under each key: TooManyFailures if any is at its limit."""
-        attempt = Attempt()
-        if not self.limit:
-            yield attempt
-            return
-        leave = await self._enter([limit_key(key) for key in keys])
-        try:
-            yield attempt
-        finally:
-            await leave(attempt.failed)
-
-    async def check(self, *keys: Any) -> None:
-        """TooManyFailures if any key is at its limit, for an attempt already known to succeed
-        (a handshake with a real room code): it cannot fail, so it need not be counted or wait
-        for the attempts still being checked (with Redis: one round trip instead of two)."""
-        if self.limit and (blocked := [key for key in map(limit_key, keys) if not self._count(key, add=False)]):
-            raise TooManyFailures(self._retry_after(blocked))
-
-    async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
-        """Wait for the keys to have room for one more attempt; what to call when it is over."""
-        self._changed = self._changed or asyncio.Condition()
-        deadline = self.clock() + self.MAX_WAIT
-        async with self._changed:
-            while True:
-                if blocked := [key for key in keys if not self._count(key, add=False)]:
-                    raise TooManyFailures(self._retry_after(blocked))
-                if all(len(self._events.get(key, ())) + self._in_flight[key] < self.limit for key in keys):
-                    self._in_flight.update(keys)
-                    return functools.partial(self._leave, keys)
-                with contextlib.suppress(TimeoutError):  # others are being checked: wait for them
-                    await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - self.clock()))
-                if self.clock() >= deadline:
-                    raise TooManyFailures(5)
-
-    async def _leave(self, keys: list[str], failed: bool) -> None:
-        async with self._changed:
-            self._in_flight.subtract(keys)
-            self._in_flight += Counter()  # (drops the keys back at zero)
-            if failed:
-                for key in keys:
-                    self._events.setdefault(key, deque()).append(self.clock())
-            self._changed.notify_all()
-
-    def _retry_after(self, keys: list[str]) -> float:
-        """Seconds until every key is under its limit again (the oldest failure that counts expires)."""
-        now = self.clock()
-        return max(self._events[key][-self.limit] + self.window - now for key in keys)
 
 
 def csrf_token(conn: HTTPConnection) -> str:
@@ -2125,25 +2162,10 @@ def client_address(conn: HTTPConnection) -> str:
     return conn.client.host if conn.client else "unknown"
 
 
-def could_not_save(what: str, problem: sqlite3.Error) -> str:
-    """The words for a write the database refused (a full disk, a lock held too long): the
-    transaction rolled back, so nothing was changed, and the person's input is kept."""
-    log.warning("%s: the database refused a write: %r", what, problem)
-    return f"{what} just now: the server could not save it (its disk may be full). Nothing was changed; try again."
-
-
 async def start_session(request: Request, user: sqlite3.Row) -> None:
     store = chat_of(request).store
     request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
     request.session["sid"] = await store.write(create_session, user["id"])
-
-
-def too_long(what: str, limit: int, value: str) -> str | None:
-    """The refusal for a value over its limit, counted as the server counts (characters,
-    not the browser's UTF-16 units: an emoji is one), so nothing is ever cut short unsaid."""
-    if len(value) > limit:
-        return f"{what} are at most {limit:,} characters; yours has {len(value):,}."
-    return None
 
 
 def username_problem(username: str) -> str | None:
@@ -2630,13 +2652,6 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def message_id(value: str) -> int | None:
-    """A message id from a URL (`before`, `after`), or None: ASCII digits that SQLite can hold."""
-    if not (value.isascii() and value.isdigit()) or len(value) > 18:
-        return None
-    return int(value)
-
-
 async def storage_error(request: Request, exc: Exception) -> Response:
     """Any other write the database refused (a full disk): a clear 503, no traceback."""
     return await http_error(request, HTTPException(503, could_not_save("That could not be done", exc)))
@@ -2658,14 +2673,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 MESSAGE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-class Refused(ValueError):
-    """A message or frame the chat will not take; its text is shown to the sender."""
-
-    def __init__(self, text: str, status_code: int = 400) -> None:
-        super().__init__(text)
-        self.status_code = status_code
 
 
 def new_message_key() -> str:
