@@ -774,68 +774,97 @@ class NotYours(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 4. Who is asking
+# Sessions (a random id in a signed cookie, which the database can end), the logged-in user,
+# CSRF, safe redirects, the peer's address and forms.
 # ---------------------------------------------------------------------------
-
-
-MAX_MESSAGE_CHARS = 4000
-
-
-MAX_ROOM_NAME_CHARS = 128
-
-
-PAGE_SIZE = 50  # messages per history page
-
-
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
-
-
-CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
-
-
-SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
-
-
-WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
 
 
 MAX_FORM_BYTES = 64 * 1024
 
 
-MAX_WS_FRAME_BYTES = 64 * 1024
+SESSION_IDLE_DAYS = 14  # a session unused this long has ended
 
 
-def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
-    """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
-    skeleton = name_skeleton(username)
-    with transaction(db):
-        if db.execute("SELECT 1 FROM users WHERE username_key = ? OR username_skeleton = ?",
-                      (username.casefold(), skeleton)).fetchone():
-            return None
-        cur = db.execute(
-            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton, is_guest) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton, guest))
-    return user_by_id(db, cur.lastrowid)
+SESSION_MAX_DAYS = 30  # and none lives longer than this (the cookie's own lifetime)
 
 
-def set_password_hash(db: sqlite3.Connection, user_id: int, password_hash: str) -> None:
-    with transaction(db):
-        db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
-
-
-def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
-    return db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
-
-
-def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
-    return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+GUEST_IDLE_HOURS = 12  # a guest's session (the only way in to a guest account) ends sooner
 
 
 MAX_SESSIONS = 100  # live sessions per account: logging in again and again ends the oldest
 
 
 SESSION_SWEEP = 100  # ended sessions cleared out per login at most: bounded work on the writer
+
+
+def chat_of(conn: HTTPConnection) -> Chat:
+    return conn.app.state.chat
+
+
+async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
+    session_id = conn.session.get("sid")
+    if not session_id:
+        return None
+    chat = chat_of(conn)
+    store = chat.store
+    user = await store.read(user_by_session, session_id, chat.settings.guests)
+    if user is not None and user["session_seen"] < utc_ago(hours=1):
+        store.write_soon(touch_session, session_id)  # the idle clock restarts, hourly at most
+    return user
+
+
+def login_required(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    @functools.wraps(handler)
+    async def guarded(request: Request) -> Response:
+        user = await current_user(request)
+        if user is None:
+            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            return RedirectResponse(f"/auth/login/?next={quote(here, safe='')}", status_code=303)
+        request.state.user = user
+        return await handler(request)
+
+    return guarded
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The POSTed fields, cleaned; 403 unless they carry this session's CSRF token."""
+    form = await request.form(max_files=0, max_fields=20, max_part_size=MAX_FORM_BYTES)
+    fields = {k: clean_text(v) for k, v in form.items() if isinstance(v, str)}
+    expected = request.session.get("csrf", "")
+    # htmx requests that carry no form of their own (Edit, Delete) send it as a header.
+    given = fields.get("csrf_token") or request.headers.get("x-csrf-token", "")
+    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(403, "This form has expired or did not come from this site. Go back, reload and try again.")
+    return fields
+
+
+def csrf_token(conn: HTTPConnection) -> str:
+    token = conn.session.get("csrf")
+    if not token:
+        token = conn.session["csrf"] = secrets.token_urlsafe(24)
+    return token
+
+
+def safe_next(target: str | None) -> str:
+    """A same-site path to go to after login; anything else means home."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+        return "/"
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc or any(ord(ch) < 32 for ch in target):
+        return "/"
+    return target
+
+
+def client_address(conn: HTTPConnection) -> str:
+    """The peer's address; a proxy's X-Forwarded-For only from CHAT_TRUSTED_PROXIES (main())."""
+    return conn.client.host if conn.client else "unknown"
+
+
+async def start_session(request: Request, user: sqlite3.Row) -> None:
+    store = chat_of(request).store
+    request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
+    request.session["sid"] = await store.write(create_session, user["id"])
 
 
 def create_session(db: sqlite3.Connection, user_id: int) -> str:
@@ -886,6 +915,83 @@ def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
                    (utc_now(), json.dumps(session_ids)))
 
 
+def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
+    with transaction(db):
+        if everywhere:
+            db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
+        else:
+            db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+
+def end_sessions_of(db: sqlite3.Connection, user_id: int) -> None:
+    """Every session of the user ends (a login link logs them in afresh)."""
+    with transaction(db):
+        db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+
+
+def end_guest_sessions(db: sqlite3.Connection) -> int:
+    """Guest mode is off: every guest's session ends (a later start with --guests does not
+    bring them back). How many ended."""
+    with transaction(db):
+        return db.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE is_guest)").rowcount
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
+MAX_MESSAGE_CHARS = 4000
+
+
+MAX_ROOM_NAME_CHARS = 128
+
+
+PAGE_SIZE = 50  # messages per history page
+
+
+CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+
+
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+
+
+SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
+
+
+WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
+
+
+def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
+    """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
+    skeleton = name_skeleton(username)
+    with transaction(db):
+        if db.execute("SELECT 1 FROM users WHERE username_key = ? OR username_skeleton = ?",
+                      (username.casefold(), skeleton)).fetchone():
+            return None
+        cur = db.execute(
+            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton, is_guest) "
+            "VALUES (?, ?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton, guest))
+    return user_by_id(db, cur.lastrowid)
+
+
+def set_password_hash(db: sqlite3.Connection, user_id: int, password_hash: str) -> None:
+    with transaction(db):
+        db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
+
+
+def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
+
+
+def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
+    return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+
+
 def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
     """The ids and names of the room's members (the first 200 by name), for the composer's @ list."""
     return db.execute("SELECT u.id, u.username FROM room_members m JOIN users u ON u.id = m.user_id "
@@ -905,27 +1011,6 @@ def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
     user = user_by_session(db, session_id, guests)
     access = room_access(db, slug, user["id"]) if user else None
     return user, access, room_owners(db, access.room["id"]) if access else frozenset()
-
-
-def end_sessions_of(db: sqlite3.Connection, user_id: int) -> None:
-    """Every session of the user ends (a login link logs them in afresh)."""
-    with transaction(db):
-        db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
-
-
-def end_guest_sessions(db: sqlite3.Connection) -> int:
-    """Guest mode is off: every guest's session ends (a later start with --guests does not
-    bring them back). How many ended."""
-    with transaction(db):
-        return db.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE is_guest)").rowcount
-
-
-def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
-    with transaction(db):
-        if everywhere:
-            db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
-        else:
-            db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
 
 # The code is the room's only secret: 13 random characters from 32 (65 bits) behind the
@@ -1445,15 +1530,6 @@ PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelis
 HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
 
 
-SESSION_IDLE_DAYS = 14  # a session unused this long has ended
-
-
-SESSION_MAX_DAYS = 30  # and none lives longer than this (the cookie's own lifetime)
-
-
-GUEST_IDLE_HOURS = 12  # a guest's session (the only way in to a guest account) ends sooner
-
-
 def hash_password(password: str) -> str:
     return PASSWORDS.hash(password)
 
@@ -1479,23 +1555,6 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 # Checking a password that belongs to nobody costs the same as a real one, so the
 # response time does not tell which usernames exist.
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
-
-
-def csrf_token(conn: HTTPConnection) -> str:
-    token = conn.session.get("csrf")
-    if not token:
-        token = conn.session["csrf"] = secrets.token_urlsafe(24)
-    return token
-
-
-def safe_next(target: str | None) -> str:
-    """A same-site path to go to after login; anything else means home."""
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
-        return "/"
-    parts = urlsplit(target)
-    if parts.scheme or parts.netloc or any(ord(ch) < 32 for ch in target):
-        return "/"
-    return target
 
 
 # Who a frame went to, as the wire view (?wire=1) labels it.
@@ -2104,22 +2163,6 @@ class Chat:
         self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
 
 
-def chat_of(conn: HTTPConnection) -> Chat:
-    return conn.app.state.chat
-
-
-async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
-    session_id = conn.session.get("sid")
-    if not session_id:
-        return None
-    chat = chat_of(conn)
-    store = chat.store
-    user = await store.read(user_by_session, session_id, chat.settings.guests)
-    if user is not None and user["session_seen"] < utc_ago(hours=1):
-        store.write_soon(touch_session, session_id)  # the idle clock restarts, hourly at most
-    return user
-
-
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
     context.setdefault("user", getattr(request.state, "user", None))
     context["guests"] = chat_of(request).settings.guests
@@ -2128,44 +2171,8 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
     return templates.TemplateResponse(request, name, context, status_code=status_code)
 
 
-def login_required(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    @functools.wraps(handler)
-    async def guarded(request: Request) -> Response:
-        user = await current_user(request)
-        if user is None:
-            here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            return RedirectResponse(f"/auth/login/?next={quote(here, safe='')}", status_code=303)
-        request.state.user = user
-        return await handler(request)
-
-    return guarded
-
-
-async def read_form(request: Request) -> dict[str, str]:
-    """The POSTed fields, cleaned; 403 unless they carry this session's CSRF token."""
-    form = await request.form(max_files=0, max_fields=20, max_part_size=MAX_FORM_BYTES)
-    fields = {k: clean_text(v) for k, v in form.items() if isinstance(v, str)}
-    expected = request.session.get("csrf", "")
-    # htmx requests that carry no form of their own (Edit, Delete) send it as a header.
-    given = fields.get("csrf_token") or request.headers.get("x-csrf-token", "")
-    if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(403, "This form has expired or did not come from this site. Go back, reload and try again.")
-    return fields
-
-
 def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
-
-
-def client_address(conn: HTTPConnection) -> str:
-    """The peer's address; a proxy's X-Forwarded-For only from CHAT_TRUSTED_PROXIES (main())."""
-    return conn.client.host if conn.client else "unknown"
-
-
-async def start_session(request: Request, user: sqlite3.Row) -> None:
-    store = chat_of(request).store
-    request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
-    request.session["sid"] = await store.write(create_session, user["id"])
 
 
 def username_problem(username: str) -> str | None:
