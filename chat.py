@@ -937,6 +937,230 @@ def end_guest_sessions(db: sqlite3.Connection) -> int:
 
 
 # ---------------------------------------------------------------------------
+# 5. Pages
+# HTML: the Jinja environment and its filters, the fragments (templates/_fragments.html,
+# compiled at first use), the room's clock, message text as HTML (links and mentions), the
+# wire view, and render/redirect. Every {{ value }} is escaped: that keeps user text inert.
+# ---------------------------------------------------------------------------
+
+
+# autoescape=True: every {{ value }} is HTML-escaped, which is what keeps user text inert.
+templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
+
+
+def template_filter(name: str) -> Callable[[Callable], Callable]:
+    """Register the function below as the templates' filter `name` (a section registers its own)."""
+    def register(function: Callable) -> Callable:
+        templates.env.filters[name] = function
+        return function
+    return register
+
+
+class RoomClock:
+    """Times as pages show them, in one zone for everybody: a message is rendered once for
+    its whole room. The zone is CHAT_TIMEZONE, else this machine's own (a classroom and a
+    hobby server run where their people are); create_app() sets it."""
+
+    MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+    def __init__(self, zone: tzinfo | None = None) -> None:
+        self.set_zone(zone)
+
+    def set_zone(self, zone: tzinfo | None) -> None:
+        """None: the machine's local time, daylight saving and all."""
+        self.zone = zone
+        # Messages sent in the same second share one conversion (a busy server sends many).
+        self._shown = functools.lru_cache(maxsize=1024)(self._times)
+
+    def shown(self, iso: str) -> tuple[str, str]:
+        """A time from the database (UTC, ISO_SECONDS) as a message shows it, and in full for
+        its tooltip: ("13:36", "2026-11-30 13:36:10 JST") today; "28 Nov 13:36" on another
+        day, the year too in another year. A time not in ISO_SECONDS is shown as it is."""
+        return self._shown(iso, datetime.now(self.zone).date())
+
+    def short(self, iso: str) -> str:
+        return self.shown(iso)[0]
+
+    def full(self, iso: str) -> str:
+        return self.shown(iso)[1]
+
+    def zone_name(self) -> str:
+        """The zone's name as its times carry it ("JST", "CET"), today."""
+        return datetime.now(timezone.utc).astimezone(self.zone).tzname() or "UTC"
+
+    def _times(self, iso: str, today: Any) -> tuple[str, str]:
+        try:
+            when = datetime.fromisoformat(iso).astimezone(self.zone)
+        except ValueError:
+            return iso, iso
+        clock = f"{when.hour:02}:{when.minute:02}"
+        day = f"{when.day} {self.MONTHS[when.month - 1]}"
+        short = clock if when.date() == today else f"{day} {clock}" if when.year == today.year else f"{day} {when.year} {clock}"
+        return short, f"{when.year}-{when.month:02}-{when.day:02} {clock}:{when.second:02} {when.tzname()}"
+
+
+def time_zone(name: str) -> tzinfo | None:
+    """CHAT_TIMEZONE's zone (None: this machine's); ValueError, in plain words, for a name
+    that is not one (tzdata supplies the zones where the system has none)."""
+    if not name:
+        return None
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"CHAT_TIMEZONE: there is no time zone called {name!r}; "
+                         "use an IANA name such as Europe/Paris or Asia/Tokyo") from None
+
+
+room_clock = RoomClock()
+
+
+@template_filter("local_time")
+def local_time(iso: str) -> tuple[str, str]:
+    """A time from the database as pages show it, short and in full (RoomClock.shown)."""
+    return room_clock.shown(iso)
+
+
+@template_filter("mentioned_ids")
+def mentioned_ids(mentioned: str) -> str:
+    """The ids of the people a message mentions ("id name" lines), for its data-mentions."""
+    return " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
+
+
+# Links as people paste them (balanced brackets, trailing punctuation, quotes around them,
+# query strings, internationalised domains): linkify-it-py, the linkifier markdown-it uses.
+# Only http(s) links that say so; no bare "example.org", e-mail, ftp: or //host.
+LINKS = LinkifyIt(schemas={"ftp:": None, "//": None, "mailto:": None},
+                  options={"fuzzy_link": False, "fuzzy_email": False, "fuzzy_ip": False})
+
+
+TYPOGRAPHIC_CLOSERS = "»”“’‘›‹«…"  # quotes and an ellipsis around a link are not part of it
+
+
+def real_host(url: str) -> str | None:
+    """The host a link really goes to, in ASCII (punycode), when its text could hide it: a
+    user name before the host ("https://bank.example@evil.example"), a host mixing scripts
+    (Cyrillic "а" in "аpple.com"), or an invisible or direction control character anywhere
+    in it. None for a link that goes where it looks like it goes."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # a malformed [IPv6] host
+        return None
+    scripts = {unicodedata.name(ch, "?").split()[0] for ch in host if ch.isalpha()}
+    if "@" not in parts.netloc and not has_invisible(url) and len(scripts) <= 1:
+        return None  # one script throughout (bücher.example, 例え.jp): it goes where it says
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                    for label in host.split("."))
+
+
+@template_filter("linkify")
+def linkify(text: str, mentioned: str | None = None) -> Markup:
+    """Message text as HTML: escaped, with its http(s) links made links and the people it
+    mentions (`mentioned`: "id name" lines, as SELECT_MESSAGES gives them) marked. It is
+    built from escaped pieces (Markup.format escapes the URL too), so no markup can ride
+    along; a link whose text could hide where it goes has its real host beside it."""
+    plain = with_mentions(mentioned) if mentioned else escape
+    if "://" not in text:  # the common case, 20 times cheaper than asking the linkifier
+        return plain(text)
+    parts, done = [], 0
+    for found in LINKS.match(text) or ():
+        if found.schema not in ("http:", "https:"):
+            continue
+        url = text[found.index:found.last_index].rstrip(TYPOGRAPHIC_CLOSERS)
+        parts.append(plain(text[done:found.index]))
+        if host := real_host(url):  # (its text isolated, so no direction control reaches past it)
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank"><bdi>{0}</bdi></a>'
+                                ' <small class="real-host">(goes to {1})</small>').format(url, host))
+        else:
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url))
+        done = found.index + len(url)
+    parts.append(plain(text[done:]))
+    return Markup("").join(parts)
+
+
+def with_mentions(mentioned: str) -> Callable[[str], Markup]:
+    """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
+    as a mention of that person's id: the room page's style marks those of its viewer."""
+    people = {name.casefold(): user_id for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
+    pattern = mention_pattern(list(people))
+
+    def marked(text: str) -> Markup:
+        parts, done = [], 0
+        for found in pattern.finditer(text):
+            parts += [escape(text[done:found.start()]), Markup('<span class="mention" data-user="{0}">{1}</span>').format(
+                people.get(found.group(1).casefold(), ""), found.group(0))]
+            done = found.end()
+        return Markup("").join([*parts, escape(text[done:])])
+    return marked
+
+
+def mention_pattern(names: list[str]) -> re.Pattern[str]:
+    """"@name" for any of these names, ignoring case; the longest name that fits wins, and a
+    name must end where a word does ("@ada" is not in "@adam")."""
+    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)) or "(?!)"
+    return re.compile(rf"(?<![\w@])@({alternatives})(?!\w)", re.IGNORECASE)
+
+
+class Fragments:
+    """The macros of templates/_fragments.html, compiled at first use: Jinja checks a
+    template's filters as it compiles it, and each section registers its own (template_filter)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = templates.env.get_template("_fragments.html").module
+        self.__dict__.update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
+        return getattr(module, name)
+
+
+fragments = Fragments()
+
+
+def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    context.setdefault("user", getattr(request.state, "user", None))
+    context["guests"] = chat_of(request).settings.guests
+    context["csrf_token"] = csrf_token(request) if "session" in request.scope else ""
+    context["csp_nonce"] = request.scope.get("csp_nonce", "")
+    return templates.TemplateResponse(request, name, context, status_code=status_code)
+
+
+def redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+# Who a frame went to, as the wire view (?wire=1) labels it.
+TO_EVERYONE, ONLY_YOU, SENT = "to everyone in the room", "only to you", "sent by this page"
+
+
+WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
+
+
+_last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
+
+
+# What the wire view (made for a projector) never shows: the page's CSRF token and a
+# message's one-time key, in the JSON a page sends and in the answer it gets.
+SECRETS_RE = re.compile(r'("(?:csrf_token|key|X-CSRF-Token)"\s*:\s*")(?:[^"\\]|\\.)*"|(data-key=")[^"]*"')
+
+
+def without_secrets(frame: str) -> str:
+    """The frame with its secrets shown as "…"."""
+    return SECRETS_RE.sub(lambda found: f'{found.group(1) or found.group(2)}…"', frame)
+
+
+def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
+    """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it) and who got
+    it, for pages in teaching mode (?wire=1); with a `label`, folded under it. A broadcast
+    hands one string to every socket in turn, so remembering the last one renders each
+    echo once and holds one at most."""
+    global _last_echo
+    if _last_echo[0] is not frame or _last_echo[1] != audience or _last_echo[2] != label:
+        entry = fragments.wire_entry(without_secrets(frame), WIRE_ECHO_CHARS, audience, label)
+        _last_echo = (frame, audience, label, frame + str(entry))
+    return _last_echo[3]
+
+
+# ---------------------------------------------------------------------------
 # Not yet re-cut
 # What the re-cut has not moved yet, in its old order.
 # ---------------------------------------------------------------------------
@@ -958,9 +1182,6 @@ CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame
 
 
 SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
-
-
-WIRE_ECHO_CHARS = 8 * 1024  # teaching mode shows at most this much of each frame
 
 
 MAX_WS_FRAME_BYTES = 64 * 1024
@@ -1198,13 +1419,6 @@ def record_mentions(db: sqlite3.Connection, message_id: int, room_id: int, text:
     db.executemany("INSERT INTO mentions (message_id, user_id, room_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                    [(message_id, named[found.casefold()], room_id)
                     for found in mention_pattern([name for _, name in members]).findall(text)])
-
-
-def mention_pattern(names: list[str]) -> re.Pattern[str]:
-    """"@name" for any of these names, ignoring case; the longest name that fits wins, and a
-    name must end where a word does ("@ada" is not in "@adam")."""
-    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)) or "(?!)"
-    return re.compile(rf"(?<![\w@])@({alternatives})(?!\w)", re.IGNORECASE)
 
 
 def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str, key: str | None,
@@ -1557,10 +1771,6 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
 
 
-# Who a frame went to, as the wire view (?wire=1) labels it.
-TO_EVERYONE, ONLY_YOU, SENT = "to everyone in the room", "only to you", "sent by this page"
-
-
 # Close code for a socket whose session ended: "policy violation", which htmx does not
 # retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
 SESSION_ENDED = 1008
@@ -1900,156 +2110,6 @@ class LocalFanout:
         self.soon(self.show_presence, room_id)
 
 
-# autoescape=True: every {{ value }} is HTML-escaped, which is what keeps user text inert.
-templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
-
-
-def template_filter(name: str) -> Callable[[Callable], Callable]:
-    """Register the function below as the templates' filter `name` (a section registers its own)."""
-    def register(function: Callable) -> Callable:
-        templates.env.filters[name] = function
-        return function
-    return register
-
-
-class RoomClock:
-    """Times as pages show them, in one zone for everybody: a message is rendered once for
-    its whole room. The zone is CHAT_TIMEZONE, else this machine's own (a classroom and a
-    hobby server run where their people are); create_app() sets it."""
-
-    MONTHS = "Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
-
-    def __init__(self, zone: tzinfo | None = None) -> None:
-        self.set_zone(zone)
-
-    def set_zone(self, zone: tzinfo | None) -> None:
-        """None: the machine's local time, daylight saving and all."""
-        self.zone = zone
-        # Messages sent in the same second share one conversion (a busy server sends many).
-        self._shown = functools.lru_cache(maxsize=1024)(self._times)
-
-    def shown(self, iso: str) -> tuple[str, str]:
-        """A time from the database (UTC, ISO_SECONDS) as a message shows it, and in full for
-        its tooltip: ("13:36", "2026-11-30 13:36:10 JST") today; "28 Nov 13:36" on another
-        day, the year too in another year. A time not in ISO_SECONDS is shown as it is."""
-        return self._shown(iso, datetime.now(self.zone).date())
-
-    def short(self, iso: str) -> str:
-        return self.shown(iso)[0]
-
-    def full(self, iso: str) -> str:
-        return self.shown(iso)[1]
-
-    def zone_name(self) -> str:
-        """The zone's name as its times carry it ("JST", "CET"), today."""
-        return datetime.now(timezone.utc).astimezone(self.zone).tzname() or "UTC"
-
-    def _times(self, iso: str, today: Any) -> tuple[str, str]:
-        try:
-            when = datetime.fromisoformat(iso).astimezone(self.zone)
-        except ValueError:
-            return iso, iso
-        clock = f"{when.hour:02}:{when.minute:02}"
-        day = f"{when.day} {self.MONTHS[when.month - 1]}"
-        short = clock if when.date() == today else f"{day} {clock}" if when.year == today.year else f"{day} {when.year} {clock}"
-        return short, f"{when.year}-{when.month:02}-{when.day:02} {clock}:{when.second:02} {when.tzname()}"
-
-
-def time_zone(name: str) -> tzinfo | None:
-    """CHAT_TIMEZONE's zone (None: this machine's); ValueError, in plain words, for a name
-    that is not one (tzdata supplies the zones where the system has none)."""
-    if not name:
-        return None
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"CHAT_TIMEZONE: there is no time zone called {name!r}; "
-                         "use an IANA name such as Europe/Paris or Asia/Tokyo") from None
-
-
-room_clock = RoomClock()
-
-
-@template_filter("local_time")
-def local_time(iso: str) -> tuple[str, str]:
-    """A time from the database as pages show it, short and in full (RoomClock.shown)."""
-    return room_clock.shown(iso)
-
-
-@template_filter("mentioned_ids")
-def mentioned_ids(mentioned: str) -> str:
-    """The ids of the people a message mentions ("id name" lines), for its data-mentions."""
-    return " ".join(line.split(" ", 1)[0] for line in mentioned.split("\n"))
-
-
-# Links as people paste them (balanced brackets, trailing punctuation, quotes around them,
-# query strings, internationalised domains): linkify-it-py, the linkifier markdown-it uses.
-# Only http(s) links that say so; no bare "example.org", e-mail, ftp: or //host.
-LINKS = LinkifyIt(schemas={"ftp:": None, "//": None, "mailto:": None},
-                  options={"fuzzy_link": False, "fuzzy_email": False, "fuzzy_ip": False})
-
-
-TYPOGRAPHIC_CLOSERS = "»”“’‘›‹«…"  # quotes and an ellipsis around a link are not part of it
-
-
-def real_host(url: str) -> str | None:
-    """The host a link really goes to, in ASCII (punycode), when its text could hide it: a
-    user name before the host ("https://bank.example@evil.example"), a host mixing scripts
-    (Cyrillic "а" in "аpple.com"), or an invisible or direction control character anywhere
-    in it. None for a link that goes where it looks like it goes."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-    except ValueError:  # a malformed [IPv6] host
-        return None
-    scripts = {unicodedata.name(ch, "?").split()[0] for ch in host if ch.isalpha()}
-    if "@" not in parts.netloc and not has_invisible(url) and len(scripts) <= 1:
-        return None  # one script throughout (bücher.example, 例え.jp): it goes where it says
-    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
-                    for label in host.split("."))
-
-
-@template_filter("linkify")
-def linkify(text: str, mentioned: str | None = None) -> Markup:
-    """Message text as HTML: escaped, with its http(s) links made links and the people it
-    mentions (`mentioned`: "id name" lines, as SELECT_MESSAGES gives them) marked. It is
-    built from escaped pieces (Markup.format escapes the URL too), so no markup can ride
-    along; a link whose text could hide where it goes has its real host beside it."""
-    plain = with_mentions(mentioned) if mentioned else escape
-    if "://" not in text:  # the common case, 20 times cheaper than asking the linkifier
-        return plain(text)
-    parts, done = [], 0
-    for found in LINKS.match(text) or ():
-        if found.schema not in ("http:", "https:"):
-            continue
-        url = text[found.index:found.last_index].rstrip(TYPOGRAPHIC_CLOSERS)
-        parts.append(plain(text[done:found.index]))
-        if host := real_host(url):  # (its text isolated, so no direction control reaches past it)
-            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank"><bdi>{0}</bdi></a>'
-                                ' <small class="real-host">(goes to {1})</small>').format(url, host))
-        else:
-            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url))
-        done = found.index + len(url)
-    parts.append(plain(text[done:]))
-    return Markup("").join(parts)
-
-
-def with_mentions(mentioned: str) -> Callable[[str], Markup]:
-    """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
-    as a mention of that person's id: the room page's style marks those of its viewer."""
-    people = {name.casefold(): user_id for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
-    pattern = mention_pattern(list(people))
-
-    def marked(text: str) -> Markup:
-        parts, done = [], 0
-        for found in pattern.finditer(text):
-            parts += [escape(text[done:found.start()]), Markup('<span class="mention" data-user="{0}">{1}</span>').format(
-                people.get(found.group(1).casefold(), ""), found.group(0))]
-            done = found.end()
-        return Markup("").join([*parts, escape(text[done:])])
-    return marked
-
-
 @template_filter("reaction_groups")
 def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
@@ -2072,46 +2132,6 @@ def first_line(text: str, limit: int = 100) -> str:
 def marked_hits(snippet: str) -> Markup:
     """A search snippet as HTML: escaped, the words found in <mark>."""
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
-
-
-class Fragments:
-    """The macros of templates/_fragments.html, compiled at first use: Jinja checks a
-    template's filters as it compiles it, and each section registers its own (template_filter)."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        module = templates.env.get_template("_fragments.html").module
-        self.__dict__.update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
-        return getattr(module, name)
-
-
-fragments = Fragments()
-
-
-_last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
-
-
-# What the wire view (made for a projector) never shows: the page's CSRF token and a
-# message's one-time key, in the JSON a page sends and in the answer it gets.
-SECRETS_RE = re.compile(r'("(?:csrf_token|key|X-CSRF-Token)"\s*:\s*")(?:[^"\\]|\\.)*"|(data-key=")[^"]*"')
-
-
-def without_secrets(frame: str) -> str:
-    """The frame with its secrets shown as "…"."""
-    return SECRETS_RE.sub(lambda found: f'{found.group(1) or found.group(2)}…"', frame)
-
-
-def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
-    """A frame plus its own escaped source (the first WIRE_ECHO_CHARS of it) and who got
-    it, for pages in teaching mode (?wire=1); with a `label`, folded under it. A broadcast
-    hands one string to every socket in turn, so remembering the last one renders each
-    echo once and holds one at most."""
-    global _last_echo
-    if _last_echo[0] is not frame or _last_echo[1] != audience or _last_echo[2] != label:
-        entry = fragments.wire_entry(without_secrets(frame), WIRE_ECHO_CHARS, audience, label)
-        _last_echo = (frame, audience, label, frame + str(entry))
-    return _last_echo[3]
 
 
 def slugify(name: str) -> str:
@@ -2161,18 +2181,6 @@ class Chat:
         self.register_limit = limiter(self.settings.register_rate, 3600)
         self.room_guess_limit = failures(self.settings.room_guesses, 3600)
         self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
-
-
-def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    context.setdefault("user", getattr(request.state, "user", None))
-    context["guests"] = chat_of(request).settings.guests
-    context["csrf_token"] = csrf_token(request) if "session" in request.scope else ""
-    context["csp_nonce"] = request.scope.get("csp_nonce", "")
-    return templates.TemplateResponse(request, name, context, status_code=status_code)
-
-
-def redirect(url: str) -> RedirectResponse:
-    return RedirectResponse(url, status_code=303)
 
 
 def username_problem(username: str) -> str | None:
