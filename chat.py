@@ -1161,6 +1161,425 @@ def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------------------
+# 6. The live room
+# Who is connected to which room and who is online in it, each room's state as its owners
+# set it, and fan-out: one rendered frame handed to every socket in a room (across workers:
+# section 13). Then the record every handler shares (Chat).
+# ---------------------------------------------------------------------------
+
+
+# Close code for a socket whose session ended: "policy violation", which htmx does not
+# retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
+SESSION_ENDED = 1008
+
+
+SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
+
+
+# What a page gets every CHAT_HEARTBEAT: nothing to swap, only a sign of life that room.js
+# counts (a page that stops getting them says "Reconnecting…" and reconnects).
+HEARTBEAT_FRAME = "<!-- live -->"
+
+
+class Connection:
+    """One open WebSocket: frames go out at once while its socket keeps up, and into a
+    bounded backlog while it does not."""
+
+    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_slug", "wire",
+                 "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
+
+    @property
+    def user(self) -> tuple[int, str, bool]:
+        return self.user_id, self.username, self.is_guest
+
+    def __init__(self, websocket: WebSocket, session_id: str, user: sqlite3.Row, room_id: int,
+                 room_slug: str, wire: bool) -> None:
+        self.websocket = websocket
+        self.session_id = session_id
+        # Frames go straight to the server's ASGI send, past the middleware: sessions and
+        # error pages are about HTTP, and each layer would cost time on every frame.
+        self.send: Send = websocket.scope["backchat.raw_send"]
+        self.user_id, self.username, self.is_guest = user["id"], user["username"], bool(user["is_guest"])
+        self.room_id, self.room_slug = room_id, room_slug
+        self.wire = wire
+        self.backlog: list[str] = []
+        self.backlog_bytes = 0
+        self.flusher: asyncio.Task | None = None  # exists only while the socket lags behind
+        self.handler = asyncio.current_task()  # the task reading this socket
+        self.dropped = False
+        self.caught_up = False  # a page catches up once per socket, as it opens
+
+    def push(self, frame: str, audience: str | None = ONLY_YOU, label: str | None = None) -> None:
+        """Send a frame without ever waiting: at once if the socket can take it, else later.
+        In teaching mode it carries its own source, labelled with its `audience` (None: not
+        shown, as for heartbeats) and, folded under a `label`, when it is long and routine."""
+        if self.dropped:
+            return
+        if self.wire and audience:
+            frame = with_wire_echo(frame, audience, label)
+        if self.flusher is None:
+            self._send_now(frame)
+        elif self.backlog_bytes + len(frame) <= SEND_QUEUE_BYTES:
+            self.backlog.append(frame)
+            self.backlog_bytes += len(frame)
+        else:  # never wait for one slow reader: drop it; its page reconnects and catches up
+            log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind", self.username,
+                        self.room_slug, len(self.backlog), self.backlog_bytes)
+            self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
+
+    def _message(self, frame: str) -> Message:
+        return {"type": "websocket.send", "text": frame}
+
+    def _send_now(self, frame: str) -> None:
+        # Run the server's send coroutine by hand up to its first wait. Nearly always it
+        # has copied the frame into the socket's buffer by then and is done: no task, no
+        # trip through the event loop, for each of a room's thousand sockets. Only when
+        # the socket's buffer is full does it wait, and then a task takes over from there.
+        # (Python 3.12's eager tasks do the same; this works on 3.11 too.)
+        sending = self.send(self._message(frame))
+        try:
+            waiting_for = sending.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            return  # the socket is gone; the receive loop notices and cleans up
+        self.flusher = asyncio.create_task(self._flush(sending, waiting_for))
+
+    async def _flush(self, sending: Any, waiting_for: Any) -> None:
+        """Finish the send that had to wait, then everything that piled up behind it."""
+        try:
+            while True:
+                if waiting_for is None:  # a bare yield: just let the loop run once
+                    await asyncio.sleep(0)
+                else:
+                    # What asyncio's Task does with each future a coroutine yields: clear the
+                    # "a task is blocked on me" mark, then wait for it. (Left set, awaiting
+                    # the future again raises "await wasn't used with future".)
+                    waiting_for._asyncio_future_blocking = False
+                    await waiting_for
+                try:
+                    waiting_for = sending.send(None)
+                except StopIteration:
+                    break
+            while self.backlog:
+                frames, self.backlog, self.backlog_bytes = self.backlog, [], 0
+                for frame in frames:
+                    await self.send(self._message(frame))
+        except asyncio.CancelledError:
+            sending.close()
+            raise
+        except Exception:
+            sending.close()  # the socket is gone; the receive loop notices and cleans up
+        finally:
+            self.flusher = None
+
+    def drop(self, code: int, reason: str) -> None:
+        """From now on send nothing to this socket and read nothing from it; close it."""
+        self.dropped = True
+        asyncio.create_task(self._close_and_stop_reading(code, reason))
+
+    async def _close_and_stop_reading(self, code: int, reason: str) -> None:
+        if self.flusher is not None:  # what was handed over before (a notice) gets a second
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self.flusher), 1)
+        self.stop_flushing()  # a reader that reads nothing would keep it waiting forever
+        await self.close(code, reason)
+        if self.handler is not None:  # still reading: a peer that never answers the close
+            self.handler.cancel()
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close the socket; a peer that reads nothing cannot even take the close frame,
+        so this waits a second at most."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.websocket.close(code, reason), 1)
+
+    def stop_flushing(self) -> None:
+        if self.flusher is not None:
+            self.flusher.cancel()
+
+
+Person = tuple[int, str, bool]  # someone in a room: (user id, name, is a guest)
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """What a room's owners set, as every worker holding a page of it keeps it in memory:
+    read at each handshake, changed by the owners' tools (Moderation). Posting obeys it
+    (the database checks a lock and removals again as it stores a message)."""
+
+    slug: str
+    owners: frozenset[int] = frozenset()
+    locked: bool = False
+    slow_mode: int = 0  # seconds between a member's messages; 0: off
+
+    @classmethod
+    def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
+        return cls(room["slug"], owners, bool(room["locked"]), room["slow_mode"])
+
+
+def by_name(people: set[Person]) -> list[Person]:
+    return sorted(people, key=lambda person: (person[1].casefold(), person[0]))
+
+
+class RoomHub:
+    """The in-memory registry: connections per room, who is online in each, and each room's
+    state (its owners, lock and slow mode; read when a page opens)."""
+
+    def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
+        self.connections: dict[int, set[Connection]] = {}  # room id -> its sockets
+        self.tabs: dict[int, dict[Person, int]] = {}  # room id -> person -> open tabs
+        self.rooms: dict[int, RoomState] = {}  # room id -> its state, while a page of it is open here
+        self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
+        self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
+
+    def claim(self, user_id: int, address: str) -> bool:
+        """Count one more socket for this user and address, if both are under their caps."""
+        keys = [(kind, owner) for kind, owner in (("user", user_id), ("address", address), ("all", ""))
+                if self.limits[kind]]
+        if any(self.open_sockets[key] >= self.limits[key[0]] for key in keys):
+            return False
+        self.open_sockets.update(keys)
+        return True
+
+    def release(self, user_id: int, address: str) -> None:
+        for key in (("user", user_id), ("address", address), ("all", "")):
+            if self.open_sockets[key] <= 1:
+                self.open_sockets.pop(key, None)
+            else:
+                self.open_sockets[key] -= 1
+
+    def join(self, conn: Connection) -> bool:
+        """Register a connection; True when its user just came online in the room."""
+        self.connections.setdefault(conn.room_id, set()).add(conn)
+        tabs = self.tabs.setdefault(conn.room_id, {})
+        tabs[conn.user] = tabs.get(conn.user, 0) + 1
+        return tabs[conn.user] == 1
+
+    def leave(self, conn: Connection) -> bool:
+        """Forget a connection; True when its user's last tab in the room closed."""
+        room = self.connections.get(conn.room_id, set())
+        if conn not in room:
+            return False
+        room.discard(conn)
+        tabs = self.tabs[conn.room_id]
+        tabs[conn.user] -= 1
+        went_offline = tabs[conn.user] == 0
+        if went_offline:
+            del tabs[conn.user]
+        if not room:
+            del self.connections[conn.room_id], self.tabs[conn.room_id]
+            self.rooms.pop(conn.room_id, None)
+        return went_offline
+
+    def has_page(self, room_id: int, user_id: int) -> bool:
+        """Whether the user has the room open (on this worker)."""
+        return any(user[0] == user_id for user in self.tabs.get(room_id, ()))
+
+    def online(self, room_id: int) -> list[Person]:
+        """Who has the room open, by name."""
+        return by_name(set(self.tabs.get(room_id, {})))
+
+    def everyone(self) -> list[Connection]:
+        return [conn for room in self.connections.values() for conn in room]
+
+    async def close_all(self, code: int) -> None:
+        """Close every socket (1012: pages reconnect and catch up from the database)."""
+        for conn in self.everyone():
+            await conn.close(code)
+
+    def close_room(self, room_id: int, code: int) -> None:
+        """Close every socket in the room (1012: they reconnect and catch up), without waiting."""
+        for conn in tuple(self.connections.get(room_id, ())):
+            asyncio.create_task(conn.close(code))
+
+    def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
+                  why: str = "logged out") -> None:
+        """Pages that may not go on (`why`: "logged out" of one session or everywhere, "left"
+        the room, "removed" from it, the room "deleted"; user None: everybody in the room):
+        told in place, and their sockets closed with a code htmx does not retry."""
+        for conn in self.everyone():
+            if user_id in (None, conn.user_id) and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
+                conn.push(str(fragments.page_ended(conn.room_slug, why)))
+                conn.drop(SESSION_ENDED, why)
+
+    def set_room(self, room_id: int, state: RoomState) -> None:
+        """The room's state changed (its owners' tools): kept, if a page of it is open here."""
+        if room_id in self.connections:
+            self.rooms[room_id] = state
+
+    async def heartbeat(self, every: float) -> None:
+        """Tell every page it is live, again and again: a page whose frames stop coming
+        (a dead link that no close ever crossed) says "Reconnecting…" and reconnects (room.js)."""
+        while True:
+            await asyncio.sleep(every)
+            for conn in self.everyone():
+                conn.push(HEARTBEAT_FRAME, audience=None)
+
+    def broadcast(self, room_id: int, frame: str, label: str | None = None) -> None:
+        """Hand one already-rendered frame to every connection in the room, sender included
+        (`label`: what the wire view calls it, shown folded, as for the online list)."""
+        for conn in tuple(self.connections.get(room_id, ())):
+            conn.push(frame, TO_EVERYONE, label)
+
+
+def owners_first(people: list[Person], owners: frozenset[int]) -> list[Person]:
+    """The online list as pages show it: the room's owners (the teacher) first, then by name."""
+    return sorted(people, key=lambda person: person[0] not in owners)
+
+
+def presence_frame(people: list[Person], owners: frozenset[int]) -> str:
+    return str(fragments.presence_frame(owners_first(people, owners), owners))
+
+
+class LocalFanout:
+    """Fan-out within one process (the default): a frame goes straight to the hub.
+    RedisFanout below has the same methods; nothing else knows which one runs."""
+
+    PRESENCE_WINDOW = 0.25  # seconds: a room's joins and leaves within it make one frame
+
+    def __init__(self, hub: RoomHub) -> None:
+        self.hub = hub
+        self.shown: dict[int, tuple] = {}  # the presence list (and owners) each room's pages last got
+        self.due: set[tuple[str, int]] = set()  # (action, room id) waiting for its window to end
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def publish(self, room_id: int, frame: str) -> None:
+        self.hub.broadcast(room_id, frame)
+
+    async def watch(self, room_id: int) -> None:
+        """A socket of this worker is in the room: its frames must reach this worker from now
+        on (RedisFanout subscribes to the room; here, every frame is this worker's anyway)."""
+
+    async def unwatch(self, room_id: int) -> None:
+        """The last socket of this worker in the room closed."""
+
+    async def online(self, room_id: int) -> list[Person]:
+        """Who has the room open, by name (on every worker)."""
+        return (await self.online_in([room_id]))[room_id]
+
+    async def online_in(self, room_ids: list[int]) -> dict[int, list[Person]]:
+        """online() for several rooms at once (RedisFanout: one trip to Redis for all)."""
+        return {room_id: self.hub.online(room_id) for room_id in room_ids}
+
+    async def came_online(self, conn: Connection) -> None:
+        self.soon(self.show_presence, conn.room_id)
+
+    went_offline = came_online  # either way: everybody gets the new list, soon
+
+    def soon(self, action: Callable[[int], Awaitable[None]], room_id: int) -> None:
+        """Run `action(room)` once PRESENCE_WINDOW from now, however often it is asked for
+        meanwhile: an account that connects and disconnects in a loop costs a room a few
+        small frames a second, not one per connection."""
+        key = (action.__name__, room_id)
+        if key in self.due:
+            return
+        self.due.add(key)
+
+        def window_ended() -> None:
+            self.due.discard(key)
+            asyncio.create_task(action(room_id))
+
+        asyncio.get_running_loop().call_later(self.PRESENCE_WINDOW, window_ended)
+
+    async def show_presence(self, room_id: int) -> None:
+        """Send the room's pages its online list, if it changed since they last got it."""
+        await self.show_presences([room_id])
+
+    async def show_presences(self, room_ids: list[int]) -> None:
+        """show_presence() for several rooms, with one online_in() for all of them."""
+        for room_id in room_ids:
+            if room_id not in self.hub.connections:
+                self.shown.pop(room_id, None)  # nobody here is in that room any more
+        online = await self.online_in([room_id for room_id in room_ids if room_id in self.hub.connections])
+        for room_id, people in online.items():
+            state = self.hub.rooms.get(room_id)
+            owners = state.owners if state else frozenset()
+            if room_id in self.hub.connections and self.shown.get(room_id) != (people, owners):
+                self.shown[room_id] = (people, owners)
+                self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
+
+    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
+                        why: str = "logged out") -> None:
+        self.hub.end_pages(user_id, session_id, room_id, why)
+
+    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
+        """Its owners changed the room: every worker keeps its new state, every page gets the
+        frame that shows it, and the online list marks the owners as they are now."""
+        self.hub.set_room(room_id, state)
+        self.hub.broadcast(room_id, frame)
+        self.soon(self.show_presence, room_id)
+
+
+SESSION_CHECK_SECONDS = 5.0  # how often the sessions of open sockets are checked (a closed account leaves soon)
+
+
+async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> None:
+    """An open room page is its session in use, and a session that ends ends its pages:
+    every `every` seconds, each open socket's session is kept alive (its idle clock restarted,
+    hourly at most, as HTTP requests do), and the pages of sessions that are no longer live
+    (ended elsewhere, idle or too old, a guest's with guest mode off) are told so and closed."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await check_sessions(chat)
+        except sqlite3.Error as problem:
+            log.warning("could not check the sessions of open sockets: %r", problem)
+
+
+async def check_sessions(chat: Chat) -> None:
+    pages = chat.hub.everyone()
+    if not pages:
+        return
+    live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}), chat.settings.guests)
+    for conn in pages:
+        if conn.session_id not in live and not conn.dropped:
+            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_slug)
+            conn.push(str(fragments.page_ended(conn.room_slug)))
+            conn.drop(SESSION_ENDED, "session ended")
+    hour_ago = utc_ago(hours=1)
+    if in_use := [session_id for session_id, seen in live.items() if seen < hour_ago]:
+        chat.store.write_soon(touch_session, *in_use)
+
+
+@dataclass
+class Chat:
+    """What the routes share: settings, database, hub, fan-out and the limits."""
+
+    settings: Settings
+    store: Store
+    hub: RoomHub = field(init=False)
+    fanout: LocalFanout = field(init=False)
+    message_limit: RateLimiter = field(init=False)
+    room_limit: RateLimiter = field(init=False)
+    login_limit: FailureLimit = field(init=False)
+    register_limit: RateLimiter = field(init=False)
+    room_guess_limit: FailureLimit = field(init=False)
+    slow_limits: dict[int, RateLimiter] = field(init=False)  # slow mode's seconds -> one message per that
+    purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows on their way out
+
+    def __post_init__(self) -> None:
+        self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
+                           self.settings.max_connections)
+        if self.settings.redis_url:
+            self.fanout = RedisFanout(self.hub, self.settings.redis_url)
+            limiter = functools.partial(RedisRateLimiter, self.fanout)
+            failures = functools.partial(RedisFailureLimit, self.fanout)
+        else:
+            self.fanout, limiter, failures = LocalFanout(self.hub), RateLimiter, FailureLimit
+        self.message_limit = limiter(self.settings.message_rate, 10)
+        self.room_limit = limiter(self.settings.room_rate, 3600)
+        self.login_limit = failures(self.settings.login_failures, 15 * 60)
+        self.register_limit = limiter(self.settings.register_rate, 3600)
+        self.room_guess_limit = failures(self.settings.room_guesses, 3600)
+        self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
+
+
+# ---------------------------------------------------------------------------
 # Not yet re-cut
 # What the re-cut has not moved yet, in its old order.
 # ---------------------------------------------------------------------------
@@ -1179,9 +1598,6 @@ CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synce
 
 
 CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
-
-
-SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before it is dropped
 
 
 MAX_WS_FRAME_BYTES = 64 * 1024
@@ -1771,345 +2187,6 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
 
 
-# Close code for a socket whose session ended: "policy violation", which htmx does not
-# retry (it reconnects on 1001, 1005, 1006, 1011-1014), so a logged-out page stops knocking.
-SESSION_ENDED = 1008
-
-
-class Connection:
-    """One open WebSocket: frames go out at once while its socket keeps up, and into a
-    bounded backlog while it does not."""
-
-    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_slug", "wire",
-                 "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
-
-    @property
-    def user(self) -> tuple[int, str, bool]:
-        return self.user_id, self.username, self.is_guest
-
-    def __init__(self, websocket: WebSocket, session_id: str, user: sqlite3.Row, room_id: int,
-                 room_slug: str, wire: bool) -> None:
-        self.websocket = websocket
-        self.session_id = session_id
-        # Frames go straight to the server's ASGI send, past the middleware: sessions and
-        # error pages are about HTTP, and each layer would cost time on every frame.
-        self.send: Send = websocket.scope["backchat.raw_send"]
-        self.user_id, self.username, self.is_guest = user["id"], user["username"], bool(user["is_guest"])
-        self.room_id, self.room_slug = room_id, room_slug
-        self.wire = wire
-        self.backlog: list[str] = []
-        self.backlog_bytes = 0
-        self.flusher: asyncio.Task | None = None  # exists only while the socket lags behind
-        self.handler = asyncio.current_task()  # the task reading this socket
-        self.dropped = False
-        self.caught_up = False  # a page catches up once per socket, as it opens
-
-    def push(self, frame: str, audience: str | None = ONLY_YOU, label: str | None = None) -> None:
-        """Send a frame without ever waiting: at once if the socket can take it, else later.
-        In teaching mode it carries its own source, labelled with its `audience` (None: not
-        shown, as for heartbeats) and, folded under a `label`, when it is long and routine."""
-        if self.dropped:
-            return
-        if self.wire and audience:
-            frame = with_wire_echo(frame, audience, label)
-        if self.flusher is None:
-            self._send_now(frame)
-        elif self.backlog_bytes + len(frame) <= SEND_QUEUE_BYTES:
-            self.backlog.append(frame)
-            self.backlog_bytes += len(frame)
-        else:  # never wait for one slow reader: drop it; its page reconnects and catches up
-            log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind", self.username,
-                        self.room_slug, len(self.backlog), self.backlog_bytes)
-            self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
-
-    def _message(self, frame: str) -> Message:
-        return {"type": "websocket.send", "text": frame}
-
-    def _send_now(self, frame: str) -> None:
-        # Run the server's send coroutine by hand up to its first wait. Nearly always it
-        # has copied the frame into the socket's buffer by then and is done: no task, no
-        # trip through the event loop, for each of a room's thousand sockets. Only when
-        # the socket's buffer is full does it wait, and then a task takes over from there.
-        # (Python 3.12's eager tasks do the same; this works on 3.11 too.)
-        sending = self.send(self._message(frame))
-        try:
-            waiting_for = sending.send(None)
-        except StopIteration:
-            return
-        except Exception:
-            return  # the socket is gone; the receive loop notices and cleans up
-        self.flusher = asyncio.create_task(self._flush(sending, waiting_for))
-
-    async def _flush(self, sending: Any, waiting_for: Any) -> None:
-        """Finish the send that had to wait, then everything that piled up behind it."""
-        try:
-            while True:
-                if waiting_for is None:  # a bare yield: just let the loop run once
-                    await asyncio.sleep(0)
-                else:
-                    # What asyncio's Task does with each future a coroutine yields: clear the
-                    # "a task is blocked on me" mark, then wait for it. (Left set, awaiting
-                    # the future again raises "await wasn't used with future".)
-                    waiting_for._asyncio_future_blocking = False
-                    await waiting_for
-                try:
-                    waiting_for = sending.send(None)
-                except StopIteration:
-                    break
-            while self.backlog:
-                frames, self.backlog, self.backlog_bytes = self.backlog, [], 0
-                for frame in frames:
-                    await self.send(self._message(frame))
-        except asyncio.CancelledError:
-            sending.close()
-            raise
-        except Exception:
-            sending.close()  # the socket is gone; the receive loop notices and cleans up
-        finally:
-            self.flusher = None
-
-    def drop(self, code: int, reason: str) -> None:
-        """From now on send nothing to this socket and read nothing from it; close it."""
-        self.dropped = True
-        asyncio.create_task(self._close_and_stop_reading(code, reason))
-
-    async def _close_and_stop_reading(self, code: int, reason: str) -> None:
-        if self.flusher is not None:  # what was handed over before (a notice) gets a second
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.flusher), 1)
-        self.stop_flushing()  # a reader that reads nothing would keep it waiting forever
-        await self.close(code, reason)
-        if self.handler is not None:  # still reading: a peer that never answers the close
-            self.handler.cancel()
-
-    async def close(self, code: int, reason: str = "") -> None:
-        """Close the socket; a peer that reads nothing cannot even take the close frame,
-        so this waits a second at most."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.websocket.close(code, reason), 1)
-
-    def stop_flushing(self) -> None:
-        if self.flusher is not None:
-            self.flusher.cancel()
-
-
-Person = tuple[int, str, bool]  # someone in a room: (user id, name, is a guest)
-
-
-@dataclass(frozen=True)
-class RoomState:
-    """What a room's owners set, as every worker holding a page of it keeps it in memory:
-    read at each handshake, changed by the owners' tools (Moderation). Posting obeys it
-    (the database checks a lock and removals again as it stores a message)."""
-
-    slug: str
-    owners: frozenset[int] = frozenset()
-    locked: bool = False
-    slow_mode: int = 0  # seconds between a member's messages; 0: off
-
-    @classmethod
-    def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
-        return cls(room["slug"], owners, bool(room["locked"]), room["slow_mode"])
-
-
-def by_name(people: set[Person]) -> list[Person]:
-    return sorted(people, key=lambda person: (person[1].casefold(), person[0]))
-
-
-class RoomHub:
-    """The in-memory registry: connections per room, who is online in each, and each room's
-    state (its owners, lock and slow mode; read when a page opens)."""
-
-    def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
-        self.connections: dict[int, set[Connection]] = {}  # room id -> its sockets
-        self.tabs: dict[int, dict[Person, int]] = {}  # room id -> person -> open tabs
-        self.rooms: dict[int, RoomState] = {}  # room id -> its state, while a page of it is open here
-        self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
-        self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
-
-    def claim(self, user_id: int, address: str) -> bool:
-        """Count one more socket for this user and address, if both are under their caps."""
-        keys = [(kind, owner) for kind, owner in (("user", user_id), ("address", address), ("all", ""))
-                if self.limits[kind]]
-        if any(self.open_sockets[key] >= self.limits[key[0]] for key in keys):
-            return False
-        self.open_sockets.update(keys)
-        return True
-
-    def release(self, user_id: int, address: str) -> None:
-        for key in (("user", user_id), ("address", address), ("all", "")):
-            if self.open_sockets[key] <= 1:
-                self.open_sockets.pop(key, None)
-            else:
-                self.open_sockets[key] -= 1
-
-    def join(self, conn: Connection) -> bool:
-        """Register a connection; True when its user just came online in the room."""
-        self.connections.setdefault(conn.room_id, set()).add(conn)
-        tabs = self.tabs.setdefault(conn.room_id, {})
-        tabs[conn.user] = tabs.get(conn.user, 0) + 1
-        return tabs[conn.user] == 1
-
-    def leave(self, conn: Connection) -> bool:
-        """Forget a connection; True when its user's last tab in the room closed."""
-        room = self.connections.get(conn.room_id, set())
-        if conn not in room:
-            return False
-        room.discard(conn)
-        tabs = self.tabs[conn.room_id]
-        tabs[conn.user] -= 1
-        went_offline = tabs[conn.user] == 0
-        if went_offline:
-            del tabs[conn.user]
-        if not room:
-            del self.connections[conn.room_id], self.tabs[conn.room_id]
-            self.rooms.pop(conn.room_id, None)
-        return went_offline
-
-    def has_page(self, room_id: int, user_id: int) -> bool:
-        """Whether the user has the room open (on this worker)."""
-        return any(user[0] == user_id for user in self.tabs.get(room_id, ()))
-
-    def online(self, room_id: int) -> list[Person]:
-        """Who has the room open, by name."""
-        return by_name(set(self.tabs.get(room_id, {})))
-
-    def everyone(self) -> list[Connection]:
-        return [conn for room in self.connections.values() for conn in room]
-
-    async def close_all(self, code: int) -> None:
-        """Close every socket (1012: pages reconnect and catch up from the database)."""
-        for conn in self.everyone():
-            await conn.close(code)
-
-    def close_room(self, room_id: int, code: int) -> None:
-        """Close every socket in the room (1012: they reconnect and catch up), without waiting."""
-        for conn in tuple(self.connections.get(room_id, ())):
-            asyncio.create_task(conn.close(code))
-
-    def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
-                  why: str = "logged out") -> None:
-        """Pages that may not go on (`why`: "logged out" of one session or everywhere, "left"
-        the room, "removed" from it, the room "deleted"; user None: everybody in the room):
-        told in place, and their sockets closed with a code htmx does not retry."""
-        for conn in self.everyone():
-            if user_id in (None, conn.user_id) and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
-                conn.push(str(fragments.page_ended(conn.room_slug, why)))
-                conn.drop(SESSION_ENDED, why)
-
-    def set_room(self, room_id: int, state: RoomState) -> None:
-        """The room's state changed (its owners' tools): kept, if a page of it is open here."""
-        if room_id in self.connections:
-            self.rooms[room_id] = state
-
-    async def heartbeat(self, every: float) -> None:
-        """Tell every page it is live, again and again: a page whose frames stop coming
-        (a dead link that no close ever crossed) says "Reconnecting…" and reconnects (room.js)."""
-        while True:
-            await asyncio.sleep(every)
-            for conn in self.everyone():
-                conn.push(HEARTBEAT_FRAME, audience=None)
-
-    def broadcast(self, room_id: int, frame: str, label: str | None = None) -> None:
-        """Hand one already-rendered frame to every connection in the room, sender included
-        (`label`: what the wire view calls it, shown folded, as for the online list)."""
-        for conn in tuple(self.connections.get(room_id, ())):
-            conn.push(frame, TO_EVERYONE, label)
-
-
-def owners_first(people: list[Person], owners: frozenset[int]) -> list[Person]:
-    """The online list as pages show it: the room's owners (the teacher) first, then by name."""
-    return sorted(people, key=lambda person: person[0] not in owners)
-
-
-def presence_frame(people: list[Person], owners: frozenset[int]) -> str:
-    return str(fragments.presence_frame(owners_first(people, owners), owners))
-
-
-class LocalFanout:
-    """Fan-out within one process (the default): a frame goes straight to the hub.
-    RedisFanout below has the same methods; nothing else knows which one runs."""
-
-    PRESENCE_WINDOW = 0.25  # seconds: a room's joins and leaves within it make one frame
-
-    def __init__(self, hub: RoomHub) -> None:
-        self.hub = hub
-        self.shown: dict[int, tuple] = {}  # the presence list (and owners) each room's pages last got
-        self.due: set[tuple[str, int]] = set()  # (action, room id) waiting for its window to end
-
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
-        pass
-
-    async def publish(self, room_id: int, frame: str) -> None:
-        self.hub.broadcast(room_id, frame)
-
-    async def watch(self, room_id: int) -> None:
-        """A socket of this worker is in the room: its frames must reach this worker from now
-        on (RedisFanout subscribes to the room; here, every frame is this worker's anyway)."""
-
-    async def unwatch(self, room_id: int) -> None:
-        """The last socket of this worker in the room closed."""
-
-    async def online(self, room_id: int) -> list[Person]:
-        """Who has the room open, by name (on every worker)."""
-        return (await self.online_in([room_id]))[room_id]
-
-    async def online_in(self, room_ids: list[int]) -> dict[int, list[Person]]:
-        """online() for several rooms at once (RedisFanout: one trip to Redis for all)."""
-        return {room_id: self.hub.online(room_id) for room_id in room_ids}
-
-    async def came_online(self, conn: Connection) -> None:
-        self.soon(self.show_presence, conn.room_id)
-
-    went_offline = came_online  # either way: everybody gets the new list, soon
-
-    def soon(self, action: Callable[[int], Awaitable[None]], room_id: int) -> None:
-        """Run `action(room)` once PRESENCE_WINDOW from now, however often it is asked for
-        meanwhile: an account that connects and disconnects in a loop costs a room a few
-        small frames a second, not one per connection."""
-        key = (action.__name__, room_id)
-        if key in self.due:
-            return
-        self.due.add(key)
-
-        def window_ended() -> None:
-            self.due.discard(key)
-            asyncio.create_task(action(room_id))
-
-        asyncio.get_running_loop().call_later(self.PRESENCE_WINDOW, window_ended)
-
-    async def show_presence(self, room_id: int) -> None:
-        """Send the room's pages its online list, if it changed since they last got it."""
-        await self.show_presences([room_id])
-
-    async def show_presences(self, room_ids: list[int]) -> None:
-        """show_presence() for several rooms, with one online_in() for all of them."""
-        for room_id in room_ids:
-            if room_id not in self.hub.connections:
-                self.shown.pop(room_id, None)  # nobody here is in that room any more
-        online = await self.online_in([room_id for room_id in room_ids if room_id in self.hub.connections])
-        for room_id, people in online.items():
-            state = self.hub.rooms.get(room_id)
-            owners = state.owners if state else frozenset()
-            if room_id in self.hub.connections and self.shown.get(room_id) != (people, owners):
-                self.shown[room_id] = (people, owners)
-                self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
-
-    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
-                        why: str = "logged out") -> None:
-        self.hub.end_pages(user_id, session_id, room_id, why)
-
-    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
-        """Its owners changed the room: every worker keeps its new state, every page gets the
-        frame that shows it, and the online list marks the owners as they are now."""
-        self.hub.set_room(room_id, state)
-        self.hub.broadcast(room_id, frame)
-        self.soon(self.show_presence, room_id)
-
-
 @template_filter("reaction_groups")
 def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
@@ -2148,39 +2225,6 @@ def room_code_from(value: str) -> str:
     value = value.strip()
     found = ROOM_URL_RE.search(value)
     return (found.group(1) if found else value.strip("/")).lower()
-
-
-@dataclass
-class Chat:
-    """What the routes share: settings, database, hub, fan-out and the limits."""
-
-    settings: Settings
-    store: Store
-    hub: RoomHub = field(init=False)
-    fanout: LocalFanout = field(init=False)
-    message_limit: RateLimiter = field(init=False)
-    room_limit: RateLimiter = field(init=False)
-    login_limit: FailureLimit = field(init=False)
-    register_limit: RateLimiter = field(init=False)
-    room_guess_limit: FailureLimit = field(init=False)
-    slow_limits: dict[int, RateLimiter] = field(init=False)  # slow mode's seconds -> one message per that
-    purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows on their way out
-
-    def __post_init__(self) -> None:
-        self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
-                           self.settings.max_connections)
-        if self.settings.redis_url:
-            self.fanout = RedisFanout(self.hub, self.settings.redis_url)
-            limiter = functools.partial(RedisRateLimiter, self.fanout)
-            failures = functools.partial(RedisFailureLimit, self.fanout)
-        else:
-            self.fanout, limiter, failures = LocalFanout(self.hub), RateLimiter, FailureLimit
-        self.message_limit = limiter(self.settings.message_rate, 10)
-        self.room_limit = limiter(self.settings.room_rate, 3600)
-        self.login_limit = failures(self.settings.login_failures, 15 * 60)
-        self.register_limit = limiter(self.settings.register_rate, 3600)
-        self.room_guess_limit = failures(self.settings.room_guesses, 3600)
-        self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
 
 
 def username_problem(username: str) -> str | None:
@@ -2950,42 +2994,6 @@ async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
                 log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
             failing = True
         await asyncio.sleep(every)
-
-
-SESSION_CHECK_SECONDS = 5.0  # how often the sessions of open sockets are checked (a closed account leaves soon)
-
-
-async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> None:
-    """An open room page is its session in use, and a session that ends ends its pages:
-    every `every` seconds, each open socket's session is kept alive (its idle clock restarted,
-    hourly at most, as HTTP requests do), and the pages of sessions that are no longer live
-    (ended elsewhere, idle or too old, a guest's with guest mode off) are told so and closed."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await check_sessions(chat)
-        except sqlite3.Error as problem:
-            log.warning("could not check the sessions of open sockets: %r", problem)
-
-
-async def check_sessions(chat: Chat) -> None:
-    pages = chat.hub.everyone()
-    if not pages:
-        return
-    live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}), chat.settings.guests)
-    for conn in pages:
-        if conn.session_id not in live and not conn.dropped:
-            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_slug)
-            conn.push(str(fragments.page_ended(conn.room_slug)))
-            conn.drop(SESSION_ENDED, "session ended")
-    hour_ago = utc_ago(hours=1)
-    if in_use := [session_id for session_id, seen in live.items() if seen < hour_ago]:
-        chat.store.write_soon(touch_session, *in_use)
-
-
-# What a page gets every CHAT_HEARTBEAT: nothing to swap, only a sign of life that room.js
-# counts (a page that stops getting them says "Reconnecting…" and reconnects).
-HEARTBEAT_FRAME = "<!-- live -->"
 
 
 # What the sender gets once its message is taken: the same every time but for the key it
