@@ -1580,27 +1580,228 @@ class Chat:
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 7. Accounts
+# Registering, logging in and out, guests, login links: the pages, the passwords, the users' SQL.
 # ---------------------------------------------------------------------------
 
 
-MAX_MESSAGE_CHARS = 4000
+USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
 
 
-MAX_ROOM_NAME_CHARS = 128
+NAME_SHOWN_BACK = 1_000  # characters: a refused name longer than this is not put back in the form
 
 
-PAGE_SIZE = 50  # messages per history page
+MIN_PASSWORD_CHARS = 8
 
 
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+GUEST_NAME_CHARS = 40
 
 
-CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+GUEST_NAME_PUNCTUATION = " .'’-"
 
 
-MAX_WS_FRAME_BYTES = 64 * 1024
+# argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
+PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+
+# Hashes run here, two at a time: a flood of logins or registrations queues instead of
+# taking every core (and 19 MiB a hash) from the chat.
+HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
+
+
+def hash_password(password: str) -> str:
+    return PASSWORDS.hash(password)
+
+
+def verify_password(password: str, stored: str) -> tuple[bool, bool]:
+    """Whether the password matches the stored hash, and whether that hash should be
+    redone (scrypt from before argon2id, or weaker argon2 settings)."""
+    if stored.startswith("scrypt$"):
+        _, n, r, p, salt, expected = stored.split("$")
+        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+        return hmac.compare_digest(digest.hex(), expected), True
+    try:
+        PASSWORDS.verify(stored, password)
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False, False
+    return True, PASSWORDS.check_needs_rehash(stored)
+
+
+async def hashing(work: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(HASHING, work, *args)
+
+
+# Checking a password that belongs to nobody costs the same as a real one, so the
+# response time does not tell which usernames exist.
+DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
+
+
+async def register(request: Request) -> Response:
+    if request.method != "POST":
+        return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
+    form = await read_form(request)
+    next_url = safe_next(form.get("next"))
+    # NFKC: the full-width "ＡＤＡ" is the name "ADA", and taken if "ada" is.
+    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
+    password, again = form.get("password1", ""), form.get("password2", "")
+    error, status_code = username_problem(username), 400
+    if error is None and len(password) < MIN_PASSWORD_CHARS:
+        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
+    elif error is None and password != again:
+        error = "The two passwords differ."
+    if error is None:
+        error, status_code = await create_account(request, username, password)
+        if error is None:
+            return redirect(next_url)
+    return render(request, "register.html", status_code, form={"username": shown_back(username), "next": next_url},
+                  error=error)
+
+
+async def join_as_guest(request: Request) -> Response:
+    """Guest mode (--guests): a name, no password. A guest is a real user for as long as
+    the session lasts (GUEST_IDLE_HOURS idle); the name stays taken, marked "guest"."""
+    if not chat_of(request).settings.guests:
+        raise HTTPException(404, "Guest mode is off on this server.")
+    form = await read_form(request)
+    next_url = safe_next(form.get("next"))
+    name = " ".join(unicodedata.normalize("NFKC", form.get("guest_name", "")).split())
+    error, status_code = guest_name_problem(name), 400
+    if error is None:
+        error, status_code = await create_account(request, name, password=None)
+        if error is None:
+            return redirect(next_url)
+    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": shown_back(name)},
+                  guest_error=error)
+
+
+async def login(request: Request) -> Response:
+    if request.method != "POST":
+        return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
+    form = await read_form(request)
+    chat = chat_of(request)
+    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
+    password, next_url = form.get("password", ""), safe_next(form.get("next"))
+    wrong = render(request, "login.html", 400, form={"username": shown_back(username), "next": next_url},
+                   error="Wrong username or password.")
+    if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
+        return wrong
+    # Failures count per username and per address; a right password is no failure, and
+    # guesses sent all at once are checked no more than the limit allows (FailureLimit).
+    try:
+        async with chat.login_limit.attempt(("user", username.casefold()), ("address", client_address(request))) as attempt:
+            user = await chat.store.read(user_by_name, username)
+            has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
+            stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
+            right, outdated = await hashing(verify_password, password, stored)
+            if not right or not has_password:
+                attempt.fail()
+    except TooManyFailures as refused:
+        return render(request, "login.html", 429, form={"username": username, "next": next_url},
+                      error=f"Too many failed logins. Try again {in_plain_words(refused.retry_after)}.")
+    if attempt.failed:
+        return wrong
+    if user["deactivated_at"]:
+        return render(request, "login.html", 403, form={"username": username, "next": next_url},
+                      error="This account was closed by whoever runs this server.")
+    if outdated:  # an scrypt hash from before argon2id: redone now that we have the password
+        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
+    try:
+        await start_session(request, user)
+    except sqlite3.Error as problem:
+        return render(request, "login.html", 503, form={"username": username, "next": next_url},
+                      error=could_not_save("You could not be logged in", problem))
+    return redirect(next_url)
+
+
+async def login_link(request: Request) -> Response:
+    """A link from `python chat.py users login-link NAME`: it logs that account in, once,
+    within the hour; a registered user sets a new password on the way (recovery without
+    e-mail), and every other session of theirs ends."""
+    token = request.path_params["token"]
+    chat = chat_of(request)
+    if len(token) > 100 or (user := await chat.store.read(login_link_user, token, False)) is None:
+        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+    if request.method != "POST":
+        return render(request, "login_link.html", account=user, form={})
+    form = await read_form(request)
+    password, again = form.get("password1", ""), form.get("password2", "")
+    if not user["is_guest"]:
+        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
+                 if len(password) < MIN_PASSWORD_CHARS else "The two passwords differ." if password != again else None)
+        if error:
+            return render(request, "login_link.html", 400, account=user, form={}, error=error)
+    if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
+        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+    if not user["is_guest"]:
+        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
+    await chat.store.write(end_sessions_of, user["id"])
+    await chat.fanout.end_pages(user["id"])
+    await start_session(request, user)
+    log.info("%s logged in with a login link", user["username"])
+    return redirect("/")
+
+
+async def logout(request: Request) -> Response:
+    form = await read_form(request)
+    chat = chat_of(request)
+    session_id = request.session.get("sid")
+    user = await current_user(request)
+    if session_id and user is not None:
+        everywhere = form.get("scope") == "everywhere"
+        await chat.store.write(end_session, session_id, everywhere)
+        # Open room pages of the ended session(s) stop at once, on every worker.
+        await chat.fanout.end_pages(user["id"], None if everywhere else session_id)
+    request.session.clear()
+    return redirect("/auth/login/")
+
+
+async def create_account(request: Request, name: str, password: str | None) -> tuple[str | None, int]:
+    """Create a user (a guest, without a password) and log them in. None and 303, or the
+    reason it was refused and its status."""
+    chat = chat_of(request)
+    if not await chat.register_limit.allow(client_address(request)):
+        return ("This server has made many accounts for your network in the last hour and will not make "
+                "more just now. Ask whoever runs it to raise CHAT_REGISTER_RATE, or try again in an hour."), 429
+    password_hash = await hashing(hash_password, password) if password is not None else ""
+    try:
+        user = await chat.store.write(create_user, name, password_hash, password is None)
+        if user is None:
+            return "That name is taken on this server, or looks just like one that is; try adding an initial.", 400
+        await start_session(request, user)
+    except sqlite3.Error as problem:
+        return could_not_save("Your account could not be created", problem), 503
+    return None, 303
+
+
+def username_problem(username: str) -> str | None:
+    if problem := too_long("Usernames", 150, username):
+        return problem
+    if not USERNAME_RE.fullmatch(username) or has_invisible(username):
+        return "Usernames are 1-150 letters, digits and @ . + - _ only."
+    return None
+
+
+def guest_name_problem(name: str) -> str | None:
+    """A guest's name is a display name, written as people write their names: letters of
+    any script with their accents, digits, spaces and . ' - ("Maria Lopez", "José", "李雷"),
+    1-40 characters, nothing invisible or direction-changing. None if it will do; else why not,
+    in plain words."""
+    if problem := too_long("Names", GUEST_NAME_CHARS, name):
+        return problem
+    if not name:
+        return "Type the name the others should see."
+    if has_invisible(name):
+        return "That name has characters that do not show; type it again with letters, digits and spaces."
+    if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN" or ch in GUEST_NAME_PUNCTUATION
+                                        for ch in name):
+        return "Names are letters, digits and spaces (and . ' -), starting with a letter or digit."
+    return None
+
+
+def shown_back(name: str) -> str:
+    """A refused name as its form shows it again: whole, so it can be corrected (never cut
+    short unsaid), unless it is far past any limit (a 60,000-character paste): then not at all."""
+    return name if len(name) <= NAME_SHOWN_BACK else ""
 
 
 def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
@@ -1627,6 +1828,42 @@ def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
 
 def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
     return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+
+
+def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Row | None:
+    """The account a login link is for, if it is unused, unexpired and the account open;
+    with `use`, the link is used up in the same transaction (it works once)."""
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    with transaction(db):
+        row = db.execute("SELECT u.* FROM login_links l JOIN users u ON u.id = l.user_id WHERE l.token_hash = ? "
+                         "AND l.expires_at >= ? AND u.deactivated_at IS NULL", (digest, utc_now())).fetchone()
+        if row is not None and use:
+            db.execute("DELETE FROM login_links WHERE token_hash = ?", (digest,))
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
+MAX_MESSAGE_CHARS = 4000
+
+
+MAX_ROOM_NAME_CHARS = 128
+
+
+PAGE_SIZE = 50  # messages per history page
+
+
+CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+
+
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
 
 
 def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
@@ -2136,57 +2373,6 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
-USERNAME_RE = re.compile(r"[\w.@+-]{1,150}")
-
-
-NAME_SHOWN_BACK = 1_000  # characters: a refused name longer than this is not put back in the form
-
-
-def shown_back(name: str) -> str:
-    """A refused name as its form shows it again: whole, so it can be corrected (never cut
-    short unsaid), unless it is far past any limit (a 60,000-character paste): then not at all."""
-    return name if len(name) <= NAME_SHOWN_BACK else ""
-
-
-MIN_PASSWORD_CHARS = 8
-
-
-# argon2id with OWASP's minimum (m=19 MiB, t=2, p=1): about 25 ms and 19 MiB per hash.
-PASSWORDS = argon2.PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
-
-
-# Hashes run here, two at a time: a flood of logins or registrations queues instead of
-# taking every core (and 19 MiB a hash) from the chat.
-HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
-
-
-def hash_password(password: str) -> str:
-    return PASSWORDS.hash(password)
-
-
-def verify_password(password: str, stored: str) -> tuple[bool, bool]:
-    """Whether the password matches the stored hash, and whether that hash should be
-    redone (scrypt from before argon2id, or weaker argon2 settings)."""
-    if stored.startswith("scrypt$"):
-        _, n, r, p, salt, expected = stored.split("$")
-        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
-        return hmac.compare_digest(digest.hex(), expected), True
-    try:
-        PASSWORDS.verify(stored, password)
-    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-        return False, False
-    return True, PASSWORDS.check_needs_rehash(stored)
-
-
-async def hashing(work: Callable[..., Any], *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(HASHING, work, *args)
-
-
-# Checking a password that belongs to nobody costs the same as a real one, so the
-# response time does not tell which usernames exist.
-DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
-
-
 @template_filter("reaction_groups")
 def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
     """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
@@ -2225,174 +2411,6 @@ def room_code_from(value: str) -> str:
     value = value.strip()
     found = ROOM_URL_RE.search(value)
     return (found.group(1) if found else value.strip("/")).lower()
-
-
-def username_problem(username: str) -> str | None:
-    if problem := too_long("Usernames", 150, username):
-        return problem
-    if not USERNAME_RE.fullmatch(username) or has_invisible(username):
-        return "Usernames are 1-150 letters, digits and @ . + - _ only."
-    return None
-
-
-GUEST_NAME_CHARS = 40
-
-
-GUEST_NAME_PUNCTUATION = " .'’-"
-
-
-def guest_name_problem(name: str) -> str | None:
-    """A guest's name is a display name, written as people write their names: letters of
-    any script with their accents, digits, spaces and . ' - ("Maria Lopez", "José", "李雷"),
-    1-40 characters, nothing invisible or direction-changing. None if it will do; else why not,
-    in plain words."""
-    if problem := too_long("Names", GUEST_NAME_CHARS, name):
-        return problem
-    if not name:
-        return "Type the name the others should see."
-    if has_invisible(name):
-        return "That name has characters that do not show; type it again with letters, digits and spaces."
-    if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN" or ch in GUEST_NAME_PUNCTUATION
-                                        for ch in name):
-        return "Names are letters, digits and spaces (and . ' -), starting with a letter or digit."
-    return None
-
-
-async def create_account(request: Request, name: str, password: str | None) -> tuple[str | None, int]:
-    """Create a user (a guest, without a password) and log them in. None and 303, or the
-    reason it was refused and its status."""
-    chat = chat_of(request)
-    if not await chat.register_limit.allow(client_address(request)):
-        return ("This server has made many accounts for your network in the last hour and will not make "
-                "more just now. Ask whoever runs it to raise CHAT_REGISTER_RATE, or try again in an hour."), 429
-    password_hash = await hashing(hash_password, password) if password is not None else ""
-    try:
-        user = await chat.store.write(create_user, name, password_hash, password is None)
-        if user is None:
-            return "That name is taken on this server, or looks just like one that is; try adding an initial.", 400
-        await start_session(request, user)
-    except sqlite3.Error as problem:
-        return could_not_save("Your account could not be created", problem), 503
-    return None, 303
-
-
-async def register(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
-    form = await read_form(request)
-    next_url = safe_next(form.get("next"))
-    # NFKC: the full-width "ＡＤＡ" is the name "ADA", and taken if "ada" is.
-    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
-    password, again = form.get("password1", ""), form.get("password2", "")
-    error, status_code = username_problem(username), 400
-    if error is None and len(password) < MIN_PASSWORD_CHARS:
-        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
-    elif error is None and password != again:
-        error = "The two passwords differ."
-    if error is None:
-        error, status_code = await create_account(request, username, password)
-        if error is None:
-            return redirect(next_url)
-    return render(request, "register.html", status_code, form={"username": shown_back(username), "next": next_url},
-                  error=error)
-
-
-async def join_as_guest(request: Request) -> Response:
-    """Guest mode (--guests): a name, no password. A guest is a real user for as long as
-    the session lasts (GUEST_IDLE_HOURS idle); the name stays taken, marked "guest"."""
-    if not chat_of(request).settings.guests:
-        raise HTTPException(404, "Guest mode is off on this server.")
-    form = await read_form(request)
-    next_url = safe_next(form.get("next"))
-    name = " ".join(unicodedata.normalize("NFKC", form.get("guest_name", "")).split())
-    error, status_code = guest_name_problem(name), 400
-    if error is None:
-        error, status_code = await create_account(request, name, password=None)
-        if error is None:
-            return redirect(next_url)
-    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": shown_back(name)},
-                  guest_error=error)
-
-
-async def login(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
-    form = await read_form(request)
-    chat = chat_of(request)
-    username = unicodedata.normalize("NFKC", form.get("username", "").strip())
-    password, next_url = form.get("password", ""), safe_next(form.get("next"))
-    wrong = render(request, "login.html", 400, form={"username": shown_back(username), "next": next_url},
-                   error="Wrong username or password.")
-    if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
-        return wrong
-    # Failures count per username and per address; a right password is no failure, and
-    # guesses sent all at once are checked no more than the limit allows (FailureLimit).
-    try:
-        async with chat.login_limit.attempt(("user", username.casefold()), ("address", client_address(request))) as attempt:
-            user = await chat.store.read(user_by_name, username)
-            has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
-            stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
-            right, outdated = await hashing(verify_password, password, stored)
-            if not right or not has_password:
-                attempt.fail()
-    except TooManyFailures as refused:
-        return render(request, "login.html", 429, form={"username": username, "next": next_url},
-                      error=f"Too many failed logins. Try again {in_plain_words(refused.retry_after)}.")
-    if attempt.failed:
-        return wrong
-    if user["deactivated_at"]:
-        return render(request, "login.html", 403, form={"username": username, "next": next_url},
-                      error="This account was closed by whoever runs this server.")
-    if outdated:  # an scrypt hash from before argon2id: redone now that we have the password
-        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
-    try:
-        await start_session(request, user)
-    except sqlite3.Error as problem:
-        return render(request, "login.html", 503, form={"username": username, "next": next_url},
-                      error=could_not_save("You could not be logged in", problem))
-    return redirect(next_url)
-
-
-async def login_link(request: Request) -> Response:
-    """A link from `python chat.py users login-link NAME`: it logs that account in, once,
-    within the hour; a registered user sets a new password on the way (recovery without
-    e-mail), and every other session of theirs ends."""
-    token = request.path_params["token"]
-    chat = chat_of(request)
-    if len(token) > 100 or (user := await chat.store.read(login_link_user, token, False)) is None:
-        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
-    if request.method != "POST":
-        return render(request, "login_link.html", account=user, form={})
-    form = await read_form(request)
-    password, again = form.get("password1", ""), form.get("password2", "")
-    if not user["is_guest"]:
-        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
-                 if len(password) < MIN_PASSWORD_CHARS else "The two passwords differ." if password != again else None)
-        if error:
-            return render(request, "login_link.html", 400, account=user, form={}, error=error)
-    if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
-        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
-    if not user["is_guest"]:
-        chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
-    await chat.store.write(end_sessions_of, user["id"])
-    await chat.fanout.end_pages(user["id"])
-    await start_session(request, user)
-    log.info("%s logged in with a login link", user["username"])
-    return redirect("/")
-
-
-async def logout(request: Request) -> Response:
-    form = await read_form(request)
-    chat = chat_of(request)
-    session_id = request.session.get("sid")
-    user = await current_user(request)
-    if session_id and user is not None:
-        everywhere = form.get("scope") == "everywhere"
-        await chat.store.write(end_session, session_id, everywhere)
-        # Open room pages of the ended session(s) stop at once, on every worker.
-        await chat.fanout.end_pages(user["id"], None if everywhere else session_id)
-    request.session.clear()
-    return redirect("/auth/login/")
 
 
 @login_required
@@ -3762,18 +3780,6 @@ def make_login_link(db: sqlite3.Connection, username: str) -> str | None:
         db.execute("INSERT INTO login_links (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
                    (hashlib.sha256(token.encode()).hexdigest(), user["id"], utc_ago(hours=-LOGIN_LINK_HOURS)))
     return token
-
-
-def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Row | None:
-    """The account a login link is for, if it is unused, unexpired and the account open;
-    with `use`, the link is used up in the same transaction (it works once)."""
-    digest = hashlib.sha256(token.encode()).hexdigest()
-    with transaction(db):
-        row = db.execute("SELECT u.* FROM login_links l JOIN users u ON u.id = l.user_id WHERE l.token_hash = ? "
-                         "AND l.expires_at >= ? AND u.deactivated_at IS NULL", (digest, utc_now())).fetchone()
-        if row is not None and use:
-            db.execute("DELETE FROM login_links WHERE token_hash = ?", (digest,))
-    return row
 
 
 def operate(args: argparse.Namespace) -> None:
