@@ -1843,12 +1843,10 @@ def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Ro
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 8. Rooms
+# Creating, finding and joining rooms by their code, the home page's list, the room page and
+# its history, leaving.
 # ---------------------------------------------------------------------------
-
-
-MAX_MESSAGE_CHARS = 4000
 
 
 MAX_ROOM_NAME_CHARS = 128
@@ -1857,39 +1855,216 @@ MAX_ROOM_NAME_CHARS = 128
 PAGE_SIZE = 50  # messages per history page
 
 
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
-
-
-CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
-
-
-MAX_WS_FRAME_BYTES = 64 * 1024
-
-
-def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
-    """The ids and names of the room's members (the first 200 by name), for the composer's @ list."""
-    return db.execute("SELECT u.id, u.username FROM room_members m JOIN users u ON u.id = m.user_id "
-                      "WHERE m.room_id = ? ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
-
-
-def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
-    """The user ids of the room's owners."""
-    return frozenset(row[0] for row in db.execute(
-        "SELECT user_id FROM room_members WHERE room_id = ? AND role = 'owner'", (room_id,)))
-
-
-def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
-                   guests: bool) -> tuple[sqlite3.Row | None, RoomAccess | None, frozenset[int]]:
-    """What a socket's handshake needs, in one trip: the session's user, the room as the code
-    leads them to it (room_access), its owners."""
-    user = user_by_session(db, session_id, guests)
-    access = room_access(db, slug, user["id"]) if user else None
-    return user, access, room_owners(db, access.room["id"]) if access else frozenset()
-
-
 # The code is the room's only secret: 13 random characters from 32 (65 bits) behind the
 # readable part of the name, with no 0/o or 1/l to misread.
 ROOM_CODE_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+
+
+UNREAD_SHOWN = 99  # past this a badge says "99+": counting stops there, however many there are
+
+
+REMOVED = "You were removed from this room."
+
+
+ROOM_URL_RE = re.compile(r"/room/([^/?#\s]+)")
+
+
+@login_required
+async def home(request: Request) -> Response:
+    chat = chat_of(request)
+    user_id = request.state.user["id"]
+    rooms = await chat.store.read(rooms_of, user_id)
+    # A room open live in another tab has nothing unread, as its page's "New" divider says.
+    live = {room["slug"] for room in rooms if chat.hub.has_page(room["id"], user_id)}
+    return render(request, "home.html", rooms=rooms, live=live, create={}, join={})
+
+
+@login_required
+async def create_room(request: Request) -> Response:
+    if request.method != "POST":
+        return render(request, "create.html", form={})
+    form = await read_form(request)
+    chat = chat_of(request)
+    name = " ".join(form.get("room_name", "").split())
+    if problem := too_long("Room names", MAX_ROOM_NAME_CHARS, name):
+        return render(request, "create.html", 400, form={"room_name": name}, error=problem)
+    if not name or has_invisible(name):
+        return render(request, "create.html", 400, form={"room_name": name},
+                      error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} visible characters.")
+    if not await chat.room_limit.allow(request.state.user["id"]):
+        return render(request, "create.html", 429, form={"room_name": name},
+                      error="You have created many rooms lately. Try again in an hour.")
+    try:
+        room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
+    except sqlite3.Error as problem:
+        return render(request, "create.html", 503, form={"room_name": name},
+                      error=could_not_save("The room could not be created", problem))
+    return redirect(f"/room/{room['slug']}/")
+
+
+@login_required
+async def join_room(request: Request) -> Response:
+    if request.method != "POST":
+        return render(request, "join.html", form={})
+    form = await read_form(request)
+    typed = form.get("room_slug", "")
+    code = room_code_from(typed)
+    if not code:
+        return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
+    try:
+        access = await find_room(request, code)
+    except TooManyFailures as refused:
+        return render(request, "join.html", 429, form={"room_slug": typed}, error=too_many_guesses(refused))
+    if access is not None:
+        return redirect(f"/room/{access.room['slug']}/")
+    return render(request, "join.html", 404, form={"room_slug": typed},
+                  error=f"No room has the code “{code}”. Check it with whoever invited you.")
+
+
+@login_required
+async def room_page(request: Request) -> Response:
+    access = await access_or_404(request)
+    if access.old_code:  # a member with the room's earlier link: to where it is now
+        return redirect(f"/room/{access.room['slug']}/" + (f"?{request.url.query}" if request.url.query else ""))
+    return await render_room(request, access.room, around=message_id(request.query_params.get("around", "")),
+                             reply=message_id(request.query_params.get("reply", "")))
+
+
+@login_required
+async def older_messages(request: Request) -> Response:
+    """A page of history: older than `before` (Load older messages), or newer than `after`
+    (Load newer messages, below a page opened around an old message)."""
+    room = await room_or_404(request)
+    store = chat_of(request).store
+    if (after := message_id(request.query_params.get("after", ""))) is not None:
+        messages, has_newer = await store.read(page_after, room["id"], after)
+        return HTMLResponse(str(fragments.newer_page(room, messages, after, has_newer)))
+    before = message_id(request.query_params.get("before", ""))
+    if before is None:
+        return PlainTextResponse("`before` (or `after`) must be a message id.", status_code=400)
+    messages, has_older = await store.read(page_before, room["id"], before)
+    return HTMLResponse(str(fragments.history_page(room, messages, has_older)))
+
+
+@login_required
+async def leave_room(request: Request) -> Response:
+    """Leave: the room goes from the user's list and the user from its presence (every tab
+    of theirs in it closes). The room and its history stay; the code lets them back in."""
+    room = await room_or_404(request)
+    await read_form(request)
+    chat = chat_of(request)
+    try:
+        await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
+    except CannotDo as problem:
+        raise HTTPException(409, str(problem)) from None
+    await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"], why="left")
+    return redirect("/")
+
+
+async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
+                      draft: str = "", around: int | None = None, reply: int | None = None) -> Response:
+    """The room page: its newest messages, or (`around`: a message id, as a search hit links
+    to it) those around one message, older and newer both loadable; `reply`: the composer
+    armed to answer that message (the Reply link without JavaScript)."""
+    chat = chat_of(request)
+    user_id = request.state.user["id"]
+    # The "New" divider goes after what the user had seen. A page of theirs that shows the
+    # room live has seen all of it, and one that closes marks it read before it leaves the
+    # hub (chat_socket): so ask the hub first, then the database, and no close can slip
+    # between the two. Read before marking the room read.
+    live_elsewhere = chat.hub.has_page(room["id"], user_id)
+    seen_up_to, messages, has_older, owners, members = await chat.store.read(room_page_rows, room["id"], user_id)
+    has_newer, replying_to = False, None
+    if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
+        (messages, has_older, has_newer), seen_up_to = found, None
+    if reply is not None:
+        replying_to = await chat.store.read(own_message, reply, room["id"], 0, True)
+    chat.store.write_soon(record_visit, room["id"], user_id)
+    # `room` was read before the messages: its revision is the page's catch-up cursor.
+    return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
+                  seen_up_to=None if live_elsewhere else seen_up_to,
+                  online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
+                  state=RoomState.of(room, owners), online_open=not is_phone(request),
+                  invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
+                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat,
+                  has_newer=has_newer, replying_to=replying_to, members=members)
+
+
+def is_phone(request: Request) -> bool:
+    """Whether the browser says it is a phone (its Sec-CH-UA-Mobile hint, or "Mobi" in its
+    user agent, as MDN advises): the room's online list then starts folded behind its count."""
+    return request.headers.get("sec-ch-ua-mobile") == "?1" or "Mobi" in request.headers.get("user-agent", "")
+
+
+def new_message_key() -> str:
+    """A one-time key for the composer: a message sent twice with it is stored once."""
+    return secrets.token_urlsafe(16)
+
+
+MESSAGE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+async def room_or_404(request: Request) -> sqlite3.Row:
+    """The room in the URL, for this user (room_access): 404, 403 or 429 otherwise."""
+    return (await access_or_404(request)).room
+
+
+async def access_or_404(request: Request) -> RoomAccess:
+    try:
+        access = await find_room(request, request.path_params["slug"].lower())
+    except TooManyFailures as refused:
+        raise HTTPException(429, too_many_guesses(refused)) from None
+    if access is None:
+        raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
+    return access
+
+
+async def member_or_403(request: Request) -> RoomAccess:
+    """The room in the URL, for one of its members: 403 for anybody else."""
+    access = await access_or_404(request)
+    if access.role is None:
+        raise HTTPException(403, "Only the room's members can do that: join it first.")
+    return access
+
+
+async def find_room(request: Request, code: str) -> RoomAccess | None:
+    """The room a code leads the user to (room_access), counted as a guess if it leads nowhere;
+    403 for somebody an owner removed from it."""
+    chat = chat_of(request)
+    async with room_lookup(chat, request.state.user["id"], client_address(request)) as lookup:
+        access = await chat.store.read(room_access, code, request.state.user["id"]) if code else None
+        if access is None:
+            lookup.fail()
+    if access is not None and access.removed:
+        raise HTTPException(403, f"{REMOVED} An owner of it can let you back in.")
+    return access
+
+
+@contextlib.asynccontextmanager
+async def room_lookup(chat: Chat, user_id: int, address: str) -> AsyncIterator[Attempt]:
+    """Guard one lookup of a room code: the code is the room's only secret, so a code that
+    turns out not to exist is a failure against the user's and the address's guesses. Past
+    the limit this raises TooManyFailures before anybody learns what the lookup found, so a
+    burst of guesses is refused long before it could hit a room; real codes never count."""
+    async with chat.room_guess_limit.attempt(("user", user_id), ("address", address)) as attempt:
+        yield attempt
+
+
+def too_many_guesses(refused: TooManyFailures) -> str:
+    return f"You tried many room codes that do not exist. Try again {in_plain_words(refused.retry_after)}."
+
+
+def slugify(name: str) -> str:
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:40].strip("-")
+    return slug or "room"
+
+
+def room_code_from(value: str) -> str:
+    """The slug in what a user typed: a bare code or a pasted room URL."""
+    value = value.strip()
+    found = ROOM_URL_RE.search(value)
+    return (found.group(1) if found else value.strip("/")).lower()
 
 
 def new_room_code(db: sqlite3.Connection, slug_base: str) -> str:
@@ -1961,9 +2136,6 @@ def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
         mark_read(db, room_id, user_id)
 
 
-UNREAD_SHOWN = 99  # past this a badge says "99+": counting stops there, however many there are
-
-
 def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     """The user's rooms, most recently visited first, each with `unread`: how many messages
     arrived since the user last had it open (a short walk of the room's index, capped), and
@@ -2014,9 +2186,85 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
 
 
+def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
+    """The ids and names of the room's members (the first 200 by name), for the composer's @ list."""
+    return db.execute("SELECT u.id, u.username FROM room_members m JOIN users u ON u.id = m.user_id "
+                      "WHERE m.room_id = ? ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
+
+
+def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
+    """The user ids of the room's owners."""
+    return frozenset(row[0] for row in db.execute(
+        "SELECT user_id FROM room_members WHERE room_id = ? AND role = 'owner'", (room_id,)))
+
+
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
     return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
                       (message_id,)).fetchone()
+
+
+def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
+                any_author: bool = False) -> sqlite3.Row | None:
+    """The message if it is in this room; NotYours if somebody else wrote it (unless
+    `any_author`: an owner deleting)."""
+    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ? AND {NOT_CLEARED}",
+                     (message_id, room_id)).fetchone()
+    if row is not None and row["user_id"] != user_id and not any_author:
+        raise NotYours
+    return row
+
+
+def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+    """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
+    rows = db.execute(
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? AND {NOT_CLEARED} ORDER BY m.id DESC LIMIT ?",
+        (room_id, before if before is not None else 2**63 - 1, limit + 1),
+    ).fetchall()
+    return rows[:limit][::-1], len(rows) > limit
+
+
+def page_after(db: sqlite3.Connection, room_id: int, after: int, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+    """Up to `limit` messages newer than `after`, oldest first; and whether more exist."""
+    rows = db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
+                      (room_id, after, limit + 1)).fetchall()
+    return rows[:limit], len(rows) > limit
+
+
+def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
+    """The messages around one of the room's (it among them), oldest first, and whether older
+    and newer ones exist; None if that message is not in this room."""
+    if own_message(db, message_id, room_id, 0, any_author=True) is None:
+        return None
+    older, has_older = page_before(db, room_id, message_id + 1, PAGE_SIZE // 2)
+    newer, has_newer = page_after(db, room_id, message_id, PAGE_SIZE // 2)
+    return older + newer, has_older, has_newer
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
+MAX_MESSAGE_CHARS = 4000
+
+
+CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+
+
+CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
+
+
+def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
+                   guests: bool) -> tuple[sqlite3.Row | None, RoomAccess | None, frozenset[int]]:
+    """What a socket's handshake needs, in one trip: the session's user, the room as the code
+    leads them to it (room_access), its owners."""
+    user = user_by_session(db, session_id, guests)
+    access = room_access(db, slug, user["id"]) if user else None
+    return user, access, room_owners(db, access.room["id"]) if access else frozenset()
 
 
 # One statement stores a message and hands back its row as pages show it. Its id is past
@@ -2085,17 +2333,6 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
 
 
-def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
-                any_author: bool = False) -> sqlite3.Row | None:
-    """The message if it is in this room; NotYours if somebody else wrote it (unless
-    `any_author`: an owner deleting)."""
-    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ? AND {NOT_CLEARED}",
-                     (message_id, room_id)).fetchone()
-    if row is not None and row["user_id"] != user_id and not any_author:
-        raise NotYours
-    return row
-
-
 def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
                  text: str) -> list[sqlite3.Row] | None:
     """The edited message, then the replies whose quote of it changed with it (None: no such
@@ -2153,32 +2390,6 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
         if changed:
             db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2", (room_id, message_id))
     return message_by_id(db, message_id)
-
-
-def page_after(db: sqlite3.Connection, room_id: int, after: int, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
-    """Up to `limit` messages newer than `after`, oldest first; and whether more exist."""
-    rows = db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
-                      (room_id, after, limit + 1)).fetchall()
-    return rows[:limit], len(rows) > limit
-
-
-def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
-    """The messages around one of the room's (it among them), oldest first, and whether older
-    and newer ones exist; None if that message is not in this room."""
-    if own_message(db, message_id, room_id, 0, any_author=True) is None:
-        return None
-    older, has_older = page_before(db, room_id, message_id + 1, PAGE_SIZE // 2)
-    newer, has_newer = page_after(db, room_id, message_id, PAGE_SIZE // 2)
-    return older + newer, has_older, has_newer
-
-
-def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
-    """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
-    rows = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? AND {NOT_CLEARED} ORDER BY m.id DESC LIMIT ?",
-        (room_id, before if before is not None else 2**63 - 1, limit + 1),
-    ).fetchall()
-    return rows[:limit][::-1], len(rows) > limit
 
 
 SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
@@ -2397,163 +2608,6 @@ def marked_hits(snippet: str) -> Markup:
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
-def slugify(name: str) -> str:
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:40].strip("-")
-    return slug or "room"
-
-
-ROOM_URL_RE = re.compile(r"/room/([^/?#\s]+)")
-
-
-def room_code_from(value: str) -> str:
-    """The slug in what a user typed: a bare code or a pasted room URL."""
-    value = value.strip()
-    found = ROOM_URL_RE.search(value)
-    return (found.group(1) if found else value.strip("/")).lower()
-
-
-@login_required
-async def home(request: Request) -> Response:
-    chat = chat_of(request)
-    user_id = request.state.user["id"]
-    rooms = await chat.store.read(rooms_of, user_id)
-    # A room open live in another tab has nothing unread, as its page's "New" divider says.
-    live = {room["slug"] for room in rooms if chat.hub.has_page(room["id"], user_id)}
-    return render(request, "home.html", rooms=rooms, live=live, create={}, join={})
-
-
-@login_required
-async def create_room(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "create.html", form={})
-    form = await read_form(request)
-    chat = chat_of(request)
-    name = " ".join(form.get("room_name", "").split())
-    if problem := too_long("Room names", MAX_ROOM_NAME_CHARS, name):
-        return render(request, "create.html", 400, form={"room_name": name}, error=problem)
-    if not name or has_invisible(name):
-        return render(request, "create.html", 400, form={"room_name": name},
-                      error=f"Room names are 1-{MAX_ROOM_NAME_CHARS} visible characters.")
-    if not await chat.room_limit.allow(request.state.user["id"]):
-        return render(request, "create.html", 429, form={"room_name": name},
-                      error="You have created many rooms lately. Try again in an hour.")
-    try:
-        room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
-    except sqlite3.Error as problem:
-        return render(request, "create.html", 503, form={"room_name": name},
-                      error=could_not_save("The room could not be created", problem))
-    return redirect(f"/room/{room['slug']}/")
-
-
-@contextlib.asynccontextmanager
-async def room_lookup(chat: Chat, user_id: int, address: str) -> AsyncIterator[Attempt]:
-    """Guard one lookup of a room code: the code is the room's only secret, so a code that
-    turns out not to exist is a failure against the user's and the address's guesses. Past
-    the limit this raises TooManyFailures before anybody learns what the lookup found, so a
-    burst of guesses is refused long before it could hit a room; real codes never count."""
-    async with chat.room_guess_limit.attempt(("user", user_id), ("address", address)) as attempt:
-        yield attempt
-
-
-REMOVED = "You were removed from this room."
-
-
-async def find_room(request: Request, code: str) -> RoomAccess | None:
-    """The room a code leads the user to (room_access), counted as a guess if it leads nowhere;
-    403 for somebody an owner removed from it."""
-    chat = chat_of(request)
-    async with room_lookup(chat, request.state.user["id"], client_address(request)) as lookup:
-        access = await chat.store.read(room_access, code, request.state.user["id"]) if code else None
-        if access is None:
-            lookup.fail()
-    if access is not None and access.removed:
-        raise HTTPException(403, f"{REMOVED} An owner of it can let you back in.")
-    return access
-
-
-def too_many_guesses(refused: TooManyFailures) -> str:
-    return f"You tried many room codes that do not exist. Try again {in_plain_words(refused.retry_after)}."
-
-
-@login_required
-async def join_room(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "join.html", form={})
-    form = await read_form(request)
-    typed = form.get("room_slug", "")
-    code = room_code_from(typed)
-    if not code:
-        return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
-    try:
-        access = await find_room(request, code)
-    except TooManyFailures as refused:
-        return render(request, "join.html", 429, form={"room_slug": typed}, error=too_many_guesses(refused))
-    if access is not None:
-        return redirect(f"/room/{access.room['slug']}/")
-    return render(request, "join.html", 404, form={"room_slug": typed},
-                  error=f"No room has the code “{code}”. Check it with whoever invited you.")
-
-
-async def room_or_404(request: Request) -> sqlite3.Row:
-    """The room in the URL, for this user (room_access): 404, 403 or 429 otherwise."""
-    return (await access_or_404(request)).room
-
-
-async def access_or_404(request: Request) -> RoomAccess:
-    try:
-        access = await find_room(request, request.path_params["slug"].lower())
-    except TooManyFailures as refused:
-        raise HTTPException(429, too_many_guesses(refused)) from None
-    if access is None:
-        raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
-    return access
-
-
-@login_required
-async def room_page(request: Request) -> Response:
-    access = await access_or_404(request)
-    if access.old_code:  # a member with the room's earlier link: to where it is now
-        return redirect(f"/room/{access.room['slug']}/" + (f"?{request.url.query}" if request.url.query else ""))
-    return await render_room(request, access.room, around=message_id(request.query_params.get("around", "")),
-                             reply=message_id(request.query_params.get("reply", "")))
-
-
-async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
-                      draft: str = "", around: int | None = None, reply: int | None = None) -> Response:
-    """The room page: its newest messages, or (`around`: a message id, as a search hit links
-    to it) those around one message, older and newer both loadable; `reply`: the composer
-    armed to answer that message (the Reply link without JavaScript)."""
-    chat = chat_of(request)
-    user_id = request.state.user["id"]
-    # The "New" divider goes after what the user had seen. A page of theirs that shows the
-    # room live has seen all of it, and one that closes marks it read before it leaves the
-    # hub (chat_socket): so ask the hub first, then the database, and no close can slip
-    # between the two. Read before marking the room read.
-    live_elsewhere = chat.hub.has_page(room["id"], user_id)
-    seen_up_to, messages, has_older, owners, members = await chat.store.read(room_page_rows, room["id"], user_id)
-    has_newer, replying_to = False, None
-    if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
-        (messages, has_older, has_newer), seen_up_to = found, None
-    if reply is not None:
-        replying_to = await chat.store.read(own_message, reply, room["id"], 0, True)
-    chat.store.write_soon(record_visit, room["id"], user_id)
-    # `room` was read before the messages: its revision is the page's catch-up cursor.
-    return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
-                  seen_up_to=None if live_elsewhere else seen_up_to,
-                  online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
-                  state=RoomState.of(room, owners), online_open=not is_phone(request),
-                  invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
-                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat,
-                  has_newer=has_newer, replying_to=replying_to, members=members)
-
-
-def is_phone(request: Request) -> bool:
-    """Whether the browser says it is a phone (its Sec-CH-UA-Mobile hint, or "Mobi" in its
-    user agent, as MDN advises): the room's online list then starts folded behind its count."""
-    return request.headers.get("sec-ch-ua-mobile") == "?1" or "Mobi" in request.headers.get("user-agent", "")
-
-
 @login_required
 async def send_message(request: Request) -> Response:
     """The composer without JavaScript (or before htmx has loaded): a plain POST, with the
@@ -2643,14 +2697,6 @@ async def delete(request: Request) -> Response:
     return HTMLResponse("")
 
 
-async def member_or_403(request: Request) -> RoomAccess:
-    """The room in the URL, for one of its members: 403 for anybody else."""
-    access = await access_or_404(request)
-    if access.role is None:
-        raise HTTPException(403, "Only the room's members can do that: join it first.")
-    return access
-
-
 @login_required
 async def reaction_picker(request: Request) -> Response:
     """The React button's choices for one message, loaded into the page's reactor popover."""
@@ -2694,37 +2740,6 @@ async def reply_to(request: Request) -> Response:
     return HTMLResponse(str(fragments.replying(await own_message_or_error(request, access.room, any_author=True))))
 
 
-@login_required
-async def leave_room(request: Request) -> Response:
-    """Leave: the room goes from the user's list and the user from its presence (every tab
-    of theirs in it closes). The room and its history stay; the code lets them back in."""
-    room = await room_or_404(request)
-    await read_form(request)
-    chat = chat_of(request)
-    try:
-        await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
-    except CannotDo as problem:
-        raise HTTPException(409, str(problem)) from None
-    await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"], why="left")
-    return redirect("/")
-
-
-@login_required
-async def older_messages(request: Request) -> Response:
-    """A page of history: older than `before` (Load older messages), or newer than `after`
-    (Load newer messages, below a page opened around an old message)."""
-    room = await room_or_404(request)
-    store = chat_of(request).store
-    if (after := message_id(request.query_params.get("after", ""))) is not None:
-        messages, has_newer = await store.read(page_after, room["id"], after)
-        return HTMLResponse(str(fragments.newer_page(room, messages, after, has_newer)))
-    before = message_id(request.query_params.get("before", ""))
-    if before is None:
-        return PlainTextResponse("`before` (or `after`) must be a message id.", status_code=400)
-    messages, has_older = await store.read(page_before, room["id"], before)
-    return HTMLResponse(str(fragments.history_page(room, messages, has_older)))
-
-
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -2747,14 +2762,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if status == 500:  # Starlette answers these from outside all middleware: add the headers here
         response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
     return response
-
-
-MESSAGE_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def new_message_key() -> str:
-    """A one-time key for the composer: a message sent twice with it is stored once."""
-    return secrets.token_urlsafe(16)
 
 
 async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
