@@ -2241,12 +2241,16 @@ def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 9. A message
+# The path of one message, top to bottom in the order it runs: the socket, its handshake, a
+# frame, the checks, the commit, the push; then catch-up and the plain form without JavaScript.
 # ---------------------------------------------------------------------------
 
 
 MAX_MESSAGE_CHARS = 4000
+
+
+MAX_WS_FRAME_BYTES = 64 * 1024
 
 
 CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
@@ -2255,7 +2259,243 @@ CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synce
 CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
 
 
-MAX_WS_FRAME_BYTES = 64 * 1024
+LOCKED = "This room is locked by its owner: only its owners can write for now."
+
+
+NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("This room was deleted.", 404)}
+
+
+# What the sender gets once its message is taken: the same every time but for the key it
+# answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
+KEY_SLOT = "key-slot"
+
+
+async def chat_socket(websocket: WebSocket) -> None:
+    chat = chat_of(websocket)
+    conn = await admit(chat, websocket)
+    if conn is None:
+        return
+    hub, fanout = chat.hub, chat.fanout
+    # Join before any catch-up: a message stored in between arrives both ways, and the
+    # page's upsert swap shows it once.
+    await fanout.watch(conn.room_id)  # (before the catch-up: a frame sent after it reads will arrive)
+    if hub.join(conn):
+        await fanout.came_online(conn)
+    try:
+        # The room page says what it has in its first frame (the catch-up form); another
+        # client may say it in the URL (`?after=<revision>`), or not at all and get only
+        # what is said from now on.
+        if (after := message_id(websocket.query_params.get("after", ""))) is not None:
+            await catch_up(chat, conn, after)
+        while True:
+            event = await websocket.receive()
+            if event["type"] == "websocket.disconnect":
+                break
+            if not conn.dropped:  # dropped: closing; nothing more it sends is read
+                await handle_frame(chat, conn, event)
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        pass  # the client went away mid-receive
+    except asyncio.CancelledError:
+        if not conn.dropped:
+            raise
+        asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
+    finally:
+        conn.handler = None  # done reading: nothing to cancel any more
+        conn.stop_flushing()
+        hub.release(conn.user_id, client_address(websocket))
+        try:  # what came live was seen: marked read before the page leaves the hub (render_room)
+            await chat.store.write(mark_read_now, conn.room_id, conn.user_id)
+        except sqlite3.Error as problem:
+            log.warning("could not mark %s read for %s: %r", conn.room_slug, conn.username, problem)
+        finally:
+            if hub.leave(conn):
+                await fanout.went_offline(conn)
+            if conn.room_id not in hub.connections:
+                await fanout.unwatch(conn.room_id)
+
+
+async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
+    """The handshake: refuse (403), or accept and return the new connection."""
+    if not origin_allowed(websocket, chat.settings.allowed_origins):
+        await refuse(websocket, "cross-site Origin")
+        return None
+    session_id = websocket.session.get("sid", "")
+    slug = websocket.path_params["slug"].lower()
+    user, access, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
+    if user is None:
+        # A page whose session ended (logged out, elsewhere too) while it was away: accept
+        # only to tell it so, in place, and close with a code htmx does not retry.
+        log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
+        return await end_at_once(websocket, slug, "logged out")
+    address = client_address(websocket)
+    try:  # (the room was read in the same trip as the session; nothing of it is said before this)
+        if access is not None:  # a real code never counts: only refused if a key is past its limit
+            await chat.room_guess_limit.check(("user", user["id"]), ("address", address))
+        else:
+            async with room_lookup(chat, user["id"], address) as lookup:
+                lookup.fail()
+    except TooManyFailures:
+        access = None
+    if access is None:
+        await refuse(websocket, "no such room (or too many unknown codes)")
+        return None
+    if access.removed:  # told so, as a removal tells the pages open at the time
+        return await end_at_once(websocket, slug, "removed")
+    room = access.room
+    if not chat.hub.claim(user["id"], address):
+        await refuse(websocket, f"{user['username']} or {address} has too many sockets open")
+        return None
+    try:
+        await websocket.accept()
+    except BaseException:
+        chat.hub.release(user["id"], address)
+        raise
+    chat.hub.rooms[room["id"]] = RoomState.of(room, owners)  # as the database has it now
+    # The connection keeps a few values, not the rows: it may live for days, by the thousand.
+    return Connection(websocket, session_id, user, room["id"], room["slug"],
+                      wire=websocket.query_params.get("wire") == "1")
+
+
+async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
+    if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
+        sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
+        conn.push(str(fragments.wire_entry(without_secrets(sent), WIRE_ECHO_CHARS, SENT)), audience=None)
+    key = None
+    try:
+        if event.get("text") is None:
+            raise Refused("Binary frames are not understood; send text.")
+        fields = parse_frame(event["text"])
+        if "after" in fields:
+            return await catch_up(chat, conn, fields["after"])
+        key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
+        await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
+                           chat.hub.rooms.get(conn.room_id), fields["reply_to"])
+    except Refused as problem:
+        return conn.push(str(fragments.chat_error(str(problem), key=key)))
+    conn.push(composer_ack().replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
+
+
+def parse_frame(frame: str) -> dict[str, Any]:
+    """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
+    beside htmx's `headers`) from one of the room page's two forms: the composer
+    ({"message": str, "key": str | None, "reply_to": int | None}) or the catch-up form
+    ({"after": int}, the revision the page has). Refused, with the reason, for anything else."""
+    try:
+        data = json.loads(frame)
+    except (ValueError, RecursionError):
+        raise Refused("That frame was not JSON; send the message form.") from None
+    if isinstance(data, dict) and "message" not in data and "after" in data:
+        after = message_id(data["after"]) if isinstance(data["after"], str) else None
+        if after is None:
+            raise Refused("`after` must be the revision number the page has.")
+        return {"after": after}
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
+        raise Refused("That frame had no text `message` field.")
+    key = data.get("key")
+    if key is not None and not isinstance(key, str):
+        raise Refused("That message came with a broken `key`; reload the page.")
+    reply_to = data.get("reply_to")
+    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := message_id(reply_to)) is None):
+        raise Refused("`reply_to` must be the id of the message you answer.")
+    return {"message": data["message"], "key": key, "reply_to": reply_to}
+
+
+async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
+                       state: RoomState | None, reply_to: int | None = None) -> bool:
+    """Check one message, store it, then push it to the room: the one path every message
+    takes, from the socket or from the plain form. `state`: the room's lock and slow mode, as
+    the hub holds them (the database checks a lock, and removals, again as it stores).
+    `reply_to`: the id of the message it answers (one of another room's is ignored). False
+    if there was nothing to send; raises Refused with the reason it was not taken."""
+    text = clean_text(text).strip()
+    if not text:
+        return False  # an empty message is simply not sent
+    if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
+        raise Refused("That message came with a broken `key`; reload the page.")
+    await check_message(chat, room_id, user_id, text)
+    if state is not None and user_id not in state.owners:  # owners are never held back
+        if state.locked:
+            raise Refused(LOCKED, 403)
+        if state.slow_mode and not await (slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
+            wait = max(1, round(await slow.retry_after((room_id, user_id))))
+            raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
+    try:
+        message = await chat.store.add_message(room_id, user_id, text, key, reply_to)
+    except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
+        raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
+    if isinstance(message, str):  # a removal, a lock or a deletion got there first
+        raise Refused(*NOT_STORED[message])
+    if message is not None:  # None: a resend of a stored message (same key), already shown
+        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)))
+    return True
+
+
+async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
+    """The rules for any text going into a room, new or edited: its length and the rate."""
+    if problem := too_long("Messages", MAX_MESSAGE_CHARS, text):
+        raise Refused(problem)
+    if not await chat.message_limit.allow((user_id, room_id)):
+        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+
+
+@functools.cache
+def composer_ack() -> str:
+    return str(fragments.chat_error(key=KEY_SLOT))
+
+
+async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
+    """Send the page what changed after the revision it has, once per socket: a page asks
+    as its socket opens, and asking again would only cost the database."""
+    if conn.caught_up:
+        return
+    conn.caught_up = True
+    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
+        conn.push(frame)
+
+
+def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revision: int) -> str | None:
+    """What a (re)connecting page is missing: every message sent or edited, and every one
+    deleted, since the room's revision the page has (the one it was rendered at, moved on
+    by every change it received since). The upsert swap replaces what the page already
+    shows, so overlap is harmless. A page too far behind (CATCH_UP_LIMIT changes,
+    CATCH_UP_BYTES of HTML) gets the newest page whole instead, as much of it as fits.
+    Either way the frame moves the page's revision on. Runs on the reader thread, so a big
+    catch-up never holds up the event loop."""
+    changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
+    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?", (revision, room_id)).fetchone()[0]
+    if not changed and not deleted and not cleared_since:
+        return None
+    if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT and not cleared_since:
+        newest = max(row["revision"] for row in [*changed, *deleted])
+        frame = (str(fragments.messages_frame(changed)) if changed else "") + str(
+            fragments.deleted_frame([row["message_id"] for row in deleted], newest))
+        if len(frame) <= CATCH_UP_BYTES:
+            return frame
+    newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
+    messages, has_older = page_before(db, room_id, None)
+    while True:
+        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True, revision=newest))
+        if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
+            return frame
+        messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
+
+
+@login_required
+async def send_message(request: Request) -> Response:
+    """The composer without JavaScript (or before htmx has loaded): a plain POST, with the
+    same checks as a frame on the socket, then back to the room. Text never goes in a URL."""
+    access = await access_or_404(request)
+    room = access.room
+    form = await read_form(request)
+    user = request.state.user
+    state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
+    try:
+        await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
+                           form.get("key") or None, state, message_id(form.get("reply_to", "")))
+    except Refused as problem:
+        return await render_room(request, room, problem.status_code, error=str(problem),
+                                 draft=form.get("message", ""), reply=message_id(form.get("reply_to", "")))
+    return redirect(f"/room/{room['slug']}/#composer")
 
 
 def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
@@ -2265,6 +2505,31 @@ def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
     user = user_by_session(db, session_id, guests)
     access = room_access(db, slug, user["id"]) if user else None
     return user, access, room_owners(db, access.room["id"]) if access else frozenset()
+
+
+def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
+    origin = websocket.headers.get("origin")
+    if origin is None:
+        return True  # not a browser (browsers always send Origin); the session still has to be valid
+    scheme = "https" if websocket.scope["scheme"] == "wss" else "http"  # (not .url: it parses the whole URL)
+    origin = origin.rstrip("/").lower()
+    return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
+
+
+async def refuse(websocket: WebSocket, reason: str) -> None:
+    """Refuse a handshake: HTTP 403, and one INFO line that says why."""
+    log.info("refused WebSocket %s from %s: %s", websocket.url.path, client_address(websocket), reason)
+    # A close before accept is uvicorn's own 403. (A denial response would log a spurious
+    # ERROR on uvicorn's default implementation: its pull request #3138.)
+    await websocket.close()
+
+
+async def end_at_once(websocket: WebSocket, slug: str, why: str) -> None:
+    """Accept only to tell the page in place why it may not go on (page_ended), and close
+    with a code htmx does not retry."""
+    await websocket.accept()
+    await websocket.send_text(str(fragments.page_ended(slug, why)))
+    await websocket.close(SESSION_ENDED, why)
 
 
 # One statement stores a message and hands back its row as pages show it. Its id is past
@@ -2331,6 +2596,12 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone():
         return "removed"
     return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
 
 
 def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
@@ -2608,24 +2879,6 @@ def marked_hits(snippet: str) -> Markup:
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
-@login_required
-async def send_message(request: Request) -> Response:
-    """The composer without JavaScript (or before htmx has loaded): a plain POST, with the
-    same checks as a frame on the socket, then back to the room. Text never goes in a URL."""
-    access = await access_or_404(request)
-    room = access.room
-    form = await read_form(request)
-    user = request.state.user
-    state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
-    try:
-        await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
-                           form.get("key") or None, state, message_id(form.get("reply_to", "")))
-    except Refused as problem:
-        return await render_room(request, room, problem.status_code, error=str(problem),
-                                 draft=form.get("message", ""), reply=message_id(form.get("reply_to", "")))
-    return redirect(f"/room/{room['slug']}/#composer")
-
-
 async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: bool = False) -> sqlite3.Row:
     """The message named in the URL, if the user wrote it (or `any_author`: an owner
     deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
@@ -2764,242 +3017,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return response
 
 
-async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
-    """The rules for any text going into a room, new or edited: its length and the rate."""
-    if problem := too_long("Messages", MAX_MESSAGE_CHARS, text):
-        raise Refused(problem)
-    if not await chat.message_limit.allow((user_id, room_id)):
-        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
-
-
-LOCKED = "This room is locked by its owner: only its owners can write for now."
-
-
-NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("This room was deleted.", 404)}
-
-
-async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
-                       state: RoomState | None, reply_to: int | None = None) -> bool:
-    """Check one message, store it, then push it to the room: the one path every message
-    takes, from the socket or from the plain form. `state`: the room's lock and slow mode, as
-    the hub holds them (the database checks a lock, and removals, again as it stores).
-    `reply_to`: the id of the message it answers (one of another room's is ignored). False
-    if there was nothing to send; raises Refused with the reason it was not taken."""
-    text = clean_text(text).strip()
-    if not text:
-        return False  # an empty message is simply not sent
-    if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
-        raise Refused("That message came with a broken `key`; reload the page.")
-    await check_message(chat, room_id, user_id, text)
-    if state is not None and user_id not in state.owners:  # owners are never held back
-        if state.locked:
-            raise Refused(LOCKED, 403)
-        if state.slow_mode and not await (slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
-            wait = max(1, round(await slow.retry_after((room_id, user_id))))
-            raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
-    try:
-        message = await chat.store.add_message(room_id, user_id, text, key, reply_to)
-    except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
-        raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
-    if isinstance(message, str):  # a removal, a lock or a deletion got there first
-        raise Refused(*NOT_STORED[message])
-    if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)))
-    return True
-
-
-def parse_frame(frame: str) -> dict[str, Any]:
-    """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
-    beside htmx's `headers`) from one of the room page's two forms: the composer
-    ({"message": str, "key": str | None, "reply_to": int | None}) or the catch-up form
-    ({"after": int}, the revision the page has). Refused, with the reason, for anything else."""
-    try:
-        data = json.loads(frame)
-    except (ValueError, RecursionError):
-        raise Refused("That frame was not JSON; send the message form.") from None
-    if isinstance(data, dict) and "message" not in data and "after" in data:
-        after = message_id(data["after"]) if isinstance(data["after"], str) else None
-        if after is None:
-            raise Refused("`after` must be the revision number the page has.")
-        return {"after": after}
-    if not isinstance(data, dict) or not isinstance(data.get("message"), str):
-        raise Refused("That frame had no text `message` field.")
-    key = data.get("key")
-    if key is not None and not isinstance(key, str):
-        raise Refused("That message came with a broken `key`; reload the page.")
-    reply_to = data.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := message_id(reply_to)) is None):
-        raise Refused("`reply_to` must be the id of the message you answer.")
-    return {"message": data["message"], "key": key, "reply_to": reply_to}
-
-
-def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
-    origin = websocket.headers.get("origin")
-    if origin is None:
-        return True  # not a browser (browsers always send Origin); the session still has to be valid
-    scheme = "https" if websocket.scope["scheme"] == "wss" else "http"  # (not .url: it parses the whole URL)
-    origin = origin.rstrip("/").lower()
-    return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
-
-
-def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revision: int) -> str | None:
-    """What a (re)connecting page is missing: every message sent or edited, and every one
-    deleted, since the room's revision the page has (the one it was rendered at, moved on
-    by every change it received since). The upsert swap replaces what the page already
-    shows, so overlap is harmless. A page too far behind (CATCH_UP_LIMIT changes,
-    CATCH_UP_BYTES of HTML) gets the newest page whole instead, as much of it as fits.
-    Either way the frame moves the page's revision on. Runs on the reader thread, so a big
-    catch-up never holds up the event loop."""
-    changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
-    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?", (revision, room_id)).fetchone()[0]
-    if not changed and not deleted and not cleared_since:
-        return None
-    if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT and not cleared_since:
-        newest = max(row["revision"] for row in [*changed, *deleted])
-        frame = (str(fragments.messages_frame(changed)) if changed else "") + str(
-            fragments.deleted_frame([row["message_id"] for row in deleted], newest))
-        if len(frame) <= CATCH_UP_BYTES:
-            return frame
-    newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
-    messages, has_older = page_before(db, room_id, None)
-    while True:
-        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True, revision=newest))
-        if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
-            return frame
-        messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
-
-
-async def end_at_once(websocket: WebSocket, slug: str, why: str) -> None:
-    """Accept only to tell the page in place why it may not go on (page_ended), and close
-    with a code htmx does not retry."""
-    await websocket.accept()
-    await websocket.send_text(str(fragments.page_ended(slug, why)))
-    await websocket.close(SESSION_ENDED, why)
-
-
-async def refuse(websocket: WebSocket, reason: str) -> None:
-    """Refuse a handshake: HTTP 403, and one INFO line that says why."""
-    log.info("refused WebSocket %s from %s: %s", websocket.url.path, client_address(websocket), reason)
-    # A close before accept is uvicorn's own 403. (A denial response would log a spurious
-    # ERROR on uvicorn's default implementation: its pull request #3138.)
-    await websocket.close()
-
-
-async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
-    """The handshake: refuse (403), or accept and return the new connection."""
-    if not origin_allowed(websocket, chat.settings.allowed_origins):
-        await refuse(websocket, "cross-site Origin")
-        return None
-    session_id = websocket.session.get("sid", "")
-    slug = websocket.path_params["slug"].lower()
-    user, access, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
-    if user is None:
-        # A page whose session ended (logged out, elsewhere too) while it was away: accept
-        # only to tell it so, in place, and close with a code htmx does not retry.
-        log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
-        return await end_at_once(websocket, slug, "logged out")
-    address = client_address(websocket)
-    try:  # (the room was read in the same trip as the session; nothing of it is said before this)
-        if access is not None:  # a real code never counts: only refused if a key is past its limit
-            await chat.room_guess_limit.check(("user", user["id"]), ("address", address))
-        else:
-            async with room_lookup(chat, user["id"], address) as lookup:
-                lookup.fail()
-    except TooManyFailures:
-        access = None
-    if access is None:
-        await refuse(websocket, "no such room (or too many unknown codes)")
-        return None
-    if access.removed:  # told so, as a removal tells the pages open at the time
-        return await end_at_once(websocket, slug, "removed")
-    room = access.room
-    if not chat.hub.claim(user["id"], address):
-        await refuse(websocket, f"{user['username']} or {address} has too many sockets open")
-        return None
-    try:
-        await websocket.accept()
-    except BaseException:
-        chat.hub.release(user["id"], address)
-        raise
-    chat.hub.rooms[room["id"]] = RoomState.of(room, owners)  # as the database has it now
-    # The connection keeps a few values, not the rows: it may live for days, by the thousand.
-    return Connection(websocket, session_id, user, room["id"], room["slug"],
-                      wire=websocket.query_params.get("wire") == "1")
-
-
-async def chat_socket(websocket: WebSocket) -> None:
-    chat = chat_of(websocket)
-    conn = await admit(chat, websocket)
-    if conn is None:
-        return
-    hub, fanout = chat.hub, chat.fanout
-    # Join before any catch-up: a message stored in between arrives both ways, and the
-    # page's upsert swap shows it once.
-    await fanout.watch(conn.room_id)  # (before the catch-up: a frame sent after it reads will arrive)
-    if hub.join(conn):
-        await fanout.came_online(conn)
-    try:
-        # The room page says what it has in its first frame (the catch-up form); another
-        # client may say it in the URL (`?after=<revision>`), or not at all and get only
-        # what is said from now on.
-        if (after := message_id(websocket.query_params.get("after", ""))) is not None:
-            await catch_up(chat, conn, after)
-        while True:
-            event = await websocket.receive()
-            if event["type"] == "websocket.disconnect":
-                break
-            if not conn.dropped:  # dropped: closing; nothing more it sends is read
-                await handle_frame(chat, conn, event)
-    except (WebSocketDisconnect, WebSocketDisconnected):
-        pass  # the client went away mid-receive
-    except asyncio.CancelledError:
-        if not conn.dropped:
-            raise
-        asyncio.current_task().uncancel()  # we cancelled ourselves to drop a slow reader
-    finally:
-        conn.handler = None  # done reading: nothing to cancel any more
-        conn.stop_flushing()
-        hub.release(conn.user_id, client_address(websocket))
-        try:  # what came live was seen: marked read before the page leaves the hub (render_room)
-            await chat.store.write(mark_read_now, conn.room_id, conn.user_id)
-        except sqlite3.Error as problem:
-            log.warning("could not mark %s read for %s: %r", conn.room_slug, conn.username, problem)
-        finally:
-            if hub.leave(conn):
-                await fanout.went_offline(conn)
-            if conn.room_id not in hub.connections:
-                await fanout.unwatch(conn.room_id)
-
-
-async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
-    if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
-        sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
-        conn.push(str(fragments.wire_entry(without_secrets(sent), WIRE_ECHO_CHARS, SENT)), audience=None)
-    key = None
-    try:
-        if event.get("text") is None:
-            raise Refused("Binary frames are not understood; send text.")
-        fields = parse_frame(event["text"])
-        if "after" in fields:
-            return await catch_up(chat, conn, fields["after"])
-        key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
-        await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
-                           chat.hub.rooms.get(conn.room_id), fields["reply_to"])
-    except Refused as problem:
-        return conn.push(str(fragments.chat_error(str(problem), key=key)))
-    conn.push(composer_ack().replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
-
-
-async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
-    """Send the page what changed after the revision it has, once per socket: a page asks
-    as its socket opens, and asking again would only cost the database."""
-    if conn.caught_up:
-        return
-    conn.caught_up = True
-    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
-        conn.push(frame)
-
-
 SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may be
 
 
@@ -3019,16 +3036,6 @@ async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
                 log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
             failing = True
         await asyncio.sleep(every)
-
-
-# What the sender gets once its message is taken: the same every time but for the key it
-# answers (URL-safe letters: nothing to escape), so rendered once here (README, Performance).
-KEY_SLOT = "key-slot"
-
-
-@functools.cache
-def composer_ack() -> str:
-    return str(fragments.chat_error(key=KEY_SLOT))
 
 
 async def owner_or_403(request: Request) -> RoomAccess:
