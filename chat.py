@@ -2599,9 +2599,145 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 10. Changing a message
+# Edit, delete, react and reply: each checked on the server, each reaching every page on the
+# room's next revision.
 # ---------------------------------------------------------------------------
+
+
+REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing", "🎉": "party", "😮": "surprised", "👀": "eyes"}
+
+
+@login_required
+async def message_editor(request: Request) -> Response:
+    """The Edit button's form, loaded into the page's editor popover."""
+    room = await room_or_404(request)
+    return HTMLResponse(str(fragments.editor_form(await own_message_or_error(request, room))))
+
+
+@login_required
+async def edit(request: Request) -> Response:
+    """Save an edit: the same rules as a new message; every open page gets the new text."""
+    room = await room_or_404(request)
+    message = await own_message_or_error(request, room)
+    form = await read_form(request)
+    chat = chat_of(request)
+    text = clean_text(form.get("message", "")).strip()
+    try:
+        if not text:
+            raise Refused("A message needs some text; to remove it, use Delete.")
+        await check_message(chat, room["id"], message["user_id"], text)
+        # (edit_message checks the author again inside its transaction; it was checked above)
+        try:
+            edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
+        except sqlite3.Error as problem:
+            raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
+    except Refused as problem:
+        return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
+    if edited is None:  # deleted meanwhile
+        raise HTTPException(404, "That message is not here (any more).")
+    await chat.fanout.publish(room["id"], str(fragments.messages_frame(edited, edited[-1]["revision"])))
+    return HTMLResponse(str(fragments.editor_closed()))
+
+
+@login_required
+async def delete(request: Request) -> Response:
+    """Delete a message (its author, or an owner of the room: any message in it): gone from
+    the database and from every open page."""
+    access = await access_or_404(request)
+    room, as_owner = access.room, access.role == "owner"
+    message = await own_message_or_error(request, room, any_author=as_owner)
+    await read_form(request)  # the CSRF check
+    chat = chat_of(request)
+    me = request.state.user
+    try:
+        deleted = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
+    except sqlite3.Error as problem:  # said where the page shows the sender's errors
+        return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
+    if deleted is not None:
+        revision, replies = deleted  # (the replies' quotes now say "deleted message")
+        await chat.fanout.publish(room["id"], (str(fragments.messages_frame(replies)) if replies else "")
+                                  + str(fragments.deleted_frame([message["id"]], revision)))
+        if message["user_id"] != me["id"]:
+            log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
+                     message["id"], room["slug"])
+    return HTMLResponse("")
+
+
+@login_required
+async def reaction_picker(request: Request) -> Response:
+    """The React button's choices for one message, loaded into the page's reactor popover."""
+    access = await member_or_403(request)
+    message = await own_message_or_error(request, access.room, any_author=True)
+    return HTMLResponse(str(fragments.reaction_picker(message, REACTIONS)))
+
+
+@login_required
+async def react_to(request: Request) -> Response:
+    """Give a reaction (`give`: one of REACTIONS) or take yours back (`take_back`): members
+    only, not in a locked room (but for its owners), at the pace messages are limited to.
+    Every page of the room gets the message's new reactions, on the room's next revision."""
+    access = await member_or_403(request)
+    room = access.room
+    message = await own_message_or_error(request, room, any_author=True)
+    form = await read_form(request)
+    chat, me = chat_of(request), request.state.user
+    emoji, given = (form["give"], True) if "give" in form else (form.get("take_back", ""), False)
+    if emoji not in REACTIONS:
+        return HTMLResponse(str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
+    if access.role != "owner" and room["locked"]:  # (as the database has it now)
+        return HTMLResponse(str(fragments.chat_error(LOCKED)), 403)
+    if not await chat.message_limit.allow((me["id"], room["id"])):
+        return HTMLResponse(str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
+    try:
+        changed = await chat.store.write(react, message["id"], room["id"], me["id"], emoji, given)
+    except sqlite3.Error as problem:
+        return HTMLResponse(str(fragments.chat_error(could_not_save("Your reaction could not be saved", problem))), 503)
+    if changed is None:  # deleted meanwhile
+        raise HTTPException(404, "That message is not here (any more).")
+    if changed["revision"] != message["revision"]:  # (giving twice changes nothing, and sends nothing)
+        await chat.fanout.publish(room["id"], str(fragments.messages_frame([changed], changed["revision"])))
+    return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
+
+
+@login_required
+async def reply_to(request: Request) -> Response:
+    """The Reply link: the composer's "Replying to ..." box for that message."""
+    access = await member_or_403(request)
+    return HTMLResponse(str(fragments.replying(await own_message_or_error(request, access.room, any_author=True))))
+
+
+async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: bool = False) -> sqlite3.Row:
+    """The message named in the URL, if the user wrote it (or `any_author`: an owner
+    deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
+    is here, on the server, whatever the page shows."""
+    wanted = message_id(request.path_params["message_id"])
+    try:
+        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"],
+                                                             any_author)
+    except NotYours:
+        raise HTTPException(403, "Only its author can change a message.") from None
+    if not found:
+        raise HTTPException(404, "That message is not here (any more).")
+    return found
+
+
+@template_filter("reaction_groups")
+def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
+    emoji, its name, and who gave it ([(id, name)])."""
+    given: dict[str, list[tuple[str, str]]] = {}
+    for line in reactions.split("\n"):
+        emoji, user_id, name = line.split(" ", 2)
+        given.setdefault(emoji, []).append((user_id, name))
+    return [(emoji, label, given[emoji]) for emoji, label in REACTIONS.items() if emoji in given]
+
+
+@template_filter("first_line")
+def first_line(text: str, limit: int = 100) -> str:
+    """A message's first line, cut at `limit` characters: what a quote of it shows."""
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
 def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
@@ -2643,9 +2779,6 @@ def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_i
     return (replies[-1]["revision"] if replies else revision), replies
 
 
-REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing", "🎉": "party", "😮": "surprised", "👀": "eyes"}
-
-
 def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, emoji: str,
           given: bool) -> sqlite3.Row | None:
     """Give (`given`) or take back one's reaction to a message of this room; the message as
@@ -2661,6 +2794,12 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
         if changed:
             db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2", (room_id, message_id))
     return message_by_id(db, message_id)
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
 
 
 SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
@@ -2855,142 +2994,10 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
-@template_filter("reaction_groups")
-def reaction_groups(reactions: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
-    """A message's reactions ("emoji id name" lines) by emoji, in REACTIONS' order: each
-    emoji, its name, and who gave it ([(id, name)])."""
-    given: dict[str, list[tuple[str, str]]] = {}
-    for line in reactions.split("\n"):
-        emoji, user_id, name = line.split(" ", 2)
-        given.setdefault(emoji, []).append((user_id, name))
-    return [(emoji, label, given[emoji]) for emoji, label in REACTIONS.items() if emoji in given]
-
-
-@template_filter("first_line")
-def first_line(text: str, limit: int = 100) -> str:
-    """A message's first line, cut at `limit` characters: what a quote of it shows."""
-    line = text.split("\n", 1)[0]
-    return line if len(line) <= limit else line[:limit - 1] + "…"
-
-
 @template_filter("hits")
 def marked_hits(snippet: str) -> Markup:
     """A search snippet as HTML: escaped, the words found in <mark>."""
     return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
-
-
-async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: bool = False) -> sqlite3.Row:
-    """The message named in the URL, if the user wrote it (or `any_author`: an owner
-    deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
-    is here, on the server, whatever the page shows."""
-    wanted = message_id(request.path_params["message_id"])
-    try:
-        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"],
-                                                             any_author)
-    except NotYours:
-        raise HTTPException(403, "Only its author can change a message.") from None
-    if not found:
-        raise HTTPException(404, "That message is not here (any more).")
-    return found
-
-
-@login_required
-async def message_editor(request: Request) -> Response:
-    """The Edit button's form, loaded into the page's editor popover."""
-    room = await room_or_404(request)
-    return HTMLResponse(str(fragments.editor_form(await own_message_or_error(request, room))))
-
-
-@login_required
-async def edit(request: Request) -> Response:
-    """Save an edit: the same rules as a new message; every open page gets the new text."""
-    room = await room_or_404(request)
-    message = await own_message_or_error(request, room)
-    form = await read_form(request)
-    chat = chat_of(request)
-    text = clean_text(form.get("message", "")).strip()
-    try:
-        if not text:
-            raise Refused("A message needs some text; to remove it, use Delete.")
-        await check_message(chat, room["id"], message["user_id"], text)
-        # (edit_message checks the author again inside its transaction; it was checked above)
-        try:
-            edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
-        except sqlite3.Error as problem:
-            raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
-    except Refused as problem:
-        return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
-    if edited is None:  # deleted meanwhile
-        raise HTTPException(404, "That message is not here (any more).")
-    await chat.fanout.publish(room["id"], str(fragments.messages_frame(edited, edited[-1]["revision"])))
-    return HTMLResponse(str(fragments.editor_closed()))
-
-
-@login_required
-async def delete(request: Request) -> Response:
-    """Delete a message (its author, or an owner of the room: any message in it): gone from
-    the database and from every open page."""
-    access = await access_or_404(request)
-    room, as_owner = access.room, access.role == "owner"
-    message = await own_message_or_error(request, room, any_author=as_owner)
-    await read_form(request)  # the CSRF check
-    chat = chat_of(request)
-    me = request.state.user
-    try:
-        deleted = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
-    except sqlite3.Error as problem:  # said where the page shows the sender's errors
-        return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
-    if deleted is not None:
-        revision, replies = deleted  # (the replies' quotes now say "deleted message")
-        await chat.fanout.publish(room["id"], (str(fragments.messages_frame(replies)) if replies else "")
-                                  + str(fragments.deleted_frame([message["id"]], revision)))
-        if message["user_id"] != me["id"]:
-            log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
-                     message["id"], room["slug"])
-    return HTMLResponse("")
-
-
-@login_required
-async def reaction_picker(request: Request) -> Response:
-    """The React button's choices for one message, loaded into the page's reactor popover."""
-    access = await member_or_403(request)
-    message = await own_message_or_error(request, access.room, any_author=True)
-    return HTMLResponse(str(fragments.reaction_picker(message, REACTIONS)))
-
-
-@login_required
-async def react_to(request: Request) -> Response:
-    """Give a reaction (`give`: one of REACTIONS) or take yours back (`take_back`): members
-    only, not in a locked room (but for its owners), at the pace messages are limited to.
-    Every page of the room gets the message's new reactions, on the room's next revision."""
-    access = await member_or_403(request)
-    room = access.room
-    message = await own_message_or_error(request, room, any_author=True)
-    form = await read_form(request)
-    chat, me = chat_of(request), request.state.user
-    emoji, given = (form["give"], True) if "give" in form else (form.get("take_back", ""), False)
-    if emoji not in REACTIONS:
-        return HTMLResponse(str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
-    if access.role != "owner" and room["locked"]:  # (as the database has it now)
-        return HTMLResponse(str(fragments.chat_error(LOCKED)), 403)
-    if not await chat.message_limit.allow((me["id"], room["id"])):
-        return HTMLResponse(str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
-    try:
-        changed = await chat.store.write(react, message["id"], room["id"], me["id"], emoji, given)
-    except sqlite3.Error as problem:
-        return HTMLResponse(str(fragments.chat_error(could_not_save("Your reaction could not be saved", problem))), 503)
-    if changed is None:  # deleted meanwhile
-        raise HTTPException(404, "That message is not here (any more).")
-    if changed["revision"] != message["revision"]:  # (giving twice changes nothing, and sends nothing)
-        await chat.fanout.publish(room["id"], str(fragments.messages_frame([changed], changed["revision"])))
-    return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
-
-
-@login_required
-async def reply_to(request: Request) -> Response:
-    """The Reply link: the composer's "Replying to ..." box for that message."""
-    access = await member_or_403(request)
-    return HTMLResponse(str(fragments.replying(await own_message_or_error(request, access.room, any_author=True))))
 
 
 async def healthz(request: Request) -> Response:
