@@ -2797,8 +2797,10 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 11. Moderation
+# What a room's owners do to run it (lock, slow mode, a new code, owners, removing people and
+# letting them back in, clearing, deleting) and the transcript every member can take home.
+# Each is checked here, on the server, and reaches every page (room_changed).
 # ---------------------------------------------------------------------------
 
 
@@ -2806,6 +2808,184 @@ SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
 
 
 PURGE_BATCH = 500  # rows removed per transaction when a room is cleared or deleted
+
+
+MODERATION_STEPS = ("lock", "unlock", "slow_mode", "new_code", "make_owner", "step_down", "remove", "let_back_in")
+
+
+TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcript streams
+
+
+@login_required
+async def manage_room(request: Request) -> Response:
+    """The owners' page: the room's settings, its members, the people removed from it."""
+    access = await owner_or_403(request)
+    members, removed = await chat_of(request).store.read(members_of, access.room["id"])
+    return render(request, "manage.html", room=access.room, members=members, removed=removed,
+                  slow_modes=SLOW_MODES, error=request.query_params.get("error", "")[:200])
+
+
+@login_required
+async def moderate(request: Request) -> Response:
+    """One owner's step, from the manage page's forms (field `step`, and `user_id` or
+    `slow_mode`); back to that page. 403 for a member, 400 for a step that makes no sense."""
+    access = await owner_or_403(request)
+    form = await read_form(request)
+    chat, room, me = chat_of(request), access.room, request.state.user
+    step, target = form.get("step", ""), message_id(form.get("user_id", ""))
+    if step not in MODERATION_STEPS or (step in ("make_owner", "remove", "let_back_in") and target is None):
+        raise HTTPException(400, "That is not something an owner can do here.")
+    try:
+        if step in ("lock", "unlock"):
+            room, owners = await chat.store.write(change_room, room["id"], {"locked": int(step == "lock")})
+            await room_changed(request, room, owners, f"{step}ed the room")
+        elif step == "slow_mode":
+            seconds = form.get("slow_mode", "")
+            if not seconds.isdigit() or int(seconds) not in SLOW_MODES:
+                raise HTTPException(400, f"Slow mode is one of {', '.join(map(str, SLOW_MODES))} seconds.")
+            room, owners = await chat.store.write(change_room, room["id"], {"slow_mode": int(seconds)})
+            await room_changed(request, room, owners, f"set slow mode to {seconds} s")
+        elif step == "new_code":
+            if not await chat.room_limit.allow(me["id"]):
+                raise CannotDo("You have made many rooms and codes lately. Try again in an hour.")
+            room, owners = await chat.store.write(change_code, room["id"])
+            await room_changed(request, room, owners, f"gave the room a new code, {room['slug']}")
+        elif step in ("make_owner", "step_down"):
+            who = target if step == "make_owner" else me["id"]
+            room, owners = await chat.store.write(set_role, room["id"], who, "owner" if step == "make_owner" else "member")
+            await room_changed(request, room, owners, f"{'made user %d an owner' % who if step == 'make_owner' else 'stepped down'}")
+            if step == "step_down":
+                return redirect(f"/room/{room['slug']}/")
+        elif step == "remove":
+            person = await chat.store.write(remove_member, room["id"], target, me["id"])
+            await chat.fanout.end_pages(target, room_id=room["id"], why="removed")
+            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["slug"])
+        elif step == "let_back_in":
+            if name := await chat.store.write(let_back_in, room["id"], target):
+                log.info("moderation: %s let %s back into %s", me["username"], name, room["slug"])
+    except CannotDo as problem:
+        return redirect(f"/room/{room['slug']}/manage?error={quote(str(problem))}")
+    return redirect(f"/room/{room['slug']}/manage")
+
+
+@login_required
+async def clear_history(request: Request) -> Response:
+    """Clear every message, after a confirm step (GET shows it): gone from every page at once,
+    its rows removed in batches behind it."""
+    access = await owner_or_403(request)
+    if request.method != "POST":
+        return render(request, "confirm.html", room=access.room, what="clear")
+    await read_form(request)
+    chat, room = chat_of(request), access.room
+    revision = await chat.store.write(clear_room, room["id"])
+    await chat.fanout.publish(room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
+    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["slug"])
+    purge_soon(chat, room["id"])
+    return redirect(f"/room/{room['slug']}/")
+
+
+@login_required
+async def remove_room(request: Request) -> Response:
+    """Delete the room, after a confirm step: every open page is told and closed, its code
+    answers 404 from then on, it leaves everyone's list, and its rows go in batches."""
+    access = await owner_or_403(request)
+    if request.method != "POST":
+        return render(request, "confirm.html", room=access.room, what="delete")
+    await read_form(request)
+    chat, room = chat_of(request), access.room
+    await chat.store.write(delete_room, room["id"])
+    await chat.fanout.end_pages(None, room_id=room["id"], why="deleted")
+    log.info("moderation: %s deleted the room %s", request.state.user["username"], room["slug"])
+    purge_soon(chat, room["id"])
+    return redirect("/")
+
+
+@login_required
+async def transcript(request: Request) -> Response:
+    """Every message of the room in order, as a Markdown file (or ?format=json), for its
+    members: streamed a page at a time from the database, so memory stays flat however long."""
+    access = await access_or_404(request)
+    if access.role is None:
+        raise HTTPException(403, "Only the room's members can download its transcript.")
+    room, as_json = access.room, request.query_params.get("format") == "json"
+    store = chat_of(request).store
+
+    async def pages() -> AsyncIterator[list[sqlite3.Row]]:
+        after = 0
+        while rows := await store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
+            yield rows
+            after = rows[-1]["id"]
+
+    body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
+    filename = f"{room['slug']}-transcript.{'json' if as_json else 'md'}"
+    return StreamingResponse(body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
+                             headers={"content-disposition": f'attachment; filename="{filename}"'})
+
+
+async def owner_or_403(request: Request) -> RoomAccess:
+    """The room in the URL, if the user is one of its owners; 403 for anybody else."""
+    access = await access_or_404(request)
+    if access.role != "owner":
+        raise HTTPException(403, "Only this room's owners can do that.")
+    return access
+
+
+def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[int]) -> str:
+    """What every page of the room gets when its owners change it: the room's state (its lock,
+    slow mode and owners, shown by each page's own style), its code and link, its revision."""
+    return str(fragments.room_changed_frame(RoomState.of(room, owners), room["revision"],
+                                            str(request.url_for("room", slug=room["slug"]))))
+
+
+async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int], what: str) -> None:
+    """Tell every page of the room, on every worker, and log who did it."""
+    chat = chat_of(request)
+    await chat.fanout.room_changed(room["id"], RoomState.of(room, owners), room_changed_frame(request, room, owners))
+    log.info("moderation: %s %s in %s", request.state.user["username"], what, room["slug"])
+
+
+def purge_soon(chat: Chat, room_id: int) -> None:
+    """Remove a cleared or deleted room's rows, a batch per write, so messages elsewhere go
+    on being stored in between (the ones still there are hidden meanwhile: NOT_CLEARED)."""
+    async def purge() -> None:
+        with contextlib.suppress(sqlite3.Error):  # (a restart finishes it: purge_left_over)
+            while await chat.store.write(purge_room, room_id):
+                pass
+
+    task = asyncio.create_task(purge())
+    chat.purges.add(task)
+    task.add_done_callback(chat.purges.discard)
+
+
+async def purge_left_over(chat: Chat) -> None:
+    """At start: finish the purges a stop cut short."""
+    for room_id in await chat.store.read(rooms_to_purge):
+        purge_soon(chat, room_id)
+
+
+def markdown_text(text: str) -> str:
+    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line quoted."""
+    return "\n".join(f"> {line}" for line in str(escape(text)).split("\n"))
+
+
+async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
+    yield f"# {escape(room['name'])}\n\nThe transcript of {room['slug']}; times are {room_clock.zone_name()}.\n"
+    async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
+        yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
+                      f"{room_clock.full(m['created_at'])[:16]}{' · (edited)' if m['edited_at'] else ''}\n\n"
+                      f"{markdown_text(m['text'])}\n" for m in rows)
+
+
+async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
+    yield json.dumps({"room": room["name"], "code": room["slug"]})[:-1] + ', "messages": ['
+    first = True
+    async for rows in pages:
+        for m in rows:
+            yield ("" if first else ",") + json.dumps({
+                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]), "sent_at": m["created_at"],
+                "local_time": room_clock.full(m["created_at"]), "text": m["text"], "edited_at": m["edited_at"]})
+            first = False
+    yield "]}"
 
 
 def room_settings(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, frozenset[int]]:
@@ -2933,6 +3113,12 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int
                       (room_id, after, limit)).fetchall()
 
 
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
 SEARCH_BATCH = 500  # messages indexed per transaction
 
 
@@ -3043,184 +3229,6 @@ async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
                 log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
             failing = True
         await asyncio.sleep(every)
-
-
-async def owner_or_403(request: Request) -> RoomAccess:
-    """The room in the URL, if the user is one of its owners; 403 for anybody else."""
-    access = await access_or_404(request)
-    if access.role != "owner":
-        raise HTTPException(403, "Only this room's owners can do that.")
-    return access
-
-
-def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[int]) -> str:
-    """What every page of the room gets when its owners change it: the room's state (its lock,
-    slow mode and owners, shown by each page's own style), its code and link, its revision."""
-    return str(fragments.room_changed_frame(RoomState.of(room, owners), room["revision"],
-                                            str(request.url_for("room", slug=room["slug"]))))
-
-
-async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int], what: str) -> None:
-    """Tell every page of the room, on every worker, and log who did it."""
-    chat = chat_of(request)
-    await chat.fanout.room_changed(room["id"], RoomState.of(room, owners), room_changed_frame(request, room, owners))
-    log.info("moderation: %s %s in %s", request.state.user["username"], what, room["slug"])
-
-
-@login_required
-async def manage_room(request: Request) -> Response:
-    """The owners' page: the room's settings, its members, the people removed from it."""
-    access = await owner_or_403(request)
-    members, removed = await chat_of(request).store.read(members_of, access.room["id"])
-    return render(request, "manage.html", room=access.room, members=members, removed=removed,
-                  slow_modes=SLOW_MODES, error=request.query_params.get("error", "")[:200])
-
-
-MODERATION_STEPS = ("lock", "unlock", "slow_mode", "new_code", "make_owner", "step_down", "remove", "let_back_in")
-
-
-@login_required
-async def moderate(request: Request) -> Response:
-    """One owner's step, from the manage page's forms (field `step`, and `user_id` or
-    `slow_mode`); back to that page. 403 for a member, 400 for a step that makes no sense."""
-    access = await owner_or_403(request)
-    form = await read_form(request)
-    chat, room, me = chat_of(request), access.room, request.state.user
-    step, target = form.get("step", ""), message_id(form.get("user_id", ""))
-    if step not in MODERATION_STEPS or (step in ("make_owner", "remove", "let_back_in") and target is None):
-        raise HTTPException(400, "That is not something an owner can do here.")
-    try:
-        if step in ("lock", "unlock"):
-            room, owners = await chat.store.write(change_room, room["id"], {"locked": int(step == "lock")})
-            await room_changed(request, room, owners, f"{step}ed the room")
-        elif step == "slow_mode":
-            seconds = form.get("slow_mode", "")
-            if not seconds.isdigit() or int(seconds) not in SLOW_MODES:
-                raise HTTPException(400, f"Slow mode is one of {', '.join(map(str, SLOW_MODES))} seconds.")
-            room, owners = await chat.store.write(change_room, room["id"], {"slow_mode": int(seconds)})
-            await room_changed(request, room, owners, f"set slow mode to {seconds} s")
-        elif step == "new_code":
-            if not await chat.room_limit.allow(me["id"]):
-                raise CannotDo("You have made many rooms and codes lately. Try again in an hour.")
-            room, owners = await chat.store.write(change_code, room["id"])
-            await room_changed(request, room, owners, f"gave the room a new code, {room['slug']}")
-        elif step in ("make_owner", "step_down"):
-            who = target if step == "make_owner" else me["id"]
-            room, owners = await chat.store.write(set_role, room["id"], who, "owner" if step == "make_owner" else "member")
-            await room_changed(request, room, owners, f"{'made user %d an owner' % who if step == 'make_owner' else 'stepped down'}")
-            if step == "step_down":
-                return redirect(f"/room/{room['slug']}/")
-        elif step == "remove":
-            person = await chat.store.write(remove_member, room["id"], target, me["id"])
-            await chat.fanout.end_pages(target, room_id=room["id"], why="removed")
-            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["slug"])
-        elif step == "let_back_in":
-            if name := await chat.store.write(let_back_in, room["id"], target):
-                log.info("moderation: %s let %s back into %s", me["username"], name, room["slug"])
-    except CannotDo as problem:
-        return redirect(f"/room/{room['slug']}/manage?error={quote(str(problem))}")
-    return redirect(f"/room/{room['slug']}/manage")
-
-
-@login_required
-async def clear_history(request: Request) -> Response:
-    """Clear every message, after a confirm step (GET shows it): gone from every page at once,
-    its rows removed in batches behind it."""
-    access = await owner_or_403(request)
-    if request.method != "POST":
-        return render(request, "confirm.html", room=access.room, what="clear")
-    await read_form(request)
-    chat, room = chat_of(request), access.room
-    revision = await chat.store.write(clear_room, room["id"])
-    await chat.fanout.publish(room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
-    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["slug"])
-    purge_soon(chat, room["id"])
-    return redirect(f"/room/{room['slug']}/")
-
-
-@login_required
-async def remove_room(request: Request) -> Response:
-    """Delete the room, after a confirm step: every open page is told and closed, its code
-    answers 404 from then on, it leaves everyone's list, and its rows go in batches."""
-    access = await owner_or_403(request)
-    if request.method != "POST":
-        return render(request, "confirm.html", room=access.room, what="delete")
-    await read_form(request)
-    chat, room = chat_of(request), access.room
-    await chat.store.write(delete_room, room["id"])
-    await chat.fanout.end_pages(None, room_id=room["id"], why="deleted")
-    log.info("moderation: %s deleted the room %s", request.state.user["username"], room["slug"])
-    purge_soon(chat, room["id"])
-    return redirect("/")
-
-
-def purge_soon(chat: Chat, room_id: int) -> None:
-    """Remove a cleared or deleted room's rows, a batch per write, so messages elsewhere go
-    on being stored in between (the ones still there are hidden meanwhile: NOT_CLEARED)."""
-    async def purge() -> None:
-        with contextlib.suppress(sqlite3.Error):  # (a restart finishes it: purge_left_over)
-            while await chat.store.write(purge_room, room_id):
-                pass
-
-    task = asyncio.create_task(purge())
-    chat.purges.add(task)
-    task.add_done_callback(chat.purges.discard)
-
-
-async def purge_left_over(chat: Chat) -> None:
-    """At start: finish the purges a stop cut short."""
-    for room_id in await chat.store.read(rooms_to_purge):
-        purge_soon(chat, room_id)
-
-
-TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcript streams
-
-
-@login_required
-async def transcript(request: Request) -> Response:
-    """Every message of the room in order, as a Markdown file (or ?format=json), for its
-    members: streamed a page at a time from the database, so memory stays flat however long."""
-    access = await access_or_404(request)
-    if access.role is None:
-        raise HTTPException(403, "Only the room's members can download its transcript.")
-    room, as_json = access.room, request.query_params.get("format") == "json"
-    store = chat_of(request).store
-
-    async def pages() -> AsyncIterator[list[sqlite3.Row]]:
-        after = 0
-        while rows := await store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
-            yield rows
-            after = rows[-1]["id"]
-
-    body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
-    filename = f"{room['slug']}-transcript.{'json' if as_json else 'md'}"
-    return StreamingResponse(body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
-                             headers={"content-disposition": f'attachment; filename="{filename}"'})
-
-
-def markdown_text(text: str) -> str:
-    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line quoted."""
-    return "\n".join(f"> {line}" for line in str(escape(text)).split("\n"))
-
-
-async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
-    yield f"# {escape(room['name'])}\n\nThe transcript of {room['slug']}; times are {room_clock.zone_name()}.\n"
-    async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
-        yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
-                      f"{room_clock.full(m['created_at'])[:16]}{' · (edited)' if m['edited_at'] else ''}\n\n"
-                      f"{markdown_text(m['text'])}\n" for m in rows)
-
-
-async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
-    yield json.dumps({"room": room["name"], "code": room["slug"]})[:-1] + ', "messages": ['
-    first = True
-    async for rows in pages:
-        for m in rows:
-            yield ("" if first else ",") + json.dumps({
-                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]), "sent_at": m["created_at"],
-                "local_time": room_clock.full(m["created_at"]), "text": m["text"], "edited_at": m["edited_at"]})
-            first = False
-    yield "]}"
 
 
 @login_required
