@@ -3114,27 +3114,14 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 12. Search
+# Finding what was said in your rooms: FTS5 over every message's text (the index is
+# SCHEMA's messages_fts), filled a second behind the messages; a hit links to its room page
+# opened around it (render_room's `around`).
 # ---------------------------------------------------------------------------
 
 
 SEARCH_BATCH = 500  # messages indexed per transaction
-
-
-def index_new_messages(db: sqlite3.Connection) -> bool:
-    """Add the messages sent since the last call to the search index, SEARCH_BATCH at a time
-    in one transaction (the index_search task calls it every second, and at start for what an
-    upgrade brought). Indexing each message as it is sent cost more than its INSERT (README,
-    "Search"). Whether more are waiting."""
-    with transaction(db):
-        mark = db.execute("SELECT indexed_up_to FROM search_state").fetchone()[0]
-        rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
-                          (mark, SEARCH_BATCH)).fetchall()
-        if rows:
-            db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", [tuple(row) for row in rows])
-            db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
-    return len(rows) == SEARCH_BATCH
 
 
 SEARCH_PAGE = 50  # hits per page of results
@@ -3149,6 +3136,28 @@ SEARCH_WORDS = 12
 HIT_START, HIT_END = "\x02", "\x03"  # around each matched word in a snippet: no message holds these (clean_text)
 
 
+SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may be
+
+
+@login_required
+async def search(request: Request) -> Response:
+    """`GET /search/?q=words[&before=id]`: the newest SEARCH_PAGE messages with those words
+    (the last one a prefix) in the rooms the person is a member of, then "More". Any text is
+    a valid query; an empty one shows the box."""
+    query = request.query_params.get("q", "")[:SEARCH_CHARS]
+    before = message_id(request.query_params.get("before", ""))
+    expression = search_expression(query)
+    hits, more = [], False
+    if expression is not None:
+        try:
+            hits, more = await chat_of(request).store.read(search_messages, request.state.user["id"], expression, before)
+        except sqlite3.OperationalError as problem:  # (search_expression leaves FTS5 nothing to object to)
+            log.warning("search for %r failed: %r", expression, problem)
+            raise HTTPException(400, "That search could not be run; try other words.") from None
+    return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
+                  more=more and hits[-1]["id"])
+
+
 def search_expression(query: str) -> str | None:
     """Any text as an FTS5 query that cannot be a syntax error: each word in double quotes
     (FTS5 reads a quoted string as the phrase of its tokens, so `AND`, `NEAR(`, `*` and `:`
@@ -3158,6 +3167,12 @@ def search_expression(query: str) -> str | None:
     if not words:
         return None
     return " ".join('"' + word.replace('"', '""') + '"' for word in words) + "*"
+
+
+@template_filter("hits")
+def marked_hits(snippet: str) -> Markup:
+    """A search snippet as HTML: escaped, the words found in <mark>."""
+    return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
 
 
 def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
@@ -3180,10 +3195,43 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
-@template_filter("hits")
-def marked_hits(snippet: str) -> Markup:
-    """A search snippet as HTML: escaped, the words found in <mark>."""
-    return Markup(str(escape(snippet)).replace(HIT_START, "<mark>").replace(HIT_END, "</mark>"))
+async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
+    """Keep the search index up with the messages: every `every` seconds, index what was sent
+    meanwhile (index_new_messages), a batch per trip to the writer so sends interleave."""
+    failing = False  # (a full disk is said once, and its end once: not every second)
+    while True:
+        try:
+            while await chat.store.write(index_new_messages):
+                pass
+            if failing:
+                log.warning("indexing new messages for search again")
+            failing = False
+        except sqlite3.Error as problem:
+            if not failing:
+                log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
+            failing = True
+        await asyncio.sleep(every)
+
+
+def index_new_messages(db: sqlite3.Connection) -> bool:
+    """Add the messages sent since the last call to the search index, SEARCH_BATCH at a time
+    in one transaction (the index_search task calls it every second, and at start for what an
+    upgrade brought). Indexing each message as it is sent cost more than its INSERT (README,
+    "Search"). Whether more are waiting."""
+    with transaction(db):
+        mark = db.execute("SELECT indexed_up_to FROM search_state").fetchone()[0]
+        rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
+                          (mark, SEARCH_BATCH)).fetchall()
+        if rows:
+            db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", [tuple(row) for row in rows])
+            db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
+    return len(rows) == SEARCH_BATCH
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
 
 
 async def healthz(request: Request) -> Response:
@@ -3208,46 +3256,6 @@ async def http_error(request: Request, exc: Exception) -> Response:
     if status == 500:  # Starlette answers these from outside all middleware: add the headers here
         response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
     return response
-
-
-SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may be
-
-
-async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
-    """Keep the search index up with the messages: every `every` seconds, index what was sent
-    meanwhile (index_new_messages), a batch per trip to the writer so sends interleave."""
-    failing = False  # (a full disk is said once, and its end once: not every second)
-    while True:
-        try:
-            while await chat.store.write(index_new_messages):
-                pass
-            if failing:
-                log.warning("indexing new messages for search again")
-            failing = False
-        except sqlite3.Error as problem:
-            if not failing:
-                log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
-            failing = True
-        await asyncio.sleep(every)
-
-
-@login_required
-async def search(request: Request) -> Response:
-    """`GET /search/?q=words[&before=id]`: the newest SEARCH_PAGE messages with those words
-    (the last one a prefix) in the rooms the person is a member of, then "More". Any text is
-    a valid query; an empty one shows the box."""
-    query = request.query_params.get("q", "")[:SEARCH_CHARS]
-    before = message_id(request.query_params.get("before", ""))
-    expression = search_expression(query)
-    hits, more = [], False
-    if expression is not None:
-        try:
-            hits, more = await chat_of(request).store.read(search_messages, request.state.user["id"], expression, before)
-        except sqlite3.OperationalError as problem:  # (search_expression leaves FTS5 nothing to object to)
-            log.warning("search for %r failed: %r", expression, problem)
-            raise HTTPException(400, "That search could not be run; try other words.") from None
-    return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
-                  more=more and hits[-1]["id"])
 
 
 class RedisFanout(LocalFanout):
