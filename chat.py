@@ -3229,33 +3229,10 @@ def index_new_messages(db: sqlite3.Connection) -> bool:
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 13. Scaling out: Redis
+# Only with CHAT_REDIS_URL (nothing above needs it): fan-out, presence and rate limits shared
+# by every worker through Redis; the twins of LocalFanout, RateLimiter and FailureLimit.
 # ---------------------------------------------------------------------------
-
-
-async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
-
-
-async def storage_error(request: Request, exc: Exception) -> Response:
-    """Any other write the database refused (a full disk): a clear 503, no traceback."""
-    return await http_error(request, HTTPException(503, could_not_save("That could not be done", exc)))
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", None) if status != 500 else None
-    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 429: "Slow down",
-              500: "Something broke", 503: "Not saved"}
-    if request.scope["type"] != "http":
-        return PlainTextResponse(titles.get(status, "Error"), status_code=status)
-    request.state.user = await current_user(request) if status != 500 else None
-    response = render(request, "error.html", status, title=titles.get(status, "Error"),
-                      detail=detail or "Something went wrong on our side; try again. If it keeps happening, tell whoever runs this server.")
-    if status == 500:  # Starlette answers these from outside all middleware: add the headers here
-        response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
-    return response
 
 
 class RedisFanout(LocalFanout):
@@ -3619,6 +3596,36 @@ class RedisFailureLimit(FailureLimit):
             for failed in failures:
                 pipe.incr(failed).expire(failed, int(self.window) + 1)
             await pipe.execute()
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def storage_error(request: Request, exc: Exception) -> Response:
+    """Any other write the database refused (a full disk): a clear 503, no traceback."""
+    return await http_error(request, HTTPException(503, could_not_save("That could not be done", exc)))
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) if status != 500 else None
+    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 429: "Slow down",
+              500: "Something broke", 503: "Not saved"}
+    if request.scope["type"] != "http":
+        return PlainTextResponse(titles.get(status, "Error"), status_code=status)
+    request.state.user = await current_user(request) if status != 500 else None
+    response = render(request, "error.html", status, title=titles.get(status, "Error"),
+                      detail=detail or "Something went wrong on our side; try again. If it keeps happening, tell whoever runs this server.")
+    if status == 500:  # Starlette answers these from outside all middleware: add the headers here
+        response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
+    return response
 
 
 def security_headers(nonce: str) -> dict[str, str]:
