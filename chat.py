@@ -3599,8 +3599,9 @@ class RedisFailureLimit(FailureLimit):
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 14. The app
+# The record every handler shares, the background tasks, security headers, error pages, and
+# create_app(), which only composes the sections' routes.
 # ---------------------------------------------------------------------------
 
 
@@ -3769,6 +3770,12 @@ def __getattr__(name: str) -> Starlette:
         globals()["app"] = create_app()
         return globals()["app"]
     raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------
+# Not yet re-cut
+# What the re-cut has not moved yet, in its old order.
+# ---------------------------------------------------------------------------
 
 
 def backup(db_path: Path, target: Path) -> int:
