@@ -3773,8 +3773,10 @@ def __getattr__(name: str) -> Starlette:
 
 
 # ---------------------------------------------------------------------------
-# Not yet re-cut
-# What the re-cut has not moved yet, in its old order.
+# 15. The operator's commands and main()
+# `python chat.py backup FILE` and `python chat.py users ...`, run beside the server on the same
+# database; then `python chat.py` itself: flags over CHAT_* variables, and uvicorn with the
+# limits this app relies on.
 # ---------------------------------------------------------------------------
 
 
