@@ -46,7 +46,7 @@ import time
 import unicodedata
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -85,62 +85,75 @@ log = logging.getLogger("backchat")
 # ---------------------------------------------------------------------------
 
 
-def _env_int(env: dict[str, str], name: str, default: int) -> int:
-    value = env.get(name, "").strip()
-    return int(value) if value else default
+def setting(default: Any, env: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A field of Settings: its default and the CHAT_* variable that sets it, stated once.
+    `parse` turns the variable's text into the value (else the default's type does)."""
+    return field(default=default, metadata={"env": env, "parse": parse})
 
 
-def _host_set(value: str) -> frozenset[str]:
-    return frozenset(h.strip().lower().strip("[]") for h in value.split(",") if h.strip())
+def names_in(text: str, strip: str = "") -> frozenset[str]:
+    """A comma-separated list as a set: lower case, each stripped of spaces and of `strip`."""
+    return frozenset(name.strip().strip(strip).lower() for name in text.split(",") if name.strip())
+
+
+def digits(text: str) -> int:
+    """A whole number written in ASCII digits (not "²", not "٣"); ValueError otherwise."""
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{text!r} is not a whole number")
+    return int(text)
+
+
+PARSE_BY_TYPE: dict[type, Callable[[str], Any]] = {
+    Path: Path, str: str, int: digits, float: float, bool: lambda text: text.lower() in ("1", "true", "yes")}
 
 
 @dataclass(frozen=True)
 class Settings:
-    db_path: Path = Path("chat.db")
-    secret_key: str = ""  # empty: generated once and kept beside the database
-    allowed_origins: frozenset[str] = frozenset()
-    message_rate: int = 20  # messages per user per room per 10 s; 0 turns it off
-    room_rate: int = 10  # rooms created per user per hour; 0 turns it off
-    login_failures: int = 10  # failed logins per username and per address per 15 min
-    register_rate: int = 10  # accounts created per address per hour
-    room_guesses: int = 30  # unknown room codes tried per user and per address per hour
-    sockets_per_user: int = 20  # open WebSockets per user
-    sockets_per_address: int = 200  # open WebSockets per client address (a classroom shares one)
-    max_connections: int = 2000  # open connections in all (HTTP and WebSocket) before refusing
+    """Every setting with its CHAT_* variable and default (README, "Configuration")."""
+
+    db_path: Path = setting(Path("chat.db"), "CHAT_DB")
+    secret_key: str = setting("", "CHAT_SECRET_KEY")  # empty: made once, kept beside the database
+    host: str = setting("127.0.0.1", "CHAT_HOST")  # what `python chat.py` listens on
+    port: int = setting(8000, "CHAT_PORT")
+    ws: str = setting("auto", "CHAT_WS")  # uvicorn's WebSocket implementation
+    allowed_origins: frozenset[str] = setting(frozenset(), "CHAT_ALLOWED_ORIGINS",
+                                              lambda text: names_in(text, "/"))
+    message_rate: int = setting(20, "CHAT_MESSAGE_RATE")  # per user per room per 10 s; 0: off
+    room_rate: int = setting(10, "CHAT_ROOM_RATE")  # rooms (and new codes) per user per hour
+    login_failures: int = setting(10, "CHAT_LOGIN_FAILURES")  # per name and address per 15 min
+    register_rate: int = setting(10, "CHAT_REGISTER_RATE")  # accounts per address per hour
+    room_guesses: int = setting(30, "CHAT_ROOM_GUESSES")  # unknown codes per user, address, hour
+    sockets_per_user: int = setting(20, "CHAT_SOCKETS_PER_USER")  # open WebSockets per user
+    # open WebSockets per client address (a classroom shares one)
+    sockets_per_address: int = setting(200, "CHAT_SOCKETS_PER_ADDRESS")
+    # open connections in all (HTTP and WebSocket) before refusing
+    max_connections: int = setting(2000, "CHAT_MAX_CONNECTIONS")
     # Host names served besides IP addresses (DNS rebinding needs a name): "localhost", and
     # this machine's names when main() listens on every interface. "*" serves any.
-    allowed_hosts: frozenset[str] = frozenset({"localhost"})
-    trusted_proxies: str = ""  # addresses whose X-Forwarded-For is believed (python chat.py)
-    guests: bool = False  # "Join as a guest": a name, no password, for classes and demos
-    https_only: bool = False  # mark the session cookie Secure (deployments behind TLS)
-    redis_url: str = ""  # set: fan-out, presence and rate limits shared through Redis
-    heartbeat: float = 10.0  # seconds between "still live" frames to every page (and pings)
-    timezone: str = ""  # an IANA name (Asia/Tokyo) times are shown in; empty: this machine's own
+    allowed_hosts: frozenset[str] = setting(frozenset({"localhost"}), "CHAT_ALLOWED_HOSTS",
+                                            lambda text: names_in(text, "[]"))
+    # addresses whose X-Forwarded-For is believed (python chat.py)
+    trusted_proxies: str = setting("", "CHAT_TRUSTED_PROXIES")
+    guests: bool = setting(False, "CHAT_GUESTS")  # "Join as a guest": a name, no password
+    https_only: bool = setting(False, "CHAT_HTTPS_ONLY")  # the session cookie is Secure (TLS)
+    redis_url: str = setting("", "CHAT_REDIS_URL")  # fan-out, presence, limits through Redis
+    heartbeat: float = setting(10.0, "CHAT_HEARTBEAT")  # seconds between "still live" frames
+    timezone: str = setting("", "CHAT_TIMEZONE")  # an IANA name; empty: this machine's own
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = dict(os.environ if env is None else env)
-        origins = env.get("CHAT_ALLOWED_ORIGINS", "")
-        return cls(
-            db_path=Path(env.get("CHAT_DB", "chat.db")),
-            secret_key=env.get("CHAT_SECRET_KEY", ""),
-            allowed_origins=frozenset(o.strip().rstrip("/").lower() for o in origins.split(",") if o.strip()),
-            message_rate=_env_int(env, "CHAT_MESSAGE_RATE", 20),
-            room_rate=_env_int(env, "CHAT_ROOM_RATE", 10),
-            login_failures=_env_int(env, "CHAT_LOGIN_FAILURES", 10),
-            register_rate=_env_int(env, "CHAT_REGISTER_RATE", 10),
-            room_guesses=_env_int(env, "CHAT_ROOM_GUESSES", 30),
-            sockets_per_user=_env_int(env, "CHAT_SOCKETS_PER_USER", 20),
-            sockets_per_address=_env_int(env, "CHAT_SOCKETS_PER_ADDRESS", 200),
-            max_connections=_env_int(env, "CHAT_MAX_CONNECTIONS", 2000),
-            allowed_hosts=_host_set(env.get("CHAT_ALLOWED_HOSTS", "")) or cls.allowed_hosts,
-            trusted_proxies=env.get("CHAT_TRUSTED_PROXIES", "").strip(),
-            guests=env.get("CHAT_GUESTS", "").lower() in ("1", "true", "yes"),
-            https_only=env.get("CHAT_HTTPS_ONLY", "").lower() in ("1", "true", "yes"),
-            redis_url=env.get("CHAT_REDIS_URL", ""),
-            heartbeat=float(env.get("CHAT_HEARTBEAT", "").strip() or 10),
-            timezone=env.get("CHAT_TIMEZONE", "").strip(),
-        )
+        """The settings the CHAT_* variables give (os.environ's, or `env`'s); ValueError, in
+        plain words, for a value that is not one."""
+        env = os.environ if env is None else env
+        given = {}
+        for known in fields(cls):
+            name, text = known.metadata["env"], env.get(known.metadata["env"], "").strip()
+            if text:
+                try:
+                    given[known.name] = (known.metadata["parse"] or PARSE_BY_TYPE[type(known.default)])(text)
+                except ValueError as problem:
+                    raise ValueError(f"{name}: {problem}") from None
+        return cls(**given)
 
 
 def load_secret_key(settings: Settings) -> str:
@@ -409,46 +422,49 @@ class Store:
         self._read_db: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
-        self._waiting: list[tuple[NewMessage, asyncio.Future]] = []  # messages for the next commit
-        self._committing = False
+        self._waiting: dict[Callable, list[tuple[Any, asyncio.Future]]] = {}  # for the next commit
+        self._committing: set[Callable] = set()  # (write_together)
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
+        """`method(db, *args)` on the reader thread."""
         return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
 
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
+        """`method(db, *args)` on the writer thread."""
         return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
 
-    async def add_message(self, room_id: int, user_id: int, text: str, key: str | None,
-                          reply_to: int | None = None) -> sqlite3.Row | str | None:
-        """Store one message, committed with whatever else is waiting (group commit). A lone
-        message goes to the writer at once; messages that arrive while a commit is under way
-        wait for it to end, then all of them go in one transaction and come back in one trip,
-        so the hand-off and the commit are paid per batch, not per message."""
+    async def write_together(self, method: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
+        """Group commit: `method(db, items)` writes a list of items in one transaction and
+        answers each (an exception answers its own item only). A lone item goes to the writer at
+        once; items that arrive while a commit of the same method is under way wait for it to
+        end, then all of them go in one transaction and come back in one trip, so the hand-off
+        and the commit are paid per batch, not per item (a message: add_messages)."""
         done = asyncio.get_running_loop().create_future()
-        self._waiting.append(((room_id, user_id, text, key, reply_to), done))
-        if not self._committing:
-            self._commit_waiting()
+        self._waiting.setdefault(method, []).append((item, done))
+        if method not in self._committing:
+            self._commit_waiting(method)
         return await done
 
-    def _commit_waiting(self) -> None:
-        batch, self._waiting = self._waiting, []
-        self._committing = True
-        stored = asyncio.get_running_loop().run_in_executor(
-            self._writer, add_messages, self._write_db, [message for message, _ in batch])
+    def _commit_waiting(self, method: Callable[[sqlite3.Connection, list], list]) -> None:
+        batch = self._waiting.pop(method)
+        self._committing.add(method)
+        written = asyncio.get_running_loop().run_in_executor(
+            self._writer, method, self._write_db, [item for item, _ in batch])
 
         def hand_back(finished: asyncio.Future) -> None:
-            self._committing = False
+            self._committing.discard(method)
             for n, (_, done) in enumerate(batch):
                 if done.done():  # its sender went away meanwhile
                     continue
-                if finished.exception() is not None:
-                    done.set_exception(finished.exception())
+                answer = finished.exception() or finished.result()[n]
+                if isinstance(answer, BaseException):
+                    done.set_exception(answer)
                 else:
-                    done.set_result(finished.result()[n])
-            if self._waiting:
-                self._commit_waiting()
+                    done.set_result(answer)
+            if self._waiting.get(method):
+                self._commit_waiting(method)
 
-        stored.add_done_callback(hand_back)
+        written.add_done_callback(hand_back)
 
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
@@ -522,9 +538,23 @@ SELECT_MESSAGES = (
 NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
 
 
-# The room's next revision, in a statement whose ?1 is the room's id (the triggers in SCHEMA
-# record it in the room).
+# Revisions. A room's revision counts the changes its pages must see: every one moves it on by
+# one, and every frame that shows a change carries the new number (room_revision in
+# _fragments.html), which the page sends back when its socket reopens (catch-up). So a live
+# page, a page that was offline and a page on another worker all end at the same state.
+# A message's row carries the revision of its latest change (sent, edited, reacted to, its
+# quote changed); a deleted one leaves its id and revision in `deletions`; the triggers in
+# SCHEMA record the message's revision in its room. A change to the room itself (a lock, a
+# new code, an owner) moves the room on directly (advance_room).
+
+# The room's next revision, in a statement whose ?1 is the room's id.
 NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
+
+
+def advance_room(db: sqlite3.Connection, room_id: int) -> int:
+    """Move the room on by one revision, inside the caller's transaction; the new revision."""
+    return db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ? RETURNING revision",
+                      (room_id,)).fetchall()[0][0]
 
 
 def room_revision(db: sqlite3.Connection, room_id: int) -> int:
@@ -2420,7 +2450,7 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
             wait = max(1, round(await slow.retry_after((room_id, user_id))))
             raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
     try:
-        message = await chat.store.add_message(room_id, user_id, text, key, reply_to)
+        message = await chat.store.write_together(add_messages, (room_id, user_id, text, key, reply_to))
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if isinstance(message, str):  # a removal, a lock or a deletion got there first
@@ -2997,8 +3027,9 @@ def change_room(db: sqlite3.Connection, room_id: int, settings: dict[str, int]) 
     """Set the room's `locked` or `slow_mode`; its pages must see it: the room moves on a revision."""
     assert set(settings) <= {"locked", "slow_mode"}
     with transaction(db):
-        db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)}, revision = revision + 1 "
-                   "WHERE id = :room_id", {**settings, "room_id": room_id})
+        db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)} WHERE id = :room_id",
+                   {**settings, "room_id": room_id})
+        advance_room(db, room_id)
     return room_settings(db, room_id)
 
 
@@ -3011,7 +3042,7 @@ def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> t
         if role == "member" and room_owners(db, room_id) == {user_id}:
             raise CannotDo("You are this room's only owner: make somebody else an owner first.")
         db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?", (role, room_id, user_id))
-        db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ?", (room_id,))
+        advance_room(db, room_id)
     return room_settings(db, room_id)
 
 
@@ -3045,7 +3076,8 @@ def change_code(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, froz
         old = db.execute("SELECT slug FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
         slug = new_room_code(db, old.rsplit("-", 1)[0])
         db.execute("INSERT INTO room_codes (slug, room_id) VALUES (?, ?)", (old, room_id))
-        db.execute("UPDATE rooms SET slug = ?, revision = revision + 1 WHERE id = ?", (slug, room_id))
+        db.execute("UPDATE rooms SET slug = ? WHERE id = ?", (slug, room_id))
+        advance_room(db, room_id)
     return room_settings(db, room_id)
 
 
@@ -3054,10 +3086,11 @@ def clear_room(db: sqlite3.Connection, room_id: int) -> int:
     batches (purge_room); the room's new revision, from which pages start again. The newest
     cleared id is kept in `deletions`, as a deleted message's is, so no id is used again."""
     with transaction(db):
-        revision, newest = db.execute(
-            "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages WHERE room_id = ?1), cleared_up_to), "
-            "revision = revision + 1, cleared_revision = revision + 1 WHERE id = ?1 RETURNING revision, cleared_up_to",
-            (room_id,)).fetchall()[0]
+        revision = advance_room(db, room_id)
+        newest = db.execute(
+            "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages WHERE room_id = ?1), "
+            "cleared_up_to), cleared_revision = revision WHERE id = ?1 RETURNING cleared_up_to",
+            (room_id,)).fetchall()[0][0]
         if newest:
             db.execute("INSERT INTO deletions (message_id, room_id, revision) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                        (newest, room_id, revision))
@@ -3067,7 +3100,8 @@ def clear_room(db: sqlite3.Connection, room_id: int) -> int:
 def delete_room(db: sqlite3.Connection, room_id: int) -> None:
     """The room is deleted at once (not found any more) and its rows removed in batches."""
     with transaction(db):
-        db.execute("UPDATE rooms SET deleted_at = ?, revision = revision + 1 WHERE id = ?", (utc_now(), room_id))
+        db.execute("UPDATE rooms SET deleted_at = ? WHERE id = ?", (utc_now(), room_id))
+        advance_room(db, room_id)
 
 
 def purge_room(db: sqlite3.Connection, room_id: int) -> bool:
@@ -3937,13 +3971,17 @@ def lan_addresses() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    env = Settings.from_env()
+    """`python chat.py [COMMAND]`: the one place that reads the environment (Settings.from_env)."""
     parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
-    parser.add_argument("--host", default=os.environ.get("CHAT_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CHAT_PORT", "8000")))
+    try:
+        env = Settings.from_env()
+    except ValueError as problem:
+        parser.error(str(problem))
+    parser.add_argument("--host", default=env.host)
+    parser.add_argument("--port", type=int, default=env.port)
     parser.add_argument("--db", type=Path, default=env.db_path, help="SQLite file (default: chat.db)")
     parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
-    parser.add_argument("--ws", default=os.environ.get("CHAT_WS", "auto"), help="uvicorn's WebSocket implementation")
+    parser.add_argument("--ws", default=env.ws, help="uvicorn's WebSocket implementation")
     parser.add_argument("--guests", action="store_true", default=env.guests,
                         help='offer "Join as a guest" (a name, no password) for classes and demos')
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="or, instead of serving:")
@@ -3970,7 +4008,7 @@ def main(argv: list[str] | None = None) -> None:
 def serve(args: argparse.Namespace, env: Settings) -> None:
     """`python chat.py`: uvicorn with this app and the limits it relies on."""
     hosts, everywhere = env.allowed_hosts, args.host in ("0.0.0.0", "::", "")
-    if everywhere and not os.environ.get("CHAT_ALLOWED_HOSTS"):
+    if everywhere and hosts == Settings.allowed_hosts:  # (not set: the default)
         name = socket.gethostname().lower()  # a LAN also reaches this machine by its names
         hosts |= {name, f"{name}.local", socket.getfqdn().lower()}
     # Every connection is a file descriptor: keep the total under what the process may open,

@@ -1157,7 +1157,7 @@ def test_messages_waiting_for_the_writer_are_committed_together(alice, settings,
         for n, tab in enumerate(tabs):  # ten pages send at once (each waits for its own commit)
             send(tab, f"queued {n}")
         for _ in range(200):  # the first goes to the writer alone; the rest wait behind it
-            if alice.portal.call(lambda: len(store._waiting)) == 9:
+            if alice.portal.call(lambda: sum(map(len, store._waiting.values()))) == 9:
                 break
             time.sleep(0.01)
         release.set()
