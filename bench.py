@@ -87,7 +87,7 @@ def baseline_app(floor_db: Path | None = None):
             if user is None or websocket.headers.get("origin") != f"http://{websocket.headers.get('host')}":
                 return await websocket.close()
         await websocket.accept()
-        room = rooms.setdefault(websocket.path_params["slug"], set())
+        room = rooms.setdefault(websocket.path_params["code"], set())
         room.add(websocket)
         try:
             while True:
@@ -498,7 +498,7 @@ def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, re
     try:
         return {"catch_up_ms": median_ms(lambda: chat.catch_up_frame(db, room_id, slug, max(0, count - chat.CATCH_UP_LIMIT))),
                 "history_page_ms": median_ms(lambda: str(chat.fragments.history_page(
-                    {"slug": slug}, *chat.page_before(db, room_id, None), oob=True)))}
+                    {"code": slug}, *chat.page_before(db, room_id, None), oob=True)))}
     finally:
         db.close()
 
@@ -507,7 +507,7 @@ def fill_room(workdir: Path, slug: str, count: int) -> int:
     """Put `count` messages in the room, in one transaction, straight into the database ("history
     message <n>"; the one halfway back also says "needle"); the room's id."""
     with sqlite3.connect(workdir / "bench.db") as db:
-        room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE slug = ?", (slug,)).fetchone()
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE code = ?", (slug,)).fetchone()
         db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
                        ((room_id, user_id, f"history message {n}" + (" needle" if n == count // 2 else ""),
                          "2026-01-01T00:00:00Z", n + 1) for n in range(count)))

@@ -217,7 +217,7 @@ CREATE INDEX IF NOT EXISTS sessions_by_last_seen ON sessions(last_seen_at);  -- 
 CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions(created_at);
 CREATE TABLE IF NOT EXISTS rooms (
     id         INTEGER PRIMARY KEY,
-    slug       TEXT NOT NULL UNIQUE,
+    code       TEXT NOT NULL UNIQUE,  -- the readable part of its name, then 13 random characters
     name       TEXT NOT NULL,
     created_by INTEGER NOT NULL REFERENCES users(id),
     created_at TEXT NOT NULL,
@@ -229,7 +229,7 @@ CREATE TABLE IF NOT EXISTS rooms (
     deleted_at TEXT  -- deleted: not found any more, while its rows are removed
 );
 CREATE TABLE IF NOT EXISTS room_codes (  -- a room's earlier codes: they still lead its members in
-    slug    TEXT PRIMARY KEY,
+    code    TEXT PRIMARY KEY,
     room_id INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS removals (  -- people an owner removed from a room, until let back in
@@ -355,6 +355,10 @@ MIGRATIONS = [
     # Replies. (The search index, its triggers, and the mentions and reactions tables are
     # SCHEMA's; the messages already there are indexed in the background, index_new_messages.)
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
+    # One word for a room's code (it was "slug").
+    ["ALTER TABLE rooms RENAME COLUMN slug TO code",
+     lambda db: db.execute("ALTER TABLE room_codes RENAME COLUMN slug TO code") if db.execute(
+         "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None],
 ]
 
 
@@ -642,8 +646,9 @@ class Refused(ValueError):
         self.status_code = status_code
 
 
-def message_id(value: str) -> int | None:
-    """A message id from a URL (`before`, `after`), or None: ASCII digits that SQLite can hold."""
+def whole_number(value: str) -> int | None:
+    """A whole number from a URL, a form or a frame (an id, a revision), or None: ASCII digits
+    that SQLite can hold."""
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)
@@ -1215,7 +1220,7 @@ class Connection:
     """One open WebSocket: frames go out at once while its socket keeps up, and into a
     bounded backlog while it does not."""
 
-    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_slug", "wire",
+    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_code", "wire",
                  "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
 
     @property
@@ -1223,14 +1228,14 @@ class Connection:
         return self.user_id, self.username, self.is_guest
 
     def __init__(self, websocket: WebSocket, session_id: str, user: sqlite3.Row, room_id: int,
-                 room_slug: str, wire: bool) -> None:
+                 room_code: str, wire: bool) -> None:
         self.websocket = websocket
         self.session_id = session_id
         # Frames go straight to the server's ASGI send, past the middleware: sessions and
         # error pages are about HTTP, and each layer would cost time on every frame.
         self.send: Send = websocket.scope["backchat.raw_send"]
         self.user_id, self.username, self.is_guest = user["id"], user["username"], bool(user["is_guest"])
-        self.room_id, self.room_slug = room_id, room_slug
+        self.room_id, self.room_code = room_id, room_code
         self.wire = wire
         self.backlog: list[str] = []
         self.backlog_bytes = 0
@@ -1254,7 +1259,7 @@ class Connection:
             self.backlog_bytes += len(frame)
         else:  # never wait for one slow reader: drop it; its page reconnects and catches up
             log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind", self.username,
-                        self.room_slug, len(self.backlog), self.backlog_bytes)
+                        self.room_code, len(self.backlog), self.backlog_bytes)
             self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
 
     def _message(self, frame: str) -> Message:
@@ -1337,14 +1342,14 @@ class RoomState:
     read at each handshake, changed by the owners' tools (Moderation). Posting obeys it
     (the database checks a lock and removals again as it stores a message)."""
 
-    slug: str
+    code: str
     owners: frozenset[int] = frozenset()
     locked: bool = False
     slow_mode: int = 0  # seconds between a member's messages; 0: off
 
     @classmethod
     def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
-        return cls(room["slug"], owners, bool(room["locked"]), room["slow_mode"])
+        return cls(room["code"], owners, bool(room["locked"]), room["slow_mode"])
 
 
 def by_name(people: set[Person]) -> list[Person]:
@@ -1429,7 +1434,7 @@ class RoomHub:
         told in place, and their sockets closed with a code htmx does not retry."""
         for conn in self.everyone():
             if user_id in (None, conn.user_id) and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
-                conn.push(str(fragments.page_ended(conn.room_slug, why)))
+                conn.push(str(fragments.page_ended(conn.room_code, why)))
                 conn.drop(SESSION_ENDED, why)
 
     def set_room(self, room_id: int, state: RoomState) -> None:
@@ -1568,8 +1573,8 @@ async def check_sessions(chat: Chat) -> None:
     live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}), chat.settings.guests)
     for conn in pages:
         if conn.session_id not in live and not conn.dropped:
-            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_slug)
-            conn.push(str(fragments.page_ended(conn.room_slug)))
+            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_code)
+            conn.push(str(fragments.page_ended(conn.room_code)))
             conn.drop(SESSION_ENDED, "session ended")
     hour_ago = utc_ago(hours=1)
     if in_use := [session_id for session_id, seen in live.items() if seen < hour_ago]:
@@ -1905,7 +1910,7 @@ async def home(request: Request) -> Response:
     user_id = request.state.user["id"]
     rooms = await chat.store.read(rooms_of, user_id)
     # A room open live in another tab has nothing unread, as its page's "New" divider says.
-    live = {room["slug"] for room in rooms if chat.hub.has_page(room["id"], user_id)}
+    live = {room["code"] for room in rooms if chat.hub.has_page(room["id"], user_id)}
     return render(request, "home.html", rooms=rooms, live=live, create={}, join={})
 
 
@@ -1925,11 +1930,11 @@ async def create_room(request: Request) -> Response:
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
     try:
-        room = await chat.store.write(insert_room, name, slugify(name), request.state.user["id"])
+        room = await chat.store.write(insert_room, name, code_prefix(name), request.state.user["id"])
     except sqlite3.Error as problem:
         return render(request, "create.html", 503, form={"room_name": name},
                       error=could_not_save("The room could not be created", problem))
-    return redirect(f"/room/{room['slug']}/")
+    return redirect(f"/room/{room['code']}/")
 
 
 @login_required
@@ -1937,17 +1942,17 @@ async def join_room(request: Request) -> Response:
     if request.method != "POST":
         return render(request, "join.html", form={})
     form = await read_form(request)
-    typed = form.get("room_slug", "")
+    typed = form.get("code", "")
     code = room_code_from(typed)
     if not code:
-        return render(request, "join.html", 400, form={"room_slug": typed}, error="Type a room code or paste its link.")
+        return render(request, "join.html", 400, form={"code": typed}, error="Type a room code or paste its link.")
     try:
         access = await find_room(request, code)
     except TooManyFailures as refused:
-        return render(request, "join.html", 429, form={"room_slug": typed}, error=too_many_guesses(refused))
+        return render(request, "join.html", 429, form={"code": typed}, error=too_many_guesses(refused))
     if access is not None:
-        return redirect(f"/room/{access.room['slug']}/")
-    return render(request, "join.html", 404, form={"room_slug": typed},
+        return redirect(f"/room/{access.room['code']}/")
+    return render(request, "join.html", 404, form={"code": typed},
                   error=f"No room has the code “{code}”. Check it with whoever invited you.")
 
 
@@ -1955,21 +1960,21 @@ async def join_room(request: Request) -> Response:
 async def room_page(request: Request) -> Response:
     access = await access_or_404(request)
     if access.old_code:  # a member with the room's earlier link: to where it is now
-        return redirect(f"/room/{access.room['slug']}/" + (f"?{request.url.query}" if request.url.query else ""))
-    return await render_room(request, access.room, around=message_id(request.query_params.get("around", "")),
-                             reply=message_id(request.query_params.get("reply", "")))
+        return redirect(f"/room/{access.room['code']}/" + (f"?{request.url.query}" if request.url.query else ""))
+    return await render_room(request, access.room, around=whole_number(request.query_params.get("around", "")),
+                             reply=whole_number(request.query_params.get("reply", "")))
 
 
 @login_required
-async def older_messages(request: Request) -> Response:
+async def history(request: Request) -> Response:
     """A page of history: older than `before` (Load older messages), or newer than `after`
     (Load newer messages, below a page opened around an old message)."""
     room = await room_or_404(request)
     store = chat_of(request).store
-    if (after := message_id(request.query_params.get("after", ""))) is not None:
+    if (after := whole_number(request.query_params.get("after", ""))) is not None:
         messages, has_newer = await store.read(page_after, room["id"], after)
         return HTMLResponse(str(fragments.newer_page(room, messages, after, has_newer)))
-    before = message_id(request.query_params.get("before", ""))
+    before = whole_number(request.query_params.get("before", ""))
     if before is None:
         return PlainTextResponse("`before` (or `after`) must be a message id.", status_code=400)
     messages, has_older = await store.read(page_before, room["id"], before)
@@ -2015,7 +2020,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                   seen_up_to=None if live_elsewhere else seen_up_to,
                   online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
                   state=RoomState.of(room, owners), online_open=not is_phone(request),
-                  invite=str(request.url_for("room", slug=room["slug"])), wire=request.query_params.get("wire") == "1",
+                  invite=str(request.url_for("room", code=room["code"])), wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat,
                   has_newer=has_newer, replying_to=replying_to, members=members)
 
@@ -2041,7 +2046,7 @@ async def room_or_404(request: Request) -> sqlite3.Row:
 
 async def access_or_404(request: Request) -> RoomAccess:
     try:
-        access = await find_room(request, request.path_params["slug"].lower())
+        access = await find_room(request, request.path_params["code"].lower())
     except TooManyFailures as refused:
         raise HTTPException(429, too_many_guesses(refused)) from None
     if access is None:
@@ -2084,44 +2089,45 @@ def too_many_guesses(refused: TooManyFailures) -> str:
     return f"You tried many room codes that do not exist. Try again {in_plain_words(refused.retry_after)}."
 
 
-def slugify(name: str) -> str:
+def code_prefix(name: str) -> str:
+    """The readable part of a new room's code: its name in ASCII letters and digits."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:40].strip("-")
-    return slug or "room"
+    prefix = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:40].strip("-")
+    return prefix or "room"
 
 
 def room_code_from(value: str) -> str:
-    """The slug in what a user typed: a bare code or a pasted room URL."""
+    """The room code in what a user typed: a bare code or a pasted room URL."""
     value = value.strip()
     found = ROOM_URL_RE.search(value)
     return (found.group(1) if found else value.strip("/")).lower()
 
 
-def new_room_code(db: sqlite3.Connection, slug_base: str) -> str:
+def new_room_code(db: sqlite3.Connection, prefix: str) -> str:
     while True:  # a clash of random suffixes is all but impossible; just draw again
-        slug = f"{slug_base}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
-        if db.execute("SELECT 1 FROM rooms WHERE slug = ?1 UNION ALL SELECT 1 FROM room_codes WHERE slug = ?1",
-                      (slug,)).fetchone() is None:
-            return slug
+        code = f"{prefix}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
+        if db.execute("SELECT 1 FROM rooms WHERE code = ?1 UNION ALL SELECT 1 FROM room_codes WHERE code = ?1",
+                      (code,)).fetchone() is None:
+            return code
 
 
-def insert_room(db: sqlite3.Connection, name: str, slug_base: str, user_id: int) -> sqlite3.Row:
+def insert_room(db: sqlite3.Connection, name: str, prefix: str, user_id: int) -> sqlite3.Row:
     with transaction(db):
-        slug = new_room_code(db, slug_base)
+        code = new_room_code(db, prefix)
         now = utc_now()
         cur = db.execute(
-            "INSERT INTO rooms (slug, name, created_by, created_at) VALUES (?, ?, ?, ?)", (slug, name, user_id, now)
+            "INSERT INTO rooms (code, name, created_by, created_at) VALUES (?, ?, ?, ?)", (code, name, user_id, now)
         )
         db.execute(
             "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) VALUES (?, ?, ?, ?, 'owner')",
             (cur.lastrowid, user_id, now, now),
         )
-    return room_by_slug(db, slug)
+    return room_by_code(db, code)
 
 
-def room_by_slug(db: sqlite3.Connection, slug: str) -> sqlite3.Row | None:
+def room_by_code(db: sqlite3.Connection, code: str) -> sqlite3.Row | None:
     """The room with this code, unless it was deleted."""
-    return db.execute("SELECT * FROM rooms WHERE slug = ? AND deleted_at IS NULL", (slug,)).fetchone()
+    return db.execute("SELECT * FROM rooms WHERE code = ? AND deleted_at IS NULL", (code,)).fetchone()
 
 
 @dataclass(frozen=True)
@@ -2144,10 +2150,10 @@ ROOM_FOR_USER = ("SELECT r.*, (SELECT role FROM room_members WHERE room_id = r.i
 def room_access(db: sqlite3.Connection, code: str, user_id: int) -> RoomAccess | None:
     """The room a code leads this user to; None if it leads nowhere (an unknown code, a
     deleted room, or a room's earlier code in the hands of somebody who is not a member)."""
-    room = db.execute(f"{ROOM_FOR_USER} WHERE r.slug = ?1 AND r.deleted_at IS NULL", (code, user_id)).fetchone()
+    room = db.execute(f"{ROOM_FOR_USER} WHERE r.code = ?1 AND r.deleted_at IS NULL", (code, user_id)).fetchone()
     old_code = room is None
     if old_code:
-        room = db.execute(f"{ROOM_FOR_USER} JOIN room_codes c ON c.room_id = r.id WHERE c.slug = ?1 "
+        room = db.execute(f"{ROOM_FOR_USER} JOIN room_codes c ON c.room_id = r.id WHERE c.code = ?1 "
                           "AND r.deleted_at IS NULL", (code, user_id)).fetchone()
     if room is None or (old_code and room["viewer_role"] is None and not room["viewer_removed"]):
         return None  # (somebody removed is told so, by any of its codes)
@@ -2171,7 +2177,7 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     arrived since the user last had it open (a short walk of the room's index, capped), and
     `mentioned`: whether one of those mentions them."""
     return db.execute(
-        "SELECT r.id, r.slug, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
+        "SELECT r.id, r.code, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
         "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread, "
         "  EXISTS (SELECT 1 FROM mentions x WHERE x.user_id = m.user_id AND x.room_id = r.id "
         "          AND x.message_id > m.last_read_id) AS mentioned "
@@ -2313,10 +2319,10 @@ async def chat_socket(websocket: WebSocket) -> None:
         await fanout.came_online(conn)
     try:
         # The room page says what it has in its first frame (the catch-up form); another
-        # client may say it in the URL (`?after=<revision>`), or not at all and get only
+        # client may say it in the URL (`?revision=<n>`), or not at all and get only
         # what is said from now on.
-        if (after := message_id(websocket.query_params.get("after", ""))) is not None:
-            await catch_up(chat, conn, after)
+        if (revision := whole_number(websocket.query_params.get("revision", ""))) is not None:
+            await catch_up(chat, conn, revision)
         while True:
             event = await websocket.receive()
             if event["type"] == "websocket.disconnect":
@@ -2336,7 +2342,7 @@ async def chat_socket(websocket: WebSocket) -> None:
         try:  # what came live was seen: marked read before the page leaves the hub (render_room)
             await chat.store.write(mark_read_now, conn.room_id, conn.user_id)
         except sqlite3.Error as problem:
-            log.warning("could not mark %s read for %s: %r", conn.room_slug, conn.username, problem)
+            log.warning("could not mark %s read for %s: %r", conn.room_code, conn.username, problem)
         finally:
             if hub.leave(conn):
                 await fanout.went_offline(conn)
@@ -2350,13 +2356,13 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         await refuse(websocket, "cross-site Origin")
         return None
     session_id = websocket.session.get("sid", "")
-    slug = websocket.path_params["slug"].lower()
-    user, access, owners = await chat.store.read(handshake_rows, session_id, slug, chat.settings.guests)
+    code = websocket.path_params["code"].lower()
+    user, access, owners = await chat.store.read(handshake_rows, session_id, code, chat.settings.guests)
     if user is None:
         # A page whose session ended (logged out, elsewhere too) while it was away: accept
         # only to tell it so, in place, and close with a code htmx does not retry.
         log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
-        return await end_at_once(websocket, slug, "logged out")
+        return await end_at_once(websocket, code, "logged out")
     address = client_address(websocket)
     try:  # (the room was read in the same trip as the session; nothing of it is said before this)
         if access is not None:  # a real code never counts: only refused if a key is past its limit
@@ -2370,7 +2376,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         await refuse(websocket, "no such room (or too many unknown codes)")
         return None
     if access.removed:  # told so, as a removal tells the pages open at the time
-        return await end_at_once(websocket, slug, "removed")
+        return await end_at_once(websocket, code, "removed")
     room = access.room
     if not chat.hub.claim(user["id"], address):
         await refuse(websocket, f"{user['username']} or {address} has too many sockets open")
@@ -2382,7 +2388,7 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         raise
     chat.hub.rooms[room["id"]] = RoomState.of(room, owners)  # as the database has it now
     # The connection keeps a few values, not the rows: it may live for days, by the thousand.
-    return Connection(websocket, session_id, user, room["id"], room["slug"],
+    return Connection(websocket, session_id, user, room["id"], room["code"],
                       wire=websocket.query_params.get("wire") == "1")
 
 
@@ -2395,8 +2401,8 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
         if event.get("text") is None:
             raise Refused("Binary frames are not understood; send text.")
         fields = parse_frame(event["text"])
-        if "after" in fields:
-            return await catch_up(chat, conn, fields["after"])
+        if "revision" in fields:
+            return await catch_up(chat, conn, fields["revision"])
         key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
         await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
                            chat.hub.rooms.get(conn.room_id), fields["reply_to"])
@@ -2409,23 +2415,23 @@ def parse_frame(frame: str) -> dict[str, Any]:
     """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
     beside htmx's `headers`) from one of the room page's two forms: the composer
     ({"message": str, "key": str | None, "reply_to": int | None}) or the catch-up form
-    ({"after": int}, the revision the page has). Refused, with the reason, for anything else."""
+    ({"revision": int}, the revision the page has). Refused, with the reason, for anything else."""
     try:
         data = json.loads(frame)
     except (ValueError, RecursionError):
         raise Refused("That frame was not JSON; send the message form.") from None
-    if isinstance(data, dict) and "message" not in data and "after" in data:
-        after = message_id(data["after"]) if isinstance(data["after"], str) else None
-        if after is None:
-            raise Refused("`after` must be the revision number the page has.")
-        return {"after": after}
+    if isinstance(data, dict) and "message" not in data and "revision" in data:
+        revision = whole_number(data["revision"]) if isinstance(data["revision"], str) else None
+        if revision is None:
+            raise Refused("`revision` must be the revision number the page has.")
+        return {"revision": revision}
     if not isinstance(data, dict) or not isinstance(data.get("message"), str):
         raise Refused("That frame had no text `message` field.")
     key = data.get("key")
     if key is not None and not isinstance(key, str):
         raise Refused("That message came with a broken `key`; reload the page.")
     reply_to = data.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := message_id(reply_to)) is None):
+    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := whole_number(reply_to)) is None):
         raise Refused("`reply_to` must be the id of the message you answer.")
     return {"message": data["message"], "key": key, "reply_to": reply_to}
 
@@ -2473,17 +2479,17 @@ def composer_ack() -> str:
     return str(fragments.chat_error(key=KEY_SLOT))
 
 
-async def catch_up(chat: Chat, conn: Connection, after: int) -> None:
+async def catch_up(chat: Chat, conn: Connection, revision: int) -> None:
     """Send the page what changed after the revision it has, once per socket: a page asks
     as its socket opens, and asking again would only cost the database."""
     if conn.caught_up:
         return
     conn.caught_up = True
-    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_slug, after):
+    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_code, revision):
         conn.push(frame)
 
 
-def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revision: int) -> str | None:
+def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str, revision: int) -> str | None:
     """What a (re)connecting page is missing: every message sent or edited, and every one
     deleted, since the room's revision the page has (the one it was rendered at, moved on
     by every change it received since). The upsert swap replaces what the page already
@@ -2504,7 +2510,7 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_slug: str, revisio
     newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
     messages, has_older = page_before(db, room_id, None)
     while True:
-        frame = str(fragments.history_page({"slug": room_slug}, messages, has_older, oob=True, revision=newest))
+        frame = str(fragments.history_page({"code": room_code}, messages, has_older, oob=True, revision=newest))
         if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
         messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
@@ -2521,19 +2527,19 @@ async def send_message(request: Request) -> Response:
     state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
     try:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
-                           form.get("key") or None, state, message_id(form.get("reply_to", "")))
+                           form.get("key") or None, state, whole_number(form.get("reply_to", "")))
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
-                                 draft=form.get("message", ""), reply=message_id(form.get("reply_to", "")))
-    return redirect(f"/room/{room['slug']}/#composer")
+                                 draft=form.get("message", ""), reply=whole_number(form.get("reply_to", "")))
+    return redirect(f"/room/{room['code']}/#composer")
 
 
-def handshake_rows(db: sqlite3.Connection, session_id: str, slug: str,
+def handshake_rows(db: sqlite3.Connection, session_id: str, code: str,
                    guests: bool) -> tuple[sqlite3.Row | None, RoomAccess | None, frozenset[int]]:
     """What a socket's handshake needs, in one trip: the session's user, the room as the code
     leads them to it (room_access), its owners."""
     user = user_by_session(db, session_id, guests)
-    access = room_access(db, slug, user["id"]) if user else None
+    access = room_access(db, code, user["id"]) if user else None
     return user, access, room_owners(db, access.room["id"]) if access else frozenset()
 
 
@@ -2554,11 +2560,11 @@ async def refuse(websocket: WebSocket, reason: str) -> None:
     await websocket.close()
 
 
-async def end_at_once(websocket: WebSocket, slug: str, why: str) -> None:
+async def end_at_once(websocket: WebSocket, code: str, why: str) -> None:
     """Accept only to tell the page in place why it may not go on (page_ended), and close
     with a code htmx does not retry."""
     await websocket.accept()
-    await websocket.send_text(str(fragments.page_ended(slug, why)))
+    await websocket.send_text(str(fragments.page_ended(code, why)))
     await websocket.close(SESSION_ENDED, why)
 
 
@@ -2690,7 +2696,7 @@ async def delete(request: Request) -> Response:
                                   + str(fragments.deleted_frame([message["id"]], revision)))
         if message["user_id"] != me["id"]:
             log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
-                     message["id"], room["slug"])
+                     message["id"], room["code"])
     return HTMLResponse("")
 
 
@@ -2741,7 +2747,7 @@ async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: 
     """The message named in the URL, if the user wrote it (or `any_author`: an owner
     deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
     is here, on the server, whatever the page shows."""
-    wanted = message_id(request.path_params["message_id"])
+    wanted = whole_number(request.path_params["message_id"])
     try:
         found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"],
                                                              any_author)
@@ -2862,7 +2868,7 @@ async def moderate(request: Request) -> Response:
     access = await owner_or_403(request)
     form = await read_form(request)
     chat, room, me = chat_of(request), access.room, request.state.user
-    step, target = form.get("step", ""), message_id(form.get("user_id", ""))
+    step, target = form.get("step", ""), whole_number(form.get("user_id", ""))
     if step not in MODERATION_STEPS or (step in ("make_owner", "remove", "let_back_in") and target is None):
         raise HTTPException(400, "That is not something an owner can do here.")
     try:
@@ -2879,23 +2885,23 @@ async def moderate(request: Request) -> Response:
             if not await chat.room_limit.allow(me["id"]):
                 raise CannotDo("You have made many rooms and codes lately. Try again in an hour.")
             room, owners = await chat.store.write(change_code, room["id"])
-            await room_changed(request, room, owners, f"gave the room a new code, {room['slug']}")
+            await room_changed(request, room, owners, f"gave the room a new code, {room['code']}")
         elif step in ("make_owner", "step_down"):
             who = target if step == "make_owner" else me["id"]
             room, owners = await chat.store.write(set_role, room["id"], who, "owner" if step == "make_owner" else "member")
             await room_changed(request, room, owners, f"{'made user %d an owner' % who if step == 'make_owner' else 'stepped down'}")
             if step == "step_down":
-                return redirect(f"/room/{room['slug']}/")
+                return redirect(f"/room/{room['code']}/")
         elif step == "remove":
             person = await chat.store.write(remove_member, room["id"], target, me["id"])
             await chat.fanout.end_pages(target, room_id=room["id"], why="removed")
-            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["slug"])
+            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["code"])
         elif step == "let_back_in":
             if name := await chat.store.write(let_back_in, room["id"], target):
-                log.info("moderation: %s let %s back into %s", me["username"], name, room["slug"])
+                log.info("moderation: %s let %s back into %s", me["username"], name, room["code"])
     except CannotDo as problem:
-        return redirect(f"/room/{room['slug']}/manage?error={quote(str(problem))}")
-    return redirect(f"/room/{room['slug']}/manage")
+        return redirect(f"/room/{room['code']}/manage?error={quote(str(problem))}")
+    return redirect(f"/room/{room['code']}/manage")
 
 
 @login_required
@@ -2909,9 +2915,9 @@ async def clear_history(request: Request) -> Response:
     chat, room = chat_of(request), access.room
     revision = await chat.store.write(clear_room, room["id"])
     await chat.fanout.publish(room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
-    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["slug"])
+    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["code"])
     purge_soon(chat, room["id"])
-    return redirect(f"/room/{room['slug']}/")
+    return redirect(f"/room/{room['code']}/")
 
 
 @login_required
@@ -2925,7 +2931,7 @@ async def remove_room(request: Request) -> Response:
     chat, room = chat_of(request), access.room
     await chat.store.write(delete_room, room["id"])
     await chat.fanout.end_pages(None, room_id=room["id"], why="deleted")
-    log.info("moderation: %s deleted the room %s", request.state.user["username"], room["slug"])
+    log.info("moderation: %s deleted the room %s", request.state.user["username"], room["code"])
     purge_soon(chat, room["id"])
     return redirect("/")
 
@@ -2947,7 +2953,7 @@ async def transcript(request: Request) -> Response:
             after = rows[-1]["id"]
 
     body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
-    filename = f"{room['slug']}-transcript.{'json' if as_json else 'md'}"
+    filename = f"{room['code']}-transcript.{'json' if as_json else 'md'}"
     return StreamingResponse(body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
                              headers={"content-disposition": f'attachment; filename="{filename}"'})
 
@@ -2964,14 +2970,14 @@ def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[in
     """What every page of the room gets when its owners change it: the room's state (its lock,
     slow mode and owners, shown by each page's own style), its code and link, its revision."""
     return str(fragments.room_changed_frame(RoomState.of(room, owners), room["revision"],
-                                            str(request.url_for("room", slug=room["slug"]))))
+                                            str(request.url_for("room", code=room["code"]))))
 
 
 async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int], what: str) -> None:
     """Tell every page of the room, on every worker, and log who did it."""
     chat = chat_of(request)
     await chat.fanout.room_changed(room["id"], RoomState.of(room, owners), room_changed_frame(request, room, owners))
-    log.info("moderation: %s %s in %s", request.state.user["username"], what, room["slug"])
+    log.info("moderation: %s %s in %s", request.state.user["username"], what, room["code"])
 
 
 def purge_soon(chat: Chat, room_id: int) -> None:
@@ -2999,7 +3005,7 @@ def markdown_text(text: str) -> str:
 
 
 async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
-    yield f"# {escape(room['name'])}\n\nThe transcript of {room['slug']}; times are {room_clock.zone_name()}.\n"
+    yield f"# {escape(room['name'])}\n\nThe transcript of {room['code']}; times are {room_clock.zone_name()}.\n"
     async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
         yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
                       f"{room_clock.full(m['created_at'])[:16]}{' · (edited)' if m['edited_at'] else ''}\n\n"
@@ -3007,7 +3013,7 @@ async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlit
 
 
 async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
-    yield json.dumps({"room": room["name"], "code": room["slug"]})[:-1] + ', "messages": ['
+    yield json.dumps({"room": room["name"], "code": room["code"]})[:-1] + ', "messages": ['
     first = True
     async for rows in pages:
         for m in rows:
@@ -3073,10 +3079,10 @@ def let_back_in(db: sqlite3.Connection, room_id: int, user_id: int) -> str | Non
 def change_code(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, frozenset[int]]:
     """A new code for the room; the old one stays a way in for its members only (room_access)."""
     with transaction(db):
-        old = db.execute("SELECT slug FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
-        slug = new_room_code(db, old.rsplit("-", 1)[0])
-        db.execute("INSERT INTO room_codes (slug, room_id) VALUES (?, ?)", (old, room_id))
-        db.execute("UPDATE rooms SET slug = ? WHERE id = ?", (slug, room_id))
+        old = db.execute("SELECT code FROM rooms WHERE id = ?", (room_id,)).fetchone()[0]
+        code = new_room_code(db, old.rsplit("-", 1)[0])
+        db.execute("INSERT INTO room_codes (code, room_id) VALUES (?, ?)", (old, room_id))
+        db.execute("UPDATE rooms SET code = ? WHERE id = ?", (code, room_id))
         advance_room(db, room_id)
     return room_settings(db, room_id)
 
@@ -3179,7 +3185,7 @@ async def search(request: Request) -> Response:
     (the last one a prefix) in the rooms the person is a member of, then "More". Any text is
     a valid query; an empty one shows the box."""
     query = request.query_params.get("q", "")[:SEARCH_CHARS]
-    before = message_id(request.query_params.get("before", ""))
+    before = whole_number(request.query_params.get("before", ""))
     expression = search_expression(query)
     hits, more = [], False
     if expression is not None:
@@ -3218,7 +3224,7 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     walked newest first (CROSS JOIN keeps it the outer loop), so a page costs about as much
     at a million messages as at a thousand, unless most matches are in other people's rooms."""
     rows = db.execute(
-        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.slug, r.name AS room_name, "
+        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.code, r.name AS room_name, "
         f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
         "FROM messages_fts f CROSS JOIN messages m ON m.id = f.rowid "
         "JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ? "
@@ -3415,8 +3421,8 @@ class RedisFanout(LocalFanout):
             return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_id"], ended["why"])
         if channel == "backchat:state":
             changed = json.loads(data)
-            room_id, (slug, owners, locked, slow_mode) = changed["room_id"], changed["state"]
-            self.hub.set_room(room_id, RoomState(slug, frozenset(owners), locked, slow_mode))
+            room_id, (code, owners, locked, slow_mode) = changed["room_id"], changed["state"]
+            self.hub.set_room(room_id, RoomState(code, frozenset(owners), locked, slow_mode))
             self.hub.broadcast(room_id, changed["frame"])
             return self.soon(self.show_presence, room_id)
         if channel == "backchat:resync":
@@ -3462,7 +3468,7 @@ class RedisFanout(LocalFanout):
             self.hub.end_pages(user_id, session_id, room_id, why)
 
     async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
-        changed = {"room_id": room_id, "state": [state.slug, sorted(state.owners), state.locked, state.slow_mode],
+        changed = {"room_id": room_id, "state": [state.code, sorted(state.owners), state.locked, state.slow_mode],
                    "frame": frame}
         try:
             await self.redis.publish("backchat:state", json.dumps(changed))
@@ -3768,23 +3774,23 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/auth/link/{token}", login_link, methods=["GET", "POST"]),
         Route("/create/", create_room, methods=["GET", "POST"]),
         Route("/join/", join_room, methods=["GET", "POST"]),
-        Route("/room/{slug}/", room_page, name="room"),
-        Route("/room/{slug}/messages", older_messages),
-        Route("/room/{slug}/messages", send_message, methods=["POST"]),
-        Route("/room/{slug}/messages/{message_id}/edit", message_editor),
-        Route("/room/{slug}/messages/{message_id}/edit", edit, methods=["POST"]),
-        Route("/room/{slug}/messages/{message_id}/delete", delete, methods=["POST"]),
-        Route("/room/{slug}/messages/{message_id}/react", reaction_picker),
-        Route("/room/{slug}/messages/{message_id}/react", react_to, methods=["POST"]),
-        Route("/room/{slug}/messages/{message_id}/reply", reply_to),
+        Route("/room/{code}/", room_page, name="room"),
+        Route("/room/{code}/messages", history),
+        Route("/room/{code}/messages", send_message, methods=["POST"]),
+        Route("/room/{code}/messages/{message_id}/edit", message_editor),
+        Route("/room/{code}/messages/{message_id}/edit", edit, methods=["POST"]),
+        Route("/room/{code}/messages/{message_id}/delete", delete, methods=["POST"]),
+        Route("/room/{code}/messages/{message_id}/react", reaction_picker),
+        Route("/room/{code}/messages/{message_id}/react", react_to, methods=["POST"]),
+        Route("/room/{code}/messages/{message_id}/reply", reply_to),
         Route("/search/", search),
-        Route("/room/{slug}/leave", leave_room, methods=["POST"]),
-        Route("/room/{slug}/manage", manage_room),
-        Route("/room/{slug}/manage", moderate, methods=["POST"]),
-        Route("/room/{slug}/clear", clear_history, methods=["GET", "POST"]),
-        Route("/room/{slug}/delete-room", remove_room, methods=["GET", "POST"]),
-        Route("/room/{slug}/transcript", transcript),
-        WebSocketRoute("/chat/{slug}/", chat_socket),
+        Route("/room/{code}/leave", leave_room, methods=["POST"]),
+        Route("/room/{code}/manage", manage_room),
+        Route("/room/{code}/manage", moderate, methods=["POST"]),
+        Route("/room/{code}/clear", clear_history, methods=["GET", "POST"]),
+        Route("/room/{code}/delete-room", remove_room, methods=["GET", "POST"]),
+        Route("/room/{code}/transcript", transcript),
+        WebSocketRoute("/chat/{code}/", chat_socket),
         Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static"),
         Route("/healthz", healthz),
     ]

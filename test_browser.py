@@ -100,7 +100,7 @@ def test_two_people_chat_in_real_time(people):
     code = ada.page.locator(".room-head code").inner_text()
     assert ada.page.locator("h1").inner_text() == "Study <group>"
 
-    grace.page.fill("#room_slug", f"  {code.upper()} ")
+    grace.page.fill("#join-code", f"  {code.upper()} ")
     grace.page.click("button:has-text('Join room')")
     grace.page.wait_for_url(re.compile(rf"/room/{code}/$"))
 
@@ -547,7 +547,7 @@ def test_unread_badge_the_new_divider_links_and_leaving(people):
     grace.page.wait_for_url(re.compile(r"/$"))
     expect(grace.page.locator(".rooms")).to_have_count(0)
     ada.page.locator("#presence li", has_text="grace").wait_for(state="detached")
-    grace.page.fill("#room_slug", room)  # back in by its link
+    grace.page.fill("#join-code", room)  # back in by its link
     grace.page.click("button:has-text('Join room')")
     is_live(grace)
     assert ada.errors == [] and grace.errors == []

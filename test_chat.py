@@ -262,12 +262,12 @@ def test_unicode_room_name_gets_a_usable_slug(alice):
 def test_join_by_code_or_pasted_link_ignoring_case_and_spaces(alice):
     slug = create_room(alice, "Book club")
     for typed in (slug, f"  {slug.upper()}  ", f"http://testserver/room/{slug}/", f" https://x.example/room/{slug.upper()}/?a=1 "):
-        response = post_form(alice, "/", "/join/", room_slug=typed)
+        response = post_form(alice, "/", "/join/", code=typed)
         assert (response.status_code, response.headers.get("location")) == (303, f"/room/{slug}/"), typed
 
 
 def test_join_unknown_code_is_404_with_the_form_again(alice):
-    response = post_form(alice, "/", "/join/", room_slug="nope-123456")
+    response = post_form(alice, "/", "/join/", code="nope-123456")
     assert response.status_code == 404
     assert 'role="alert"' in response.text and 'value="nope-123456"' in response.text
 
@@ -286,7 +286,7 @@ def test_unknown_route_is_a_friendly_404(client):
 def test_history_pages_fifty_at_a_time_oldest_first(alice, settings):
     slug = create_room(alice, "history")
     with sqlite3.connect(settings.db_path) as db:
-        room_id = db.execute("SELECT id FROM rooms WHERE slug = ?", (slug,)).fetchone()[0]
+        room_id = db.execute("SELECT id FROM rooms WHERE code = ?", (slug,)).fetchone()[0]
         db.executemany("INSERT INTO messages (room_id, user_id, text, created_at) VALUES (?, 1, ?, '2026-01-01T00:00:00Z')",
                        [(room_id, f"message number {n}") for n in range(1, 121)])
 
@@ -403,7 +403,7 @@ def test_two_clients_both_receive_a_message_and_it_is_stored(two_users, settings
                 assert re.search(r'<article class="msg" id="msg-\d+"', frame)
                 assert '<bdi class="author">bob</bdi>' in frame
                 # and the page's catch-up cursor moves on to the message's revision
-                assert re.search(r'<input type="hidden" id="room-revision" name="after" value="1" hx-swap-oob="true">', frame)
+                assert re.search(r'<input type="hidden" id="room-revision" name="revision" value="1" hx-swap-oob="true">', frame)
             ack = receive_until(bob_ws, ACK)  # the sender alone is told it was taken, and which it was
             assert ack == str(chat.fragments.chat_error(key="k-1"))  # the pre-rendered answer is the macro's
             assert "message-input" not in ack  # nothing the server sends touches what is being typed
@@ -481,7 +481,7 @@ def test_a_page_without_a_session_is_told_to_log_in_and_not_retried(client):
     register(client, "alice")
     slug = create_room(client, "secret room")
     post_form(client, "/", "/auth/logout/")
-    with client.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:
+    with client.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:
         notice = ws.receive_text()
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_text()
@@ -562,7 +562,7 @@ def test_reconnect_catches_up_with_missed_messages(two_users):
         for n in range(3):
             send(bob_ws, f"while away {n}")
             receive_until(bob_ws, ACK)  # stored and pushed before bob leaves
-    with client.websocket_connect(f"/chat/{slug}/?after={last_seen}", headers=ORIGIN) as ws:
+    with client.websocket_connect(f"/chat/{slug}/?revision={last_seen}", headers=ORIGIN) as ws:
         frame = receive_until(ws, "while away")
     assert 'hx-swap-oob="upsert:#messages"' in frame
     assert re.findall(r"(early|while away) (\d)", frame) == [("while away", "0"), ("while away", "1"), ("while away", "2")]
@@ -575,7 +575,7 @@ def test_a_page_too_far_behind_is_resynced_whole(alice, settings, monkeypatch):
         for n in range(5):
             send(ws, f"m{n}")
             receive_until(ws, ACK)
-    with alice.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:
+    with alice.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:
         frame = receive_until(ws, 'id="messages"')
     assert 'hx-swap-oob="innerHTML"' in frame and all(f"m{n}" in frame for n in range(5))
 
@@ -871,7 +871,7 @@ def say_in(client: TestClient, slug: str, *texts: str) -> list[int]:
 
 def page_revision(page: str) -> int:
     """The revision a room page has: its catch-up form sends it whenever its socket opens."""
-    return int(re.search(r'<input type="hidden" id="room-revision" name="after" value="(\d+)">', page).group(1))
+    return int(re.search(r'<input type="hidden" id="room-revision" name="revision" value="(\d+)">', page).group(1))
 
 
 def htmx_post(client: TestClient, url: str, page: str, **fields: str):
@@ -963,7 +963,7 @@ def test_a_page_that_was_away_catches_up_on_edits_and_deletes(two_users):
     with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
         send(ws, "new while away")
         receive_until(ws, "new while away")
-    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?after={cursor}", headers=ORIGIN) as bob_ws:
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?revision={cursor}", headers=ORIGIN) as bob_ws:
         frame = receive_until(bob_ws, "edited while bob was away")
     assert kept not in message_ids(frame.split("hx-swap-oob=\"delete\"")[0])  # unchanged: not sent again
     assert re.findall(r'<article class="msg" id="msg-(\d+)"', frame) == [str(edited), str(edited + 2)]  # id order
@@ -1054,7 +1054,7 @@ def test_leaving_a_room_takes_it_off_the_list_and_out_of_presence(two_users):
             assert code == 1008 and "You left this room" in frames
             assert "bob" not in receive_until(alice_ws, 'id="presence"')
     with as_user(client, bob):
-        assert post_form(client, "/", "/join/", room_slug=slug).status_code == 303  # back by its code
+        assert post_form(client, "/", "/join/", code=slug).status_code == 303  # back by its code
         client.get(f"/room/{slug}/")
         assert slug in client.get("/").text
     assert slug in client.get("/").text  # the room stays for the others
@@ -1288,14 +1288,14 @@ def test_a_page_catches_up_from_the_revision_it_has_once_per_socket(alice):
     first, second, third = say_in(alice, slug, "one", "two", "three")
     assert page_revision(alice.get(room).text) == 3
     with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        ws.send_text(json.dumps({"after": "2", "headers": {"HX-Request": "true"}}))  # the catch-up form
+        ws.send_text(json.dumps({"revision": "2", "headers": {"HX-Request": "true"}}))  # the catch-up form
         frame = receive_until(ws, "msg-")
-        assert message_ids(frame) == [third] and 'id="room-revision" name="after" value="3"' in frame
-        ws.send_text(json.dumps({"after": "0"}))  # asked again on the same socket: not answered
+        assert message_ids(frame) == [third] and 'id="room-revision" name="revision" value="3"' in frame
+        ws.send_text(json.dumps({"revision": "0"}))  # asked again on the same socket: not answered
         send(ws, "four")
         assert message_ids(receive_until(ws, "msg-")) == [third + 1]  # the next frame is the new message
     with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-        ws.send_text(json.dumps({"after": "4"}))  # a page that missed nothing is sent nothing
+        ws.send_text(json.dumps({"revision": "4"}))  # a page that missed nothing is sent nothing
         send(ws, "five")
         assert message_ids(receive_until(ws, "msg-")) == [third + 2]
 
@@ -1309,9 +1309,9 @@ def test_every_frame_that_changes_the_room_moves_the_pages_revision_on(two_users
         client.get(room)
     with socket_as(client, bob, slug) as bob_ws:
         htmx_post(client, f"{room}messages/{mid}/edit", room, message="hello again")
-        assert 'id="room-revision" name="after" value="2" hx-swap-oob="true"' in receive_until(bob_ws, "hello again")
+        assert 'id="room-revision" name="revision" value="2" hx-swap-oob="true"' in receive_until(bob_ws, "hello again")
         htmx_post(client, f"{room}messages/{mid}/delete", room)
-        assert 'id="room-revision" name="after" value="3" hx-swap-oob="true"' in receive_until(bob_ws, "delete")
+        assert 'id="room-revision" name="revision" value="3" hx-swap-oob="true"' in receive_until(bob_ws, "delete")
     assert 'id="room-revision"' not in client.get(f"{room}messages?before=99").text  # older pages: no
 
 
@@ -1446,7 +1446,7 @@ def test_new_messages_are_announced_once_and_history_never(alice):
     page = alice.get(f"/room/{slug}/").text
     assert 'id="announcer" class="visually-hidden" aria-live="polite"' in page
     assert 'role="log"' not in page and 'id="messages" aria-live' not in page  # the log itself is not read out
-    with alice.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:  # a catch-up
+    with alice.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:  # a catch-up
         caught_up = receive_until(ws, "read me out")
     assert "announcer" not in caught_up and "announcer" not in alice.get(f"/room/{slug}/messages?before=99").text
 
@@ -1566,7 +1566,7 @@ def test_an_owner_removes_a_person_and_lets_them_back_in(owned_room, settings, c
     assert "moderation: alice removed bob from" in caplog.text
     with as_user(client, bob):
         for response in (client.get(room), client.get(f"{room}messages?before=9"),
-                         post_form(client, "/", "/join/", room_slug=slug), post_form(client, room, f"{room}messages", message="hi")):
+                         post_form(client, "/", "/join/", code=slug), post_form(client, room, f"{room}messages", message="hi")):
             assert response.status_code == 403 and "You were removed from this room." in response.text
         with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
             assert "You were removed from this room." in ws.receive_text()
@@ -1575,7 +1575,7 @@ def test_an_owner_removes_a_person_and_lets_them_back_in(owned_room, settings, c
     assert re.search(r"Let bob back in", manage) and "Remove bob" not in manage
     assert moderate(client, slug, "let_back_in", user_id=str(bob_id)).status_code == 303
     with as_user(client, bob):
-        assert post_form(client, "/", "/join/", room_slug=slug).status_code == 303  # in again, by the code
+        assert post_form(client, "/", "/join/", code=slug).status_code == 303  # in again, by the code
         say_in(client, slug, "back")
     assert db_rows(settings, "SELECT text FROM messages") == [("back",)]
 
@@ -1643,7 +1643,7 @@ def test_a_new_invite_link_admits_nobody_by_the_old_one_but_members(owned_room, 
     client.cookies.clear()
     register(client, "carol")
     assert client.get(f"/room/{slug}/").status_code == 404  # a stranger: the same 404 as any wrong code
-    assert post_form(client, "/", "/join/", room_slug=slug).status_code == 404
+    assert post_form(client, "/", "/join/", code=slug).status_code == 404
     assert client.get(f"/room/{new}/").status_code == 200
 
 
@@ -1664,7 +1664,7 @@ def test_clearing_the_history_empties_every_page_and_removes_the_rows(owned_room
         writes_done(client)
     assert db_rows(settings, "SELECT count(*) FROM messages") == [(0,)]
     say_in(client, slug, "after the clear")
-    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?after={cursor}", headers=ORIGIN) as ws:
+    with as_user(client, bob), client.websocket_connect(f"/chat/{slug}/?revision={cursor}", headers=ORIGIN) as ws:
         caught_up = receive_until(ws, "after the clear")  # a page from before the clear: the room afresh
     assert 'hx-swap-oob="innerHTML"' in caught_up and "old 1" not in caught_up
 
@@ -1726,7 +1726,7 @@ def test_every_owners_step_is_refused_to_a_member_and_to_other_rooms_owners(owne
                    {"step": "make_owner", "user_id": str(2**70)}):
         assert moderate(client, slug, **fields).status_code in (400, 303), fields
     assert moderate(client, slug, "make_owner", user_id="999999").status_code == 303  # nobody: told, nothing done
-    assert db_rows(settings, "SELECT locked, slow_mode FROM rooms WHERE slug = ?", slug) == [(0, 0)]
+    assert db_rows(settings, "SELECT locked, slow_mode FROM rooms WHERE code = ?", slug) == [(0, 0)]
     assert db_rows(settings, "SELECT text FROM messages") == [("by alice",)]
 
 
@@ -1840,7 +1840,7 @@ def test_a_database_from_the_release_before_is_upgraded_and_works(tmp_path):
     with TestClient(chat.create_app(settings)) as client:
         client.cookies.set("session", "")
         register(client, "carol")
-        post_form(client, "/", "/join/", room_slug="old-room-abc")
+        post_form(client, "/", "/join/", code="old-room-abc")
         page = client.get("/room/old-room-abc/").text
         assert "from before" in page and "also from before" in page
         say_in(client, "old-room-abc", "after the upgrade")
@@ -1992,7 +1992,7 @@ def test_reactions_toggle_live_and_caught_up_one_per_person_and_emoji(owned_room
         react_post(client, slug, said, give="👍")
     assert db_rows(settings, "SELECT emoji, count(*) FROM reactions GROUP BY emoji ORDER BY emoji") == [("🎉", 1), ("👍", 2)]
     with as_user(client, bob):  # an offline page catches up on reactions by revision
-        with client.websocket_connect(f"/chat/{slug}/?after={after - 1}", headers=ORIGIN) as ws:
+        with client.websocket_connect(f"/chat/{slug}/?revision={after - 1}", headers=ORIGIN) as ws:
             caught = receive_until(ws, "reactions")
         assert "👍 2" in caught and "🎉 1" in caught
         react_post(client, slug, said, take_back="👍")

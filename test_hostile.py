@@ -60,7 +60,7 @@ def test_forms_survive_any_input(app_settings):
         @HOSTILE
         @given(path=st.sampled_from(["/auth/register/", "/auth/login/", "/create/", "/join/"]),
                fields=st.dictionaries(st.sampled_from(["username", "password", "password1", "password2", "next",
-                                                        "room_name", "room_slug", "extra"]),
+                                                        "room_name", "code", "extra"]),
                                       st.binary(max_size=300) | nasty_text.map(lambda t: t.encode("utf-8", "surrogatepass")),
                                       max_size=5))
         def post_anything(path, fields):
@@ -130,7 +130,7 @@ def test_room_code_enumeration_is_refused_long_before_it_could_succeed(tmp_path)
         assert statuses == [404] * 5
         # past the limit every lookup is refused, a real code too, on every path
         assert room_code_status(client, real) == 429
-        assert post_form(client, "/", "/join/", room_slug=real).status_code == 429
+        assert post_form(client, "/", "/join/", code=real).status_code == 429
         assert client.get(f"/room/{real}/messages?before=10").status_code == 429
         refused_at_handshake(client, f"/chat/{real}/", ORIGIN)
         # the address is counted too: another account from the same address is refused
@@ -145,7 +145,7 @@ def test_codes_have_65_random_bits_and_old_short_codes_keep_working(tmp_path):
         codes = {create_room(client, "日本語") for _ in range(5)}
         assert all(re.fullmatch(r"room-[a-kmnp-z2-9]{13}", code) for code in codes) and len(codes) == 5
         with sqlite3.connect(tmp_path / "chat.db") as db:  # a room from before: a 24-bit code
-            db.execute("INSERT INTO rooms (slug, name, created_by, created_at) VALUES ('old-1a2b3c', 'Old', 1, '')")
+            db.execute("INSERT INTO rooms (code, name, created_by, created_at) VALUES ('old-1a2b3c', 'Old', 1, '')")
         assert room_code_status(client, "old-1a2b3c") == 200
 
 
@@ -249,7 +249,7 @@ def test_odd_numbers_and_deep_json_get_clear_errors_and_the_socket_stays_open(tm
         register(client, "owner")
         slug = create_room(client, "odd input")
         for after in ("²", str(2**64), "-1", "1e3"):
-            with client.websocket_connect(f"/chat/{slug}/?after={after}", headers=ORIGIN) as ws:
+            with client.websocket_connect(f"/chat/{slug}/?revision={after}", headers=ORIGIN) as ws:
                 ws.send_text("[" * 25_000 + "]" * 25_000)
                 assert "not JSON" in receive_until(ws, "chat-error")
                 send(ws, f"still here after {after}")
@@ -257,8 +257,8 @@ def test_odd_numbers_and_deep_json_get_clear_errors_and_the_socket_stays_open(tm
         # the same numbers, and worse, in the catch-up form's frame
         with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
             for after in ("²", str(2**64), "-1", "1e3", "", 5, None, ["1"], "9" * 100_000):
-                ws.send_text(json.dumps({"after": after}))
-                assert "`after` must be the revision number" in receive_until(ws, "chat-error")
+                ws.send_text(json.dumps({"revision": after}))
+                assert "`revision` must be the revision number" in receive_until(ws, "chat-error")
             send(ws, "still here")
             receive_until(ws, "still here")
         for before in ("²", str(2**64), "x"):
@@ -439,14 +439,14 @@ def test_every_query_a_request_or_a_message_makes_uses_an_index(tmp_path, monkey
         register(client, "ada")
         slug = create_room(client, "plans")
         room = f"/room/{slug}/"
-        post_form(client, "/", "/join/", room_slug=slug)
-        post_form(client, "/", "/join/", room_slug="no-such-code")
+        post_form(client, "/", "/join/", code=slug)
+        post_form(client, "/", "/join/", code="no-such-code")
         client.get(room)
         client.get("/")
-        with client.websocket_connect(f"/chat/{slug}/?after=0", headers=ORIGIN) as ws:
+        with client.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:
             send(ws, "hello")
             receive_until(ws, "hello")
-            ws.send_text(json.dumps({"after": "0"}))
+            ws.send_text(json.dumps({"revision": "0"}))
         writes_done(client)
         mid = re.search(r'id="msg-(\d+)"', client.get(room).text).group(1)
         client.get(f"{room}messages?before={mid}")

@@ -143,7 +143,7 @@ def test_redis_outage_loses_nothing_and_clients_recover(two_workers, redis_serve
                     await asyncio.wait_for(on_b.recv(), 30)
             code = closed.value.rcvd.code
         # bob's page reconnects, as htmx would, with the newest id it holds, and catches up
-        async with ws_connect(b, slug, bob, query=f"?after={last_seen}") as again:
+        async with ws_connect(b, slug, bob, query=f"?revision={last_seen}") as again:
             return code, await frames_until(again, "during the outage")
 
     code, caught_up = asyncio.run(run())
@@ -257,7 +257,7 @@ def test_a_message_stored_during_a_redis_pause_reaches_the_other_workers_pages(t
         async with ws_connect(a, slug, ada) as on_a, ws_connect(b, slug, bob) as on_b:
             await frames_until(on_b, "<bdi>ada</bdi>")
             await on_a.send(frame("before"))
-            last_seen = int(re.search(r'name="after" value="(\d+)"', await frames_until(on_b, "before")).group(1))
+            last_seen = int(re.search(r'name="revision" value="(\d+)"', await frames_until(on_b, "before")).group(1))
             with redis_client(redis_server) as admin:
                 admin.execute_command("CLIENT", "PAUSE", "5000", "WRITE")
             await on_a.send(frame("during the pause"))
@@ -269,7 +269,7 @@ def test_a_message_stored_during_a_redis_pause_reaches_the_other_workers_pages(t
             code = closed.value.rcvd.code
         if any("during the pause" in f for f in received):
             return code, "live"
-        async with ws_connect(b, slug, bob, query=f"?after={last_seen}") as again:
+        async with ws_connect(b, slug, bob, query=f"?revision={last_seen}") as again:
             return code, await frames_until(again, "during the pause")
 
     code, caught_up = asyncio.run(run())
@@ -388,7 +388,7 @@ def test_a_worker_hears_only_the_rooms_it_has_sockets_in(two_workers, redis_serv
     bob_client, bob = login_cookie(b, "bob")
     there = make_room(bob_client, "on worker b")
     with sqlite3.connect(a.db_path) as db:
-        here_id, there_id = (db.execute("SELECT id FROM rooms WHERE slug = ?", (slug,)).fetchone()[0] for slug in (here, there))
+        here_id, there_id = (db.execute("SELECT id FROM rooms WHERE code = ?", (slug,)).fetchone()[0] for slug in (here, there))
     bob_client.get(f"/room/{here}/")  # bob is a member of ada's room, through worker b, with no socket there
 
     def subscribers_become(room_id: int, count: int) -> None:

@@ -426,14 +426,14 @@ def test_a_huge_catch_up_is_bounded_in_memory(server):
     rss_before = server_rss_kib(server)
 
     async def catch_up_and_measure() -> int:
-        async with ws_connect(server, slug, cookie, "?after=0&wire=1", max_size=None) as reader:
+        async with ws_connect(server, slug, cookie, "?revision=0&wire=1", max_size=None) as reader:
             frame = await frames_until(reader, "&amp;")
         assert frame.count('class="msg"') >= 5  # what fits of the newest page, with "load older"
         return len(frame)
 
     biggest = asyncio.run(catch_up_and_measure())
     assert biggest <= 256 * 1024 + 80 * 1024, biggest  # the catch-up bound plus a bounded wire echo
-    stuck = [stuck_socket(server, slug, cookie, "?after=0&wire=1") for _ in range(20)]
+    stuck = [stuck_socket(server, slug, cookie, "?revision=0&wire=1") for _ in range(20)]
     peak = 0
     for _ in range(10):  # the catch-ups render on the database thread; watch memory for a while
         peak = max(peak, server_rss_kib(server) - rss_before)
