@@ -638,12 +638,20 @@ def too_long(what: str, limit: int, value: str) -> str | None:
     return None
 
 
-class Refused(ValueError):
-    """A message or frame the chat will not take; its text is shown to the sender."""
+class Refused(Exception):
+    """Whatever the chat will not do, with the words that say why (shown to the person asking)
+    and the HTTP status that goes with them. It is answered as the request came (section 5's
+    refusal answers): a page with the input kept, an htmx fragment, or a push on the socket;
+    anywhere else, the error page (http_error)."""
 
     def __init__(self, text: str, status_code: int = 400) -> None:
         super().__init__(text)
         self.status_code = status_code
+
+    @property
+    def detail(self) -> str:
+        """The words, as the error page shows them (Starlette's HTTPException calls them so)."""
+        return str(self)
 
 
 def whole_number(value: str) -> int | None:
@@ -711,11 +719,11 @@ class RateLimiter:
         return allowed
 
 
-class TooManyFailures(Exception):
+class TooManyFailures(Refused):
     """A key is at its limit of failures; `retry_after` says in how many seconds it is not."""
 
     def __init__(self, retry_after: float) -> None:
-        super().__init__(retry_after)
+        super().__init__(f"Too many failed tries. Try again {in_plain_words(retry_after)}.", 429)
         self.retry_after = retry_after
 
 
@@ -800,14 +808,6 @@ class FailureLimit(RateLimiter):
         return max(self._events[key][-self.limit] + self.window - now for key in keys)
 
 
-class CannotDo(Exception):
-    """A moderation step that would leave the room in a state it must not be in; says why."""
-
-
-class NotYours(Exception):
-    """Only a message's author may edit it, or delete it (an owner may delete any)."""
-
-
 # ---------------------------------------------------------------------------
 # 4. Who is asking
 # Sessions (a random id in a signed cookie, which the database can end), the logged-in user,
@@ -870,7 +870,7 @@ async def read_form(request: Request) -> dict[str, str]:
     # htmx requests that carry no form of their own (Edit, Delete) send it as a header.
     given = fields.get("csrf_token") or request.headers.get("x-csrf-token", "")
     if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise HTTPException(403, "This form has expired or did not come from this site. Go back, reload and try again.")
+        raise Refused("This form has expired or did not come from this site. Go back, reload and try again.", 403)
     return fields
 
 
@@ -1696,7 +1696,7 @@ async def join_as_guest(request: Request) -> Response:
     """Guest mode (--guests): a name, no password. A guest is a real user for as long as
     the session lasts (GUEST_IDLE_HOURS idle); the name stays taken, marked "guest"."""
     if not chat_of(request).settings.guests:
-        raise HTTPException(404, "Guest mode is off on this server.")
+        raise Refused("Guest mode is off on this server.", 404)
     form = await read_form(request)
     next_url = safe_next(form.get("next"))
     name = " ".join(unicodedata.normalize("NFKC", form.get("guest_name", "")).split())
@@ -1755,7 +1755,7 @@ async def login_link(request: Request) -> Response:
     token = request.path_params["token"]
     chat = chat_of(request)
     if len(token) > 100 or (user := await chat.store.read(login_link_user, token, False)) is None:
-        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+        raise Refused("That login link has been used, has expired, or was never made. Ask for a new one.", 404)
     if request.method != "POST":
         return render(request, "login_link.html", account=user, form={})
     form = await read_form(request)
@@ -1766,7 +1766,7 @@ async def login_link(request: Request) -> Response:
         if error:
             return render(request, "login_link.html", 400, account=user, form={}, error=error)
     if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
-        raise HTTPException(404, "That login link has been used, has expired, or was never made. Ask for a new one.")
+        raise Refused("That login link has been used, has expired, or was never made. Ask for a new one.", 404)
     if not user["is_guest"]:
         chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
     await chat.store.write(end_sessions_of, user["id"])
@@ -1990,8 +1990,8 @@ async def leave_room(request: Request) -> Response:
     chat = chat_of(request)
     try:
         await chat.store.write(leave_room_membership, room["id"], request.state.user["id"])
-    except CannotDo as problem:
-        raise HTTPException(409, str(problem)) from None
+    except Refused as problem:
+        raise Refused(str(problem), 409) from None
     await chat.fanout.end_pages(request.state.user["id"], room_id=room["id"], why="left")
     return redirect("/")
 
@@ -2013,7 +2013,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
         (messages, has_older, has_newer), seen_up_to = found, None
     if reply is not None:
-        replying_to = await chat.store.read(own_message, reply, room["id"], 0, True)
+        replying_to = await chat.store.read(message_in_room, reply, room["id"])
     chat.store.write_soon(record_visit, room["id"], user_id)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
@@ -2048,9 +2048,9 @@ async def access_or_404(request: Request) -> RoomAccess:
     try:
         access = await find_room(request, request.path_params["code"].lower())
     except TooManyFailures as refused:
-        raise HTTPException(429, too_many_guesses(refused)) from None
+        raise Refused(too_many_guesses(refused), 429) from None
     if access is None:
-        raise HTTPException(404, "There is no room with that code. Check the link, or ask for a new one.")
+        raise Refused("There is no room with that code. Check the link, or ask for a new one.", 404)
     return access
 
 
@@ -2058,7 +2058,7 @@ async def member_or_403(request: Request) -> RoomAccess:
     """The room in the URL, for one of its members: 403 for anybody else."""
     access = await access_or_404(request)
     if access.role is None:
-        raise HTTPException(403, "Only the room's members can do that: join it first.")
+        raise Refused("Only the room's members can do that: join it first.", 403)
     return access
 
 
@@ -2071,7 +2071,7 @@ async def find_room(request: Request, code: str) -> RoomAccess | None:
         if access is None:
             lookup.fail()
     if access is not None and access.removed:
-        raise HTTPException(403, f"{REMOVED} An owner of it can let you back in.")
+        raise Refused(f"{REMOVED} An owner of it can let you back in.", 403)
     return access
 
 
@@ -2215,10 +2215,10 @@ def mark_read_now(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
 
 
 def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
-    """The user leaves the room; CannotDo for its only owner (somebody must run it)."""
+    """The user leaves the room; Refused (409) for its only owner (somebody must run it)."""
     with transaction(db):
         if room_owners(db, room_id) == {user_id}:
-            raise CannotDo("You are this room's only owner: make somebody else an owner first, or delete the room.")
+            raise Refused("You are this room's only owner: make somebody else an owner first, or delete the room.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
 
 
@@ -2239,15 +2239,10 @@ def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None
                       (message_id,)).fetchone()
 
 
-def own_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
-                any_author: bool = False) -> sqlite3.Row | None:
-    """The message if it is in this room; NotYours if somebody else wrote it (unless
-    `any_author`: an owner deleting)."""
-    row = db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ? AND {NOT_CLEARED}",
-                     (message_id, room_id)).fetchone()
-    if row is not None and row["user_id"] != user_id and not any_author:
-        raise NotYours
-    return row
+def message_in_room(db: sqlite3.Connection, message_id: int, room_id: int) -> sqlite3.Row | None:
+    """The message as pages show it, if it is in this room (and not cleared); else None."""
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ? AND m.room_id = ? AND {NOT_CLEARED}",
+                      (message_id, room_id)).fetchone()
 
 
 def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
@@ -2269,7 +2264,7 @@ def page_after(db: sqlite3.Connection, room_id: int, after: int, limit: int = PA
 def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
     """The messages around one of the room's (it among them), oldest first, and whether older
     and newer ones exist; None if that message is not in this room."""
-    if own_message(db, message_id, room_id, 0, any_author=True) is None:
+    if message_in_room(db, message_id, room_id) is None:
         return None
     older, has_older = page_before(db, room_id, message_id + 1, PAGE_SIZE // 2)
     newer, has_newer = page_after(db, room_id, message_id, PAGE_SIZE // 2)
@@ -2648,14 +2643,15 @@ REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing", "🎉":
 async def message_editor(request: Request) -> Response:
     """The Edit button's form, loaded into the page's editor popover."""
     room = await room_or_404(request)
-    return HTMLResponse(str(fragments.editor_form(await own_message_or_error(request, room))))
+    me = request.state.user["id"]
+    return HTMLResponse(str(fragments.editor_form(await message_or_404(request, room, author=me))))
 
 
 @login_required
 async def edit(request: Request) -> Response:
     """Save an edit: the same rules as a new message; every open page gets the new text."""
     room = await room_or_404(request)
-    message = await own_message_or_error(request, room)
+    message = await message_or_404(request, room, author=request.state.user["id"])
     form = await read_form(request)
     chat = chat_of(request)
     text = clean_text(form.get("message", "")).strip()
@@ -2671,7 +2667,7 @@ async def edit(request: Request) -> Response:
     except Refused as problem:
         return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
-        raise HTTPException(404, "That message is not here (any more).")
+        raise Refused(GONE, 404)
     await chat.fanout.publish(room["id"], str(fragments.messages_frame(edited, edited[-1]["revision"])))
     return HTMLResponse(str(fragments.editor_closed()))
 
@@ -2682,12 +2678,13 @@ async def delete(request: Request) -> Response:
     the database and from every open page."""
     access = await access_or_404(request)
     room, as_owner = access.room, access.role == "owner"
-    message = await own_message_or_error(request, room, any_author=as_owner)
+    me = request.state.user
+    author = None if as_owner else me["id"]  # an owner may delete anybody's
+    message = await message_or_404(request, room, author)
     await read_form(request)  # the CSRF check
     chat = chat_of(request)
-    me = request.state.user
     try:
-        deleted = await chat.store.write(delete_message, message["id"], room["id"], me["id"], as_owner)
+        deleted = await chat.store.write(delete_message, message["id"], room["id"], author)
     except sqlite3.Error as problem:  # said where the page shows the sender's errors
         return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
     if deleted is not None:
@@ -2704,7 +2701,7 @@ async def delete(request: Request) -> Response:
 async def reaction_picker(request: Request) -> Response:
     """The React button's choices for one message, loaded into the page's reactor popover."""
     access = await member_or_403(request)
-    message = await own_message_or_error(request, access.room, any_author=True)
+    message = await message_or_404(request, access.room)
     return HTMLResponse(str(fragments.reaction_picker(message, REACTIONS)))
 
 
@@ -2715,7 +2712,7 @@ async def react_to(request: Request) -> Response:
     Every page of the room gets the message's new reactions, on the room's next revision."""
     access = await member_or_403(request)
     room = access.room
-    message = await own_message_or_error(request, room, any_author=True)
+    message = await message_or_404(request, room)
     form = await read_form(request)
     chat, me = chat_of(request), request.state.user
     emoji, given = (form["give"], True) if "give" in form else (form.get("take_back", ""), False)
@@ -2730,7 +2727,7 @@ async def react_to(request: Request) -> Response:
     except sqlite3.Error as problem:
         return HTMLResponse(str(fragments.chat_error(could_not_save("Your reaction could not be saved", problem))), 503)
     if changed is None:  # deleted meanwhile
-        raise HTTPException(404, "That message is not here (any more).")
+        raise Refused(GONE, 404)
     if changed["revision"] != message["revision"]:  # (giving twice changes nothing, and sends nothing)
         await chat.fanout.publish(room["id"], str(fragments.messages_frame([changed], changed["revision"])))
     return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
@@ -2740,22 +2737,29 @@ async def react_to(request: Request) -> Response:
 async def reply_to(request: Request) -> Response:
     """The Reply link: the composer's "Replying to ..." box for that message."""
     access = await member_or_403(request)
-    return HTMLResponse(str(fragments.replying(await own_message_or_error(request, access.room, any_author=True))))
+    return HTMLResponse(str(fragments.replying(await message_or_404(request, access.room))))
 
 
-async def own_message_or_error(request: Request, room: sqlite3.Row, any_author: bool = False) -> sqlite3.Row:
-    """The message named in the URL, if the user wrote it (or `any_author`: an owner
-    deleting): 404 if it is not in this room, 403 if somebody else wrote it. The author check
-    is here, on the server, whatever the page shows."""
+async def message_or_404(request: Request, room: sqlite3.Row, author: int | None = None) -> sqlite3.Row:
+    """The message named in the URL: 404 if it is not in this room; with an `author`, 403 if
+    somebody else wrote it. The author check is here, on the server, whatever the page shows."""
     wanted = whole_number(request.path_params["message_id"])
-    try:
-        found = wanted and await chat_of(request).store.read(own_message, wanted, room["id"], request.state.user["id"],
-                                                             any_author)
-    except NotYours:
-        raise HTTPException(403, "Only its author can change a message.") from None
+    found = wanted and await chat_of(request).store.read(message_in_room, wanted, room["id"])
     if not found:
-        raise HTTPException(404, "That message is not here (any more).")
-    return found
+        raise Refused(GONE, 404)
+    return by_author(found, author)
+
+
+GONE = "That message is not here (any more)."
+ONLY_ITS_AUTHOR = "Only its author can change a message."
+
+
+def by_author(message: sqlite3.Row | None, author: int | None) -> sqlite3.Row | None:
+    """The message, if `author` wrote it (author None: whoever did; no message: None);
+    Refused (403) if somebody else did."""
+    if message is not None and author is not None and message["user_id"] != author:
+        raise Refused(ONLY_ITS_AUTHOR, 403)
+    return message
 
 
 @template_filter("reaction_groups")
@@ -2776,12 +2780,12 @@ def first_line(text: str, limit: int = 100) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
-def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
+def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: int,
                  text: str) -> list[sqlite3.Row] | None:
     """The edited message, then the replies whose quote of it changed with it (None: no such
-    message here); NotYours for somebody else's."""
+    message here); Refused (403) for somebody else's."""
     with transaction(db):
-        if own_message(db, message_id, room_id, user_id) is None:
+        if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
         db.execute(f"UPDATE messages SET text = ?2, edited_at = ?3, revision = {NEXT_REVISION} WHERE id = ?4",
                    (room_id, text, utc_now(), message_id))
@@ -2799,14 +2803,14 @@ def requote_replies(db: sqlite3.Connection, message_id: int, room_id: int) -> li
                       ids).fetchall() if ids else []
 
 
-def delete_message(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int,
-                   any_author: bool = False) -> tuple[int, list[sqlite3.Row]] | None:
+def delete_message(db: sqlite3.Connection, message_id: int, room_id: int,
+                   author: int | None) -> tuple[int, list[sqlite3.Row]] | None:
     """Delete the row, text and all (secure_delete overwrites it on disk; its reactions and
     mentions go with it), leaving only its id and the room's revision, for pages that catch
     up later. That revision and the replies now quoting a deleted message; None if there was
-    no such message."""
+    no such message. `author`: who must have written it (None: anybody, for an owner)."""
     with transaction(db):
-        if own_message(db, message_id, room_id, user_id, any_author) is None:
+        if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
         revision = db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
@@ -2821,7 +2825,7 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
     pages show it, on the room's next revision if that changed anything (None: no such
     message here). Giving twice, or taking back what was not given, changes nothing."""
     with transaction(db):
-        if own_message(db, message_id, room_id, user_id, any_author=True) is None:
+        if message_in_room(db, message_id, room_id) is None:
             return None
         changed = db.execute(
             "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?) ON CONFLICT DO NOTHING" if given else
@@ -2846,7 +2850,6 @@ SLOW_MODES = (0, 5, 10, 30, 60)  # seconds between a member's messages; 0: off
 PURGE_BATCH = 500  # rows removed per transaction when a room is cleared or deleted
 
 
-MODERATION_STEPS = ("lock", "unlock", "slow_mode", "new_code", "make_owner", "step_down", "remove", "let_back_in")
 
 
 TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcript streams
@@ -2855,53 +2858,112 @@ TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcri
 @login_required
 async def manage_room(request: Request) -> Response:
     """The owners' page: the room's settings, its members, the people removed from it."""
-    access = await owner_or_403(request)
-    members, removed = await chat_of(request).store.read(members_of, access.room["id"])
-    return render(request, "manage.html", room=access.room, members=members, removed=removed,
-                  slow_modes=SLOW_MODES, error=request.query_params.get("error", "")[:200])
+    return await manage_page(request, (await owner_or_403(request)).room)
 
 
 @login_required
 async def moderate(request: Request) -> Response:
-    """One owner's step, from the manage page's forms (field `step`, and `user_id` or
-    `slow_mode`); back to that page. 403 for a member, 400 for a step that makes no sense."""
+    """One owner's step (MODERATION_STEPS), from the manage page's forms: field `step`, and
+    `user_id` or `slow_mode`. Done: back to the manage page; refused: that page again, saying
+    why (400 for a step that makes no sense, 409 for one that cannot be done now)."""
     access = await owner_or_403(request)
     form = await read_form(request)
-    chat, room, me = chat_of(request), access.room, request.state.user
-    step, target = form.get("step", ""), whole_number(form.get("user_id", ""))
-    if step not in MODERATION_STEPS or (step in ("make_owner", "remove", "let_back_in") and target is None):
-        raise HTTPException(400, "That is not something an owner can do here.")
+    step = MODERATION_STEPS.get(form.get("step", ""))
+    if step is None:
+        raise Refused("That is not something an owner can do here.", 400)
     try:
-        if step in ("lock", "unlock"):
-            room, owners = await chat.store.write(change_room, room["id"], {"locked": int(step == "lock")})
-            await room_changed(request, room, owners, f"{step}ed the room")
-        elif step == "slow_mode":
-            seconds = form.get("slow_mode", "")
-            if not seconds.isdigit() or int(seconds) not in SLOW_MODES:
-                raise HTTPException(400, f"Slow mode is one of {', '.join(map(str, SLOW_MODES))} seconds.")
-            room, owners = await chat.store.write(change_room, room["id"], {"slow_mode": int(seconds)})
-            await room_changed(request, room, owners, f"set slow mode to {seconds} s")
-        elif step == "new_code":
-            if not await chat.room_limit.allow(me["id"]):
-                raise CannotDo("You have made many rooms and codes lately. Try again in an hour.")
-            room, owners = await chat.store.write(change_code, room["id"])
-            await room_changed(request, room, owners, f"gave the room a new code, {room['code']}")
-        elif step in ("make_owner", "step_down"):
-            who = target if step == "make_owner" else me["id"]
-            room, owners = await chat.store.write(set_role, room["id"], who, "owner" if step == "make_owner" else "member")
-            await room_changed(request, room, owners, f"{'made user %d an owner' % who if step == 'make_owner' else 'stepped down'}")
-            if step == "step_down":
-                return redirect(f"/room/{room['code']}/")
-        elif step == "remove":
-            person = await chat.store.write(remove_member, room["id"], target, me["id"])
-            await chat.fanout.end_pages(target, room_id=room["id"], why="removed")
-            log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["code"])
-        elif step == "let_back_in":
-            if name := await chat.store.write(let_back_in, room["id"], target):
-                log.info("moderation: %s let %s back into %s", me["username"], name, room["code"])
-    except CannotDo as problem:
-        return redirect(f"/room/{room['code']}/manage?error={quote(str(problem))}")
-    return redirect(f"/room/{room['code']}/manage")
+        answer = await step(request, access.room, form)
+    except Refused as problem:
+        return await manage_page(request, access.room, problem)
+    return answer or redirect(f"/room/{access.room['code']}/manage")
+
+
+async def manage_page(request: Request, room: sqlite3.Row, refused: Refused | None = None) -> Response:
+    """The manage page, with why a step was refused (and its status) if one was."""
+    chat = chat_of(request)
+    room, _ = await chat.store.read(room_settings, room["id"])  # (as a refused step left it)
+    members, removed = await chat.store.read(members_of, room["id"])
+    return render(request, "manage.html", refused.status_code if refused else 200, room=room,
+                  members=members, removed=removed, slow_modes=SLOW_MODES, error=str(refused or ""))
+
+
+# The owners' steps: each stores its change, shows it to every page (room_changed) and logs who.
+
+
+async def lock_room(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """Only the owners may write."""
+    await change_setting(request, room, "locked", 1, "locked the room")
+
+
+async def unlock_room(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """Everybody may write again."""
+    await change_setting(request, room, "locked", 0, "unlocked the room")
+
+
+async def set_slow_mode(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """One message per `slow_mode` seconds (one of SLOW_MODES) for each member."""
+    seconds = whole_number(form.get("slow_mode", ""))
+    if seconds not in SLOW_MODES:
+        raise Refused(f"Slow mode is one of {', '.join(map(str, SLOW_MODES))} seconds.", 400)
+    await change_setting(request, room, "slow_mode", seconds, f"set slow mode to {seconds} s")
+
+
+async def give_new_code(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """A new invite link (counted like a new room: a new code is one more thing to guess)."""
+    chat = chat_of(request)
+    if not await chat.room_limit.allow(request.state.user["id"]):
+        raise Refused("You have made many rooms and codes lately. Try again in an hour.", 429)
+    room, owners = await chat.store.write(change_code, room["id"])
+    await room_changed(request, room, owners, f"gave the room a new code, {room['code']}")
+
+
+async def make_owner(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """Make a member (`user_id`) an owner."""
+    who = person_named(form)
+    room, owners = await chat_of(request).store.write(set_role, room["id"], who, "owner")
+    await room_changed(request, room, owners, f"made user {who} an owner")
+
+
+async def step_down(request: Request, room: sqlite3.Row, form: dict[str, str]) -> Response:
+    """The owner asking becomes a member (not the last owner); back to the room."""
+    chat = chat_of(request)
+    room, owners = await chat.store.write(set_role, room["id"], request.state.user["id"], "member")
+    await room_changed(request, room, owners, "stepped down")
+    return redirect(f"/room/{room['code']}/")
+
+
+async def remove_person(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """Take somebody (`user_id`) out of the room until an owner lets them back in: their open
+    pages are told and closed, on every worker."""
+    chat, me, who = chat_of(request), request.state.user, person_named(form)
+    person = await chat.store.write(remove_member, room["id"], who, me["id"])
+    await chat.fanout.end_pages(who, room_id=room["id"], why="removed")
+    log.info("moderation: %s removed %s from %s", me["username"], person["username"], room["code"])
+
+
+async def let_person_back_in(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """Undo a removal (`user_id`): they can join again by the code."""
+    if name := await chat_of(request).store.write(let_back_in, room["id"], person_named(form)):
+        log.info("moderation: %s let %s back into %s", request.state.user["username"], name, room["code"])
+
+
+MODERATION_STEPS: dict[str, Callable[[Request, sqlite3.Row, dict[str, str]], Awaitable[Response | None]]] = {
+    "lock": lock_room, "unlock": unlock_room, "slow_mode": set_slow_mode, "new_code": give_new_code,
+    "make_owner": make_owner, "step_down": step_down, "remove": remove_person,
+    "let_back_in": let_person_back_in}
+
+
+def person_named(form: dict[str, str]) -> int:
+    """The user id a step names (`user_id`); Refused (400) without one."""
+    if (user_id := whole_number(form.get("user_id", ""))) is None:
+        raise Refused("Say whom (user_id).", 400)
+    return user_id
+
+
+async def change_setting(request: Request, room: sqlite3.Row, name: str, value: int, what: str) -> None:
+    """Set one of the room's settings (`locked`, `slow_mode`) and show it to every page."""
+    room, owners = await chat_of(request).store.write(change_room, room["id"], {name: value})
+    await room_changed(request, room, owners, what)
 
 
 @login_required
@@ -2942,7 +3004,7 @@ async def transcript(request: Request) -> Response:
     members: streamed a page at a time from the database, so memory stays flat however long."""
     access = await access_or_404(request)
     if access.role is None:
-        raise HTTPException(403, "Only the room's members can download its transcript.")
+        raise Refused("Only the room's members can download its transcript.", 403)
     room, as_json = access.room, request.query_params.get("format") == "json"
     store = chat_of(request).store
 
@@ -2962,7 +3024,7 @@ async def owner_or_403(request: Request) -> RoomAccess:
     """The room in the URL, if the user is one of its owners; 403 for anybody else."""
     access = await access_or_404(request)
     if access.role != "owner":
-        raise HTTPException(403, "Only this room's owners can do that.")
+        raise Refused("Only this room's owners can do that.", 403)
     return access
 
 
@@ -3040,13 +3102,13 @@ def change_room(db: sqlite3.Connection, room_id: int, settings: dict[str, int]) 
 
 
 def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> tuple[sqlite3.Row, frozenset[int]]:
-    """Make a member an owner, or an owner a member (stepping down): CannotDo for somebody
+    """Make a member an owner, or an owner a member (stepping down): Refused (409) for somebody
     who is not a member, or for the room's last owner stepping down."""
     with transaction(db):
         if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone() is None:
-            raise CannotDo("That person is not a member of this room.")
+            raise Refused("That person is not a member of this room.", 409)
         if role == "member" and room_owners(db, room_id) == {user_id}:
-            raise CannotDo("You are this room's only owner: make somebody else an owner first.")
+            raise Refused("You are this room's only owner: make somebody else an owner first.", 409)
         db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?", (role, room_id, user_id))
         advance_room(db, room_id)
     return room_settings(db, room_id)
@@ -3054,14 +3116,14 @@ def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> t
 
 def remove_member(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -> sqlite3.Row:
     """Take somebody out of the room until an owner lets them back in: their name, or
-    CannotDo (an owner, yourself, nobody)."""
+    Refused (409: an owner, yourself, nobody)."""
     with transaction(db):
         person = db.execute("SELECT u.id, u.username, m.role FROM users u LEFT JOIN room_members m "
                             "ON m.user_id = u.id AND m.room_id = ? WHERE u.id = ?", (room_id, user_id)).fetchone()
         if person is None:
-            raise CannotDo("There is nobody like that here.")
+            raise Refused("There is nobody like that here.", 409)
         if user_id == by or person["role"] == "owner":
-            raise CannotDo("Owners cannot be removed; an owner can step down first.")
+            raise Refused("Owners cannot be removed; an owner can step down first.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
         db.execute("INSERT INTO removals (room_id, user_id, removed_by, removed_at) VALUES (?, ?, ?, ?) "
                    "ON CONFLICT DO NOTHING", (room_id, user_id, by, utc_now()))
@@ -3193,7 +3255,7 @@ async def search(request: Request) -> Response:
             hits, more = await chat_of(request).store.read(search_messages, request.state.user["id"], expression, before)
         except sqlite3.OperationalError as problem:  # (search_expression leaves FTS5 nothing to object to)
             log.warning("search for %r failed: %r", expression, problem)
-            raise HTTPException(400, "That search could not be run; try other words.") from None
+            raise Refused("That search could not be run; try other words.", 400) from None
     return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
                   more=more and hits[-1]["id"])
 
@@ -3651,7 +3713,7 @@ async def healthz(request: Request) -> Response:
 
 async def storage_error(request: Request, exc: Exception) -> Response:
     """Any other write the database refused (a full disk): a clear 503, no traceback."""
-    return await http_error(request, HTTPException(503, could_not_save("That could not be done", exc)))
+    return await http_error(request, Refused(could_not_save("That could not be done", exc), 503))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -3800,7 +3862,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=MAX_FORM_BYTES,
-                     exception_handlers={HTTPException: http_error, sqlite3.Error: storage_error, Exception: http_error})
+                     exception_handlers={HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error, Exception: http_error})
 
 
 def __getattr__(name: str) -> Starlette:
