@@ -1160,7 +1160,18 @@ def render(request: Request, name: str, status_code: int = 200, **context: Any) 
 
 
 def redirect(url: str) -> RedirectResponse:
+    """See Other: after a form, the browser GETs `url`."""
     return RedirectResponse(url, status_code=303)
+
+
+def get(path: str, handler: Callable[[Request], Awaitable[Response]], name: str | None = None) -> Route:
+    """A route for GET (and HEAD): each section lists its routes, a function per path and method."""
+    return Route(path, handler, methods=["GET"], name=name)
+
+
+def post(path: str, handler: Callable[[Request], Awaitable[Response]]) -> Route:
+    """A route for POST."""
+    return Route(path, handler, methods=["POST"])
 
 
 # Who a frame went to, as the wire view (?wire=1) labels it.
@@ -1566,6 +1577,11 @@ async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> No
             log.warning("could not check the sessions of open sockets: %r", problem)
 
 
+async def heartbeats(chat: Chat) -> None:
+    """Every page hears it is live, every CHAT_HEARTBEAT seconds (RoomHub.heartbeat)."""
+    await chat.hub.heartbeat(chat.settings.heartbeat)
+
+
 async def check_sessions(chat: Chat) -> None:
     pages = chat.hub.everyone()
     if not pages:
@@ -1583,35 +1599,20 @@ async def check_sessions(chat: Chat) -> None:
 
 @dataclass
 class Chat:
-    """What the routes share: settings, database, hub, fan-out and the limits."""
+    """The record every handler shares (chat_of): settings, database, hub, fan-out and the
+    limits. Fields only: open_chat() (section 14) fills it, choosing Local or Redis once."""
 
     settings: Settings
     store: Store
-    hub: RoomHub = field(init=False)
-    fanout: LocalFanout = field(init=False)
-    message_limit: RateLimiter = field(init=False)
-    room_limit: RateLimiter = field(init=False)
-    login_limit: FailureLimit = field(init=False)
-    register_limit: RateLimiter = field(init=False)
-    room_guess_limit: FailureLimit = field(init=False)
-    slow_limits: dict[int, RateLimiter] = field(init=False)  # slow mode's seconds -> one message per that
-    purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows on their way out
-
-    def __post_init__(self) -> None:
-        self.hub = RoomHub(self.settings.sockets_per_user, self.settings.sockets_per_address,
-                           self.settings.max_connections)
-        if self.settings.redis_url:
-            self.fanout = RedisFanout(self.hub, self.settings.redis_url)
-            limiter = functools.partial(RedisRateLimiter, self.fanout)
-            failures = functools.partial(RedisFailureLimit, self.fanout)
-        else:
-            self.fanout, limiter, failures = LocalFanout(self.hub), RateLimiter, FailureLimit
-        self.message_limit = limiter(self.settings.message_rate, 10)
-        self.room_limit = limiter(self.settings.room_rate, 3600)
-        self.login_limit = failures(self.settings.login_failures, 15 * 60)
-        self.register_limit = limiter(self.settings.register_rate, 3600)
-        self.room_guess_limit = failures(self.settings.room_guesses, 3600)
-        self.slow_limits = {seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds}
+    hub: RoomHub
+    fanout: LocalFanout  # (or RedisFanout, which has the same methods)
+    message_limit: RateLimiter  # messages, edits and reactions per user per room (CHAT_MESSAGE_RATE)
+    room_limit: RateLimiter  # rooms and new codes per user per hour
+    login_limit: FailureLimit  # failed logins per name and per address per 15 minutes
+    register_limit: RateLimiter  # accounts per address per hour
+    room_guess_limit: FailureLimit  # unknown room codes per user and per address per hour
+    slow_limits: dict[int, RateLimiter]  # slow mode's seconds -> one message per that
+    purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows going
 
 
 # ---------------------------------------------------------------------------
@@ -1671,9 +1672,13 @@ async def hashing(work: Callable[..., Any], *args: Any) -> Any:
 DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
 
 
+async def register_page(request: Request) -> Response:
+    """The sign-up form."""
+    return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
+
+
 async def register(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
+    """Make an account with a password and log it in; the form again, saying why, if not."""
     form = await read_form(request)
     next_url = safe_next(form.get("next"))
     # NFKC: the full-width "ＡＤＡ" is the name "ADA", and taken if "ada" is.
@@ -1709,9 +1714,13 @@ async def join_as_guest(request: Request) -> Response:
                   guest_error=error)
 
 
+async def login_page(request: Request) -> Response:
+    """The login form (and the guest form, in guest mode)."""
+    return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
+
+
 async def login(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
+    """Log in with a name and password, within the failure limits (FailureLimit)."""
     form = await read_form(request)
     chat = chat_of(request)
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
@@ -1748,16 +1757,17 @@ async def login(request: Request) -> Response:
     return redirect(next_url)
 
 
+async def login_link_page(request: Request) -> Response:
+    """A link from `python chat.py users login-link NAME`: the account it logs in, and (for a
+    registered user) the form for a new password."""
+    return render(request, "login_link.html", account=await login_link_account(request), form={})
+
+
 async def login_link(request: Request) -> Response:
-    """A link from `python chat.py users login-link NAME`: it logs that account in, once,
-    within the hour; a registered user sets a new password on the way (recovery without
-    e-mail), and every other session of theirs ends."""
-    token = request.path_params["token"]
-    chat = chat_of(request)
-    if len(token) > 100 or (user := await chat.store.read(login_link_user, token, False)) is None:
-        raise Refused("That login link has been used, has expired, or was never made. Ask for a new one.", 404)
-    if request.method != "POST":
-        return render(request, "login_link.html", account=user, form={})
+    """Use the login link: it logs that account in, once, within the hour; a registered user
+    sets a new password on the way (recovery without e-mail), and every other session of
+    theirs ends."""
+    user, token, chat = await login_link_account(request), request.path_params["token"], chat_of(request)
     form = await read_form(request)
     password, again = form.get("password1", ""), form.get("password2", "")
     if not user["is_guest"]:
@@ -1766,7 +1776,7 @@ async def login_link(request: Request) -> Response:
         if error:
             return render(request, "login_link.html", 400, account=user, form={}, error=error)
     if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
-        raise Refused("That login link has been used, has expired, or was never made. Ask for a new one.", 404)
+        raise Refused(LINK_GONE, 404)
     if not user["is_guest"]:
         chat.store.write_soon(set_password_hash, user["id"], await hashing(hash_password, password))
     await chat.store.write(end_sessions_of, user["id"])
@@ -1774,6 +1784,17 @@ async def login_link(request: Request) -> Response:
     await start_session(request, user)
     log.info("%s logged in with a login link", user["username"])
     return redirect("/")
+
+
+LINK_GONE = "That login link has been used, has expired, or was never made. Ask for a new one."
+
+
+async def login_link_account(request: Request) -> sqlite3.Row:
+    """The open account a login link in the URL is for; Refused (404) if none."""
+    token = request.path_params["token"]
+    if len(token) > 100 or (user := await chat_of(request).store.read(login_link_user, token, False)) is None:
+        raise Refused(LINK_GONE, 404)
+    return user
 
 
 async def logout(request: Request) -> Response:
@@ -1877,6 +1898,15 @@ def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Ro
     return row
 
 
+ACCOUNT_ROUTES = [
+    get("/auth/register/", register_page), post("/auth/register/", register),
+    get("/auth/login/", login_page), post("/auth/login/", login),
+    post("/auth/guest/", join_as_guest),
+    post("/auth/logout/", logout),
+    get("/auth/link/{token}", login_link_page), post("/auth/link/{token}", login_link),
+]
+
+
 # ---------------------------------------------------------------------------
 # 8. Rooms
 # Creating, finding and joining rooms by their code, the home page's list, the room page and
@@ -1915,9 +1945,14 @@ async def home(request: Request) -> Response:
 
 
 @login_required
+async def create_page(request: Request) -> Response:
+    """The form for a new room (home has it too)."""
+    return render(request, "create.html", form={})
+
+
+@login_required
 async def create_room(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "create.html", form={})
+    """A new room with a new code, owned by whoever made it; to its page."""
     form = await read_form(request)
     chat = chat_of(request)
     name = " ".join(form.get("room_name", "").split())
@@ -1938,9 +1973,14 @@ async def create_room(request: Request) -> Response:
 
 
 @login_required
+async def join_page(request: Request) -> Response:
+    """The form for a room's code or link (home has it too)."""
+    return render(request, "join.html", form={})
+
+
+@login_required
 async def join_room(request: Request) -> Response:
-    if request.method != "POST":
-        return render(request, "join.html", form={})
+    """To the room a typed code or pasted link leads to (every unknown code counts as a guess)."""
     form = await read_form(request)
     typed = form.get("code", "")
     code = room_code_from(typed)
@@ -2269,6 +2309,16 @@ def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[
     older, has_older = page_before(db, room_id, message_id + 1, PAGE_SIZE // 2)
     newer, has_newer = page_after(db, room_id, message_id, PAGE_SIZE // 2)
     return older + newer, has_older, has_newer
+
+
+ROOM_ROUTES = [
+    get("/", home),
+    get("/create/", create_page), post("/create/", create_room),
+    get("/join/", join_page), post("/join/", join_room),
+    get("/room/{code}/", room_page, name="room"),
+    get("/room/{code}/messages", history),
+    post("/room/{code}/leave", leave_room),
+]
 
 
 # ---------------------------------------------------------------------------
@@ -2629,6 +2679,12 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
 
 
+MESSAGE_ROUTES = [
+    WebSocketRoute("/chat/{code}/", chat_socket),
+    post("/room/{code}/messages", send_message),
+]
+
+
 # ---------------------------------------------------------------------------
 # 10. Changing a message
 # Edit, delete, react and reply: each checked on the server, each reaching every page on the
@@ -2836,6 +2892,16 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
     return message_by_id(db, message_id)
 
 
+CHANGE_ROUTES = [
+    get("/room/{code}/messages/{message_id}/edit", message_editor),
+    post("/room/{code}/messages/{message_id}/edit", edit),
+    post("/room/{code}/messages/{message_id}/delete", delete),
+    get("/room/{code}/messages/{message_id}/react", reaction_picker),
+    post("/room/{code}/messages/{message_id}/react", react_to),
+    get("/room/{code}/messages/{message_id}/reply", reply_to),
+]
+
+
 # ---------------------------------------------------------------------------
 # 11. Moderation
 # What a room's owners do to run it (lock, slow mode, a new code, owners, removing people and
@@ -2967,12 +3033,15 @@ async def change_setting(request: Request, room: sqlite3.Row, name: str, value: 
 
 
 @login_required
+async def confirm_clear(request: Request) -> Response:
+    """The confirm step before clearing the history."""
+    return render(request, "confirm.html", room=(await owner_or_403(request)).room, what="clear")
+
+
+@login_required
 async def clear_history(request: Request) -> Response:
-    """Clear every message, after a confirm step (GET shows it): gone from every page at once,
-    its rows removed in batches behind it."""
+    """Clear every message: gone from every page at once, its rows removed in batches behind it."""
     access = await owner_or_403(request)
-    if request.method != "POST":
-        return render(request, "confirm.html", room=access.room, what="clear")
     await read_form(request)
     chat, room = chat_of(request), access.room
     revision = await chat.store.write(clear_room, room["id"])
@@ -2983,12 +3052,16 @@ async def clear_history(request: Request) -> Response:
 
 
 @login_required
+async def confirm_delete(request: Request) -> Response:
+    """The confirm step before deleting the room."""
+    return render(request, "confirm.html", room=(await owner_or_403(request)).room, what="delete")
+
+
+@login_required
 async def remove_room(request: Request) -> Response:
-    """Delete the room, after a confirm step: every open page is told and closed, its code
-    answers 404 from then on, it leaves everyone's list, and its rows go in batches."""
+    """Delete the room: every open page is told and closed, its code answers 404 from then
+    on, it leaves everyone's list, and its rows go in batches."""
     access = await owner_or_403(request)
-    if request.method != "POST":
-        return render(request, "confirm.html", room=access.room, what="delete")
     await read_form(request)
     chat, room = chat_of(request), access.room
     await chat.store.write(delete_room, room["id"])
@@ -3215,6 +3288,14 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int
                       (room_id, after, limit)).fetchall()
 
 
+MODERATION_ROUTES = [
+    get("/room/{code}/manage", manage_room), post("/room/{code}/manage", moderate),
+    get("/room/{code}/clear", confirm_clear), post("/room/{code}/clear", clear_history),
+    get("/room/{code}/delete-room", confirm_delete), post("/room/{code}/delete-room", remove_room),
+    get("/room/{code}/transcript", transcript),
+]
+
+
 # ---------------------------------------------------------------------------
 # 12. Search
 # Finding what was said in your rooms: FTS5 over every message's text (the index is
@@ -3328,6 +3409,9 @@ def index_new_messages(db: sqlite3.Connection) -> bool:
             db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", [tuple(row) for row in rows])
             db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
     return len(rows) == SEARCH_BATCH
+
+
+SEARCH_ROUTES = [get("/search/", search)]
 
 
 # ---------------------------------------------------------------------------
@@ -3700,6 +3784,15 @@ class RedisFailureLimit(FailureLimit):
             await pipe.execute()
 
 
+def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, Callable]:
+    """The one place that chooses Local or Redis: the fan-out for these settings, and how to
+    make a rate limiter and a failure limit (each called with its limit and window)."""
+    if not settings.redis_url:
+        return LocalFanout(hub), RateLimiter, FailureLimit
+    fanout = RedisFanout(hub, settings.redis_url)
+    return fanout, functools.partial(RedisRateLimiter, fanout), functools.partial(RedisFailureLimit, fanout)
+
+
 # ---------------------------------------------------------------------------
 # 14. The app
 # The record every handler shares, the background tasks, security headers, error pages, and
@@ -3810,59 +3903,50 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.db_path)
-        await store.open()
-        app.state.chat = chat = Chat(settings, store)
-        await chat.fanout.start()
-        await purge_left_over(chat)
-        if not settings.guests and (ended := await store.write(end_guest_sessions)):
-            log.info("guest mode is off: %d guest session(s) ended", ended)
-        background = [asyncio.create_task(chat.hub.heartbeat(settings.heartbeat)),
-                      asyncio.create_task(watch_sessions(chat)), asyncio.create_task(index_search(chat))]
+        app.state.chat = chat = await open_chat(settings)
+        background = [asyncio.create_task(task(chat)) for task in BACKGROUND_TASKS]
         try:
             yield
         finally:
             for task in background:
                 task.cancel()
             await chat.fanout.stop()
-            await store.close()
+            await chat.store.close()
 
-    routes = [
-        Route("/", home, name="home"),
-        Route("/auth/register/", register, methods=["GET", "POST"]),
-        Route("/auth/login/", login, methods=["GET", "POST"]),
-        Route("/auth/guest/", join_as_guest, methods=["POST"]),
-        Route("/auth/logout/", logout, methods=["POST"]),
-        Route("/auth/link/{token}", login_link, methods=["GET", "POST"]),
-        Route("/create/", create_room, methods=["GET", "POST"]),
-        Route("/join/", join_room, methods=["GET", "POST"]),
-        Route("/room/{code}/", room_page, name="room"),
-        Route("/room/{code}/messages", history),
-        Route("/room/{code}/messages", send_message, methods=["POST"]),
-        Route("/room/{code}/messages/{message_id}/edit", message_editor),
-        Route("/room/{code}/messages/{message_id}/edit", edit, methods=["POST"]),
-        Route("/room/{code}/messages/{message_id}/delete", delete, methods=["POST"]),
-        Route("/room/{code}/messages/{message_id}/react", reaction_picker),
-        Route("/room/{code}/messages/{message_id}/react", react_to, methods=["POST"]),
-        Route("/room/{code}/messages/{message_id}/reply", reply_to),
-        Route("/search/", search),
-        Route("/room/{code}/leave", leave_room, methods=["POST"]),
-        Route("/room/{code}/manage", manage_room),
-        Route("/room/{code}/manage", moderate, methods=["POST"]),
-        Route("/room/{code}/clear", clear_history, methods=["GET", "POST"]),
-        Route("/room/{code}/delete-room", remove_room, methods=["GET", "POST"]),
-        Route("/room/{code}/transcript", transcript),
-        WebSocketRoute("/chat/{code}/", chat_socket),
-        Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static"),
-        Route("/healthz", healthz),
-    ]
+    routes = [*ACCOUNT_ROUTES, *ROOM_ROUTES, *MESSAGE_ROUTES, *CHANGE_ROUTES, *MODERATION_ROUTES,
+              *SEARCH_ROUTES, get("/healthz", healthz),
+              Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static")]
     middleware = [
         Middleware(SecurityHeaders, allowed_hosts=settings.allowed_hosts),
         Middleware(SessionMiddleware, secret_key=load_secret_key(settings), same_site="lax",
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
+    errors = {HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error, Exception: http_error}
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=MAX_FORM_BYTES,
-                     exception_handlers={HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error, Exception: http_error})
+                     exception_handlers=errors)
+
+
+async def open_chat(settings: Settings) -> Chat:
+    """The record every handler shares, its database open and its fan-out started, with what
+    a stop left undone finished (purges) or ended (guests' sessions when guest mode is off)."""
+    store = Store(settings.db_path)
+    await store.open()
+    hub = RoomHub(settings.sockets_per_user, settings.sockets_per_address, settings.max_connections)
+    fanout, limiter, failures = limiters(settings, hub)
+    chat = Chat(settings, store, hub, fanout, message_limit=limiter(settings.message_rate, 10),
+                room_limit=limiter(settings.room_rate, 3600), login_limit=failures(settings.login_failures, 15 * 60),
+                register_limit=limiter(settings.register_rate, 3600),
+                room_guess_limit=failures(settings.room_guesses, 3600),
+                slow_limits={seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds})
+    await fanout.start()
+    await purge_left_over(chat)
+    if not settings.guests and (ended := await store.write(end_guest_sessions)):
+        log.info("guest mode is off: %d guest session(s) ended", ended)
+    return chat
+
+
+# What runs beside the requests for as long as the app does, each a function of the Chat.
+BACKGROUND_TASKS: tuple[Callable[[Chat], Awaitable[None]], ...] = (heartbeats, watch_sessions, index_search)
 
 
 def __getattr__(name: str) -> Starlette:
