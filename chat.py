@@ -1360,7 +1360,20 @@ class RoomState:
 
     @classmethod
     def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
+        """The state of a room as the database has it."""
         return cls(room["code"], owners, bool(room["locked"]), room["slow_mode"])
+
+    def to_wire(self) -> dict[str, Any]:
+        """The state by name, as it travels between workers (RedisFanout.room_changed)."""
+        return {"code": self.code, "owners": sorted(self.owners), "locked": self.locked, "slow_mode": self.slow_mode}
+
+    @classmethod
+    def from_wire(cls, sent: dict[str, Any]) -> RoomState:
+        """The state another worker sent: the fields this worker knows, by name; one it does
+        not know (a newer worker's) is left out, one missing (an older worker's) keeps its
+        default. So workers of two versions, during a rolling restart, understand each other."""
+        known = {name: sent[name] for name in ("code", "locked", "slow_mode") if name in sent}
+        return cls(**known, owners=frozenset(sent.get("owners", ())))
 
 
 def by_name(people: set[Person]) -> list[Person]:
@@ -3549,7 +3562,7 @@ class RedisFanout(LocalFanout):
                     delay = 0.5
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            self._deliver(message["channel"], message["data"])
+                            self._deliver_one(message["channel"], message["data"])
                         elif message["type"] == "subscribe" and message["channel"].startswith("backchat:room:"):
                             if subscribed := self.watched.get(int(message["channel"].rsplit(":", 1)[1])):
                                 subscribed.set()
@@ -3561,14 +3574,23 @@ class RedisFanout(LocalFanout):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _deliver_one(self, channel: str, data: str) -> None:
+        """Hand on one notice; one this worker cannot read (a bug, or a worker of another
+        version) is logged and skipped: it is not Redis being away, and must not close sockets."""
+        try:
+            self._deliver(channel, data)
+        except Exception as problem:
+            log.warning("could not use a notice on %s (%r): skipped", channel, problem)
+
     def _deliver(self, channel: str, data: str) -> None:
         if channel == "backchat:logout":
             ended = json.loads(data)
-            return self.hub.end_pages(ended["user_id"], ended["session_id"], ended["room_id"], ended["why"])
+            return self.hub.end_pages(ended.get("user_id"), ended.get("session_id"), ended.get("room_id"),
+                                      ended.get("why", "logged out"))
         if channel == "backchat:state":
             changed = json.loads(data)
-            room_id, (code, owners, locked, slow_mode) = changed["room_id"], changed["state"]
-            self.hub.set_room(room_id, RoomState(code, frozenset(owners), locked, slow_mode))
+            room_id = changed["room_id"]
+            self.hub.set_room(room_id, RoomState.from_wire(changed["state"]))
             self.hub.broadcast(room_id, changed["frame"])
             return self.soon(self.show_presence, room_id)
         if channel == "backchat:resync":
@@ -3614,8 +3636,7 @@ class RedisFanout(LocalFanout):
             self.hub.end_pages(user_id, session_id, room_id, why)
 
     async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
-        changed = {"room_id": room_id, "state": [state.code, sorted(state.owners), state.locked, state.slow_mode],
-                   "frame": frame}
+        changed = {"room_id": room_id, "state": state.to_wire(), "frame": frame}
         try:
             await self.redis.publish("backchat:state", json.dumps(changed))
         except Exception as problem:  # this worker's pages now; the others' when they reconnect

@@ -349,6 +349,44 @@ def test_removing_locking_clearing_and_deleting_reach_the_other_workers_pages(tw
     assert httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": carol}).status_code == 404
 
 
+def test_a_room_state_from_a_worker_of_another_version_is_understood_by_name(two_workers, redis_server):
+    """The room's state travels by name: a field this worker does not know (a newer worker's)
+    is left out, one missing (an older worker's) keeps its default, and a notice it cannot read
+    at all (the old positional list) is skipped. The sockets stay open throughout (a state
+    notice unpacked by position raised in the listener, which took it for Redis being away
+    and closed every socket with 1012)."""
+    import redis
+
+    a, b = two_workers
+    slug, ada, bob = ada_and_bob(a, b, "versions")
+    httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": bob})  # bob becomes a member
+    with sqlite3.connect(a.db_path) as db:
+        room_id, ada_id = db.execute("SELECT id, created_by FROM rooms WHERE code = ?", (slug,)).fetchone()
+    notices = redis.Redis(port=redis_server.port)
+
+    def state(frame_text: str, **fields) -> str:
+        return json.dumps({"room_id": room_id, "frame": f'<p id="probe" hx-swap-oob="true">{frame_text}</p>',
+                           "state": fields})
+
+    async def run() -> None:
+        async with ws_connect(b, slug, bob) as bob_page:
+            await frames_until(bob_page, "<bdi>bob</bdi>")
+            notices.publish("backchat:state", json.dumps({"room_id": room_id, "frame": "<p>old</p>",
+                                                          "state": [slug, [ada_id], True, 0]}))
+            notices.publish("backchat:state", state("newer", code=slug, owners=[ada_id], locked=True, slow_mode=0,
+                                                    pinned={"message_id": 7}, colour="red"))
+            assert "newer" in await frames_until(bob_page, "probe")
+            await bob_page.send(frame("may I?"))
+            assert "locked by its owner" in await frames_until(bob_page, "chat-error")  # applied
+            notices.publish("backchat:state", state("older", code=slug, owners=[ada_id]))  # no lock, no slow mode
+            assert "older" in await frames_until(bob_page, "probe")
+            await bob_page.send(frame("now?"))
+            assert "now?" in await frames_until(bob_page, "msg-")  # unlocked: the default
+    asyncio.run(run())
+    assert "could not use a notice on backchat:state" in b.log_path.read_text()
+    assert "Redis unreachable" not in b.log_path.read_text()
+
+
 def test_reactions_and_quotes_reach_the_other_workers_pages(two_workers):
     a, b = two_workers
     client, ada = login_cookie(a, "ada")
