@@ -65,8 +65,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
-                                 StreamingResponse)
+from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse,
+                                 Response, StreamingResponse)
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -104,7 +104,8 @@ def digits(text: str) -> int:
 
 
 PARSE_BY_TYPE: dict[type, Callable[[str], Any]] = {
-    Path: Path, str: str, int: digits, float: float, bool: lambda text: text.lower() in ("1", "true", "yes")}
+    Path: Path, str: str, int: digits, float: float,
+    bool: lambda text: text.lower() in ("1", "true", "yes")}
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,8 @@ class Settings:
             name, text = known.metadata["env"], env.get(known.metadata["env"], "").strip()
             if text:
                 try:
-                    given[known.name] = (known.metadata["parse"] or PARSE_BY_TYPE[type(known.default)])(text)
+                    given[known.name] = (known.metadata["parse"]
+                                         or PARSE_BY_TYPE[type(known.default)])(text)
                 except ValueError as problem:
                     raise ValueError(f"{name}: {problem}") from None
         return cls(**given)
@@ -186,7 +188,8 @@ def load_secret_key(settings: Settings) -> str:
 # The search index: an external-content FTS5 table over messages.text (it stores only the
 # index; the text stays in messages). Words are split as Unicode says, accents folded.
 SEARCH_INDEX = ("CREATE VIRTUAL TABLE IF NOT EXISTS messages_fts USING fts5("
-                "text, content='messages', content_rowid='id', tokenize='unicode61 remove_diacritics 2')")
+                "text, content='messages', content_rowid='id', "
+                "tokenize='unicode61 remove_diacritics 2')")
 
 
 SCHEMA = """
@@ -197,7 +200,8 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_at    TEXT NOT NULL,
     username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
-    is_guest      INTEGER NOT NULL DEFAULT 0,  -- a guest: no password, a session of GUEST_IDLE_HOURS
+    -- a guest: no password, a session of GUEST_IDLE_HOURS
+    is_guest      INTEGER NOT NULL DEFAULT 0,
     deactivated_at TEXT  -- set by the operator (python chat.py users deactivate): no way in
 );
 CREATE TABLE IF NOT EXISTS login_links (  -- python chat.py users login-link: one use, one hour
@@ -212,8 +216,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at TEXT NOT NULL,
     last_seen_at TEXT NOT NULL DEFAULT ''  -- refreshed at most hourly: idle sessions end
 );
-CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id, created_at);  -- an account's sessions, oldest first
-CREATE INDEX IF NOT EXISTS sessions_by_last_seen ON sessions(last_seen_at);  -- ended ones, found without a scan
+-- An account's sessions, oldest first.
+CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions(user_id, created_at);
+-- Ended sessions, found without a scan.
+CREATE INDEX IF NOT EXISTS sessions_by_last_seen ON sessions(last_seen_at);
 CREATE INDEX IF NOT EXISTS sessions_by_age ON sessions(created_at);
 CREATE TABLE IF NOT EXISTS rooms (
     id         INTEGER PRIMARY KEY,
@@ -224,7 +230,8 @@ CREATE TABLE IF NOT EXISTS rooms (
     revision   INTEGER NOT NULL DEFAULT 0,  -- advanced by every change its pages must see
     locked     INTEGER NOT NULL DEFAULT 0,  -- only its owners may post
     slow_mode  INTEGER NOT NULL DEFAULT 0,  -- seconds between a member's messages; 0: off
-    cleared_up_to INTEGER NOT NULL DEFAULT 0,  -- its messages up to this id were cleared (gone, or going)
+    -- its messages up to this id were cleared (gone, or going)
+    cleared_up_to INTEGER NOT NULL DEFAULT 0,
     cleared_revision INTEGER NOT NULL DEFAULT 0,  -- and the revision of that clearing
     deleted_at TEXT  -- deleted: not found any more, while its rows are removed
 );
@@ -245,28 +252,34 @@ CREATE TABLE IF NOT EXISTS room_members (
     joined_at     TEXT NOT NULL,
     last_visit_at TEXT NOT NULL,
     last_read_id  INTEGER NOT NULL DEFAULT 0,  -- the newest message the user had seen
-    role          TEXT NOT NULL DEFAULT 'member',  -- 'owner' (the room's creator, and whom owners make so) or 'member'
+    -- 'owner' (the room's creator, and whom owners make so) or 'member'
+    role          TEXT NOT NULL DEFAULT 'member',
     PRIMARY KEY (room_id, user_id)
 );
-CREATE INDEX IF NOT EXISTS memberships_by_user ON room_members(user_id, last_visit_at);  -- a home page
+-- A home page: a user's rooms, last visited first.
+CREATE INDEX IF NOT EXISTS memberships_by_user ON room_members(user_id, last_visit_at);
 CREATE TABLE IF NOT EXISTS messages (
     id         INTEGER PRIMARY KEY,
     room_id    INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     user_id    INTEGER NOT NULL REFERENCES users(id),
     text       TEXT NOT NULL CHECK (length(text) BETWEEN 1 AND 4000),
     created_at TEXT NOT NULL,
-    client_key TEXT,  -- the composer's one-time key: a message resent after an outage is stored once
+    -- the composer's one-time key: a message resent after an outage is stored once
+    client_key TEXT,
     revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last changed
     edited_at  TEXT,
-    reply_to   INTEGER  -- the message of the same room it answers (its quote shows that one as it is now)
+    -- the message of the same room it answers (its quote shows that one as it is now)
+    reply_to   INTEGER
 );
 -- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key) WHERE client_key IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_key ON messages(user_id, client_key)
+    WHERE client_key IS NOT NULL;
 -- Catch-up: what changed in a room since revision N.
 CREATE INDEX IF NOT EXISTS messages_by_revision ON messages(room_id, revision);
 CREATE INDEX IF NOT EXISTS messages_by_reply ON messages(reply_to) WHERE reply_to IS NOT NULL;
-CREATE TABLE IF NOT EXISTS mentions (  -- who a message mentions (@name): their home page marks the room
+-- Who a message mentions (@name): their home page marks the room.
+CREATE TABLE IF NOT EXISTS mentions (
     message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
     user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
     room_id    INTEGER NOT NULL,
@@ -313,7 +326,10 @@ WHEN OLD.id <= (SELECT indexed_up_to FROM search_state)
 BEGIN INSERT INTO messages_fts (messages_fts, rowid, text) VALUES ('delete', OLD.id, OLD.text); END;
 -- Sending moves your read marker: what you wrote is read, and so is what came before it.
 CREATE TRIGGER IF NOT EXISTS messages_read_by_author AFTER INSERT ON messages
-BEGIN UPDATE room_members SET last_read_id = NEW.id WHERE room_id = NEW.room_id AND user_id = NEW.user_id; END;
+BEGIN
+    UPDATE room_members SET last_read_id = NEW.id
+    WHERE room_id = NEW.room_id AND user_id = NEW.user_id;
+END;
 """.replace("{SEARCH_INDEX}", SEARCH_INDEX)
 
 
@@ -323,7 +339,8 @@ MIGRATIONS = [
     ["ALTER TABLE messages ADD COLUMN client_key TEXT"],
     ["ALTER TABLE users ADD COLUMN username_skeleton TEXT NOT NULL DEFAULT ''",
      lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
-                               [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
+                               [(name_skeleton(name), uid)
+                                for uid, name in db.execute("SELECT id, username FROM users")]),
      "ALTER TABLE sessions ADD COLUMN last_seen_at TEXT NOT NULL DEFAULT ''",
      "UPDATE sessions SET last_seen_at = created_at"],
     # Edits, deletes and unread markers: existing messages are revision = id, as read.
@@ -332,18 +349,21 @@ MIGRATIONS = [
      "ALTER TABLE messages ADD COLUMN edited_at TEXT",
      "ALTER TABLE room_members ADD COLUMN last_read_id INTEGER NOT NULL DEFAULT 0",
      "UPDATE messages SET revision = id",
-     "UPDATE rooms SET revision = (SELECT coalesce(max(id), 0) FROM messages WHERE room_id = rooms.id)",
+     "UPDATE rooms SET revision = "
+     "(SELECT coalesce(max(id), 0) FROM messages WHERE room_id = rooms.id)",
      "UPDATE room_members SET last_read_id = "
      "(SELECT coalesce(max(id), 0) FROM messages WHERE room_id = room_members.room_id)"],
     ["ALTER TABLE users ADD COLUMN is_guest INTEGER NOT NULL DEFAULT 0"],
     # Skeletons that take case into account (name_skeleton); the sessions index gains its
     # second column (SCHEMA makes it again).
     [lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
-                               [(name_skeleton(name), uid) for uid, name in db.execute("SELECT id, username FROM users")]),
+                               [(name_skeleton(name), uid)
+                                for uid, name in db.execute("SELECT id, username FROM users")]),
      "DROP INDEX IF EXISTS sessions_by_user"],
     # Owners: a room's creator owns it.
     ["ALTER TABLE room_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member'",
-     "UPDATE room_members SET role = 'owner' WHERE user_id = (SELECT created_by FROM rooms WHERE id = room_id)"],
+     "UPDATE room_members SET role = 'owner' "
+     "WHERE user_id = (SELECT created_by FROM rooms WHERE id = room_id)"],
     # Running a room and the server: its settings, clearing and deleting it, removing people,
     # closing accounts (the new tables are SCHEMA's).
     ["ALTER TABLE rooms ADD COLUMN locked INTEGER NOT NULL DEFAULT 0",
@@ -373,7 +393,8 @@ def migrate(db: sqlite3.Connection) -> None:
         for step in MIGRATIONS[version:]:
             for statement in step:
                 db.execute(statement) if isinstance(statement, str) else statement(db)
-        for statement in schema_statements(SCHEMA):  # IF NOT EXISTS throughout: adds only what is missing
+        # IF NOT EXISTS throughout: adds only what is missing
+        for statement in schema_statements(SCHEMA):
             db.execute(statement)
         db.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
@@ -404,10 +425,13 @@ ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"  # every time in the database: UTC, to the se
 
 
 def utc_now() -> str:
+    """The time now, as the database keeps times (ISO_SECONDS)."""
     return datetime.now(timezone.utc).strftime(ISO_SECONDS)
 
 
 def utc_ago(**delta: float) -> str:
+    """The time `delta` ago (timedelta's keywords: days=, hours=...), as the database keeps
+    times."""
     return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
@@ -431,13 +455,16 @@ class Store:
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
         """`method(db, *args)` on the reader thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._reader, method, self._read_db, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._reader, method,
+                                                                self._read_db, *args)
 
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
         """`method(db, *args)` on the writer thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, method, self._write_db, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, method,
+                                                                self._write_db, *args)
 
-    async def write_together(self, method: Callable[[sqlite3.Connection, list], list], item: Any) -> Any:
+    async def write_together(self, method: Callable[[sqlite3.Connection, list], list],
+                             item: Any) -> Any:
         """Group commit: `method(db, items)` writes a list of items in one transaction and
         answers each (an exception answers its own item only). A lone item goes to the writer at
         once; items that arrive while a commit of the same method is under way wait for it to
@@ -456,6 +483,7 @@ class Store:
             self._writer, method, self._write_db, [item for item, _ in batch])
 
         def hand_back(finished: asyncio.Future) -> None:
+            """Answer each item of the batch; then commit the ones that waited meanwhile."""
             self._committing.discard(method)
             for n, (_, done) in enumerate(batch):
                 if done.done():  # its sender went away meanwhile
@@ -473,16 +501,20 @@ class Store:
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
         def report(done: Any) -> None:
+            """Log the write if it failed: nobody else hears of it."""
             if done.exception() is not None:
                 log.warning("background write failed: %r", done.exception())
 
         self._writer.submit(method, self._write_db, *args).add_done_callback(report)
 
     async def open(self) -> None:
+        """Connect the writer (which migrates the database) and the reader, and start the
+        checkpoint thread."""
         loop = asyncio.get_running_loop()
         self._write_db = await loop.run_in_executor(self._writer, self._connect, True)
         self._read_db = await loop.run_in_executor(self._reader, self._connect, False)
-        self._checkpointer = threading.Thread(target=self._checkpoint_every_second, name="sqlite-checkpoint", daemon=True)
+        self._checkpointer = threading.Thread(target=self._checkpoint_every_second,
+                                              name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
 
     async def close(self) -> None:
@@ -510,7 +542,8 @@ class Store:
             # The fsyncs happen at checkpoints, which run on a thread of their own (below),
             # never inside a commit that a chat message is waiting for.
             db.execute("PRAGMA wal_autocheckpoint=0")
-            db.execute("PRAGMA secure_delete=ON")  # a deleted message's text is overwritten, not left behind
+            # A deleted message's text is overwritten, not left behind.
+            db.execute("PRAGMA secure_delete=ON")
             migrate(db)
         return db
 
@@ -528,14 +561,18 @@ class Store:
 # now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
 # "emoji id name" lines). Every query for messages starts so.
 SELECT_MESSAGES = (
-    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, m.edited_at, m.revision, "
-    "m.reply_to, q.text AS quote_text, (SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
-    "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10)) FROM mentions x JOIN users xu ON xu.id = x.user_id "
+    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, "
+    "m.edited_at, m.revision, m.reply_to, q.text AS quote_text, "
+    "(SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
+    "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10))"
+    " FROM mentions x JOIN users xu ON xu.id = x.user_id "
     " WHERE x.message_id = m.id) AS mentioned, "
-    "(SELECT group_concat(r.emoji || ' ' || r.user_id || ' ' || ru.username, char(10)) FROM reactions r "
+    "(SELECT group_concat(r.emoji || ' ' || r.user_id || ' ' || ru.username, char(10))"
+    " FROM reactions r "
     " JOIN users ru ON ru.id = r.user_id WHERE r.message_id = m.id) AS reactions "
     "FROM messages m JOIN users u ON u.id = m.user_id "
-    "LEFT JOIN messages q ON q.id = m.reply_to AND q.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)")
+    "LEFT JOIN messages q ON q.id = m.reply_to"
+    " AND q.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)")
 
 
 # A message still in its room: not among those an owner cleared (while they are removed).
@@ -571,11 +608,13 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
     """What changed in a room after `revision`: up to `limit` new or edited messages in id
     order, and up to `limit` deletions (`message_id`, `revision`)."""
     changed = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? AND {NOT_CLEARED} ORDER BY m.revision LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.revision > ? AND {NOT_CLEARED} "
+        "ORDER BY m.revision LIMIT ?",
         (room_id, revision, limit),
     ).fetchall()
-    deleted = db.execute("SELECT message_id, revision FROM deletions WHERE room_id = ? AND revision > ? "
-                         "ORDER BY revision LIMIT ?", (room_id, revision, limit)).fetchall()
+    deleted = db.execute("SELECT message_id, revision FROM deletions "
+                         "WHERE room_id = ? AND revision > ? ORDER BY revision LIMIT ?",
+                         (room_id, revision, limit)).fetchall()
     return sorted(changed, key=lambda m: m["id"]), deleted
 
 
@@ -587,7 +626,8 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
 
 
 # Unicode's control characters (category Cc: U+0000-U+001F, U+007F-U+009F) but newline and tab.
-CONTROL_CHARACTERS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)]) | {ord("\n"): "\n", ord("\t"): "\t"}
+CONTROL_CHARACTERS = (dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)])
+                      | {ord("\n"): "\n", ord("\t"): "\t"})
 
 
 def clean_text(value: str) -> str:
@@ -601,6 +641,8 @@ BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 def has_invisible(name: str) -> bool:
+    """Whether the name has a character that draws nothing: a blank letter, a format
+    character, a private-use or an unassigned one."""
     return any(ch in BLANK_LETTERS or unicodedata.category(ch) in ("Cf", "Co", "Cn") for ch in name)
 
 
@@ -612,7 +654,8 @@ def confusable_prototypes() -> dict[str, str]:
     for line in (HERE / "data" / "confusables.txt").read_text(encoding="utf-8-sig").splitlines():
         fields = line.split("#", 1)[0].split(";")
         if len(fields) >= 2:
-            source, target = ("".join(chr(int(code, 16)) for code in field.split()) for field in fields[:2])
+            source, target = ("".join(chr(int(code, 16)) for code in field.split())
+                              for field in fields[:2])
             prototypes[source] = target
     return prototypes
 
@@ -625,7 +668,9 @@ def name_skeleton(name: str) -> str:
     prototypes = confusable_prototypes()
 
     def skeleton(text: str) -> str:
-        return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch) for ch in unicodedata.normalize("NFD", text)))
+        """The text with each character mapped to the one it looks like (in NFD)."""
+        return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch)
+                                                    for ch in unicodedata.normalize("NFD", text)))
 
     return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold())
 
@@ -666,7 +711,8 @@ def could_not_save(what: str, problem: sqlite3.Error) -> str:
     """The words for a write the database refused (a full disk, a lock held too long): the
     transaction rolled back, so nothing was changed, and the person's input is kept."""
     log.warning("%s: the database refused a write: %r", what, problem)
-    return f"{what} just now: the server could not save it (its disk may be full). Nothing was changed; try again."
+    return (f"{what} just now: the server could not save it (its disk may be full). "
+            "Nothing was changed; try again.")
 
 
 def limit_key(key: Any) -> str:
@@ -730,7 +776,8 @@ class TooManyFailures(Refused):
 def in_plain_words(seconds: float) -> str:
     """"in a minute", "in 14 minutes", "in an hour": when to try again."""
     minutes = max(1, -(-int(seconds) // 60))
-    return "in a minute" if minutes == 1 else "in an hour" if minutes == 60 else f"in {minutes} minutes"
+    return ("in a minute" if minutes == 1 else "in an hour" if minutes == 60
+            else f"in {minutes} minutes")
 
 
 @dataclass
@@ -740,6 +787,7 @@ class Attempt:
     failed: bool = False
 
     def fail(self) -> None:
+        """Mark the attempt a failure: it counts against each of its keys."""
         self.failed = True
 
 
@@ -774,7 +822,8 @@ class FailureLimit(RateLimiter):
         """TooManyFailures if any key is at its limit, for an attempt already known to succeed
         (a handshake with a real room code): it cannot fail, so it need not be counted or wait
         for the attempts still being checked (with Redis: one round trip instead of two)."""
-        if self.limit and (blocked := [key for key in map(limit_key, keys) if not self._count(key, add=False)]):
+        if self.limit and (blocked := [key for key in map(limit_key, keys)
+                                       if not self._count(key, add=False)]):
             raise TooManyFailures(self._retry_after(blocked))
 
     async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
@@ -785,7 +834,8 @@ class FailureLimit(RateLimiter):
             while True:
                 if blocked := [key for key in keys if not self._count(key, add=False)]:
                     raise TooManyFailures(self._retry_after(blocked))
-                if all(len(self._events.get(key, ())) + self._in_flight[key] < self.limit for key in keys):
+                if all(len(self._events.get(key, ())) + self._in_flight[key] < self.limit
+                       for key in keys):
                     self._in_flight.update(keys)
                     return functools.partial(self._leave, keys)
                 with contextlib.suppress(TimeoutError):  # others are being checked: wait for them
@@ -803,7 +853,8 @@ class FailureLimit(RateLimiter):
             self._changed.notify_all()
 
     def _retry_after(self, keys: list[str]) -> float:
-        """Seconds until every key is under its limit again (the oldest failure that counts expires)."""
+        """Seconds until every key is under its limit again (the oldest failure that counts
+        expires)."""
         now = self.clock()
         return max(self._events[key][-self.limit] + self.window - now for key in keys)
 
@@ -834,10 +885,13 @@ SESSION_SWEEP = 100  # ended sessions cleared out per login at most: bounded wor
 
 
 def chat_of(conn: HTTPConnection) -> Chat:
+    """The Chat a request or a socket belongs to (its app's state)."""
     return conn.app.state.chat
 
 
 async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
+    """The logged-in user of a request or a socket, or None; their session's idle clock
+    restarts (hourly at most)."""
     session_id = conn.session.get("sid")
     if not session_id:
         return None
@@ -849,9 +903,13 @@ async def current_user(conn: HTTPConnection) -> sqlite3.Row | None:
     return user
 
 
-def login_required(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+def login_required(handler: Callable[[Request], Awaitable[Response]]
+                   ) -> Callable[[Request], Awaitable[Response]]:
+    """The handler for logged-in users only (in request.state.user): anybody else is sent to
+    the login page, and comes back here after."""
     @functools.wraps(handler)
     async def guarded(request: Request) -> Response:
+        """The handler's answer for a logged-in user; the login page for anybody else."""
         user = await current_user(request)
         if user is None:
             here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -870,11 +928,13 @@ async def read_form(request: Request) -> dict[str, str]:
     # htmx requests that carry no form of their own (Edit, Delete) send it as a header.
     given = fields.get("csrf_token") or request.headers.get("x-csrf-token", "")
     if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise Refused("This form has expired or did not come from this site. Go back, reload and try again.", 403)
+        raise Refused("This form has expired or did not come from this site. Go back, "
+                      "reload and try again.", 403)
     return fields
 
 
 def csrf_token(conn: HTTPConnection) -> str:
+    """The session's CSRF token, made at its first use."""
     token = conn.session.get("csrf")
     if not token:
         token = conn.session["csrf"] = secrets.token_urlsafe(24)
@@ -897,6 +957,7 @@ def client_address(conn: HTTPConnection) -> str:
 
 
 async def start_session(request: Request, user: sqlite3.Row) -> None:
+    """Log the user in: a new session, its id in the signed cookie, nothing kept from before."""
     store = chat_of(request).store
     request.session.clear()  # a fresh CSRF token too: nothing carries over from before login
     request.session["sid"] = await store.write(create_session, user["id"])
@@ -910,35 +971,44 @@ def create_session(db: sqlite3.Connection, user_id: int) -> str:
     with transaction(db):
         db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE user_id = ? "
                    "ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (user_id, MAX_SESSIONS - 1))
-        db.execute("INSERT INTO sessions (id, user_id, created_at, last_seen_at) VALUES (?, ?, ?, ?)",
-                   (session_id, user_id, now, now))
-        db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE last_seen_at < ? OR created_at < ? "
-                   "LIMIT ?)", (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS), SESSION_SWEEP))
+        db.execute("INSERT INTO sessions (id, user_id, created_at, last_seen_at) "
+                   "VALUES (?, ?, ?, ?)", (session_id, user_id, now, now))
+        db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
+                   "WHERE last_seen_at < ? OR created_at < ? LIMIT ?)",
+                   (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS), SESSION_SWEEP))
     return session_id
 
 
 # A session (s) of a user (u) is live unless it was ended (its row is gone), has been idle for
 # SESSION_IDLE_DAYS (a guest's: GUEST_IDLE_HOURS), is older than SESSION_MAX_DAYS, is a
-# guest's while guest mode is off, or its account was closed by the operator. Its parameters, ?2 to ?6, are live_session_params(); the
-# cut-off times are computed by SQLite (every handshake asks this).
+# guest's while guest mode is off, or its account was closed by the operator. Its
+# parameters, ?2 to ?6, are live_session_params(); the cut-off times are computed by SQLite
+# (every handshake asks this).
 LIVE_SESSION = ("s.last_seen_at >= strftime(?2, 'now', CASE WHEN u.is_guest THEN ?3 ELSE ?4 END) "
-                "AND s.created_at >= strftime(?2, 'now', ?5) AND (NOT u.is_guest OR ?6) AND u.deactivated_at IS NULL")
+                "AND s.created_at >= strftime(?2, 'now', ?5) AND (NOT u.is_guest OR ?6) "
+                "AND u.deactivated_at IS NULL")
 
 
 def live_session_params(guests: bool) -> tuple[Any, ...]:
-    return ISO_SECONDS, f"-{GUEST_IDLE_HOURS} hours", f"-{SESSION_IDLE_DAYS} days", f"-{SESSION_MAX_DAYS} days", guests
+    """LIVE_SESSION's parameters ?2 to ?6: the time format, the three cut-offs (a guest's idle
+    time, anybody's, the longest life) and whether guest mode is on."""
+    return (ISO_SECONDS, f"-{GUEST_IDLE_HOURS} hours", f"-{SESSION_IDLE_DAYS} days",
+            f"-{SESSION_MAX_DAYS} days", guests)
 
 
-def user_by_session(db: sqlite3.Connection, session_id: str, guests: bool = True) -> sqlite3.Row | None:
+def user_by_session(db: sqlite3.Connection, session_id: str,
+                    guests: bool = True) -> sqlite3.Row | None:
     """The session's user, with `session_seen`; None once the session is not live (LIVE_SESSION;
     `guests`: whether guest mode is on)."""
-    return db.execute("SELECT u.*, s.last_seen_at AS session_seen FROM sessions s JOIN users u ON u.id = s.user_id "
-                      f"WHERE s.id = ?1 AND {LIVE_SESSION}", (session_id, *live_session_params(guests))).fetchone()
+    return db.execute("SELECT u.*, s.last_seen_at AS session_seen FROM sessions s "
+                      f"JOIN users u ON u.id = s.user_id WHERE s.id = ?1 AND {LIVE_SESSION}",
+                      (session_id, *live_session_params(guests))).fetchone()
 
 
 def live_sessions(db: sqlite3.Connection, session_ids: list[str], guests: bool) -> dict[str, str]:
     """Of these sessions, the live ones (LIVE_SESSION), each with when it was last seen."""
-    return dict(db.execute("SELECT s.id, s.last_seen_at FROM sessions s JOIN users u ON u.id = s.user_id "
+    return dict(db.execute("SELECT s.id, s.last_seen_at FROM sessions s "
+                           "JOIN users u ON u.id = s.user_id "
                            f"WHERE s.id IN (SELECT value FROM json_each(?1)) AND {LIVE_SESSION}",
                            (json.dumps(session_ids), *live_session_params(guests))).fetchall())
 
@@ -946,14 +1016,17 @@ def live_sessions(db: sqlite3.Connection, session_ids: list[str], guests: bool) 
 def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
     """The sessions were used just now: their idle clocks restart."""
     with transaction(db):
-        db.execute("UPDATE sessions SET last_seen_at = ?1 WHERE id IN (SELECT value FROM json_each(?2))",
+        db.execute("UPDATE sessions SET last_seen_at = ?1 "
+                   "WHERE id IN (SELECT value FROM json_each(?2))",
                    (utc_now(), json.dumps(session_ids)))
 
 
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
+    """The session ends; `everywhere`: every session of its user does."""
     with transaction(db):
         if everywhere:
-            db.execute("DELETE FROM sessions WHERE user_id = (SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
+            db.execute("DELETE FROM sessions WHERE user_id = "
+                       "(SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
         else:
             db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
 
@@ -968,7 +1041,8 @@ def end_guest_sessions(db: sqlite3.Connection) -> int:
     """Guest mode is off: every guest's session ends (a later start with --guests does not
     bring them back). How many ended."""
     with transaction(db):
-        return db.execute("DELETE FROM sessions WHERE user_id IN (SELECT id FROM users WHERE is_guest)").rowcount
+        return db.execute("DELETE FROM sessions "
+                          "WHERE user_id IN (SELECT id FROM users WHERE is_guest)").rowcount
 
 
 # ---------------------------------------------------------------------------
@@ -980,12 +1054,14 @@ def end_guest_sessions(db: sqlite3.Connection) -> int:
 
 
 # autoescape=True: every {{ value }} is HTML-escaped, which is what keeps user text inert.
-templates = Jinja2Templates(env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
+templates = Jinja2Templates(
+    env=jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True))
 
 
 def template_filter(name: str) -> Callable[[Callable], Callable]:
     """Register the function below as the templates' filter `name` (a section registers its own)."""
     def register(function: Callable) -> Callable:
+        """Add the function to the templates' filters; it is returned as it was."""
         templates.env.filters[name] = function
         return function
     return register
@@ -1014,9 +1090,11 @@ class RoomClock:
         return self._shown(iso, datetime.now(self.zone).date())
 
     def short(self, iso: str) -> str:
+        """A time from the database as a message shows it ("13:36", "28 Nov 13:36")."""
         return self.shown(iso)[0]
 
     def full(self, iso: str) -> str:
+        """A time from the database in full, as a message's tooltip shows it."""
         return self.shown(iso)[1]
 
     def zone_name(self) -> str:
@@ -1030,8 +1108,10 @@ class RoomClock:
             return iso, iso
         clock = f"{when.hour:02}:{when.minute:02}"
         day = f"{when.day} {self.MONTHS[when.month - 1]}"
-        short = clock if when.date() == today else f"{day} {clock}" if when.year == today.year else f"{day} {when.year} {clock}"
-        return short, f"{when.year}-{when.month:02}-{when.day:02} {clock}:{when.second:02} {when.tzname()}"
+        short = (clock if when.date() == today else f"{day} {clock}" if when.year == today.year
+                 else f"{day} {when.year} {clock}")
+        return short, (f"{when.year}-{when.month:02}-{when.day:02} "
+                       f"{clock}:{when.second:02} {when.tzname()}")
 
 
 def time_zone(name: str) -> tzinfo | None:
@@ -1104,10 +1184,12 @@ def linkify(text: str, mentioned: str | None = None) -> Markup:
         url = text[found.index:found.last_index].rstrip(TYPOGRAPHIC_CLOSERS)
         parts.append(plain(text[done:found.index]))
         if host := real_host(url):  # (its text isolated, so no direction control reaches past it)
-            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank"><bdi>{0}</bdi></a>'
-                                ' <small class="real-host">(goes to {1})</small>').format(url, host))
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">'
+                                '<bdi>{0}</bdi></a> '
+                                '<small class="real-host">(goes to {1})</small>').format(url, host))
         else:
-            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">{0}</a>').format(url))
+            parts.append(Markup('<a href="{0}" rel="noopener noreferrer nofollow" target="_blank">'
+                                '{0}</a>').format(url))
         done = found.index + len(url)
     parts.append(plain(text[done:]))
     return Markup("").join(parts)
@@ -1116,14 +1198,17 @@ def linkify(text: str, mentioned: str | None = None) -> Markup:
 def with_mentions(mentioned: str) -> Callable[[str], Markup]:
     """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
     as a mention of that person's id: the room page's style marks those of its viewer."""
-    people = {name.casefold(): user_id for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
+    people = {name.casefold(): user_id
+              for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
     pattern = mention_pattern(list(people))
 
     def marked(text: str) -> Markup:
+        """The text escaped, with each "@name" of these people marked."""
         parts, done = [], 0
         for found in pattern.finditer(text):
-            parts += [escape(text[done:found.start()]), Markup('<span class="mention" data-user="{0}">{1}</span>').format(
-                people.get(found.group(1).casefold(), ""), found.group(0))]
+            parts += [escape(text[done:found.start()]),
+                      Markup('<span class="mention" data-user="{0}">{1}</span>').format(
+                          people.get(found.group(1).casefold(), ""), found.group(0))]
             done = found.end()
         return Markup("").join([*parts, escape(text[done:])])
     return marked
@@ -1132,7 +1217,8 @@ def with_mentions(mentioned: str) -> Callable[[str], Markup]:
 def mention_pattern(names: list[str]) -> re.Pattern[str]:
     """"@name" for any of these names, ignoring case; the longest name that fits wins, and a
     name must end where a word does ("@ada" is not in "@adam")."""
-    alternatives = "|".join(re.escape(name) for name in sorted(names, key=len, reverse=True)) or "(?!)"
+    alternatives = ("|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
+                    or "(?!)")
     return re.compile(rf"(?<![\w@])@({alternatives})(?!\w)", re.IGNORECASE)
 
 
@@ -1144,7 +1230,8 @@ class Fragments:
         if name.startswith("__"):
             raise AttributeError(name)
         module = templates.env.get_template("_fragments.html").module
-        self.__dict__.update((key, value) for key, value in vars(module).items() if not key.startswith("_"))
+        self.__dict__.update((key, value) for key, value in vars(module).items()
+                             if not key.startswith("_"))
         return getattr(module, name)
 
 
@@ -1152,6 +1239,8 @@ fragments = Fragments()
 
 
 def render(request: Request, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    """The page `name` rendered with `context`, and what every page needs: the user, whether
+    guest mode is on, the CSRF token and the CSP nonce."""
     context.setdefault("user", getattr(request.state, "user", None))
     context["guests"] = chat_of(request).settings.guests
     context["csrf_token"] = csrf_token(request) if "session" in request.scope else ""
@@ -1164,7 +1253,8 @@ def redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
-def get(path: str, handler: Callable[[Request], Awaitable[Response]], name: str | None = None) -> Route:
+def get(path: str, handler: Callable[[Request], Awaitable[Response]],
+        name: str | None = None) -> Route:
     """A route for GET (and HEAD): each section lists its routes, a function per path and method."""
     return Route(path, handler, methods=["GET"], name=name)
 
@@ -1186,7 +1276,8 @@ _last_echo: tuple[str, str, str | None, str] = ("", "", None, "")
 
 # What the wire view (made for a projector) never shows: the page's CSRF token and a
 # message's one-time key, in the JSON a page sends and in the answer it gets.
-SECRETS_RE = re.compile(r'("(?:csrf_token|key|X-CSRF-Token)"\s*:\s*")(?:[^"\\]|\\.)*"|(data-key=")[^"]*"')
+SECRETS_RE = re.compile(r'("(?:csrf_token|key|X-CSRF-Token)"\s*:\s*")(?:[^"\\]|\\.)*"'
+                        r'|(data-key=")[^"]*"')
 
 
 def without_secrets(frame: str) -> str:
@@ -1231,11 +1322,13 @@ class Connection:
     """One open WebSocket: frames go out at once while its socket keeps up, and into a
     bounded backlog while it does not."""
 
-    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest", "room_id", "room_code", "wire",
+    __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest",
+                 "room_id", "room_code", "wire",
                  "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
 
     @property
     def user(self) -> tuple[int, str, bool]:
+        """The socket's user, as the online list counts people (a Person)."""
         return self.user_id, self.username, self.is_guest
 
     def __init__(self, websocket: WebSocket, session_id: str, user: sqlite3.Row, room_id: int,
@@ -1245,7 +1338,8 @@ class Connection:
         # Frames go straight to the server's ASGI send, past the middleware: sessions and
         # error pages are about HTTP, and each layer would cost time on every frame.
         self.send: Send = websocket.scope["backchat.raw_send"]
-        self.user_id, self.username, self.is_guest = user["id"], user["username"], bool(user["is_guest"])
+        self.user_id, self.username, self.is_guest = (user["id"], user["username"],
+                                                      bool(user["is_guest"]))
         self.room_id, self.room_code = room_id, room_code
         self.wire = wire
         self.backlog: list[str] = []
@@ -1269,8 +1363,8 @@ class Connection:
             self.backlog.append(frame)
             self.backlog_bytes += len(frame)
         else:  # never wait for one slow reader: drop it; its page reconnects and catches up
-            log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind", self.username,
-                        self.room_code, len(self.backlog), self.backlog_bytes)
+            log.warning("dropping a socket of %s in %s: %d frames (%d characters) behind",
+                        self.username, self.room_code, len(self.backlog), self.backlog_bytes)
             self.drop(1013, "too slow")  # "try again later", which htmx reconnects on
 
     def _message(self, frame: str) -> Message:
@@ -1340,6 +1434,7 @@ class Connection:
             await asyncio.wait_for(self.websocket.close(code, reason), 1)
 
     def stop_flushing(self) -> None:
+        """Stop sending what waits for this socket: it will never be sent."""
         if self.flusher is not None:
             self.flusher.cancel()
 
@@ -1365,7 +1460,8 @@ class RoomState:
 
     def to_wire(self) -> dict[str, Any]:
         """The state by name, as it travels between workers (RedisFanout.room_changed)."""
-        return {"code": self.code, "owners": sorted(self.owners), "locked": self.locked, "slow_mode": self.slow_mode}
+        return {"code": self.code, "owners": sorted(self.owners), "locked": self.locked,
+                "slow_mode": self.slow_mode}
 
     @classmethod
     def from_wire(cls, sent: dict[str, Any]) -> RoomState:
@@ -1377,6 +1473,7 @@ class RoomState:
 
 
 def by_name(people: set[Person]) -> list[Person]:
+    """The people sorted by name (case aside), then by id."""
     return sorted(people, key=lambda person: (person[1].casefold(), person[0]))
 
 
@@ -1384,16 +1481,20 @@ class RoomHub:
     """The in-memory registry: connections per room, who is online in each, and each room's
     state (its owners, lock and slow mode; read when a page opens)."""
 
-    def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0, max_sockets: int = 0) -> None:
+    def __init__(self, sockets_per_user: int = 0, sockets_per_address: int = 0,
+                 max_sockets: int = 0) -> None:
         self.connections: dict[int, set[Connection]] = {}  # room id -> its sockets
         self.tabs: dict[int, dict[Person, int]] = {}  # room id -> person -> open tabs
-        self.rooms: dict[int, RoomState] = {}  # room id -> its state, while a page of it is open here
+        # room id -> its state, while a page of it is open here
+        self.rooms: dict[int, RoomState] = {}
         self.limits = {"user": sockets_per_user, "address": sockets_per_address, "all": max_sockets}
-        self.open_sockets: Counter[tuple[str, Any]] = Counter()  # ("user", id) / ("address", ip) -> count
+        # ("user", id) / ("address", ip) -> count
+        self.open_sockets: Counter[tuple[str, Any]] = Counter()
 
     def claim(self, user_id: int, address: str) -> bool:
         """Count one more socket for this user and address, if both are under their caps."""
-        keys = [(kind, owner) for kind, owner in (("user", user_id), ("address", address), ("all", ""))
+        keys = [(kind, owner)
+                for kind, owner in (("user", user_id), ("address", address), ("all", ""))
                 if self.limits[kind]]
         if any(self.open_sockets[key] >= self.limits[key[0]] for key in keys):
             return False
@@ -1401,6 +1502,7 @@ class RoomHub:
         return True
 
     def release(self, user_id: int, address: str) -> None:
+        """Count one socket fewer for this user and address (a closed one that claim() let in)."""
         for key in (("user", user_id), ("address", address), ("all", "")):
             if self.open_sockets[key] <= 1:
                 self.open_sockets.pop(key, None)
@@ -1439,6 +1541,7 @@ class RoomHub:
         return by_name(set(self.tabs.get(room_id, {})))
 
     def everyone(self) -> list[Connection]:
+        """Every open connection on this worker, in every room."""
         return [conn for room in self.connections.values() for conn in room]
 
     async def close_all(self, code: int) -> None:
@@ -1451,13 +1554,14 @@ class RoomHub:
         for conn in tuple(self.connections.get(room_id, ())):
             asyncio.create_task(conn.close(code))
 
-    def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
-                  why: str = "logged out") -> None:
+    def end_pages(self, user_id: int | None, session_id: str | None = None,
+                  room_id: int | None = None, why: str = "logged out") -> None:
         """Pages that may not go on (`why`: "logged out" of one session or everywhere, "left"
         the room, "removed" from it, the room "deleted"; user None: everybody in the room):
         told in place, and their sockets closed with a code htmx does not retry."""
         for conn in self.everyone():
-            if user_id in (None, conn.user_id) and session_id in (None, conn.session_id) and room_id in (None, conn.room_id):
+            if (user_id in (None, conn.user_id) and session_id in (None, conn.session_id)
+                    and room_id in (None, conn.room_id)):
                 conn.push(str(fragments.page_ended(conn.room_code, why)))
                 conn.drop(SESSION_ENDED, why)
 
@@ -1487,6 +1591,7 @@ def owners_first(people: list[Person], owners: frozenset[int]) -> list[Person]:
 
 
 def presence_frame(people: list[Person], owners: frozenset[int]) -> str:
+    """The frame that gives a room's pages its online list, owners first."""
     return str(fragments.presence_frame(owners_first(people, owners), owners))
 
 
@@ -1498,16 +1603,20 @@ class LocalFanout:
 
     def __init__(self, hub: RoomHub) -> None:
         self.hub = hub
-        self.shown: dict[int, tuple] = {}  # the presence list (and owners) each room's pages last got
+        # the presence list (and owners) each room's pages last got
+        self.shown: dict[int, tuple] = {}
         self.due: set[tuple[str, int]] = set()  # (action, room id) waiting for its window to end
 
     async def start(self) -> None:
+        """Nothing to start in one process (RedisFanout connects to Redis)."""
         pass
 
     async def stop(self) -> None:
+        """Nothing to stop in one process."""
         pass
 
     async def publish(self, room_id: int, frame: str) -> None:
+        """Hand one rendered frame to every page of the room."""
         self.hub.broadcast(room_id, frame)
 
     async def watch(self, room_id: int) -> None:
@@ -1526,6 +1635,8 @@ class LocalFanout:
         return {room_id: self.hub.online(room_id) for room_id in room_ids}
 
     async def came_online(self, conn: Connection) -> None:
+        """The socket's user opened their first page of the room (went_offline: closed their
+        last): its pages get the new online list, soon."""
         self.soon(self.show_presence, conn.room_id)
 
     went_offline = came_online  # either way: everybody gets the new list, soon
@@ -1540,6 +1651,7 @@ class LocalFanout:
         self.due.add(key)
 
         def window_ended() -> None:
+            """Run the action now, and let it be asked for again."""
             self.due.discard(key)
             asyncio.create_task(action(room_id))
 
@@ -1554,16 +1666,19 @@ class LocalFanout:
         for room_id in room_ids:
             if room_id not in self.hub.connections:
                 self.shown.pop(room_id, None)  # nobody here is in that room any more
-        online = await self.online_in([room_id for room_id in room_ids if room_id in self.hub.connections])
+        online = await self.online_in([room_id for room_id in room_ids
+                                       if room_id in self.hub.connections])
         for room_id, people in online.items():
             state = self.hub.rooms.get(room_id)
             owners = state.owners if state else frozenset()
             if room_id in self.hub.connections and self.shown.get(room_id) != (people, owners):
                 self.shown[room_id] = (people, owners)
-                self.hub.broadcast(room_id, presence_frame(people, owners), f"Online list ({len(people)})")
+                self.hub.broadcast(room_id, presence_frame(people, owners),
+                                   f"Online list ({len(people)})")
 
-    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
-                        why: str = "logged out") -> None:
+    async def end_pages(self, user_id: int | None, session_id: str | None = None,
+                        room_id: int | None = None, why: str = "logged out") -> None:
+        """Pages that may not go on are told so and closed, on every worker (RoomHub.end_pages)."""
         self.hub.end_pages(user_id, session_id, room_id, why)
 
     async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
@@ -1574,7 +1689,8 @@ class LocalFanout:
         self.soon(self.show_presence, room_id)
 
 
-SESSION_CHECK_SECONDS = 5.0  # how often the sessions of open sockets are checked (a closed account leaves soon)
+# How often the sessions of open sockets are checked (a closed account leaves soon).
+SESSION_CHECK_SECONDS = 5.0
 
 
 async def watch_sessions(chat: Chat, every: float = SESSION_CHECK_SECONDS) -> None:
@@ -1596,13 +1712,17 @@ async def heartbeats(chat: Chat) -> None:
 
 
 async def check_sessions(chat: Chat) -> None:
+    """One round of watch_sessions: pages whose sessions are no longer live are told and
+    closed; the sessions still in use are touched (hourly at most)."""
     pages = chat.hub.everyone()
     if not pages:
         return
-    live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}), chat.settings.guests)
+    live = await chat.store.read(live_sessions, sorted({conn.session_id for conn in pages}),
+                                 chat.settings.guests)
     for conn in pages:
         if conn.session_id not in live and not conn.dropped:
-            log.info("closing a socket of %s in %s: its session ended", conn.username, conn.room_code)
+            log.info("closing a socket of %s in %s: its session ended",
+                     conn.username, conn.room_code)
             conn.push(str(fragments.page_ended(conn.room_code)))
             conn.drop(SESSION_ENDED, "session ended")
     hour_ago = utc_ago(hours=1)
@@ -1619,7 +1739,7 @@ class Chat:
     store: Store
     hub: RoomHub
     fanout: LocalFanout  # (or RedisFanout, which has the same methods)
-    message_limit: RateLimiter  # messages, edits and reactions per user per room (CHAT_MESSAGE_RATE)
+    message_limit: RateLimiter  # messages, edits, reactions per user per room (CHAT_MESSAGE_RATE)
     room_limit: RateLimiter  # rooms and new codes per user per hour
     login_limit: FailureLimit  # failed logins per name and per address per 15 minutes
     register_limit: RateLimiter  # accounts per address per hour
@@ -1659,6 +1779,7 @@ HASHING = ThreadPoolExecutor(max_workers=2, thread_name_prefix="password-hash")
 
 
 def hash_password(password: str) -> str:
+    """The password's hash as it is stored (argon2id, PASSWORDS)."""
     return PASSWORDS.hash(password)
 
 
@@ -1667,7 +1788,8 @@ def verify_password(password: str, stored: str) -> tuple[bool, bool]:
     redone (scrypt from before argon2id, or weaker argon2 settings)."""
     if stored.startswith("scrypt$"):
         _, n, r, p, salt, expected = stored.split("$")
-        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+        digest = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt),
+                                n=int(n), r=int(r), p=int(p), dklen=32)
         return hmac.compare_digest(digest.hex(), expected), True
     try:
         PASSWORDS.verify(stored, password)
@@ -1677,6 +1799,7 @@ def verify_password(password: str, stored: str) -> tuple[bool, bool]:
 
 
 async def hashing(work: Callable[..., Any], *args: Any) -> Any:
+    """`work(*args)` on the hashing threads (HASHING), awaited."""
     return await asyncio.get_running_loop().run_in_executor(HASHING, work, *args)
 
 
@@ -1687,7 +1810,8 @@ DUMMY_PASSWORD_HASH = hash_password(secrets.token_urlsafe())
 
 async def register_page(request: Request) -> Response:
     """The sign-up form."""
-    return render(request, "register.html", form={"next": safe_next(request.query_params.get("next"))})
+    return render(request, "register.html",
+                  form={"next": safe_next(request.query_params.get("next"))})
 
 
 async def register(request: Request) -> Response:
@@ -1699,15 +1823,16 @@ async def register(request: Request) -> Response:
     password, again = form.get("password1", ""), form.get("password2", "")
     error, status_code = username_problem(username), 400
     if error is None and len(password) < MIN_PASSWORD_CHARS:
-        error = f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
+        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; "
+                 f"yours has {len(password)}.")
     elif error is None and password != again:
         error = "The two passwords differ."
     if error is None:
         error, status_code = await create_account(request, username, password)
         if error is None:
             return redirect(next_url)
-    return render(request, "register.html", status_code, form={"username": shown_back(username), "next": next_url},
-                  error=error)
+    return render(request, "register.html", status_code,
+                  form={"username": shown_back(username), "next": next_url}, error=error)
 
 
 async def join_as_guest(request: Request) -> Response:
@@ -1723,13 +1848,14 @@ async def join_as_guest(request: Request) -> Response:
         error, status_code = await create_account(request, name, password=None)
         if error is None:
             return redirect(next_url)
-    return render(request, "login.html", status_code, form={"next": next_url, "guest_name": shown_back(name)},
-                  guest_error=error)
+    return render(request, "login.html", status_code,
+                  form={"next": next_url, "guest_name": shown_back(name)}, guest_error=error)
 
 
 async def login_page(request: Request) -> Response:
     """The login form (and the guest form, in guest mode)."""
-    return render(request, "login.html", form={"next": safe_next(request.query_params.get("next"))})
+    return render(request, "login.html",
+                  form={"next": safe_next(request.query_params.get("next"))})
 
 
 async def login(request: Request) -> Response:
@@ -1738,14 +1864,17 @@ async def login(request: Request) -> Response:
     chat = chat_of(request)
     username = unicodedata.normalize("NFKC", form.get("username", "").strip())
     password, next_url = form.get("password", ""), safe_next(form.get("next"))
-    wrong = render(request, "login.html", 400, form={"username": shown_back(username), "next": next_url},
+    wrong = render(request, "login.html", 400,
+                   form={"username": shown_back(username), "next": next_url},
                    error="Wrong username or password.")
-    if not USERNAME_RE.fullmatch(username):  # no account has such a name: nothing to count or look up
+    # No account has such a name: nothing to count or look up.
+    if not USERNAME_RE.fullmatch(username):
         return wrong
     # Failures count per username and per address; a right password is no failure, and
     # guesses sent all at once are checked no more than the limit allows (FailureLimit).
     try:
-        async with chat.login_limit.attempt(("user", username.casefold()), ("address", client_address(request))) as attempt:
+        async with chat.login_limit.attempt(("user", username.casefold()),
+                                            ("address", client_address(request))) as attempt:
             user = await chat.store.read(user_by_name, username)
             has_password = user is not None and not user["is_guest"]  # a guest's name is no way in
             stored = user["password_hash"] if has_password else DUMMY_PASSWORD_HASH
@@ -1754,7 +1883,8 @@ async def login(request: Request) -> Response:
                 attempt.fail()
     except TooManyFailures as refused:
         return render(request, "login.html", 429, form={"username": username, "next": next_url},
-                      error=f"Too many failed logins. Try again {in_plain_words(refused.retry_after)}.")
+                      error="Too many failed logins. Try again "
+                            f"{in_plain_words(refused.retry_after)}.")
     if attempt.failed:
         return wrong
     if user["deactivated_at"]:
@@ -1780,12 +1910,14 @@ async def login_link(request: Request) -> Response:
     """Use the login link: it logs that account in, once, within the hour; a registered user
     sets a new password on the way (recovery without e-mail), and every other session of
     theirs ends."""
-    user, token, chat = await login_link_account(request), request.path_params["token"], chat_of(request)
+    user, token, chat = (await login_link_account(request), request.path_params["token"],
+                         chat_of(request))
     form = await read_form(request)
     password, again = form.get("password1", ""), form.get("password2", "")
     if not user["is_guest"]:
-        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; yours has {len(password)}."
-                 if len(password) < MIN_PASSWORD_CHARS else "The two passwords differ." if password != again else None)
+        error = (f"Passwords need at least {MIN_PASSWORD_CHARS} characters; "
+                 f"yours has {len(password)}." if len(password) < MIN_PASSWORD_CHARS
+                 else "The two passwords differ." if password != again else None)
         if error:
             return render(request, "login_link.html", 400, account=user, form={}, error=error)
     if await chat.store.write(login_link_user, token, True) is None:  # used up meanwhile
@@ -1799,18 +1931,22 @@ async def login_link(request: Request) -> Response:
     return redirect("/")
 
 
-LINK_GONE = "That login link has been used, has expired, or was never made. Ask for a new one."
+LINK_GONE = ("That login link has been used, has expired, or was never made. "
+             "Ask for a new one.")
 
 
 async def login_link_account(request: Request) -> sqlite3.Row:
     """The open account a login link in the URL is for; Refused (404) if none."""
     token = request.path_params["token"]
-    if len(token) > 100 or (user := await chat_of(request).store.read(login_link_user, token, False)) is None:
+    if (len(token) > 100
+            or (user := await chat_of(request).store.read(login_link_user, token, False)) is None):
         raise Refused(LINK_GONE, 404)
     return user
 
 
 async def logout(request: Request) -> Response:
+    """Log out of this session (with scope "everywhere": of every session of the user); the
+    open room pages of what ended stop."""
     form = await read_form(request)
     chat = chat_of(request)
     session_id = request.session.get("sid")
@@ -1824,18 +1960,21 @@ async def logout(request: Request) -> Response:
     return redirect("/auth/login/")
 
 
-async def create_account(request: Request, name: str, password: str | None) -> tuple[str | None, int]:
+async def create_account(request: Request, name: str,
+                         password: str | None) -> tuple[str | None, int]:
     """Create a user (a guest, without a password) and log them in. None and 303, or the
     reason it was refused and its status."""
     chat = chat_of(request)
     if not await chat.register_limit.allow(client_address(request)):
-        return ("This server has made many accounts for your network in the last hour and will not make "
-                "more just now. Ask whoever runs it to raise CHAT_REGISTER_RATE, or try again in an hour."), 429
+        return ("This server has made many accounts for your network in the last hour and will "
+                "not make more just now. Ask whoever runs it to raise CHAT_REGISTER_RATE, "
+                "or try again in an hour."), 429
     password_hash = await hashing(hash_password, password) if password is not None else ""
     try:
         user = await chat.store.write(create_user, name, password_hash, password is None)
         if user is None:
-            return "That name is taken on this server, or looks just like one that is; try adding an initial.", 400
+            return ("That name is taken on this server, or looks just like one that is; "
+                    "try adding an initial."), 400
         await start_session(request, user)
     except sqlite3.Error as problem:
         return could_not_save("Your account could not be created", problem), 503
@@ -1843,6 +1982,7 @@ async def create_account(request: Request, name: str, password: str | None) -> t
 
 
 def username_problem(username: str) -> str | None:
+    """Why a username will not do, in plain words; None if it will."""
     if problem := too_long("Usernames", 150, username):
         return problem
     if not USERNAME_RE.fullmatch(username) or has_invisible(username):
@@ -1860,9 +2000,10 @@ def guest_name_problem(name: str) -> str | None:
     if not name:
         return "Type the name the others should see."
     if has_invisible(name):
-        return "That name has characters that do not show; type it again with letters, digits and spaces."
-    if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN" or ch in GUEST_NAME_PUNCTUATION
-                                        for ch in name):
+        return ("That name has characters that do not show; type it again with letters, "
+                "digits and spaces.")
+    if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN"
+                                        or ch in GUEST_NAME_PUNCTUATION for ch in name):
         return "Names are letters, digits and spaces (and . ' -), starting with a letter or digit."
     return None
 
@@ -1873,30 +2014,37 @@ def shown_back(name: str) -> str:
     return name if len(name) <= NAME_SHOWN_BACK else ""
 
 
-def create_user(db: sqlite3.Connection, username: str, password_hash: str, guest: bool = False) -> sqlite3.Row | None:
-    """The new user (a guest has no password); None if the name is taken, or looks like one that is."""
+def create_user(db: sqlite3.Connection, username: str, password_hash: str,
+                guest: bool = False) -> sqlite3.Row | None:
+    """The new user (a guest has no password); None if the name is taken, or looks like one
+    that is."""
     skeleton = name_skeleton(username)
     with transaction(db):
         if db.execute("SELECT 1 FROM users WHERE username_key = ? OR username_skeleton = ?",
                       (username.casefold(), skeleton)).fetchone():
             return None
         cur = db.execute(
-            "INSERT INTO users (username, username_key, password_hash, created_at, username_skeleton, is_guest) "
-            "VALUES (?, ?, ?, ?, ?, ?)", (username, username.casefold(), password_hash, utc_now(), skeleton, guest))
+            "INSERT INTO users (username, username_key, password_hash, created_at, "
+            "username_skeleton, is_guest) VALUES (?, ?, ?, ?, ?, ?)",
+            (username, username.casefold(), password_hash, utc_now(), skeleton, guest))
     return user_by_id(db, cur.lastrowid)
 
 
 def set_password_hash(db: sqlite3.Connection, user_id: int, password_hash: str) -> None:
+    """Store the user's new password hash."""
     with transaction(db):
         db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id))
 
 
 def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
+    """The user with this id, or None."""
     return db.execute("SELECT * FROM users WHERE id = ?", (user_id,)).fetchone()
 
 
 def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
-    return db.execute("SELECT * FROM users WHERE username_key = ?", (username.casefold(),)).fetchone()
+    """The user with this name (case aside), or None."""
+    return db.execute("SELECT * FROM users WHERE username_key = ?",
+                      (username.casefold(),)).fetchone()
 
 
 def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Row | None:
@@ -1904,8 +2052,9 @@ def login_link_user(db: sqlite3.Connection, token: str, use: bool) -> sqlite3.Ro
     with `use`, the link is used up in the same transaction (it works once)."""
     digest = hashlib.sha256(token.encode()).hexdigest()
     with transaction(db):
-        row = db.execute("SELECT u.* FROM login_links l JOIN users u ON u.id = l.user_id WHERE l.token_hash = ? "
-                         "AND l.expires_at >= ? AND u.deactivated_at IS NULL", (digest, utc_now())).fetchone()
+        row = db.execute("SELECT u.* FROM login_links l JOIN users u ON u.id = l.user_id "
+                         "WHERE l.token_hash = ? AND l.expires_at >= ? "
+                         "AND u.deactivated_at IS NULL", (digest, utc_now())).fetchone()
         if row is not None and use:
             db.execute("DELETE FROM login_links WHERE token_hash = ?", (digest,))
     return row
@@ -1949,6 +2098,8 @@ ROOM_URL_RE = re.compile(r"/room/([^/?#\s]+)")
 
 @login_required
 async def home(request: Request) -> Response:
+    """The home page: the user's rooms, with what is unread in each, and the forms to create
+    or join one."""
     chat = chat_of(request)
     user_id = request.state.user["id"]
     rooms = await chat.store.read(rooms_of, user_id)
@@ -1978,7 +2129,8 @@ async def create_room(request: Request) -> Response:
         return render(request, "create.html", 429, form={"room_name": name},
                       error="You have created many rooms lately. Try again in an hour.")
     try:
-        room = await chat.store.write(insert_room, name, code_prefix(name), request.state.user["id"])
+        room = await chat.store.write(insert_room, name, code_prefix(name),
+                                      request.state.user["id"])
     except sqlite3.Error as problem:
         return render(request, "create.html", 503, form={"room_name": name},
                       error=could_not_save("The room could not be created", problem))
@@ -1998,11 +2150,13 @@ async def join_room(request: Request) -> Response:
     typed = form.get("code", "")
     code = room_code_from(typed)
     if not code:
-        return render(request, "join.html", 400, form={"code": typed}, error="Type a room code or paste its link.")
+        return render(request, "join.html", 400, form={"code": typed},
+                      error="Type a room code or paste its link.")
     try:
         access = await find_room(request, code)
     except TooManyFailures as refused:
-        return render(request, "join.html", 429, form={"code": typed}, error=too_many_guesses(refused))
+        return render(request, "join.html", 429, form={"code": typed},
+                      error=too_many_guesses(refused))
     if access is not None:
         return redirect(f"/room/{access.room['code']}/")
     return render(request, "join.html", 404, form={"code": typed},
@@ -2011,10 +2165,14 @@ async def join_room(request: Request) -> Response:
 
 @login_required
 async def room_page(request: Request) -> Response:
+    """The room page (render_room), with `around` and `reply` from the URL; a member who came
+    by one of its earlier codes goes to its code now."""
     access = await access_or_404(request)
     if access.old_code:  # a member with the room's earlier link: to where it is now
-        return redirect(f"/room/{access.room['code']}/" + (f"?{request.url.query}" if request.url.query else ""))
-    return await render_room(request, access.room, around=whole_number(request.query_params.get("around", "")),
+        return redirect(f"/room/{access.room['code']}/"
+                        + (f"?{request.url.query}" if request.url.query else ""))
+    return await render_room(request, access.room,
+                             around=whole_number(request.query_params.get("around", "")),
                              reply=whole_number(request.query_params.get("reply", "")))
 
 
@@ -2050,7 +2208,8 @@ async def leave_room(request: Request) -> Response:
 
 
 async def render_room(request: Request, room: sqlite3.Row, status_code: int = 200, error: str = "",
-                      draft: str = "", around: int | None = None, reply: int | None = None) -> Response:
+                      draft: str = "", around: int | None = None,
+                      reply: int | None = None) -> Response:
     """The room page: its newest messages, or (`around`: a message id, as a search hit links
     to it) those around one message, older and newer both loadable; `reply`: the composer
     armed to answer that message (the Reply link without JavaScript)."""
@@ -2061,7 +2220,8 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["id"], user_id)
-    seen_up_to, messages, has_older, owners, members = await chat.store.read(room_page_rows, room["id"], user_id)
+    seen_up_to, messages, has_older, owners, members = await chat.store.read(
+        room_page_rows, room["id"], user_id)
     has_newer, replying_to = False, None
     if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
         (messages, has_older, has_newer), seen_up_to = found, None
@@ -2069,19 +2229,23 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
         replying_to = await chat.store.read(message_in_room, reply, room["id"])
     chat.store.write_soon(record_visit, room["id"], user_id)
     # `room` was read before the messages: its revision is the page's catch-up cursor.
-    return render(request, "room.html", status_code, room=room, messages=messages, has_older=has_older,
+    return render(request, "room.html", status_code, room=room, messages=messages,
+                  has_older=has_older,
                   seen_up_to=None if live_elsewhere else seen_up_to,
                   online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
                   state=RoomState.of(room, owners), online_open=not is_phone(request),
-                  invite=str(request.url_for("room", code=room["code"])), wire=request.query_params.get("wire") == "1",
-                  error=error, draft=draft, composer_key=new_message_key(), stale_after=2.5 * chat.settings.heartbeat,
+                  invite=str(request.url_for("room", code=room["code"])),
+                  wire=request.query_params.get("wire") == "1",
+                  error=error, draft=draft, composer_key=new_message_key(),
+                  stale_after=2.5 * chat.settings.heartbeat,
                   has_newer=has_newer, replying_to=replying_to, members=members)
 
 
 def is_phone(request: Request) -> bool:
     """Whether the browser says it is a phone (its Sec-CH-UA-Mobile hint, or "Mobi" in its
     user agent, as MDN advises): the room's online list then starts folded behind its count."""
-    return request.headers.get("sec-ch-ua-mobile") == "?1" or "Mobi" in request.headers.get("user-agent", "")
+    return (request.headers.get("sec-ch-ua-mobile") == "?1"
+            or "Mobi" in request.headers.get("user-agent", ""))
 
 
 def new_message_key() -> str:
@@ -2098,6 +2262,8 @@ async def room_or_404(request: Request) -> sqlite3.Row:
 
 
 async def access_or_404(request: Request) -> RoomAccess:
+    """The room in the URL as this user may reach it (find_room): 404 if its code leads
+    nowhere, 429 past the limit of guesses, 403 for somebody removed from it."""
     try:
         access = await find_room(request, request.path_params["code"].lower())
     except TooManyFailures as refused:
@@ -2120,7 +2286,8 @@ async def find_room(request: Request, code: str) -> RoomAccess | None:
     403 for somebody an owner removed from it."""
     chat = chat_of(request)
     async with room_lookup(chat, request.state.user["id"], client_address(request)) as lookup:
-        access = await chat.store.read(room_access, code, request.state.user["id"]) if code else None
+        access = (await chat.store.read(room_access, code, request.state.user["id"])
+                  if code else None)
         if access is None:
             lookup.fail()
     if access is not None and access.removed:
@@ -2139,7 +2306,9 @@ async def room_lookup(chat: Chat, user_id: int, address: str) -> AsyncIterator[A
 
 
 def too_many_guesses(refused: TooManyFailures) -> str:
-    return f"You tried many room codes that do not exist. Try again {in_plain_words(refused.retry_after)}."
+    """The words for somebody past the limit of room codes that do not exist."""
+    return ("You tried many room codes that do not exist. "
+            f"Try again {in_plain_words(refused.retry_after)}.")
 
 
 def code_prefix(name: str) -> str:
@@ -2157,22 +2326,28 @@ def room_code_from(value: str) -> str:
 
 
 def new_room_code(db: sqlite3.Connection, prefix: str) -> str:
+    """A new room code: `prefix`, a dash and 13 random characters, a code no room has or
+    had."""
     while True:  # a clash of random suffixes is all but impossible; just draw again
         code = f"{prefix}-{''.join(secrets.choice(ROOM_CODE_ALPHABET) for _ in range(13))}"
-        if db.execute("SELECT 1 FROM rooms WHERE code = ?1 UNION ALL SELECT 1 FROM room_codes WHERE code = ?1",
+        if db.execute("SELECT 1 FROM rooms WHERE code = ?1 "
+                      "UNION ALL SELECT 1 FROM room_codes WHERE code = ?1",
                       (code,)).fetchone() is None:
             return code
 
 
 def insert_room(db: sqlite3.Connection, name: str, prefix: str, user_id: int) -> sqlite3.Row:
+    """A new room with a new code (new_room_code), owned by the user who made it."""
     with transaction(db):
         code = new_room_code(db, prefix)
         now = utc_now()
         cur = db.execute(
-            "INSERT INTO rooms (code, name, created_by, created_at) VALUES (?, ?, ?, ?)", (code, name, user_id, now)
+            "INSERT INTO rooms (code, name, created_by, created_at) VALUES (?, ?, ?, ?)",
+            (code, name, user_id, now)
         )
         db.execute(
-            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) VALUES (?, ?, ?, ?, 'owner')",
+            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) "
+            "VALUES (?, ?, ?, ?, 'owner')",
             (cur.lastrowid, user_id, now, now),
         )
     return room_by_code(db, code)
@@ -2180,7 +2355,8 @@ def insert_room(db: sqlite3.Connection, name: str, prefix: str, user_id: int) ->
 
 def room_by_code(db: sqlite3.Connection, code: str) -> sqlite3.Row | None:
     """The room with this code, unless it was deleted."""
-    return db.execute("SELECT * FROM rooms WHERE code = ? AND deleted_at IS NULL", (code,)).fetchone()
+    return db.execute("SELECT * FROM rooms WHERE code = ? AND deleted_at IS NULL",
+                      (code,)).fetchone()
 
 
 @dataclass(frozen=True)
@@ -2196,18 +2372,22 @@ class RoomAccess:
 
 
 # A room with what one user (?2) is in it: their role (NULL: not a member) and whether removed.
-ROOM_FOR_USER = ("SELECT r.*, (SELECT role FROM room_members WHERE room_id = r.id AND user_id = ?2) AS viewer_role, "
-                 "EXISTS (SELECT 1 FROM removals WHERE room_id = r.id AND user_id = ?2) AS viewer_removed FROM rooms r ")
+ROOM_FOR_USER = ("SELECT r.*, "
+                 "(SELECT role FROM room_members WHERE room_id = r.id AND user_id = ?2) "
+                 "AS viewer_role, "
+                 "EXISTS (SELECT 1 FROM removals WHERE room_id = r.id AND user_id = ?2) "
+                 "AS viewer_removed FROM rooms r ")
 
 
 def room_access(db: sqlite3.Connection, code: str, user_id: int) -> RoomAccess | None:
     """The room a code leads this user to; None if it leads nowhere (an unknown code, a
     deleted room, or a room's earlier code in the hands of somebody who is not a member)."""
-    room = db.execute(f"{ROOM_FOR_USER} WHERE r.code = ?1 AND r.deleted_at IS NULL", (code, user_id)).fetchone()
+    room = db.execute(f"{ROOM_FOR_USER} WHERE r.code = ?1 AND r.deleted_at IS NULL",
+                      (code, user_id)).fetchone()
     old_code = room is None
     if old_code:
-        room = db.execute(f"{ROOM_FOR_USER} JOIN room_codes c ON c.room_id = r.id WHERE c.code = ?1 "
-                          "AND r.deleted_at IS NULL", (code, user_id)).fetchone()
+        room = db.execute(f"{ROOM_FOR_USER} JOIN room_codes c ON c.room_id = r.id "
+                          "WHERE c.code = ?1 AND r.deleted_at IS NULL", (code, user_id)).fetchone()
     if room is None or (old_code and room["viewer_role"] is None and not room["viewer_removed"]):
         return None  # (somebody removed is told so, by any of its codes)
     return RoomAccess(room, room["viewer_role"], bool(room["viewer_removed"]), old_code)
@@ -2218,8 +2398,9 @@ def record_visit(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
     now = utc_now()
     with transaction(db):
         db.execute(
-            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (room_id, user_id) DO UPDATE SET last_visit_at = excluded.last_visit_at",
+            "INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (room_id, user_id) DO UPDATE "
+            "SET last_visit_at = excluded.last_visit_at",
             (room_id, user_id, now, now),
         )
         mark_read(db, room_id, user_id)
@@ -2230,12 +2411,14 @@ def rooms_of(db: sqlite3.Connection, user_id: int) -> list[sqlite3.Row]:
     arrived since the user last had it open (a short walk of the room's index, capped), and
     `mentioned`: whether one of those mentions them."""
     return db.execute(
-        "SELECT r.id, r.code, r.name, m.last_visit_at, (SELECT count(*) FROM (SELECT 1 FROM messages x "
+        "SELECT r.id, r.code, r.name, m.last_visit_at, "
+        "(SELECT count(*) FROM (SELECT 1 FROM messages x "
         "  WHERE x.room_id = r.id AND x.id > m.last_read_id LIMIT ?)) AS unread, "
         "  EXISTS (SELECT 1 FROM mentions x WHERE x.user_id = m.user_id AND x.room_id = r.id "
         "          AND x.message_id > m.last_read_id) AS mentioned "
         "FROM room_members m JOIN rooms r ON r.id = m.room_id "
-        "WHERE m.user_id = ? AND r.deleted_at IS NULL ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
+        "WHERE m.user_id = ? AND r.deleted_at IS NULL "
+        "ORDER BY m.last_visit_at DESC, r.id DESC LIMIT 100",
         (UNREAD_SHOWN + 1, user_id),
     ).fetchall()
 
@@ -2248,12 +2431,13 @@ def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
 
 
 def room_page_rows(db: sqlite3.Connection, room_id: int, user_id: int
-                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int], list[tuple[int, str]]]:
+                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int],
+                              list[tuple[int, str]]]:
     """What a room page shows, in one trip: the newest message the user had seen (last_read),
     the newest page of messages and whether older ones exist (page_before), the owners, and
     the members to offer as @names (member_names)."""
-    return (last_read(db, room_id, user_id), *page_before(db, room_id, None), room_owners(db, room_id),
-            member_names(db, room_id))
+    return (last_read(db, room_id, user_id), *page_before(db, room_id, None),
+            room_owners(db, room_id), member_names(db, room_id))
 
 
 def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -2263,6 +2447,7 @@ def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
 
 
 def mark_read_now(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    """mark_read in a transaction of its own (a page of the room just closed)."""
     with transaction(db):
         mark_read(db, room_id, user_id)
 
@@ -2271,14 +2456,17 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
     """The user leaves the room; Refused (409) for its only owner (somebody must run it)."""
     with transaction(db):
         if room_owners(db, room_id) == {user_id}:
-            raise Refused("You are this room's only owner: make somebody else an owner first, or delete the room.", 409)
+            raise Refused("You are this room's only owner: make somebody else an owner first, "
+                          "or delete the room.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
 
 
 def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
-    """The ids and names of the room's members (the first 200 by name), for the composer's @ list."""
-    return db.execute("SELECT u.id, u.username FROM room_members m JOIN users u ON u.id = m.user_id "
-                      "WHERE m.room_id = ? ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
+    """The ids and names of the room's members (the first 200 by name), for the composer's
+    @ list."""
+    return db.execute("SELECT u.id, u.username FROM room_members m "
+                      "JOIN users u ON u.id = m.user_id WHERE m.room_id = ? "
+                      "ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
 
 
 def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
@@ -2288,8 +2476,8 @@ def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
 
 
 def message_by_id(db: sqlite3.Connection, message_id: int) -> sqlite3.Row | None:
-    return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?",
-                      (message_id,)).fetchone()
+    """The message as pages show it (SELECT_MESSAGES), or None."""
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.id = ?", (message_id,)).fetchone()
 
 
 def message_in_room(db: sqlite3.Connection, message_id: int, room_id: int) -> sqlite3.Row | None:
@@ -2298,23 +2486,28 @@ def message_in_room(db: sqlite3.Connection, message_id: int, room_id: int) -> sq
                       (message_id, room_id)).fetchone()
 
 
-def page_before(db: sqlite3.Connection, room_id: int, before: int | None, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
-    """Up to `limit` messages older than `before` (or the newest), oldest first; and whether more exist."""
+def page_before(db: sqlite3.Connection, room_id: int, before: int | None,
+                limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+    """Up to `limit` messages older than `before` (or the newest), oldest first; and whether
+    more exist."""
     rows = db.execute(
-        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? AND {NOT_CLEARED} ORDER BY m.id DESC LIMIT ?",
+        f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id < ? AND {NOT_CLEARED} "
+        "ORDER BY m.id DESC LIMIT ?",
         (room_id, before if before is not None else 2**63 - 1, limit + 1),
     ).fetchall()
     return rows[:limit][::-1], len(rows) > limit
 
 
-def page_after(db: sqlite3.Connection, room_id: int, after: int, limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
+def page_after(db: sqlite3.Connection, room_id: int, after: int,
+               limit: int = PAGE_SIZE) -> tuple[list[sqlite3.Row], bool]:
     """Up to `limit` messages newer than `after`, oldest first; and whether more exist."""
-    rows = db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
-                      (room_id, after, limit + 1)).fetchall()
+    rows = db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} "
+                      "ORDER BY m.id LIMIT ?", (room_id, after, limit + 1)).fetchall()
     return rows[:limit], len(rows) > limit
 
 
-def page_around(db: sqlite3.Connection, room_id: int, message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
+def page_around(db: sqlite3.Connection, room_id: int,
+                message_id: int) -> tuple[list[sqlite3.Row], bool, bool] | None:
     """The messages around one of the room's (it among them), oldest first, and whether older
     and newer ones exist; None if that message is not in this room."""
     if message_in_room(db, message_id, room_id) is None:
@@ -2347,7 +2540,8 @@ MAX_MESSAGE_CHARS = 4000
 MAX_WS_FRAME_BYTES = 64 * 1024
 
 
-CATCH_UP_LIMIT = PAGE_SIZE  # beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most
+# Beyond a page of missed changes a page is re-synced whole: a catch-up costs a page at most.
+CATCH_UP_LIMIT = PAGE_SIZE
 
 
 CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame may hold
@@ -2356,7 +2550,8 @@ CATCH_UP_BYTES = 256 * 1024  # and beyond this size too: what one catch-up frame
 LOCKED = "This room is locked by its owner: only its owners can write for now."
 
 
-NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403), "deleted": ("This room was deleted.", 404)}
+NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403),
+              "deleted": ("This room was deleted.", 404)}
 
 
 # What the sender gets once its message is taken: the same every time but for the key it
@@ -2365,14 +2560,17 @@ KEY_SLOT = "key-slot"
 
 
 async def chat_socket(websocket: WebSocket) -> None:
+    """The room's WebSocket: the handshake (admit), a catch-up if asked, then every frame the
+    page sends (handle_frame) until it closes; then the room is marked read and left."""
     chat = chat_of(websocket)
     conn = await admit(chat, websocket)
     if conn is None:
         return
     hub, fanout = chat.hub, chat.fanout
     # Join before any catch-up: a message stored in between arrives both ways, and the
-    # page's upsert swap shows it once.
-    await fanout.watch(conn.room_id)  # (before the catch-up: a frame sent after it reads will arrive)
+    # page's upsert swap shows it once. (Watched before the catch-up: a frame sent after it
+    # reads will arrive.)
+    await fanout.watch(conn.room_id)
     if hub.join(conn):
         await fanout.came_online(conn)
     try:
@@ -2415,7 +2613,8 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         return None
     session_id = websocket.session.get("sid", "")
     code = websocket.path_params["code"].lower()
-    user, access, owners = await chat.store.read(handshake_rows, session_id, code, chat.settings.guests)
+    user, access, owners = await chat.store.read(handshake_rows, session_id, code,
+                                                 chat.settings.guests)
     if user is None:
         # A page whose session ended (logged out, elsewhere too) while it was away: accept
         # only to tell it so, in place, and close with a code htmx does not retry.
@@ -2451,9 +2650,12 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
 
 
 async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
+    """One frame from a page: a message to post (post_message) or the catch-up form; what is
+    refused is said to that page alone, and a message taken is acknowledged to it."""
     if conn.wire:  # teaching mode: the page sees what it sent, as the server received it
         sent = event.get("text") or f"({len(event.get('bytes') or b'')} bytes of binary)"
-        conn.push(str(fragments.wire_entry(without_secrets(sent), WIRE_ECHO_CHARS, SENT)), audience=None)
+        conn.push(str(fragments.wire_entry(without_secrets(sent), WIRE_ECHO_CHARS, SENT)),
+                  audience=None)
     key = None
     try:
         if event.get("text") is None:
@@ -2489,7 +2691,8 @@ def parse_frame(frame: str) -> dict[str, Any]:
     if key is not None and not isinstance(key, str):
         raise Refused("That message came with a broken `key`; reload the page.")
     reply_to = data.get("reply_to")
-    if reply_to is not None and (not isinstance(reply_to, str) or (reply_to := whole_number(reply_to)) is None):
+    if reply_to is not None and (not isinstance(reply_to, str)
+                                 or (reply_to := whole_number(reply_to)) is None):
         raise Refused("`reply_to` must be the id of the message you answer.")
     return {"message": data["message"], "key": key, "reply_to": reply_to}
 
@@ -2510,11 +2713,14 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
     if state is not None and user_id not in state.owners:  # owners are never held back
         if state.locked:
             raise Refused(LOCKED, 403)
-        if state.slow_mode and not await (slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
+        if state.slow_mode and not await (
+                slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
             wait = max(1, round(await slow.retry_after((room_id, user_id))))
-            raise Refused(f"Slow mode: one message every {state.slow_mode} s. Wait {wait} s more.", 429)
+            raise Refused(f"Slow mode: one message every {state.slow_mode} s. "
+                          f"Wait {wait} s more.", 429)
     try:
-        message = await chat.store.write_together(add_messages, (room_id, user_id, text, key, reply_to))
+        message = await chat.store.write_together(add_messages,
+                                                  (room_id, user_id, text, key, reply_to))
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
     if isinstance(message, str):  # a removal, a lock or a deletion got there first
@@ -2534,6 +2740,8 @@ async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> No
 
 @functools.cache
 def composer_ack() -> str:
+    """The frame that tells the sender its message was taken, with KEY_SLOT where its key
+    goes (rendered once)."""
     return str(fragments.chat_error(key=KEY_SLOT))
 
 
@@ -2547,7 +2755,8 @@ async def catch_up(chat: Chat, conn: Connection, revision: int) -> None:
         conn.push(frame)
 
 
-def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str, revision: int) -> str | None:
+def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str,
+                   revision: int) -> str | None:
     """What a (re)connecting page is missing: every message sent or edited, and every one
     deleted, since the room's revision the page has (the one it was rendered at, moved on
     by every change it received since). The upsert swap replaces what the page already
@@ -2556,7 +2765,8 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str, revisio
     Either way the frame moves the page's revision on. Runs on the reader thread, so a big
     catch-up never holds up the event loop."""
     changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
-    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?", (revision, room_id)).fetchone()[0]
+    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?",
+                               (revision, room_id)).fetchone()[0]
     if not changed and not deleted and not cleared_since:
         return None
     if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT and not cleared_since:
@@ -2568,10 +2778,12 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str, revisio
     newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
     messages, has_older = page_before(db, room_id, None)
     while True:
-        frame = str(fragments.history_page({"code": room_code}, messages, has_older, oob=True, revision=newest))
+        frame = str(fragments.history_page({"code": room_code}, messages, has_older, oob=True,
+                                           revision=newest))
         if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
-        messages, has_older = messages[len(messages) // 2:], True  # the newer half; "load older" has the rest
+        # The newer half; "Load older messages" has the rest.
+        messages, has_older = messages[len(messages) // 2:], True
 
 
 @login_required
@@ -2588,7 +2800,8 @@ async def send_message(request: Request) -> Response:
                            form.get("key") or None, state, whole_number(form.get("reply_to", "")))
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
-                                 draft=form.get("message", ""), reply=whole_number(form.get("reply_to", "")))
+                                 draft=form.get("message", ""),
+                                 reply=whole_number(form.get("reply_to", "")))
     return redirect(f"/room/{room['code']}/#composer")
 
 
@@ -2602,17 +2815,22 @@ def handshake_rows(db: sqlite3.Connection, session_id: str, code: str,
 
 
 def origin_allowed(websocket: WebSocket, allowed: frozenset[str]) -> bool:
+    """Whether the handshake comes from a page of this site (its Origin is the scheme and
+    Host it came to) or from one of `allowed` (CHAT_ALLOWED_ORIGINS)."""
     origin = websocket.headers.get("origin")
     if origin is None:
-        return True  # not a browser (browsers always send Origin); the session still has to be valid
-    scheme = "https" if websocket.scope["scheme"] == "wss" else "http"  # (not .url: it parses the whole URL)
+        # Not a browser (browsers always send Origin); the session still has to be valid.
+        return True
+    # (Not .url: it parses the whole URL.)
+    scheme = "https" if websocket.scope["scheme"] == "wss" else "http"
     origin = origin.rstrip("/").lower()
     return origin == f"{scheme}://{websocket.headers.get('host', '').lower()}" or origin in allowed
 
 
 async def refuse(websocket: WebSocket, reason: str) -> None:
     """Refuse a handshake: HTTP 403, and one INFO line that says why."""
-    log.info("refused WebSocket %s from %s: %s", websocket.url.path, client_address(websocket), reason)
+    log.info("refused WebSocket %s from %s: %s",
+             websocket.url.path, client_address(websocket), reason)
     # A close before accept is uvicorn's own 403. (A denial response would log a spurious
     # ERROR on uvicorn's default implementation: its pull request #3138.)
     await websocket.close()
@@ -2633,22 +2851,28 @@ async def end_at_once(websocket: WebSocket, code: str, why: str) -> None:
 # same statement, so no send can slip past a removal or a lock that committed first.
 INSERT_MESSAGE = (
     "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision, reply_to) "
-    "SELECT 1 + max(coalesce((SELECT max(id) FROM messages), 0), coalesce((SELECT max(message_id) FROM deletions), 0)), "
+    "SELECT 1 + max(coalesce((SELECT max(id) FROM messages), 0),"
+    " coalesce((SELECT max(message_id) FROM deletions), 0)), "
     f"      ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}, "
-    f"      (SELECT id FROM messages m WHERE id = ?5 AND room_id = ?1 AND {NOT_CLEARED}) "  # (another room's: none)
+    # reply_to (another room's message: none)
+    f"      (SELECT id FROM messages m WHERE id = ?5 AND room_id = ?1 AND {NOT_CLEARED}) "
     "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = ?1 AND user_id = ?2) "
     "  AND (SELECT deleted_at IS NULL AND (NOT locked OR EXISTS (SELECT 1 FROM room_members "
     "       WHERE room_id = ?1 AND user_id = ?2 AND role = 'owner')) FROM rooms WHERE id = ?1) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
-    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest, text, created_at, edited_at, revision, "
-    "          reply_to, NULL AS quote_text, NULL AS quote_author, NULL AS mentioned, NULL AS reactions")
+    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest,"
+    " text, created_at, edited_at, revision, "
+    "          reply_to, NULL AS quote_text, NULL AS quote_author,"
+    " NULL AS mentioned, NULL AS reactions")
 
 
-NewMessage = tuple[int, int, str, "str | None", "int | None"]  # room id, user id, text, the composer's key, reply to
+# room id, user id, text, the composer's key, reply to
+NewMessage = tuple[int, int, str, "str | None", "int | None"]
 
 
-def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sqlite3.Row | str | None]:
+def add_messages(db: sqlite3.Connection,
+                 messages: list[NewMessage]) -> list[sqlite3.Row | str | None]:
     """Store messages in one transaction (group commit: see Store.add_message). For each,
     its row; None when its user already sent one with its key (a resend); or why it was
     not stored: "removed", "locked" or "deleted". A reply, or a message with an "@" in it,
@@ -2657,7 +2881,8 @@ def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[sql
     rows = []
     with transaction(db):
         for message in messages:
-            returned = db.execute(INSERT_MESSAGE, message).fetchall()  # all: the statement ends before COMMIT
+            # All its rows: the statement ends before COMMIT.
+            returned = db.execute(INSERT_MESSAGE, message).fetchall()
             if not returned:
                 rows.append(why_not_stored(db, *message))
             elif "@" in message[2] or returned[0]["reply_to"] is not None:
@@ -2673,10 +2898,12 @@ def record_mentions(db: sqlite3.Connection, message_id: int, room_id: int, text:
     db.execute("DELETE FROM mentions WHERE message_id = ?", (message_id,))
     if "@" not in text:
         return
-    members = db.execute("SELECT u.id, u.username FROM room_members rm JOIN users u ON u.id = rm.user_id "
-                         "WHERE rm.room_id = ? LIMIT 1000", (room_id,)).fetchall()
+    members = db.execute("SELECT u.id, u.username FROM room_members rm "
+                         "JOIN users u ON u.id = rm.user_id WHERE rm.room_id = ? LIMIT 1000",
+                         (room_id,)).fetchall()
     named = {name.casefold(): user_id for user_id, name in members}
-    db.executemany("INSERT INTO mentions (message_id, user_id, room_id) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+    db.executemany("INSERT INTO mentions (message_id, user_id, room_id) VALUES (?, ?, ?) "
+                   "ON CONFLICT DO NOTHING",
                    [(message_id, named[found.casefold()], room_id)
                     for found in mention_pattern([name for _, name in members]).findall(text)])
 
@@ -2687,9 +2914,11 @@ def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str
     if key is not None and db.execute("SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
                                       (user_id, key)).fetchone():
         return None  # a resend
-    if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone():
+    if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?",
+                  (room_id, user_id)).fetchone():
         return "removed"
-    return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()[0] else "locked"
+    return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?",
+                                   (room_id,)).fetchone()[0] else "locked"
 
 
 MESSAGE_ROUTES = [
@@ -2705,7 +2934,8 @@ MESSAGE_ROUTES = [
 # ---------------------------------------------------------------------------
 
 
-REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing", "🎉": "party", "😮": "surprised", "👀": "eyes"}
+REACTIONS = {"👍": "thumbs up", "❤️": "heart", "😂": "laughing",
+             "🎉": "party", "😮": "surprised", "👀": "eyes"}
 
 
 @login_required
@@ -2730,14 +2960,17 @@ async def edit(request: Request) -> Response:
         await check_message(chat, room["id"], message["user_id"], text)
         # (edit_message checks the author again inside its transaction; it was checked above)
         try:
-            edited = await chat.store.write(edit_message, message["id"], room["id"], message["user_id"], text)
+            edited = await chat.store.write(edit_message, message["id"], room["id"],
+                                            message["user_id"], text)
         except sqlite3.Error as problem:
             raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
     except Refused as problem:
-        return HTMLResponse(str(fragments.editor_error(str(problem))), status_code=problem.status_code)
+        return HTMLResponse(str(fragments.editor_error(str(problem))),
+                            status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
         raise Refused(GONE, 404)
-    await chat.fanout.publish(room["id"], str(fragments.messages_frame(edited, edited[-1]["revision"])))
+    await chat.fanout.publish(room["id"],
+                              str(fragments.messages_frame(edited, edited[-1]["revision"])))
     return HTMLResponse(str(fragments.editor_closed()))
 
 
@@ -2755,14 +2988,16 @@ async def delete(request: Request) -> Response:
     try:
         deleted = await chat.store.write(delete_message, message["id"], room["id"], author)
     except sqlite3.Error as problem:  # said where the page shows the sender's errors
-        return HTMLResponse(str(fragments.chat_error(could_not_save("The message could not be deleted", problem))), 503)
+        return HTMLResponse(str(fragments.chat_error(
+            could_not_save("The message could not be deleted", problem))), 503)
     if deleted is not None:
         revision, replies = deleted  # (the replies' quotes now say "deleted message")
-        await chat.fanout.publish(room["id"], (str(fragments.messages_frame(replies)) if replies else "")
+        await chat.fanout.publish(room["id"],
+                                  (str(fragments.messages_frame(replies)) if replies else "")
                                   + str(fragments.deleted_frame([message["id"]], revision)))
         if message["user_id"] != me["id"]:
-            log.info("moderation: %s deleted %s's message %d in %s", me["username"], message["username"],
-                     message["id"], room["code"])
+            log.info("moderation: %s deleted %s's message %d in %s",
+                     me["username"], message["username"], message["id"], room["code"])
     return HTMLResponse("")
 
 
@@ -2786,19 +3021,24 @@ async def react_to(request: Request) -> Response:
     chat, me = chat_of(request), request.state.user
     emoji, given = (form["give"], True) if "give" in form else (form.get("take_back", ""), False)
     if emoji not in REACTIONS:
-        return HTMLResponse(str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
+        return HTMLResponse(
+            str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
     if access.role != "owner" and room["locked"]:  # (as the database has it now)
         return HTMLResponse(str(fragments.chat_error(LOCKED)), 403)
     if not await chat.message_limit.allow((me["id"], room["id"])):
-        return HTMLResponse(str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
+        return HTMLResponse(
+            str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
     try:
         changed = await chat.store.write(react, message["id"], room["id"], me["id"], emoji, given)
     except sqlite3.Error as problem:
-        return HTMLResponse(str(fragments.chat_error(could_not_save("Your reaction could not be saved", problem))), 503)
+        return HTMLResponse(str(fragments.chat_error(
+            could_not_save("Your reaction could not be saved", problem))), 503)
     if changed is None:  # deleted meanwhile
         raise Refused(GONE, 404)
-    if changed["revision"] != message["revision"]:  # (giving twice changes nothing, and sends nothing)
-        await chat.fanout.publish(room["id"], str(fragments.messages_frame([changed], changed["revision"])))
+    # (Giving twice changes nothing, and sends nothing.)
+    if changed["revision"] != message["revision"]:
+        await chat.fanout.publish(room["id"],
+                                  str(fragments.messages_frame([changed], changed["revision"])))
     return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
 
 
@@ -2809,7 +3049,8 @@ async def reply_to(request: Request) -> Response:
     return HTMLResponse(str(fragments.replying(await message_or_404(request, access.room))))
 
 
-async def message_or_404(request: Request, room: sqlite3.Row, author: int | None = None) -> sqlite3.Row:
+async def message_or_404(request: Request, room: sqlite3.Row,
+                         author: int | None = None) -> sqlite3.Row:
     """The message named in the URL: 404 if it is not in this room; with an `author`, 403 if
     somebody else wrote it. The author check is here, on the server, whatever the page shows."""
     wanted = whole_number(request.path_params["message_id"])
@@ -2856,7 +3097,8 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: 
     with transaction(db):
         if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
-        db.execute(f"UPDATE messages SET text = ?2, edited_at = ?3, revision = {NEXT_REVISION} WHERE id = ?4",
+        db.execute("UPDATE messages SET text = ?2, edited_at = ?3, "
+                   f"revision = {NEXT_REVISION} WHERE id = ?4",
                    (room_id, text, utc_now(), message_id))
         record_mentions(db, message_id, room_id, text)
         replies = requote_replies(db, message_id, room_id)
@@ -2866,8 +3108,9 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: 
 def requote_replies(db: sqlite3.Connection, message_id: int, room_id: int) -> list[sqlite3.Row]:
     """The replies to a message that was just edited or deleted, moved on to the room's next
     revision (their quotes show it as it is now), as pages show them."""
-    ids = [row[0] for row in db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE reply_to = ?2 "
-                                        "AND room_id = ?1 RETURNING id", (room_id, message_id)).fetchall()]
+    ids = [row[0] for row in db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} "
+                                        "WHERE reply_to = ?2 AND room_id = ?1 RETURNING id",
+                                        (room_id, message_id)).fetchall()]
     return db.execute(f"{SELECT_MESSAGES} WHERE m.id IN ({','.join('?' * len(ids))}) ORDER BY m.id",
                       ids).fetchall() if ids else []
 
@@ -2882,8 +3125,9 @@ def delete_message(db: sqlite3.Connection, message_id: int, room_id: int,
         if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        revision = db.execute(f"INSERT INTO deletions (message_id, room_id, revision) VALUES (?2, ?1, {NEXT_REVISION}) "
-                              "RETURNING revision", (room_id, message_id)).fetchall()[0][0]
+        revision = db.execute("INSERT INTO deletions (message_id, room_id, revision) "
+                              f"VALUES (?2, ?1, {NEXT_REVISION}) RETURNING revision",
+                              (room_id, message_id)).fetchall()[0][0]
         replies = requote_replies(db, message_id, room_id)
     return (replies[-1]["revision"] if replies else revision), replies
 
@@ -2897,11 +3141,13 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
         if message_in_room(db, message_id, room_id) is None:
             return None
         changed = db.execute(
-            "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?) ON CONFLICT DO NOTHING" if given else
+            "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING" if given else
             "DELETE FROM reactions WHERE message_id = ? AND user_id = ? AND emoji = ?",
             (message_id, user_id, emoji)).rowcount
         if changed:
-            db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2", (room_id, message_id))
+            db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2",
+                       (room_id, message_id))
     return message_by_id(db, message_id)
 
 
@@ -2957,7 +3203,8 @@ async def moderate(request: Request) -> Response:
     return answer or redirect(f"/room/{access.room['code']}/manage")
 
 
-async def manage_page(request: Request, room: sqlite3.Row, refused: Refused | None = None) -> Response:
+async def manage_page(request: Request, room: sqlite3.Row,
+                      refused: Refused | None = None) -> Response:
     """The manage page, with why a step was refused (and its status) if one was."""
     chat = chat_of(request)
     room, _ = await chat.store.read(room_settings, room["id"])  # (as a refused step left it)
@@ -3023,10 +3270,12 @@ async def remove_person(request: Request, room: sqlite3.Row, form: dict[str, str
 async def let_person_back_in(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
     """Undo a removal (`user_id`): they can join again by the code."""
     if name := await chat_of(request).store.write(let_back_in, room["id"], person_named(form)):
-        log.info("moderation: %s let %s back into %s", request.state.user["username"], name, room["code"])
+        log.info("moderation: %s let %s back into %s",
+                 request.state.user["username"], name, room["code"])
 
 
-MODERATION_STEPS: dict[str, Callable[[Request, sqlite3.Row, dict[str, str]], Awaitable[Response | None]]] = {
+MODERATION_STEPS: dict[str, Callable[[Request, sqlite3.Row, dict[str, str]],
+                                     Awaitable[Response | None]]] = {
     "lock": lock_room, "unlock": unlock_room, "slow_mode": set_slow_mode, "new_code": give_new_code,
     "make_owner": make_owner, "step_down": step_down, "remove": remove_person,
     "let_back_in": let_person_back_in}
@@ -3039,7 +3288,8 @@ def person_named(form: dict[str, str]) -> int:
     return user_id
 
 
-async def change_setting(request: Request, room: sqlite3.Row, name: str, value: int, what: str) -> None:
+async def change_setting(request: Request, room: sqlite3.Row, name: str, value: int,
+                         what: str) -> None:
     """Set one of the room's settings (`locked`, `slow_mode`) and show it to every page."""
     room, owners = await chat_of(request).store.write(change_room, room["id"], {name: value})
     await room_changed(request, room, owners, what)
@@ -3058,8 +3308,10 @@ async def clear_history(request: Request) -> Response:
     await read_form(request)
     chat, room = chat_of(request), access.room
     revision = await chat.store.write(clear_room, room["id"])
-    await chat.fanout.publish(room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
-    log.info("moderation: %s cleared the history of %s", request.state.user["username"], room["code"])
+    await chat.fanout.publish(
+        room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
+    log.info("moderation: %s cleared the history of %s",
+             request.state.user["username"], room["code"])
     purge_soon(chat, room["id"])
     return redirect(f"/room/{room['code']}/")
 
@@ -3095,6 +3347,7 @@ async def transcript(request: Request) -> Response:
     store = chat_of(request).store
 
     async def pages() -> AsyncIterator[list[sqlite3.Row]]:
+        """The room's messages in order, TRANSCRIPT_PAGE of them per trip to the database."""
         after = 0
         while rows := await store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
             yield rows
@@ -3102,8 +3355,9 @@ async def transcript(request: Request) -> Response:
 
     body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
     filename = f"{room['code']}-transcript.{'json' if as_json else 'md'}"
-    return StreamingResponse(body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
-                             headers={"content-disposition": f'attachment; filename="{filename}"'})
+    return StreamingResponse(
+        body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{filename}"'})
 
 
 async def owner_or_403(request: Request) -> RoomAccess:
@@ -3121,10 +3375,12 @@ def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[in
                                             str(request.url_for("room", code=room["code"]))))
 
 
-async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int], what: str) -> None:
+async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int],
+                       what: str) -> None:
     """Tell every page of the room, on every worker, and log who did it."""
     chat = chat_of(request)
-    await chat.fanout.room_changed(room["id"], RoomState.of(room, owners), room_changed_frame(request, room, owners))
+    await chat.fanout.room_changed(room["id"], RoomState.of(room, owners),
+                                   room_changed_frame(request, room, owners))
     log.info("moderation: %s %s in %s", request.state.user["username"], what, room["code"])
 
 
@@ -3132,6 +3388,7 @@ def purge_soon(chat: Chat, room_id: int) -> None:
     """Remove a cleared or deleted room's rows, a batch per write, so messages elsewhere go
     on being stored in between (the ones still there are hidden meanwhile: NOT_CLEARED)."""
     async def purge() -> None:
+        """Remove a batch of the room's rows per write until none is left."""
         with contextlib.suppress(sqlite3.Error):  # (a restart finishes it: purge_left_over)
             while await chat.store.write(purge_room, room_id):
                 pass
@@ -3148,54 +3405,70 @@ async def purge_left_over(chat: Chat) -> None:
 
 
 def markdown_text(text: str) -> str:
-    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line quoted."""
+    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line
+    quoted."""
     return "\n".join(f"> {line}" for line in str(escape(text)).split("\n"))
 
 
-async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
-    yield f"# {escape(room['name'])}\n\nThe transcript of {room['code']}; times are {room_clock.zone_name()}.\n"
+async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
+                              ) -> AsyncIterator[str]:
+    """The transcript as Markdown, piece by piece: a heading, then each message's author and
+    time, and its text quoted (markdown_text)."""
+    yield (f"# {escape(room['name'])}\n\n"
+           f"The transcript of {room['code']}; times are {room_clock.zone_name()}.\n")
     async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
         yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
-                      f"{room_clock.full(m['created_at'])[:16]}{' · (edited)' if m['edited_at'] else ''}\n\n"
+                      f"{room_clock.full(m['created_at'])[:16]}"
+                      f"{' · (edited)' if m['edited_at'] else ''}\n\n"
                       f"{markdown_text(m['text'])}\n" for m in rows)
 
 
-async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]) -> AsyncIterator[str]:
+async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
+                          ) -> AsyncIterator[str]:
+    """The transcript as one JSON object, piece by piece: the room's name and code, then its
+    messages (each with its author, times and text)."""
     yield json.dumps({"room": room["name"], "code": room["code"]})[:-1] + ', "messages": ['
     first = True
     async for rows in pages:
         for m in rows:
             yield ("" if first else ",") + json.dumps({
-                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]), "sent_at": m["created_at"],
-                "local_time": room_clock.full(m["created_at"]), "text": m["text"], "edited_at": m["edited_at"]})
+                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]),
+                "sent_at": m["created_at"], "local_time": room_clock.full(m["created_at"]),
+                "text": m["text"], "edited_at": m["edited_at"]})
             first = False
     yield "]}"
 
 
 def room_settings(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, frozenset[int]]:
     """The room as its pages must show it (its settings and code), and its owners."""
-    return db.execute("SELECT * FROM rooms WHERE id = ?", (room_id,)).fetchone(), room_owners(db, room_id)
+    return (db.execute("SELECT * FROM rooms WHERE id = ?", (room_id,)).fetchone(),
+            room_owners(db, room_id))
 
 
-def change_room(db: sqlite3.Connection, room_id: int, settings: dict[str, int]) -> tuple[sqlite3.Row, frozenset[int]]:
-    """Set the room's `locked` or `slow_mode`; its pages must see it: the room moves on a revision."""
+def change_room(db: sqlite3.Connection, room_id: int,
+                settings: dict[str, int]) -> tuple[sqlite3.Row, frozenset[int]]:
+    """Set the room's `locked` or `slow_mode`; its pages must see it: the room moves on a
+    revision."""
     assert set(settings) <= {"locked", "slow_mode"}
     with transaction(db):
-        db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)} WHERE id = :room_id",
-                   {**settings, "room_id": room_id})
+        db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)} "
+                   "WHERE id = :room_id", {**settings, "room_id": room_id})
         advance_room(db, room_id)
     return room_settings(db, room_id)
 
 
-def set_role(db: sqlite3.Connection, room_id: int, user_id: int, role: str) -> tuple[sqlite3.Row, frozenset[int]]:
+def set_role(db: sqlite3.Connection, room_id: int, user_id: int,
+             role: str) -> tuple[sqlite3.Row, frozenset[int]]:
     """Make a member an owner, or an owner a member (stepping down): Refused (409) for somebody
     who is not a member, or for the room's last owner stepping down."""
     with transaction(db):
-        if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id)).fetchone() is None:
+        if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?",
+                      (room_id, user_id)).fetchone() is None:
             raise Refused("That person is not a member of this room.", 409)
         if role == "member" and room_owners(db, room_id) == {user_id}:
             raise Refused("You are this room's only owner: make somebody else an owner first.", 409)
-        db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?", (role, room_id, user_id))
+        db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?",
+                   (role, room_id, user_id))
         advance_room(db, room_id)
     return room_settings(db, room_id)
 
@@ -3204,15 +3477,16 @@ def remove_member(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -
     """Take somebody out of the room until an owner lets them back in: their name, or
     Refused (409: an owner, yourself, nobody)."""
     with transaction(db):
-        person = db.execute("SELECT u.id, u.username, m.role FROM users u LEFT JOIN room_members m "
-                            "ON m.user_id = u.id AND m.room_id = ? WHERE u.id = ?", (room_id, user_id)).fetchone()
+        person = db.execute("SELECT u.id, u.username, m.role FROM users u "
+                            "LEFT JOIN room_members m ON m.user_id = u.id AND m.room_id = ? "
+                            "WHERE u.id = ?", (room_id, user_id)).fetchone()
         if person is None:
             raise Refused("There is nobody like that here.", 409)
         if user_id == by or person["role"] == "owner":
             raise Refused("Owners cannot be removed; an owner can step down first.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
-        db.execute("INSERT INTO removals (room_id, user_id, removed_by, removed_at) VALUES (?, ?, ?, ?) "
-                   "ON CONFLICT DO NOTHING", (room_id, user_id, by, utc_now()))
+        db.execute("INSERT INTO removals (room_id, user_id, removed_by, removed_at) "
+                   "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (room_id, user_id, by, utc_now()))
     return person
 
 
@@ -3220,7 +3494,8 @@ def let_back_in(db: sqlite3.Connection, room_id: int, user_id: int) -> str | Non
     """Undo a removal (they can join again by the code); their name, or None if not removed."""
     with transaction(db):
         row = db.execute("DELETE FROM removals WHERE room_id = ? AND user_id = ? "
-                         "RETURNING (SELECT username FROM users WHERE id = user_id)", (room_id, user_id)).fetchall()
+                         "RETURNING (SELECT username FROM users WHERE id = user_id)",
+                         (room_id, user_id)).fetchall()
     return row[0][0] if row else None
 
 
@@ -3242,11 +3517,13 @@ def clear_room(db: sqlite3.Connection, room_id: int) -> int:
     with transaction(db):
         revision = advance_room(db, room_id)
         newest = db.execute(
-            "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages WHERE room_id = ?1), "
-            "cleared_up_to), cleared_revision = revision WHERE id = ?1 RETURNING cleared_up_to",
+            "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages "
+            "WHERE room_id = ?1), cleared_up_to), cleared_revision = revision "
+            "WHERE id = ?1 RETURNING cleared_up_to",
             (room_id,)).fetchall()[0][0]
         if newest:
-            db.execute("INSERT INTO deletions (message_id, room_id, revision) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            db.execute("INSERT INTO deletions (message_id, room_id, revision) "
+                       "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                        (newest, room_id, revision))
     return revision
 
@@ -3262,12 +3539,14 @@ def purge_room(db: sqlite3.Connection, room_id: int) -> bool:
     """Remove one batch of a cleared or deleted room's rows (secure_delete overwrites them);
     whether there is more to do. A deleted room's own row goes last."""
     with transaction(db):
-        room = db.execute("SELECT cleared_up_to, deleted_at FROM rooms WHERE id = ?", (room_id,)).fetchone()
+        room = db.execute("SELECT cleared_up_to, deleted_at FROM rooms WHERE id = ?",
+                          (room_id,)).fetchone()
         if room is None:
             return False
         bound = 2**63 - 1 if room["deleted_at"] else room["cleared_up_to"]
-        gone = db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE room_id = ? AND id <= ? "
-                          "LIMIT ?)", (room_id, bound, PURGE_BATCH)).rowcount
+        gone = db.execute("DELETE FROM messages WHERE id IN (SELECT id FROM messages "
+                          "WHERE room_id = ? AND id <= ? LIMIT ?)",
+                          (room_id, bound, PURGE_BATCH)).rowcount
         if not room["deleted_at"]:
             return gone == PURGE_BATCH
         if gone:
@@ -3280,11 +3559,13 @@ def purge_room(db: sqlite3.Connection, room_id: int) -> bool:
 
 def members_of(db: sqlite3.Connection, room_id: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
     """The room's members (owners first, then by name) and the people removed from it."""
-    members = db.execute("SELECT u.id, u.username, u.is_guest, m.role FROM room_members m JOIN users u ON u.id = m.user_id "
-                         "WHERE m.room_id = ? ORDER BY m.role = 'owner' DESC, u.username_key LIMIT 1000",
+    members = db.execute("SELECT u.id, u.username, u.is_guest, m.role FROM room_members m "
+                         "JOIN users u ON u.id = m.user_id WHERE m.room_id = ? "
+                         "ORDER BY m.role = 'owner' DESC, u.username_key LIMIT 1000",
                          (room_id,)).fetchall()
-    removed = db.execute("SELECT u.id, u.username, u.is_guest FROM removals r JOIN users u ON u.id = r.user_id "
-                         "WHERE r.room_id = ? ORDER BY u.username_key LIMIT 1000", (room_id,)).fetchall()
+    removed = db.execute("SELECT u.id, u.username, u.is_guest FROM removals r "
+                         "JOIN users u ON u.id = r.user_id WHERE r.room_id = ? "
+                         "ORDER BY u.username_key LIMIT 1000", (room_id,)).fetchall()
     return members, removed
 
 
@@ -3295,10 +3576,11 @@ def rooms_to_purge(db: sqlite3.Connection) -> list[int]:
         "(SELECT 1 FROM messages m WHERE m.room_id = r.id AND m.id <= r.cleared_up_to)")]
 
 
-def transcript_page(db: sqlite3.Connection, room_id: int, after: int, limit: int) -> list[sqlite3.Row]:
+def transcript_page(db: sqlite3.Connection, room_id: int, after: int,
+                    limit: int) -> list[sqlite3.Row]:
     """Up to `limit` of the room's messages after message id `after`, oldest first."""
-    return db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} ORDER BY m.id LIMIT ?",
-                      (room_id, after, limit)).fetchall()
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} "
+                      "ORDER BY m.id LIMIT ?", (room_id, after, limit)).fetchall()
 
 
 MODERATION_ROUTES = [
@@ -3329,7 +3611,8 @@ SEARCH_CHARS = 200  # a longer query is cut here (and at SEARCH_WORDS words)
 SEARCH_WORDS = 12
 
 
-HIT_START, HIT_END = "\x02", "\x03"  # around each matched word in a snippet: no message holds these (clean_text)
+# Around each matched word in a snippet: no message holds these (clean_text).
+HIT_START, HIT_END = "\x02", "\x03"
 
 
 SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may be
@@ -3346,8 +3629,10 @@ async def search(request: Request) -> Response:
     hits, more = [], False
     if expression is not None:
         try:
-            hits, more = await chat_of(request).store.read(search_messages, request.state.user["id"], expression, before)
-        except sqlite3.OperationalError as problem:  # (search_expression leaves FTS5 nothing to object to)
+            hits, more = await chat_of(request).store.read(
+                search_messages, request.state.user["id"], expression, before)
+        except sqlite3.OperationalError as problem:
+            # (search_expression leaves FTS5 nothing to object to)
             log.warning("search for %r failed: %r", expression, problem)
             raise Refused("That search could not be run; try other words.", 400) from None
     return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
@@ -3359,7 +3644,8 @@ def search_expression(query: str) -> str | None:
     (FTS5 reads a quoted string as the phrase of its tokens, so `AND`, `NEAR(`, `*` and `:`
     are only words), the last one a prefix (`"wor"*` finds "world" as it is typed). None if
     no word has a letter or digit in it: nothing to look for."""
-    words = [word for word in query[:SEARCH_CHARS].split() if any(ch.isalnum() for ch in word)][:SEARCH_WORDS]
+    words = [word for word in query[:SEARCH_CHARS].split()
+             if any(ch.isalnum() for ch in word)][:SEARCH_WORDS]
     if not words:
         return None
     return " ".join('"' + word.replace('"', '""') + '"' for word in words) + "*"
@@ -3380,14 +3666,17 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     walked newest first (CROSS JOIN keeps it the outer loop), so a page costs about as much
     at a million messages as at a thousand, unless most matches are in other people's rooms."""
     rows = db.execute(
-        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.code, r.name AS room_name, "
+        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, "
+        "r.code, r.name AS room_name, "
         f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
         "FROM messages_fts f CROSS JOIN messages m ON m.id = f.rowid "
         "JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ? "
         "JOIN rooms r ON r.id = m.room_id JOIN users u ON u.id = m.user_id "
-        "WHERE messages_fts MATCH ? AND f.rowid < ? AND r.deleted_at IS NULL AND m.id > r.cleared_up_to "
+        "WHERE messages_fts MATCH ? AND f.rowid < ? "
+        "AND r.deleted_at IS NULL AND m.id > r.cleared_up_to "
         "ORDER BY f.rowid DESC LIMIT ?",
-        (user_id, expression, before if before is not None else 2**63 - 1, SEARCH_PAGE + 1)).fetchall()
+        (user_id, expression, before if before is not None else 2**63 - 1,
+         SEARCH_PAGE + 1)).fetchall()
     return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
 
 
@@ -3404,7 +3693,8 @@ async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
             failing = False
         except sqlite3.Error as problem:
             if not failing:
-                log.warning("could not index new messages for search (trying again every %g s): %r", every, problem)
+                log.warning("could not index new messages for search "
+                            "(trying again every %g s): %r", every, problem)
             failing = True
         await asyncio.sleep(every)
 
@@ -3419,7 +3709,8 @@ def index_new_messages(db: sqlite3.Connection) -> bool:
         rows = db.execute("SELECT id, text FROM messages WHERE id > ? ORDER BY id LIMIT ?",
                           (mark, SEARCH_BATCH)).fetchall()
         if rows:
-            db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)", [tuple(row) for row in rows])
+            db.executemany("INSERT INTO messages_fts (rowid, text) VALUES (?, ?)",
+                           [tuple(row) for row in rows])
             db.execute("UPDATE search_state SET indexed_up_to = ?", (rows[-1][0],))
     return len(rows) == SEARCH_BATCH
 
@@ -3442,8 +3733,10 @@ class RedisFanout(LocalFanout):
     messages. Presence is a sorted set per room whose entries expire unless their worker
     keeps renewing them, so a crashed worker's users vanish within PRESENCE_TTL."""
 
-    EVERY_ROOM = ("backchat:logout", "backchat:resync", "backchat:state")  # rare: every worker hears them
-    ALL_ROOMS = 0  # (no room's id: soon() runs announce once a window for all the rooms that changed)
+    # Rare: every worker hears them.
+    EVERY_ROOM = ("backchat:logout", "backchat:resync", "backchat:state")
+    # (No room's id: soon() runs announce once a window for all the rooms that changed.)
+    ALL_ROOMS = 0
     SUBSCRIBED_WITHIN = 2.0  # seconds a handshake waits for Redis to confirm a room's subscription
 
     PRESENCE_TTL = 20.0  # seconds an entry lives without renewal
@@ -3456,7 +3749,8 @@ class RedisFanout(LocalFanout):
         self.redis = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_timeout=2,
                                                   socket_connect_timeout=2)
         # The subscriber sits idle between messages, so it gets no read timeout.
-        self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2,
+        self.subscriber = redis.asyncio.Redis.from_url(url, decode_responses=True,
+                                                       socket_connect_timeout=2,
                                                        health_check_interval=10)
         self.worker = secrets.token_hex(4)
         self.tasks: list[asyncio.Task] = []
@@ -3464,15 +3758,19 @@ class RedisFanout(LocalFanout):
         self.missed: set[str] = set()  # rooms whose frames other workers may not have had
         self.recovering: asyncio.Task | None = None
         self.pubsub: Any = None  # the subscriber's pub/sub, while it is connected
-        self.watched: dict[int, asyncio.Event] = {}  # rooms with sockets here -> set once subscribed
+        # rooms with sockets here -> set once subscribed
+        self.watched: dict[int, asyncio.Event] = {}
         # Since the last announce: room id -> who came online (True) or went offline (False).
         self.changed: dict[int, dict[Person, bool]] = {}
-        self.presence_due: set[int] = set()  # rooms whose presence changed, to be shown at the window's end
+        # Rooms whose presence changed, to be shown at the window's end.
+        self.presence_due: set[int] = set()
 
     async def start(self) -> None:
+        """Start listening to Redis and renewing this worker's presence entries."""
         self.tasks = [asyncio.create_task(self._listen()), asyncio.create_task(self._heartbeat())]
 
     async def stop(self) -> None:
+        """Stop listening and renewing, and close both connections to Redis."""
         for task in [*self.tasks, self.recovering]:
             if task is not None:
                 task.cancel()
@@ -3482,7 +3780,8 @@ class RedisFanout(LocalFanout):
 
     def _unhealthy(self, problem: Exception) -> None:
         if self.healthy:
-            log.error("Redis unreachable (%s): serving this worker's connections only until it is back", problem)
+            log.error("Redis unreachable (%s): serving this worker's connections only "
+                      "until it is back", problem)
         self.healthy = False
         if self.recovering is None or self.recovering.done():
             self.recovering = asyncio.create_task(self._recover())
@@ -3495,7 +3794,8 @@ class RedisFanout(LocalFanout):
             try:
                 await self.redis.publish(f"backchat:room:{room_id}", frame)
                 return
-            except Exception as problem:  # the message is stored: it is not lost, only late elsewhere
+            except Exception as problem:
+                # The message is stored: it is not lost, only late elsewhere.
                 self._unhealthy(problem)
         self.missed.add(room_id)
         self.hub.broadcast(room_id, frame)
@@ -3516,8 +3816,8 @@ class RedisFanout(LocalFanout):
                 continue
             self.missed.difference_update(rooms)
             if not self.healthy:
-                log.warning("Redis is back: publishing again; pages in %d room(s) that may have missed "
-                            "frames reconnect and catch up", len(rooms))
+                log.warning("Redis is back: publishing again; pages in %d room(s) that may have "
+                            "missed frames reconnect and catch up", len(rooms))
                 self.healthy = True
             if not self.missed:
                 return
@@ -3538,6 +3838,7 @@ class RedisFanout(LocalFanout):
             await asyncio.wait_for(self.watched[room_id].wait(), self.SUBSCRIBED_WITHIN)
 
     async def unwatch(self, room_id: int) -> None:
+        """Unsubscribe from the room's channels (the last socket here in it closed)."""
         if self.watched.pop(room_id, None) is not None:
             with contextlib.suppress(Exception):
                 await self.pubsub.unsubscribe(*self._channels(room_id))
@@ -3553,18 +3854,22 @@ class RedisFanout(LocalFanout):
                     for subscribed in self.watched.values():
                         subscribed.clear()
                     self.pubsub = pubsub
-                    await pubsub.subscribe(*self.EVERY_ROOM, *(channel for room_id in list(self.watched)
-                                                               for channel in self._channels(room_id)))
+                    await pubsub.subscribe(*self.EVERY_ROOM,
+                                           *(channel for room_id in list(self.watched)
+                                             for channel in self._channels(room_id)))
                     if not self.healthy:
-                        log.warning("Redis is back: asking every page on this worker to reconnect and catch up")
+                        log.warning("Redis is back: asking every page on this worker to "
+                                    "reconnect and catch up")
                         self.healthy = True
                         await self.hub.close_all(1012)
                     delay = 0.5
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self._deliver_one(message["channel"], message["data"])
-                        elif message["type"] == "subscribe" and message["channel"].startswith("backchat:room:"):
-                            if subscribed := self.watched.get(int(message["channel"].rsplit(":", 1)[1])):
+                        elif (message["type"] == "subscribe"
+                              and message["channel"].startswith("backchat:room:")):
+                            if subscribed := self.watched.get(
+                                    int(message["channel"].rsplit(":", 1)[1])):
                                 subscribed.set()
             except asyncio.CancelledError:
                 raise
@@ -3585,8 +3890,8 @@ class RedisFanout(LocalFanout):
     def _deliver(self, channel: str, data: str) -> None:
         if channel == "backchat:logout":
             ended = json.loads(data)
-            return self.hub.end_pages(ended.get("user_id"), ended.get("session_id"), ended.get("room_id"),
-                                      ended.get("why", "logged out"))
+            return self.hub.end_pages(ended.get("user_id"), ended.get("session_id"),
+                                      ended.get("room_id"), ended.get("why", "logged out"))
         if channel == "backchat:state":
             changed = json.loads(data)
             room_id = changed["room_id"]
@@ -3602,15 +3907,20 @@ class RedisFanout(LocalFanout):
             return  # nobody here is in that room
         if kind == "room":
             self.hub.broadcast(room_id, data)
-        else:  # shown once the window ends, with every other room whose presence changed meanwhile
+        else:
+            # Shown once the window ends, with every other room whose presence changed meanwhile.
             self.presence_due.add(room_id)
             self.soon(self.show_due_presence, self.ALL_ROOMS)
 
     async def show_due_presence(self, _: int = 0) -> None:
+        """Send the pages of every room whose presence changed in the window their online
+        list (show_presences)."""
         due, self.presence_due = sorted(self.presence_due), set()
         await self.show_presences(due)
 
     async def online_in(self, room_ids: list[int]) -> dict[int, list[Person]]:
+        """Who has each room open, by name, on every worker: the live entries of each room's
+        set in Redis, in one trip (this worker's own pages if Redis is away)."""
         if not room_ids:
             return {}
         try:
@@ -3623,19 +3933,25 @@ class RedisFanout(LocalFanout):
             self._unhealthy(problem)
             return await super().online_in(room_ids)
         return {room_id: by_name({(int(user_id), name, guest == "1")
-                                  for _, user_id, guest, name in (entry.split("|", 3) for entry in entries)})
+                                  for _, user_id, guest, name in (entry.split("|", 3)
+                                                                  for entry in entries)})
                 for room_id, entries in zip(room_ids, found)}
 
-    async def end_pages(self, user_id: int | None, session_id: str | None = None, room_id: int | None = None,
-                        why: str = "logged out") -> None:
+    async def end_pages(self, user_id: int | None, session_id: str | None = None,
+                        room_id: int | None = None, why: str = "logged out") -> None:
+        """Pages that may not go on are told so and closed, on every worker through Redis
+        (RoomHub.end_pages)."""
         ended = {"user_id": user_id, "session_id": session_id, "room_id": room_id, "why": why}
         try:
             await self.redis.publish("backchat:logout", json.dumps(ended))
-        except Exception as problem:  # this worker's pages at least; the others' on their next reconnect
+        except Exception as problem:
+            # This worker's pages at least; the others' on their next reconnect.
             self._unhealthy(problem)
             self.hub.end_pages(user_id, session_id, room_id, why)
 
     async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
+        """Its owners changed the room: every worker, through Redis, keeps its new state and
+        gives its pages the frame that shows it."""
         changed = {"room_id": room_id, "state": state.to_wire(), "frame": frame}
         try:
             await self.redis.publish("backchat:state", json.dumps(changed))
@@ -3658,9 +3974,11 @@ class RedisFanout(LocalFanout):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for room_id, people in changed.items():
                     key = f"backchat:online:{room_id}"
-                    if went := [self._entry(person) for person, online in people.items() if not online]:
+                    if went := [self._entry(person)
+                                for person, online in people.items() if not online]:
                         pipe.zrem(key, *went)
-                    if came := {self._entry(person): expires for person, online in people.items() if online}:
+                    if came := {self._entry(person): expires
+                                for person, online in people.items() if online}:
                         pipe.zadd(key, came)
                     pipe.publish(f"backchat:presence:{room_id}", "")
                 await pipe.execute()
@@ -3670,10 +3988,14 @@ class RedisFanout(LocalFanout):
                 await self.show_presence(room_id)
 
     async def came_online(self, conn: Connection) -> None:
+        """The socket's user opened their first page of the room here: announced soon, with
+        every other change."""
         self.changed.setdefault(conn.room_id, {})[conn.user] = True
         self.soon(self.announce, self.ALL_ROOMS)
 
     async def went_offline(self, conn: Connection) -> None:
+        """The socket's user closed their last page of the room here: announced soon, with
+        every other change."""
         self.changed.setdefault(conn.room_id, {})[conn.user] = False
         self.soon(self.announce, self.ALL_ROOMS)
 
@@ -3688,7 +4010,8 @@ class RedisFanout(LocalFanout):
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for room_id, tabs in rooms:
                         key = f"backchat:online:{room_id}"
-                        pipe.zadd(key, {self._entry(user): now + self.PRESENCE_TTL for user in tabs})
+                        pipe.zadd(key, {self._entry(user): now + self.PRESENCE_TTL
+                                        for user in tabs})
                         pipe.zremrangebyscore(key, "-inf", now)
                         pipe.expire(key, int(self.PRESENCE_TTL) * 2)
                     await pipe.execute()
@@ -3707,15 +4030,20 @@ class RedisRateLimiter(RateLimiter):
         self.fanout = fanout
 
     def _counter(self, key: Any) -> str:
-        return f"backchat:limit:{int(self.window)}:{limit_key(key)}:{int(time.time() // self.window)}"
+        return (f"backchat:limit:{int(self.window)}:{limit_key(key)}:"
+                f"{int(time.time() // self.window)}")
 
     async def retry_after(self, key: Any) -> float:
+        """Seconds until the key's window ends (its counter expires); this worker's own count
+        if Redis is away."""
         try:
             return max(0.0, float(await self.fanout.redis.ttl(self._counter(key))))
         except Exception:
             return await super().retry_after(key)
 
     async def allow(self, key: Any) -> bool:
+        """Count one event in the key's window, in Redis; say whether it is within the limit
+        (counted on this worker alone if Redis is away)."""
         if not self.limit:
             return True
         counter = self._counter(key)  # once: both commands must name the same window
@@ -3742,6 +4070,8 @@ class RedisFailureLimit(FailureLimit):
         self.fanout = fanout
 
     async def check(self, *keys: Any) -> None:
+        """TooManyFailures if any key is at its limit, as Redis counts failures
+        (FailureLimit.check); this worker's own count if Redis is away."""
         if not self.limit:
             return
         try:
@@ -3759,7 +4089,8 @@ class RedisFailureLimit(FailureLimit):
         key at its limit may try again."""
         window = int(self.window)
         block, into = divmod(time.time(), window)
-        return [f"backchat:failures:{window}:{key}:{int(block)}" for key in keys], max(1.0, window - into)
+        return ([f"backchat:failures:{window}:{key}:{int(block)}" for key in keys],
+                max(1.0, window - into))
 
     async def _enter(self, keys: list[str]) -> Callable[[bool], Awaitable[None]]:
         try:
@@ -3780,7 +4111,8 @@ class RedisFailureLimit(FailureLimit):
                 for failed, checking in zip(failures, in_flight):
                     pipe.get(failed).incr(checking).expire(checking, 60)
                 replies = await pipe.execute()
-            counts = [(int(replies[3 * n] or 0), replies[3 * n + 1]) for n in range(len(keys))]  # (ours included)
+            # Each key's failures and attempts being checked (ours included).
+            counts = [(int(replies[3 * n] or 0), replies[3 * n + 1]) for n in range(len(keys))]
             if all(failed + checking <= self.limit for failed, checking in counts):
                 break
             await self._done(in_flight, [])
@@ -3791,6 +4123,7 @@ class RedisFailureLimit(FailureLimit):
             await asyncio.sleep(self.POLL)
 
         async def leave(failed: bool) -> None:
+            """The attempt is over: it is checked no more, and counts if it failed."""
             with contextlib.suppress(Exception):  # (a lost count: at worst one guess more)
                 await self._done(in_flight, failures if failed else [])
 
@@ -3811,7 +4144,8 @@ def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, C
     if not settings.redis_url:
         return LocalFanout(hub), RateLimiter, FailureLimit
     fanout = RedisFanout(hub, settings.redis_url)
-    return fanout, functools.partial(RedisRateLimiter, fanout), functools.partial(RedisFailureLimit, fanout)
+    return (fanout, functools.partial(RedisRateLimiter, fanout),
+            functools.partial(RedisFailureLimit, fanout))
 
 
 # ---------------------------------------------------------------------------
@@ -3822,6 +4156,7 @@ def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, C
 
 
 async def healthz(request: Request) -> Response:
+    """For a load balancer or a monitor: 200 while the app serves."""
     return JSONResponse({"status": "ok"})
 
 
@@ -3831,15 +4166,18 @@ async def storage_error(request: Request, exc: Exception) -> Response:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
+    """The error page, with the refusal's words (never a 500's: what broke is not shown);
+    plain text for a socket."""
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) if status != 500 else None
-    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large", 429: "Slow down",
-              500: "Something broke", 503: "Not saved"}
+    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 413: "Too large",
+              429: "Slow down", 500: "Something broke", 503: "Not saved"}
     if request.scope["type"] != "http":
         return PlainTextResponse(titles.get(status, "Error"), status_code=status)
     request.state.user = await current_user(request) if status != 500 else None
     response = render(request, "error.html", status, title=titles.get(status, "Error"),
-                      detail=detail or "Something went wrong on our side; try again. If it keeps happening, tell whoever runs this server.")
+                      detail=detail or ("Something went wrong on our side; try again. "
+                                        "If it keeps happening, tell whoever runs this server."))
     if status == 500:  # Starlette answers these from outside all middleware: add the headers here
         response.headers.update(security_headers(request.scope.get("csp_nonce", "")))
     return response
@@ -3871,6 +4209,7 @@ class SecurityHeaders:
         self.allowed_hosts = allowed_hosts
 
     def host_allowed(self, scope: Scope) -> bool:
+        """Whether the request's Host is an IP address or a name this server is for."""
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
         name = (host.rsplit(":", 1)[0] if not host.endswith("]") else host).strip("[]")  # no port
         with contextlib.suppress(ValueError):
@@ -3885,19 +4224,23 @@ class SecurityHeaders:
             log.info("refused %s %s: Host not in CHAT_ALLOWED_HOSTS", scope["type"], scope["path"])
             if scope["type"] == "websocket":  # a close before accept: uvicorn's 403 (see refuse())
                 return await send({"type": "websocket.close", "code": 1008})
-            return await PlainTextResponse("This server does not serve that host name.", 400)(scope, receive, send)
+            return await PlainTextResponse("This server does not serve that host name.", 400)(
+                scope, receive, send)
         if scope["type"] == "websocket":
             scope["backchat.raw_send"] = send  # see Connection.send
             return await self.app(scope, receive, send)
         nonce = scope["csp_nonce"] = secrets.token_urlsafe(16)
-        headers = [(name.encode(), value.encode()) for name, value in security_headers(nonce).items()]
+        headers = [(name.encode(), value.encode())
+                   for name, value in security_headers(nonce).items()]
 
         async def send_with_headers(message: Message) -> None:
+            """Send the message, a response's start with the security headers added."""
             if message["type"] == "http.response.start":
                 given = list(message.get("headers", []))
                 # Pages depend on the session (history, a CSRF token): no shared cache, nor the
                 # back button after logging out, may keep them. Static files say otherwise.
-                no_store = [] if any(name.lower() == b"cache-control" for name, _ in given) else [NO_STORE]
+                no_store = ([] if any(name.lower() == b"cache-control" for name, _ in given)
+                            else [NO_STORE])
                 message = {**message, "headers": given + headers + no_store}
             await send(message)
 
@@ -3910,9 +4253,11 @@ class CachedStaticFiles(StaticFiles):
 
     def file_response(self, full_path: Any, stat_result: os.stat_result, scope: Scope,
                       status_code: int = 200) -> Response:
+        """The file's response, cached a year if it is versioned, else revalidated."""
         response = super().file_response(full_path, stat_result, scope, status_code)
         versioned = Path(full_path).is_relative_to(HERE / "static" / "vendor")
-        response.headers["cache-control"] = "public, max-age=31536000, immutable" if versioned else "no-cache"
+        response.headers["cache-control"] = ("public, max-age=31536000, immutable" if versioned
+                                             else "no-cache")
         return response
 
 
@@ -3924,6 +4269,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        """Open the chat and start its background tasks; at the end, stop them all and close."""
         app.state.chat = chat = await open_chat(settings)
         background = [asyncio.create_task(task(chat)) for task in BACKGROUND_TASKS]
         try:
@@ -3936,15 +4282,17 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     routes = [*ACCOUNT_ROUTES, *ROOM_ROUTES, *MESSAGE_ROUTES, *CHANGE_ROUTES, *MODERATION_ROUTES,
               *SEARCH_ROUTES, get("/healthz", healthz),
-              Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")), name="static")]
+              Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")),
+                    name="static")]
     middleware = [
         Middleware(SecurityHeaders, allowed_hosts=settings.allowed_hosts),
         Middleware(SessionMiddleware, secret_key=load_secret_key(settings), same_site="lax",
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
-    errors = {HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error, Exception: http_error}
-    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=MAX_FORM_BYTES,
-                     exception_handlers=errors)
+    errors = {HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error,
+              Exception: http_error}
+    return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                     max_body_size=MAX_FORM_BYTES, exception_handlers=errors)
 
 
 async def open_chat(settings: Settings) -> Chat:
@@ -3955,7 +4303,8 @@ async def open_chat(settings: Settings) -> Chat:
     hub = RoomHub(settings.sockets_per_user, settings.sockets_per_address, settings.max_connections)
     fanout, limiter, failures = limiters(settings, hub)
     chat = Chat(settings, store, hub, fanout, message_limit=limiter(settings.message_rate, 10),
-                room_limit=limiter(settings.room_rate, 3600), login_limit=failures(settings.login_failures, 15 * 60),
+                room_limit=limiter(settings.room_rate, 3600),
+                login_limit=failures(settings.login_failures, 15 * 60),
                 register_limit=limiter(settings.register_rate, 3600),
                 room_guess_limit=failures(settings.room_guesses, 3600),
                 slow_limits={seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds})
@@ -3967,7 +4316,8 @@ async def open_chat(settings: Settings) -> Chat:
 
 
 # What runs beside the requests for as long as the app does, each a function of the Chat.
-BACKGROUND_TASKS: tuple[Callable[[Chat], Awaitable[None]], ...] = (heartbeats, watch_sessions, index_search)
+BACKGROUND_TASKS: tuple[Callable[[Chat], Awaitable[None]], ...] = (
+    heartbeats, watch_sessions, index_search)
 
 
 def __getattr__(name: str) -> Starlette:
@@ -4038,7 +4388,8 @@ def make_login_link(db: sqlite3.Connection, username: str) -> str | None:
             return None
         db.execute("DELETE FROM login_links WHERE user_id = ?", (user["id"],))
         db.execute("INSERT INTO login_links (token_hash, user_id, expires_at) VALUES (?, ?, ?)",
-                   (hashlib.sha256(token.encode()).hexdigest(), user["id"], utc_ago(hours=-LOGIN_LINK_HOURS)))
+                   (hashlib.sha256(token.encode()).hexdigest(), user["id"],
+                    utc_ago(hours=-LOGIN_LINK_HOURS)))
     return token
 
 
@@ -4049,7 +4400,8 @@ def operate(args: argparse.Namespace) -> None:
             pages = backup(args.db, args.file)
         except (FileExistsError, sqlite3.Error) as problem:
             sys.exit(f"Backchat: no backup written: {problem}")
-        print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); see the README to restore it")
+        print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); "
+              "see the README to restore it")
         return
     if not args.db.exists():
         sys.exit(f"Backchat: there is no database at {args.db} (give --db)")
@@ -4063,13 +4415,15 @@ def operate(args: argparse.Namespace) -> None:
         elif args.action == "login-link":
             if (token := make_login_link(db, args.name)) is None:
                 sys.exit(f"Backchat: there is no open account called {args.name!r}")
-            print(f"Backchat: a login link for {args.name}, for one use within {LOGIN_LINK_HOURS} hour; give it "
-                  f"to them privately:\n  {args.url.rstrip('/')}/auth/link/{token}")
+            print(f"Backchat: a login link for {args.name}, for one use within "
+                  f"{LOGIN_LINK_HOURS} hour; give it to them privately:\n"
+                  f"  {args.url.rstrip('/')}/auth/link/{token}")
         else:
             print(f"{'name':24} {'guest':5} {'created':20} {'last seen':20} {'rooms':>5}  closed")
             for row in accounts(db):
-                print(f"{row['username'][:24]:24} {'yes' if row['is_guest'] else '':5} {row['created_at']:20} "
-                      f"{row['last_seen'] or '-':20} {row['rooms']:>5}  {row['deactivated_at'] or ''}")
+                print(f"{row['username'][:24]:24} {'yes' if row['is_guest'] else '':5} "
+                      f"{row['created_at']:20} {row['last_seen'] or '-':20} {row['rooms']:>5}  "
+                      f"{row['deactivated_at'] or ''}")
     finally:
         db.close()
 
@@ -4077,7 +4431,8 @@ def operate(args: argparse.Namespace) -> None:
 REQUEST_HEAD_SECONDS = 10  # to send a request's line and headers, before the connection is cut
 
 
-ACCEPT_BACKLOG = 128  # connections accepted in one go (uvicorn's default, 2048, could overrun the file limit)
+# Connections accepted in one go (uvicorn's default, 2048, could overrun the file limit).
+ACCEPT_BACKLOG = 128
 
 
 class GuardedHTTP(H11Protocol):
@@ -4087,30 +4442,37 @@ class GuardedHTTP(H11Protocol):
     idle connections cannot use up the process's file descriptors."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """A new connection: a 503 at once past the total, else a deadline for its first head."""
         super().connection_made(transport)
         self.head_deadline: asyncio.TimerHandle | None = None
         if self.limit_concurrency and len(self.connections) > self.limit_concurrency:
-            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\n"
+                            b"connection: close\r\ncontent-length: 0\r\n\r\n")
             transport.close()
             return
         self.await_head()
 
     def await_head(self) -> None:
+        """Close the connection unless a request head is in within REQUEST_HEAD_SECONDS."""
         self.head_deadline = self.loop.call_later(REQUEST_HEAD_SECONDS, self.transport.close)
 
     def handle_events(self) -> None:
+        """uvicorn's parsing of what came in; once a request head is in, its deadline ends."""
         super().handle_events()
         head_in = self.cycle is not None and not self.cycle.response_complete
-        if self.head_deadline is not None and (head_in or self.transport.get_protocol() is not self):
+        if (self.head_deadline is not None
+                and (head_in or self.transport.get_protocol() is not self)):
             self.head_deadline.cancel()  # a request is in (or the connection became a WebSocket)
             self.head_deadline = None
 
     def on_response_complete(self) -> None:
+        """A response is sent: the connection waits for its next request head, with a deadline."""
         super().on_response_complete()
         if not self.transport.is_closing() and self.head_deadline is None:
             self.await_head()  # the next request on this keep-alive connection gets one too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The connection closed: its deadline goes with it."""
         if self.head_deadline is not None:
             self.head_deadline.cancel()
         super().connection_lost(exc)
@@ -4129,7 +4491,8 @@ def lan_addresses() -> list[str]:
     """This machine's IPv4 addresses but loopback: what students on the LAN type in."""
     found = set()
     with contextlib.suppress(OSError):
-        found |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
+        found |= {info[4][0]
+                  for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
     siocgifaddr = {"linux": 0x8915, "darwin": 0xC0206921}.get(sys.platform)  # ask each interface
     if siocgifaddr:
         import fcntl
@@ -4139,7 +4502,8 @@ def lan_addresses() -> list[str]:
             for _, interface in socket.if_nameindex():
                 with contextlib.suppress(OSError):
                     request = struct.pack("256s", interface.encode()[:15])
-                    found.add(socket.inet_ntoa(fcntl.ioctl(probe.fileno(), siocgifaddr, request)[20:24]))
+                    found.add(socket.inet_ntoa(
+                        fcntl.ioctl(probe.fileno(), siocgifaddr, request)[20:24]))
     return sorted(address for address in found if not address.startswith("127."))
 
 
@@ -4152,20 +4516,28 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(problem))
     parser.add_argument("--host", default=env.host)
     parser.add_argument("--port", type=int, default=env.port)
-    parser.add_argument("--db", type=Path, default=env.db_path, help="SQLite file (default: chat.db)")
-    parser.add_argument("--https", action="store_true", default=env.https_only, help="Secure cookies, for TLS deployments")
+    parser.add_argument("--db", type=Path, default=env.db_path,
+                        help="SQLite file (default: chat.db)")
+    parser.add_argument("--https", action="store_true", default=env.https_only,
+                        help="Secure cookies, for TLS deployments")
     parser.add_argument("--ws", default=env.ws, help="uvicorn's WebSocket implementation")
     parser.add_argument("--guests", action="store_true", default=env.guests,
                         help='offer "Join as a guest" (a name, no password) for classes and demos')
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", help="or, instead of serving:")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="or, instead of serving:")
     same_db = argparse.ArgumentParser(add_help=False)  # --db after the command works too
-    same_db.add_argument("--db", type=Path, default=argparse.SUPPRESS, help="SQLite file (default: chat.db)")
-    backup_command = commands.add_parser("backup", parents=[same_db], help="copy the database while it runs")
+    same_db.add_argument("--db", type=Path, default=argparse.SUPPRESS,
+                         help="SQLite file (default: chat.db)")
+    backup_command = commands.add_parser("backup", parents=[same_db],
+                                         help="copy the database while it runs")
     backup_command.add_argument("file", type=Path, help="the new file to write")
-    users = commands.add_parser("users", parents=[same_db], help="list accounts, close one, or make a login link")
-    users.add_argument("action", nargs="?", choices=["list", "deactivate", "login-link"], default="list")
+    users = commands.add_parser("users", parents=[same_db],
+                                help="list accounts, close one, or make a login link")
+    users.add_argument("action", nargs="?", choices=["list", "deactivate", "login-link"],
+                       default="list")
     users.add_argument("name", nargs="?", help="the account's name (for deactivate and login-link)")
-    users.add_argument("--url", default="http://localhost:8000", help="the address people open (for login-link)")
+    users.add_argument("--url", default="http://localhost:8000",
+                       help="the address people open (for login-link)")
     args = parser.parse_args(argv)
     if args.command == "users" and args.action != "list" and not args.name:
         parser.error(f"users {args.action} needs the account's name")
@@ -4189,14 +4561,17 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     # asyncio accepts a burst per loop turn and a connection refused with a 503 closes
     # three turns after its accept, so three bursts can be open at once.
     spare = 3 * ACCEPT_BACKLOG + 64
-    max_connections = min(env.max_connections, open_files_allowed(env.max_connections + spare) - spare)
-    settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https, "allowed_hosts": hosts,
-                           "max_connections": max_connections, "guests": args.guests})
+    max_connections = min(env.max_connections,
+                          open_files_allowed(env.max_connections + spare) - spare)
+    settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https,
+                           "allowed_hosts": hosts, "max_connections": max_connections,
+                           "guests": args.guests})
     print(f"Backchat: database {settings.db_path.resolve()}")
     # On every interface: the LAN addresses first, the ones to share (an invite link is built
     # from the address the page was opened at); localhost only works on this machine.
     for address in [*lan_addresses(), "localhost"] if everywhere else [args.host]:
-        print(f"Backchat: open http://{address}:{args.port}/" + ("  (this machine only)" if address == "localhost" else ""))
+        print(f"Backchat: open http://{address}:{args.port}/"
+              + ("  (this machine only)" if address == "localhost" else ""))
     if settings.guests:
         print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
     sys.stdout.flush()
@@ -4206,10 +4581,10 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     # X-Forwarded-For only from the proxies named in CHAT_TRUSTED_PROXIES (uvicorn's own
     # default believes anyone on loopback, which lets a local client pick its address).
     uvicorn.run(create_app(settings), host=args.host, port=args.port, http=GuardedHTTP, ws=args.ws,
-                ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False, ws_ping_interval=settings.heartbeat,
-                ws_ping_timeout=2 * settings.heartbeat, limit_concurrency=max_connections,
-                proxy_headers=bool(settings.trusted_proxies), forwarded_allow_ips=settings.trusted_proxies or None,
-                backlog=ACCEPT_BACKLOG,
+                ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
+                ws_ping_interval=settings.heartbeat, ws_ping_timeout=2 * settings.heartbeat,
+                limit_concurrency=max_connections, proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=settings.trusted_proxies or None, backlog=ACCEPT_BACKLOG,
                 timeout_graceful_shutdown=5, log_level="info")
 
 
