@@ -216,7 +216,7 @@ def test_a_page_more_than_a_page_behind_gets_the_newest_page_and_can_load_the_re
     grace.screenshot("far-behind")  # (console errors: only the refused reconnects while the server was down)
 
 
-# --- real conditions: held-back scripts, no JavaScript, offline, dead links, slow phones ---
+# --- a message on real networks: held-back scripts, no JavaScript, offline, dead links, slow phones
 
 SCRIPTS = ("htmx.min.js", "hx-ws.min.js", "hx-upsert.min.js")
 
@@ -464,7 +464,7 @@ def test_a_slow_phone_in_dark_mode_with_a_cold_cache_goes_live(browser, people, 
         phone.context.close()
 
 
-# --- edit, delete, unread, leave in the browser (issue 10) --------------------------------------
+# --- changing a message, unread, leaving ---------------------------------------------------------
 
 
 def controls(person: Person, text: str):
@@ -553,7 +553,7 @@ def test_unread_badge_the_new_divider_links_and_leaving(people):
     assert ada.errors == [] and grace.errors == []
 
 
-# --- a classroom (issue 11) --------------------------------------------------------------------
+# --- accounts: a guest from an invite link, and the wire view ------------------------------------
 
 
 @pytest.mark.parametrize("viewport", [{"width": 1280, "height": 800}, {"width": 390, "height": 844}],
@@ -600,7 +600,7 @@ def test_a_guest_joins_by_link_and_the_wire_view_shows_both_ways(browser, tmp_pa
         server.stop()
 
 
-# --- what chat users report elsewhere (issue 17) ------------------------------------------------
+# --- a message: typing never lost, counted as the server counts, honest New, catch-up, status ----
 
 
 class SlowLink:
@@ -769,7 +769,7 @@ def test_the_status_is_announced_once_per_change(people, chat_server):
     assert grace.page.evaluate("window.statusTexts") == ["Reconnecting…", "Live"]
 
 
-# --- a whole class on one screen, by keyboard and by screen reader (issue 19) -------------------
+# --- the live room at class size: every screen, keyboard, screen reader, axe ---------------------
 
 
 class Classroom:
@@ -1075,7 +1075,7 @@ def test_a_screen_reader_hears_new_messages_once_and_history_never(people, chat_
     expect(announcer).to_have_text("ada: new after all that")
 
 
-# --- the lesson beside chat.py (issue 20) ---------------------------------------------------------
+# --- the lesson beside chat.py -------------------------------------------------------------------
 
 
 def test_two_pages_chat_through_the_lesson(browser):
@@ -1123,7 +1123,7 @@ def test_two_pages_chat_through_the_lesson(browser):
         lesson.wait(10)
 
 
-# --- the room's owner runs the room (issue 21) -------------------------------------------------
+# --- moderation, mentions, reactions, replies and search in the browser --------------------------
 
 
 def test_the_owner_runs_the_room_while_a_members_page_is_open(people):

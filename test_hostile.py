@@ -110,7 +110,7 @@ def test_websocket_survives_any_frame(app_settings):
     assert_database_consistent(app_settings)
 
 
-# --- attacks from outsiders with a few free accounts (issue 9) ---------------------------------
+# --- accounts, rooms and the socket under attack from outsiders with a few free accounts ---------
 
 
 def limited_app(tmp_path, **limits) -> TestClient:
@@ -342,7 +342,7 @@ def test_rate_limiter_forgets_expired_keys_without_sweeping_them_all(monkeypatch
     assert set(limiter._events) == {chat.limit_key(f"new{n}") for n in range(10_000)}
 
 
-# --- hostile users, round three (issue 18) -------------------------------------------------------
+# --- accounts, sessions and the database under attack from insiders ------------------------------
 
 
 def test_login_limit_keys_are_bounded_and_overlong_names_count_nowhere(tmp_path):

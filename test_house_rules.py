@@ -93,3 +93,33 @@ def test_every_public_function_has_a_docstring_and_type_hints():
             if ast.get_docstring(node) is None or not hinted:
                 missing.append(f"{node.name} (line {node.lineno})")
     assert missing == []
+
+
+def test_the_redis_twins_keep_the_local_ones_methods():
+    """RedisFanout, RedisRateLimiter and RedisFailureLimit stand in for LocalFanout, RateLimiter
+    and FailureLimit: every public method a twin defines is one the local one has, with the
+    same parameters, so nothing above section 13 knows which one runs."""
+    import inspect
+
+    import chat
+
+    for local, twin in ((chat.LocalFanout, chat.RedisFanout), (chat.RateLimiter, chat.RedisRateLimiter),
+                        (chat.FailureLimit, chat.RedisFailureLimit)):
+        for name, method in vars(twin).items():
+            if callable(method) and not name.startswith("_"):
+                assert hasattr(local, name), f"{twin.__name__}.{name} has no twin in {local.__name__}"
+                assert (list(inspect.signature(method).parameters)
+                        == list(inspect.signature(getattr(local, name)).parameters)), name
+
+
+def test_only_settings_reads_the_environment():
+    """os.environ (or getenv) is read in Settings.from_env and nowhere else in chat.py:
+    everything below receives a Settings."""
+    readers = []
+    for node in ast.walk(TREE):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for inner in ast.walk(node):
+                if (isinstance(inner, ast.Attribute) and inner.attr in ("environ", "getenv")
+                        and isinstance(inner.value, ast.Name) and inner.value.id == "os"):
+                    readers.append(node.name)
+    assert set(readers) == {"from_env"}

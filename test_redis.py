@@ -237,7 +237,7 @@ def test_the_login_refusal_says_truly_when_to_try_again_across_workers(two_worke
     assert any(f"Try again {'in a minute' if m == 1 else f'in {m} minutes'}." in said for m in minutes), said
 
 
-# --- hostile users, round three (issue 18) -------------------------------------------------------
+# --- Redis: failures and limits across workers ---------------------------------------------------
 
 
 def redis_client(redis_server: RedisServer):
@@ -297,7 +297,7 @@ def test_the_login_form_cannot_fill_redis(two_workers, redis_server):
         assert admin.info("memory")["used_memory"] - used < 256 * 1024
 
 
-# --- the room's owner runs the room, across workers (issue 21) ----------------------------------
+# --- Redis: moderation, reactions and room state across workers ----------------------------------
 
 
 def owner_step(client: httpx.Client, slug: str, step: str, **fields: str) -> httpx.Response:

@@ -341,7 +341,7 @@ def test_a_connection_that_dies_silently_leaves_presence(tmp_path):
         server.stop()
 
 
-# --- attacks on a running server (issue 9): bounded in count and time, loopback only ----------
+# --- the server under attack: bounded in count and time, loopback only ---------------------------
 
 
 def login_form(client: httpx.AsyncClient, username: str, password: str, token: str, **headers: str):
@@ -481,7 +481,7 @@ def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_vi
         process.wait(15)
 
 
-# --- what chat users report elsewhere (issue 17) ------------------------------------------------
+# --- rooms: a page rendered while another closes -------------------------------------------------
 
 
 def test_a_page_rendered_while_another_closes_does_not_race_its_read_marker(server):
@@ -511,7 +511,7 @@ def test_a_page_rendered_while_another_closes_does_not_race_its_read_marker(serv
     assert "new-divider" not in client.get(f"/room/{slug}/").text
 
 
-# --- hostile users, round three (issue 18) -------------------------------------------------------
+# --- accounts: a class logging in at once --------------------------------------------------------
 
 
 def test_a_class_logging_in_at_once_from_one_address_all_get_in(tmp_path):
@@ -546,6 +546,9 @@ def chat_py(*args: str, cwd) -> subprocess.CompletedProcess:
                           timeout=60)
 
 
+# --- the operator's commands ---------------------------------------------------------------------
+
+
 def test_a_backup_taken_while_the_server_runs_restores_as_the_readme_says(server, tmp_path):
     client, cookie = login_cookie(server, "ada")
     slug = make_room(client, "kept safe")
@@ -578,7 +581,6 @@ def test_a_backup_taken_while_the_server_runs_restores_as_the_readme_says(server
     assert "message 49" in page and page.count('class="msg"') == 50
 
 
-# --- the operator's command line (issue 21) ----------------------------------------------------
 
 
 def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tmp_path):
