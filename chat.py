@@ -1,25 +1,64 @@
 """Backchat: a small real-time chat server in one file, for people who learn htmx.
 
-The browser side is htmx 4: the room page opens a WebSocket (hx-ws:connect), its message
-form sends JSON frames (hx-ws:send), and every frame the server sends back is HTML whose
-hx-swap-oob elements htmx swaps in. lesson/minimal_chat.py is the same idea in 60 lines.
+What it is. People register (or join a class as guests), create a room (its name gets a
+unique code and link), join by code or link, and chat live. The browser side is htmx 4: the
+room page opens a WebSocket (hx-ws:connect), its message form sends JSON frames (hx-ws:send),
+and every frame the server sends back is HTML whose hx-swap-oob elements htmx swaps in.
+static/room.js does the little htmx 4 cannot do without eval. History lives in SQLite; Redis
+shares the live part between workers. lesson/minimal_chat.py is the same idea in 60 lines.
 
-The path of one message, in the order it runs (search for each name):
+The path of one message: section 9 ("A message") top to bottom, then section 6 ("The live
+room") for the push:
   chat_socket          the WebSocket route: admit() checks the handshake, then it reads frames
   handle_frame         one frame from a page (the wire view's echo starts here)
   parse_frame          the form's fields out of htmx's JSON
   post_message         the one path for the socket and the plain form: the checks, then...
-  Store.add_message    ...the commit to SQLite, on the writer thread (add_messages, INSERT_MESSAGE)
-  new_message_frame    the message rendered once (macros in templates/_fragments.html:
-                       new_message_frame wraps messages_frame, which wraps message)
+  add_messages         ...the commit to SQLite, on the writer thread (Store.write_together)
+  new_message_frame    the message rendered once (templates/_fragments.html: new_message_frame
+                       wraps messages_frame, which wraps message)
   LocalFanout.publish  the one string handed on (RedisFanout.publish with several workers)
   RoomHub.broadcast    to every socket in the room
   Connection.push      each socket sends it without ever waiting
+docs/how-it-works.md walks through it with the frames as they travel.
 
-The file, top to bottom: settings, storage, auth, the room hub, HTTP routes, the WebSocket
-route, moderation (the owners' tools), search, then what only scaling out needs (Redis), app
-assembly, the operator's commands and main(). The path above starts near the end of the
-WebSocket route and climbs back up.
+Where things go. The file is a small core (1-6: settings, the database, guards, who is
+asking, pages, the live room), then one section per capability (7-12: accounts, rooms, a
+message, changing a message, moderation, search), then what only scaling out needs (13,
+Redis), the app (14) and the operator's commands with main() (15). A capability's section
+holds, in this order: its constants; its handlers, in the order a request meets them; their
+helpers; its SQL (plain functions of a connection, run through Store.read or Store.write);
+its route list (ACCOUNT_ROUTES, ...); its background task. A section uses only what is above
+it (the migrations, which run at start, excepted), so a reader can go top to bottom; a new
+capability is a new section before Redis, its tables in SCHEMA (each names its section), and
+a line in create_app(), which only composes.
+
+House rules, each kept by one place and proven by a test:
+  1. Nothing is shown before it is committed: add_messages returns rows only after COMMIT,
+     and post_message publishes only then.
+     test_server.py::test_sigkill_mid_burst_loses_no_message_anyone_saw
+  2. A pushed fragment is rendered once for everyone; what differs per viewer (your own
+     messages, the owners' tools, your reactions) is shown by the room page's own nonce'd
+     style (room.html), never by rendering per socket.
+     test_chat.py::test_a_broadcast_is_rendered_once_and_the_same_for_everyone
+  3. Every change a page must see advances the room's revision (NEXT_REVISION, advance_room),
+     so live pages, pages that were offline (catch_up_frame) and other workers end alike.
+     test_chat.py::test_every_frame_that_changes_the_room_moves_the_pages_revision_on
+  4. Connection.push never waits: a socket that lags gets a bounded backlog, then is dropped.
+     test_server.py::test_a_reader_that_stops_reading_holds_up_nobody
+  5. Database work runs only on the Store's threads, never on the event loop.
+     test_chat.py::test_the_database_is_used_only_on_the_stores_threads
+  6. Every check is made on the server, whatever the page shows.
+     test_chat.py::test_every_owners_step_is_refused_to_a_member_and_to_other_rooms_owners
+  7. The Local and Redis twins (LocalFanout, RateLimiter, FailureLimit and theirs) keep the
+     same methods; limiters() is the one place that chooses between them.
+     test_house_rules.py::test_the_redis_twins_keep_the_local_ones_methods
+  8. Nothing below main() reads the environment: Settings.from_env does, once.
+     test_house_rules.py::test_only_settings_reads_the_environment
+  And: a section uses only what is above it; no line is over 100 characters; every public
+  function has a docstring (test_house_rules.py).
+
+More: docs/how-it-works.md (the paths of a message, an edit, a reaction; catching up; real
+networks; room.js), docs/guarantees.md, docs/performance.md, docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -3735,7 +3774,7 @@ class RedisFanout(LocalFanout):
 
     # Rare: every worker hears them.
     EVERY_ROOM = ("backchat:logout", "backchat:resync", "backchat:state")
-    # (No room's id: soon() runs announce once a window for all the rooms that changed.)
+    # (No room's id: soon() runs _announce once a window for all the rooms that changed.)
     ALL_ROOMS = 0
     SUBSCRIBED_WITHIN = 2.0  # seconds a handshake waits for Redis to confirm a room's subscription
 
@@ -3760,7 +3799,7 @@ class RedisFanout(LocalFanout):
         self.pubsub: Any = None  # the subscriber's pub/sub, while it is connected
         # rooms with sockets here -> set once subscribed
         self.watched: dict[int, asyncio.Event] = {}
-        # Since the last announce: room id -> who came online (True) or went offline (False).
+        # Since the last _announce: room id -> who came online (True) or went offline (False).
         self.changed: dict[int, dict[Person, bool]] = {}
         # Rooms whose presence changed, to be shown at the window's end.
         self.presence_due: set[int] = set()
@@ -3910,9 +3949,9 @@ class RedisFanout(LocalFanout):
         else:
             # Shown once the window ends, with every other room whose presence changed meanwhile.
             self.presence_due.add(room_id)
-            self.soon(self.show_due_presence, self.ALL_ROOMS)
+            self.soon(self._show_due_presence, self.ALL_ROOMS)
 
-    async def show_due_presence(self, _: int = 0) -> None:
+    async def _show_due_presence(self, _: int = 0) -> None:
         """Send the pages of every room whose presence changed in the window their online
         list (show_presences)."""
         due, self.presence_due = sorted(self.presence_due), set()
@@ -3964,8 +4003,8 @@ class RedisFanout(LocalFanout):
         user_id, name, guest = user
         return f"{self.worker}|{user_id}|{int(guest)}|{name}"
 
-    async def announce(self, _: int = 0) -> None:
-        """Write who came online and who went offline since the last announce, in every room,
+    async def _announce(self, _: int = 0) -> None:
+        """Write who came online and who went offline since the last time, in every room,
         and tell every worker (itself too) which rooms' presence changed: one trip to Redis
         for all of them, so a class arriving at once costs a few trips, not one per socket."""
         changed, self.changed = self.changed, {}
@@ -3991,13 +4030,13 @@ class RedisFanout(LocalFanout):
         """The socket's user opened their first page of the room here: announced soon, with
         every other change."""
         self.changed.setdefault(conn.room_id, {})[conn.user] = True
-        self.soon(self.announce, self.ALL_ROOMS)
+        self.soon(self._announce, self.ALL_ROOMS)
 
     async def went_offline(self, conn: Connection) -> None:
         """The socket's user closed their last page of the room here: announced soon, with
         every other change."""
         self.changed.setdefault(conn.room_id, {})[conn.user] = False
-        self.soon(self.announce, self.ALL_ROOMS)
+        self.soon(self._announce, self.ALL_ROOMS)
 
     async def _heartbeat(self) -> None:
         """Renew this worker's presence entries, drop expired ones (a crashed worker's),
