@@ -190,8 +190,9 @@ class Settings:
             name, text = known.metadata["env"], env.get(known.metadata["env"], "").strip()
             if text:
                 try:
-                    given[known.name] = (known.metadata["parse"]
-                                         or PARSE_BY_TYPE[type(known.default)])(text)
+                    parse = known.metadata["parse"] or next(
+                        parse for kind, parse in PARSE_BY_TYPE.items() if isinstance(known.default, kind))
+                    given[known.name] = parse(text)
                 except ValueError as problem:
                     raise ValueError(f"{name}: {problem}") from None
         return cls(**given)

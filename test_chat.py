@@ -397,6 +397,25 @@ def test_oversized_form_body_is_refused(alice):
     assert response.status_code == 413
 
 
+def test_every_setting_is_read_from_its_variable_and_a_bad_one_is_named(tmp_path):
+    """Each CHAT_* variable sets its field, cast as its default is; an unset or empty one keeps
+    the default; a value that is not one says which variable."""
+    given = chat.Settings.from_env({
+        "CHAT_DB": str(tmp_path / "x.db"), "CHAT_SECRET_KEY": "k", "CHAT_HOST": "0.0.0.0", "CHAT_PORT": "8123",
+        "CHAT_WS": "wsproto", "CHAT_ALLOWED_ORIGINS": "https://A.example/, https://b.example",
+        "CHAT_MESSAGE_RATE": "0", "CHAT_ALLOWED_HOSTS": "Chat.Example, [::1]", "CHAT_GUESTS": "yes",
+        "CHAT_HTTPS_ONLY": "1", "CHAT_HEARTBEAT": "2.5", "CHAT_TIMEZONE": " Asia/Tokyo ", "CHAT_ROOM_RATE": ""})
+    assert (given.db_path, given.secret_key, given.host, given.port, given.ws) == (
+        tmp_path / "x.db", "k", "0.0.0.0", 8123, "wsproto")
+    assert given.allowed_origins == {"https://a.example", "https://b.example"}
+    assert given.allowed_hosts == {"chat.example", "::1"} and given.guests and given.https_only
+    assert (given.message_rate, given.room_rate, given.heartbeat, given.timezone) == (0, 10, 2.5, "Asia/Tokyo")
+    assert chat.Settings.from_env({}) == chat.Settings()
+    for name, value in (("CHAT_PORT", "eighty"), ("CHAT_MESSAGE_RATE", "²"), ("CHAT_HEARTBEAT", "soon")):
+        with pytest.raises(ValueError, match=name):
+            chat.Settings.from_env({name: value})
+
+
 def test_secret_key_is_generated_once_beside_the_database(tmp_path):
     settings = chat.Settings(db_path=tmp_path / "data" / "chat.db")
     first = chat.load_secret_key(settings)
