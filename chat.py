@@ -142,9 +142,10 @@ def digits(text: str) -> int:
     return int(text)
 
 
+# (bool first: a bool is an int too, and the first type that fits is used)
 PARSE_BY_TYPE: dict[type, Callable[[str], Any]] = {
-    Path: Path, str: str, int: digits, float: float,
-    bool: lambda text: text.lower() in ("1", "true", "yes")}
+    bool: lambda text: text.lower() in ("1", "true", "yes"), Path: Path, str: str, int: digits,
+    float: float}
 
 
 @dataclass(frozen=True)
