@@ -102,7 +102,7 @@ def baseline_app(floor_db: Path | None = None):
             room.discard(websocket)
 
     middleware = [Middleware(SessionMiddleware, secret_key=FLOOR_SECRET)] if floor_db is not None else []
-    return Starlette(routes=[WebSocketRoute("/chat/{slug}/", chat)], middleware=middleware)
+    return Starlette(routes=[WebSocketRoute("/chat/{code}/", chat)], middleware=middleware)
 
 
 FLOOR_SECRET, FLOOR_SESSION_ID = "bench", "floor-session"

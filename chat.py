@@ -192,7 +192,8 @@ class Settings:
             if text:
                 try:
                     parse = known.metadata["parse"] or next(
-                        parse for kind, parse in PARSE_BY_TYPE.items() if isinstance(known.default, kind))
+                        parse for kind, parse in PARSE_BY_TYPE.items()
+                        if isinstance(known.default, kind))
                     given[known.name] = parse(text)
                 except ValueError as problem:
                     raise ValueError(f"{name}: {problem}") from None
