@@ -88,7 +88,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, NamedTuple
 from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -270,6 +270,7 @@ CREATE TABLE IF NOT EXISTS rooms (
     created_by INTEGER NOT NULL REFERENCES users(id),
     created_at TEXT NOT NULL,
     revision   INTEGER NOT NULL DEFAULT 0,  -- advanced by every change its pages must see
+    state_revision INTEGER NOT NULL DEFAULT 0,  -- that of the newest change to the state below
     locked     INTEGER NOT NULL DEFAULT 0,  -- only its owners may post
     slow_mode  INTEGER NOT NULL DEFAULT 0,  -- seconds between a member's messages; 0: off
     -- its messages up to this id were cleared (gone, or going)
@@ -372,6 +373,17 @@ BEGIN
     UPDATE room_members SET last_read_id = NEW.id
     WHERE room_id = NEW.room_id AND user_id = NEW.user_id;
 END;
+-- The ids handed out so far (INSERT_MESSAGE and insert_room take the next): an id is never
+-- handed out twice, even once every row that had it is gone (a deleted room's newest messages).
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,  -- 'message', 'room'
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO counters (name, value) VALUES ('message', 0), ('room', 0);
+CREATE TRIGGER IF NOT EXISTS messages_counted AFTER INSERT ON messages
+BEGIN UPDATE counters SET value = NEW.id WHERE name = 'message' AND value < NEW.id; END;
+CREATE TRIGGER IF NOT EXISTS rooms_counted AFTER INSERT ON rooms
+BEGIN UPDATE counters SET value = NEW.id WHERE name = 'room' AND value < NEW.id; END;
 """.replace("{SEARCH_INDEX}", SEARCH_INDEX)
 
 
@@ -417,11 +429,38 @@ MIGRATIONS = [
     # Replies. (The search index, its triggers, and the mentions and reactions tables are
     # SCHEMA's; the messages already there are indexed in the background, index_new_messages.)
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
-    # One word for a room's code (it was "slug").
+    # One word for a room's code (it was "slug"). Ids are never handed out twice (counters):
+    # an id a deleted room's messages had was, and the search index skipped those messages, so
+    # it is rebuilt. A catch-up sends a room's state again if it changed (state_revision).
     ["ALTER TABLE rooms RENAME COLUMN slug TO code",
      lambda db: db.execute("ALTER TABLE room_codes RENAME COLUMN slug TO code") if db.execute(
-         "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None],
+         "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None,
+     "ALTER TABLE rooms ADD COLUMN state_revision INTEGER NOT NULL DEFAULT 0",
+     "UPDATE rooms SET state_revision = revision",
+     lambda db: count_ids_so_far(db)],
 ]
+
+
+def count_ids_so_far(db: sqlite3.Connection) -> None:
+    """The counters start past every id an older database has had (a deleted message's too),
+    and its search index is rebuilt: an id handed out twice was skipped by the indexer."""
+    def has(table: str) -> bool:
+        """Whether the database has this table yet."""
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?",
+                          (table,)).fetchone() is not None
+
+    newest = max(db.execute(f"SELECT coalesce(max({column}), 0) FROM {table}").fetchone()[0]
+                 for table, column in (("messages", "id"), ("deletions", "message_id"))
+                 if has(table))
+    rooms = db.execute("SELECT coalesce(max(id), 0) FROM rooms").fetchone()[0]
+    db.execute("CREATE TABLE IF NOT EXISTS counters "
+               "(name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID")
+    db.executemany("INSERT INTO counters (name, value) VALUES (?, ?)",
+                   [("message", newest), ("room", rooms)])
+    if has("messages_fts"):
+        db.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
+        db.execute("UPDATE search_state SET indexed_up_to = ?",
+                   (db.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0],))
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -461,6 +500,16 @@ def transaction(db: sqlite3.Connection) -> Any:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+@contextlib.contextmanager
+def reading(db: sqlite3.Connection) -> Any:
+    """One snapshot: the block's reads all see the database as it was at its first read."""
+    db.execute("BEGIN")
+    try:
+        yield db
+    finally:
+        db.execute("COMMIT")
 
 
 ISO_SECONDS = "%Y-%m-%dT%H:%M:%SZ"  # every time in the database: UTC, to the second, sorts as text
@@ -634,10 +683,13 @@ NOT_CLEARED = "m.id > (SELECT cleared_up_to FROM rooms WHERE id = m.room_id)"
 NEXT_REVISION = "(SELECT revision + 1 FROM rooms WHERE id = ?1)"
 
 
-def advance_room(db: sqlite3.Connection, room_id: int) -> int:
-    """Move the room on by one revision, inside the caller's transaction; the new revision."""
-    return db.execute("UPDATE rooms SET revision = revision + 1 WHERE id = ? RETURNING revision",
-                      (room_id,)).fetchall()[0][0]
+def advance_room(db: sqlite3.Connection, room_id: int, state: bool = False) -> int:
+    """Move the room on by one revision, inside the caller's transaction; the new revision.
+    `state`: the change is to the room's state (its lock, slow mode, owners, code), which a
+    catch-up then sends again (rooms.state_revision)."""
+    return db.execute("UPDATE rooms SET revision = revision + 1, state_revision = CASE WHEN ?2 "
+                      "THEN revision + 1 ELSE state_revision END WHERE id = ?1 RETURNING revision",
+                      (room_id, state)).fetchall()[0][0]
 
 
 def room_revision(db: sqlite3.Connection, room_id: int) -> int:
@@ -1240,28 +1292,59 @@ def linkify(text: str, mentioned: str | None = None) -> Markup:
 def with_mentions(mentioned: str) -> Callable[[str], Markup]:
     """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
     as a mention of that person's id: the room page's style marks those of its viewer."""
-    people = {name.casefold(): user_id
-              for user_id, name in (line.split(" ", 1) for line in mentioned.split("\n"))}
-    pattern = mention_pattern(list(people))
+    people = tuple((int(user_id), name) for user_id, name in
+                   (line.split(" ", 1) for line in mentioned.split("\n")))
 
     def marked(text: str) -> Markup:
         """The text escaped, with each "@name" of these people marked."""
         parts, done = [], 0
-        for found in pattern.finditer(text):
-            parts += [escape(text[done:found.start()]),
+        for start, end, user_id in find_mentions(text, people):
+            parts += [escape(text[done:start]),
                       Markup('<span class="mention" data-user="{0}">{1}</span>').format(
-                          people.get(found.group(1).casefold(), ""), found.group(0))]
-            done = found.end()
+                          user_id, text[start:end])]
+            done = end
         return Markup("").join([*parts, escape(text[done:])])
     return marked
 
 
-def mention_pattern(names: list[str]) -> re.Pattern[str]:
-    """"@name" for any of these names, ignoring case; the longest name that fits wins, and a
-    name must end where a word does ("@ada" is not in "@adam")."""
-    alternatives = ("|".join(re.escape(name) for name in sorted(names, key=len, reverse=True))
-                    or "(?!)")
-    return re.compile(rf"(?<![\w@])@({alternatives})(?!\w)", re.IGNORECASE)
+MENTION_NAME_CHARS = 150  # no name is longer (usernames: 150, guests: 40)
+MENTIONS_PER_MESSAGE = 50  # "@"s looked at in one message: the work per message stays bounded
+
+
+def find_mentions(text: str, people: tuple[tuple[int, str], ...]) -> list[tuple[int, int, int]]:
+    """Where the text mentions one of the people ((user id, name)): (start, end, user id) of
+    each "@name", ignoring case. The longest name that fits wins, and a name must end where a
+    word does ("@ada" is not in "@adam"). Each "@" is looked up by the casefolded text after
+    it, length by length, so a match always has its person ("@Asli" for "Aslı" is no mention,
+    not a crash), and the cost is bounded: no regular expression of every name is built."""
+    names, lengths = mention_index(people)
+    found: list[tuple[int, int, int]] = []
+    start = 0
+    while names and len(found) < MENTIONS_PER_MESSAGE and (at := text.find("@", start)) != -1:
+        start = at + 1
+        if at and (text[at - 1].isalnum() or text[at - 1] in "_@"):
+            continue  # inside a word, or an address: not a mention
+        for length in lengths:
+            end = at + 1 + length
+            if end > len(text) or (end < len(text) and (text[end].isalnum() or text[end] == "_")):
+                continue
+            if (user_id := names.get(text[at + 1:end].casefold())) is not None:
+                found.append((at, end, user_id))
+                start = end
+                break
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def mention_index(people: tuple[tuple[int, str], ...]) -> tuple[dict[str, int], list[int]]:
+    """The people by casefolded name, and their names' lengths, longest first (cached: a
+    room's members change far less often than they are mentioned)."""
+    names: dict[str, int] = {}
+    for user_id, name in people:
+        if 0 < len(name) <= MENTION_NAME_CHARS:
+            names.setdefault(name.casefold(), user_id)
+    return names, sorted({len(name) for _, name in people if 0 < len(name) <= MENTION_NAME_CHARS},
+                         reverse=True)
 
 
 class Fragments:
@@ -1359,14 +1442,18 @@ SEND_QUEUE_BYTES = 1024 * 1024  # what a slow reader may fall behind by before i
 # counts (a page that stops getting them says "Reconnecting…" and reconnects).
 HEARTBEAT_FRAME = "<!-- live -->"
 
+# The page's catch-up cursor in a frame (the room_revision macro): left out of a frame older
+# than what the page has (Connection.push).
+ROOM_REVISION_RE = re.compile(r'<input type="hidden" id="room-revision"[^>]*>')
+
 
 class Connection:
     """One open WebSocket: frames go out at once while its socket keeps up, and into a
     bounded backlog while it does not."""
 
     __slots__ = ("websocket", "send", "session_id", "user_id", "username", "is_guest",
-                 "room_id", "room_code", "wire",
-                 "backlog", "backlog_bytes", "flusher", "handler", "dropped", "caught_up")
+                 "room_id", "room_code", "wire", "backlog", "backlog_bytes", "flusher", "handler",
+                 "dropped", "caught_up", "revision", "held")
 
     @property
     def user(self) -> tuple[int, str, bool]:
@@ -1390,13 +1477,28 @@ class Connection:
         self.handler = asyncio.current_task()  # the task reading this socket
         self.dropped = False
         self.caught_up = False  # a page catches up once per socket, as it opens
+        self.revision = 0  # the newest revision this page was sent (its cursor only moves on)
+        # While the page's catch-up is being read: what arrives meanwhile, sent after it.
+        self.held: list[tuple[str, str | None, str | None, int | None]] | None = None
 
-    def push(self, frame: str, audience: str | None = ONLY_YOU, label: str | None = None) -> None:
+    def push(self, frame: str, audience: str | None = ONLY_YOU, label: str | None = None,
+             revision: int | None = None) -> None:
         """Send a frame without ever waiting: at once if the socket can take it, else later.
         In teaching mode it carries its own source, labelled with its `audience` (None: not
-        shown, as for heartbeats) and, folded under a `label`, when it is long and routine."""
+        shown, as for heartbeats) and, folded under a `label`, when it is long and routine.
+        `revision`: the room's revision the frame brings the page to. A frame that arrives
+        while the page's catch-up is being read waits for it (catch_up); one older than what
+        the page has (two workers' frames crossing) keeps its content but not its cursor, so
+        the page's revision only ever moves on."""
         if self.dropped:
             return
+        if self.held is not None:
+            self.held.append((frame, audience, label, revision))
+            return
+        if revision is not None:
+            if revision < self.revision:
+                frame = ROOM_REVISION_RE.sub("", frame)
+            self.revision = max(self.revision, revision)
         if self.wire and audience:
             frame = with_wire_echo(frame, audience, label)
         if self.flusher is None:
@@ -1620,11 +1722,13 @@ class RoomHub:
             for conn in self.everyone():
                 conn.push(HEARTBEAT_FRAME, audience=None)
 
-    def broadcast(self, room_id: int, frame: str, label: str | None = None) -> None:
+    def broadcast(self, room_id: int, frame: str, label: str | None = None,
+                  revision: int | None = None) -> None:
         """Hand one already-rendered frame to every connection in the room, sender included
-        (`label`: what the wire view calls it, shown folded, as for the online list)."""
+        (`label`: what the wire view calls it, shown folded, as for the online list;
+        `revision`: the room's revision it brings a page to)."""
         for conn in tuple(self.connections.get(room_id, ())):
-            conn.push(frame, TO_EVERYONE, label)
+            conn.push(frame, TO_EVERYONE, label, revision)
 
 
 def owners_first(people: list[Person], owners: frozenset[int]) -> list[Person]:
@@ -1657,9 +1761,10 @@ class LocalFanout:
         """Nothing to stop in one process."""
         pass
 
-    async def publish(self, room_id: int, frame: str) -> None:
-        """Hand one rendered frame to every page of the room."""
-        self.hub.broadcast(room_id, frame)
+    async def publish(self, room_id: int, frame: str, revision: int | None = None) -> None:
+        """Hand one rendered frame to every page of the room (`revision`: the room's revision
+        the frame brings a page to, if it changes the room)."""
+        self.hub.broadcast(room_id, frame, revision=revision)
 
     async def watch(self, room_id: int) -> None:
         """A socket of this worker is in the room: its frames must reach this worker from now
@@ -1723,11 +1828,12 @@ class LocalFanout:
         """Pages that may not go on are told so and closed, on every worker (RoomHub.end_pages)."""
         self.hub.end_pages(user_id, session_id, room_id, why)
 
-    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
+    async def room_changed(self, room_id: int, state: RoomState, frame: str,
+                           revision: int | None = None) -> None:
         """Its owners changed the room: every worker keeps its new state, every page gets the
-        frame that shows it, and the online list marks the owners as they are now."""
+        frame that shows it (on `revision`), and the online list marks the owners as they are."""
         self.hub.set_room(room_id, state)
-        self.hub.broadcast(room_id, frame)
+        self.hub.broadcast(room_id, frame, revision=revision)
         self.soon(self.show_presence, room_id)
 
 
@@ -2276,7 +2382,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                   seen_up_to=None if live_elsewhere else seen_up_to,
                   online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
                   state=RoomState.of(room, owners), online_open=not is_phone(request),
-                  invite=str(request.url_for("room", code=room["code"])),
+                  invite=invite_link(request, room["code"]),
                   wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(),
                   stale_after=2.5 * chat.settings.heartbeat,
@@ -2360,6 +2466,12 @@ def code_prefix(name: str) -> str:
     return prefix or "room"
 
 
+def invite_link(conn: HTTPConnection, code: str) -> str:
+    """The room's invite link, as the page it came from shows it (scheme, host and port)."""
+    link = conn.url_for("room", code=code)
+    return str(link.replace(scheme={"ws": "http", "wss": "https"}.get(link.scheme, link.scheme)))
+
+
 def room_code_from(value: str) -> str:
     """The room code in what a user typed: a bare code or a pasted room URL."""
     value = value.strip()
@@ -2384,7 +2496,8 @@ def insert_room(db: sqlite3.Connection, name: str, prefix: str, user_id: int) ->
         code = new_room_code(db, prefix)
         now = utc_now()
         cur = db.execute(
-            "INSERT INTO rooms (code, name, created_by, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO rooms (id, code, name, created_by, created_at) "
+            "VALUES ((SELECT value + 1 FROM counters WHERE name = 'room'), ?, ?, ?, ?)",
             (code, name, user_id, now)
         )
         db.execute(
@@ -2710,6 +2823,9 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
                            chat.hub.rooms.get(conn.room_id), fields["reply_to"])
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
+    except Exception:  # a bug: said in the log, once, and to the sender; the socket stays open
+        log.exception("a frame from %s in %s failed", conn.username, conn.room_code)
+        return conn.push(str(fragments.chat_error(NOT_SAVED, key=key)))
     conn.push(composer_ack().replace(KEY_SLOT, key or ""))  # taken (stored, or stored before)
 
 
@@ -2751,33 +2867,59 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
         return False  # an empty message is simply not sent
     if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
         raise Refused("That message came with a broken `key`; reload the page.")
-    await check_message(chat, room_id, user_id, text)
-    if state is not None and user_id not in state.owners:  # owners are never held back
-        if state.locked:
-            raise Refused(LOCKED, 403)
-        if state.slow_mode and not await (
-                slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
-            wait = max(1, round(await slow.retry_after((room_id, user_id))))
-            raise Refused(f"Slow mode: one message every {state.slow_mode} s. "
-                          f"Wait {wait} s more.", 429)
+    check_text(text)
+    await check_turn(chat, room_id, user_id, state)
+    mentioned = await chat.store.read(mentions_of, room_id, text) if "@" in text else ()
     try:
-        message = await chat.store.write_together(add_messages,
-                                                  (room_id, user_id, text, key, reply_to))
+        message = await chat.store.write_together(
+            add_messages, NewMessage(room_id, user_id, text, key, reply_to, mentioned))
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
-        raise Refused("Your message could not be saved just now. Press Send again.", 503) from None
+        raise Refused(NOT_SAVED, 503) from None
+    except Exception:  # a bug in this one message: nothing of it stored, nobody else's lost
+        log.exception("a message from user %d in room %d could not be stored", user_id, room_id)
+        raise Refused(NOT_SAVED, 503) from None
     if isinstance(message, str):  # a removal, a lock or a deletion got there first
         raise Refused(*NOT_STORED[message])
     if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)))
+        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)),
+                                  message["revision"])
     return True
 
 
-async def check_message(chat: Chat, room_id: int, user_id: int, text: str) -> None:
-    """The rules for any text going into a room, new or edited: its length and the rate."""
+NOT_SAVED = "Your message could not be saved just now. Press Send again."
+
+
+def check_text(text: str) -> None:
+    """The rule for any text going into a room, new or edited: its length."""
     if problem := too_long("Messages", MAX_MESSAGE_CHARS, text):
         raise Refused(problem)
+
+
+async def check_turn(chat: Chat, room_id: int, user_id: int, state: RoomState | None,
+                     pace: bool = True) -> None:
+    """The one check every way of changing what others see passes (a message, an edit, a
+    reaction; a vote, a question and a bot's post too): the message rate (per user per room,
+    owners included), then, for members, the room's lock and, with `pace` (what adds to the
+    conversation: messages and edits, not reactions or votes), its slow mode. Refused with the
+    reason. `state`: the room's lock, slow mode and owners (RoomState)."""
     if not await chat.message_limit.allow((user_id, room_id)):
         raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+    if state is None or user_id in state.owners:  # owners are never held back
+        return
+    if state.locked:
+        raise Refused(LOCKED, 403)
+    if pace and state.slow_mode and not await (
+            slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
+        wait = max(1, round(await slow.retry_after((room_id, user_id))))
+        raise Refused(f"Slow mode: one message every {state.slow_mode} s. "
+                      f"Wait {wait} s more.", 429)
+
+
+def state_of(access: RoomAccess, user_id: int) -> RoomState:
+    """The room's state as an HTTP request finds it (the database's row), for check_turn: its
+    lock and slow mode, and whether the person asking is one of its owners."""
+    owners = frozenset({user_id}) if access.role == "owner" else frozenset()
+    return RoomState.of(access.room, owners)
 
 
 @functools.cache
@@ -2789,26 +2931,50 @@ def composer_ack() -> str:
 
 async def catch_up(chat: Chat, conn: Connection, revision: int) -> None:
     """Send the page what changed after the revision it has, once per socket: a page asks
-    as its socket opens, and asking again would only cost the database."""
+    as its socket opens, and asking again would only cost the database. What the room
+    broadcasts while the catch-up is read waits, and follows it if it is newer: a change
+    read into the catch-up is never overwritten by an older copy, nor the page's cursor set
+    back (Connection.push)."""
     if conn.caught_up:
         return
-    conn.caught_up = True
-    if frame := await chat.store.read(catch_up_frame, conn.room_id, conn.room_code, revision):
+    conn.caught_up, conn.held = True, []
+    try:
+        frame, covered = await chat.store.read(catch_up_frame, conn.room_id, revision,
+                                               invite_link(conn.websocket, conn.room_code))
+    finally:
+        held, conn.held = conn.held, None
+    if frame:
         conn.push(frame)
+    conn.revision = max(conn.revision, covered)
+    for frame, audience, label, changed in held:
+        if changed is None or changed > covered:  # (the rest is in the catch-up, as it is now)
+            conn.push(frame, audience, label, changed)
 
 
-def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str,
-                   revision: int) -> str | None:
-    """What a (re)connecting page is missing: every message sent or edited, and every one
-    deleted, since the room's revision the page has (the one it was rendered at, moved on
-    by every change it received since). The upsert swap replaces what the page already
-    shows, so overlap is harmless. A page too far behind (CATCH_UP_LIMIT changes,
-    CATCH_UP_BYTES of HTML) gets the newest page whole instead, as much of it as fits.
-    Either way the frame moves the page's revision on. Runs on the reader thread, so a big
-    catch-up never holds up the event loop."""
-    changed, deleted = changes_since(db, room_id, revision, CATCH_UP_LIMIT + 1)
-    cleared_since = db.execute("SELECT cleared_revision > ? FROM rooms WHERE id = ?",
-                               (revision, room_id)).fetchone()[0]
+def catch_up_frame(db: sqlite3.Connection, room_id: int, revision: int,
+                   invite: str) -> tuple[str | None, int]:
+    """What a (re)connecting page is missing, and the room's revision it covers: every
+    message sent or edited, and every one deleted, since the revision the page has (the one
+    it was rendered at, moved on by every change it received since), and the room's state
+    (lock, slow mode, owners, code: `invite` is its link) if that changed since. The upsert
+    swap replaces what the page already shows, so overlap is harmless. A page too far behind
+    (CATCH_UP_LIMIT changes, CATCH_UP_BYTES of HTML) gets the newest page whole instead, as
+    much of it as fits. Read in one snapshot on the reader thread, so a big catch-up never
+    holds up the event loop, and the revision it covers is true of all of it."""
+    with reading(db):
+        room = db.execute("SELECT * FROM rooms WHERE id = ?", (room_id,)).fetchone()
+        frame = messages_since(db, room, revision)
+        if room["state_revision"] > revision:  # (the lock, slow mode, owners or code changed)
+            state = RoomState.of(room, room_owners(db, room_id))
+            frame = (frame or "") + str(fragments.room_changed_frame(state, room["revision"],
+                                                                    invite))
+    return frame, room["revision"]
+
+
+def messages_since(db: sqlite3.Connection, room: sqlite3.Row, revision: int) -> str | None:
+    """The messages part of a catch-up (catch_up_frame): None if none changed."""
+    changed, deleted = changes_since(db, room["id"], revision, CATCH_UP_LIMIT + 1)
+    cleared_since = room["cleared_revision"] > revision
     if not changed and not deleted and not cleared_since:
         return None
     if len(changed) <= CATCH_UP_LIMIT and len(deleted) <= CATCH_UP_LIMIT and not cleared_since:
@@ -2817,11 +2983,10 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, room_code: str,
             fragments.deleted_frame([row["message_id"] for row in deleted], newest))
         if len(frame) <= CATCH_UP_BYTES:
             return frame
-    newest = room_revision(db, room_id)  # read before the page: the page holds at least this much
-    messages, has_older = page_before(db, room_id, None)
+    messages, has_older = page_before(db, room["id"], None)
     while True:
-        frame = str(fragments.history_page({"code": room_code}, messages, has_older, oob=True,
-                                           revision=newest))
+        frame = str(fragments.history_page(room, messages, has_older, oob=True,
+                                           revision=room["revision"]))
         if len(frame) <= CATCH_UP_BYTES or len(messages) <= 1:
             return frame
         # The newer half; "Load older messages" has the rest.
@@ -2836,10 +3001,10 @@ async def send_message(request: Request) -> Response:
     room = access.room
     form = await read_form(request)
     user = request.state.user
-    state = RoomState.of(room, frozenset({user["id"]}) if access.role == "owner" else frozenset())
     try:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
-                           form.get("key") or None, state, whole_number(form.get("reply_to", "")))
+                           form.get("key") or None, state_of(access, user["id"]),
+                           whole_number(form.get("reply_to", "")))
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
                                  draft=form.get("message", ""),
@@ -2886,81 +3051,107 @@ async def end_at_once(websocket: WebSocket, code: str, why: str) -> None:
     await websocket.close(SESSION_ENDED, why)
 
 
-# One statement stores a message and hands back its row as pages show it. Its id is past
-# every deleted one too: SQLite would reuse a deleted newest id, and a page catching up
-# would take the new message for the deleted one. Nothing is stored from somebody an owner
-# removed, nor from a member while the room is locked, nor in a deleted room: checked in the
-# same statement, so no send can slip past a removal or a lock that committed first.
+# One statement stores a message and hands back its id. Its id is the next of the messages'
+# counter (SCHEMA's `counters`), never one a deleted message had: a page catching up would
+# take the new message for the deleted one, and the search index would skip it. Nothing is
+# stored from somebody an owner removed, nor from a member while the room is locked, nor in
+# a deleted room: checked in the same statement, so no send can slip past a removal or a lock
+# that committed first.
 INSERT_MESSAGE = (
-    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision, reply_to) "
-    "SELECT 1 + max(coalesce((SELECT max(id) FROM messages), 0),"
-    " coalesce((SELECT max(message_id) FROM deletions), 0)), "
-    f"      ?1, ?2, ?3, strftime('{ISO_SECONDS}', 'now'), ?4, {NEXT_REVISION}, "
+    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision, "
+    "reply_to) "
+    "SELECT (SELECT value + 1 FROM counters WHERE name = 'message'), :room_id, :user_id, :text, "
+    f"      strftime('{ISO_SECONDS}', 'now'), :key, "
+    "      (SELECT revision + 1 FROM rooms WHERE id = :room_id), "
     # reply_to (another room's message: none)
-    f"      (SELECT id FROM messages m WHERE id = ?5 AND room_id = ?1 AND {NOT_CLEARED}) "
-    "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = ?1 AND user_id = ?2) "
+    "      (SELECT id FROM messages m WHERE id = :reply_to AND room_id = :room_id "
+    f"       AND {NOT_CLEARED}) "
+    "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = :room_id AND user_id = :user_id) "
     "  AND (SELECT deleted_at IS NULL AND (NOT locked OR EXISTS (SELECT 1 FROM room_members "
-    "       WHERE room_id = ?1 AND user_id = ?2 AND role = 'owner')) FROM rooms WHERE id = ?1) "
+    "       WHERE room_id = :room_id AND user_id = :user_id AND role = 'owner')) "
+    "       FROM rooms WHERE id = :room_id) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
-    "RETURNING id, room_id, user_id, (SELECT username FROM users WHERE id = user_id) AS username, "
-    "          (SELECT is_guest FROM users WHERE id = user_id) AS is_guest,"
-    " text, created_at, edited_at, revision, "
-    "          reply_to, NULL AS quote_text, NULL AS quote_author,"
-    " NULL AS mentioned, NULL AS reactions")
+    "RETURNING id")
 
 
-# room id, user id, text, the composer's key, reply to
-NewMessage = tuple[int, int, str, "str | None", "int | None"]
+class NewMessage(NamedTuple):
+    """A message on its way to the database (add_messages)."""
+
+    room_id: int
+    user_id: int
+    text: str
+    key: str | None  # the composer's one-time key
+    reply_to: int | None  # the message it answers
+    mentioned: tuple[int, ...] = ()  # whom it mentions (mentions_of)
 
 
-def add_messages(db: sqlite3.Connection,
-                 messages: list[NewMessage]) -> list[sqlite3.Row | str | None]:
-    """Store messages in one transaction (group commit: see Store.add_message). For each,
-    its row; None when its user already sent one with its key (a resend); or why it was
-    not stored: "removed", "locked" or "deleted". A reply, or a message with an "@" in it,
-    is read back whole (its quote, whom it mentions: record_mentions); any other is its
-    INSERT's own row."""
-    rows = []
+def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[Any]:
+    """Store messages in one transaction (group commit: Store.write_together), each inside a
+    savepoint of its own, so one that fails (any exception) fails alone and the others are
+    stored. For each: its row as pages show it; None when its user already sent one with its
+    key (a resend); why it was not stored ("removed", "locked" or "deleted"); or the
+    exception that stopped it."""
+    answers: list[Any] = []
     with transaction(db):
         for message in messages:
-            # All its rows: the statement ends before COMMIT.
-            returned = db.execute(INSERT_MESSAGE, message).fetchall()
-            if not returned:
-                rows.append(why_not_stored(db, *message))
-            elif "@" in message[2] or returned[0]["reply_to"] is not None:
-                record_mentions(db, returned[0]["id"], message[0], message[2])
-                rows.append(message_by_id(db, returned[0]["id"]))
-            else:
-                rows.append(returned[0])
-    return rows  # only after COMMIT: nobody is shown a message the database could still lose
+            db.execute("SAVEPOINT message")
+            try:
+                answers.append(add_message(db, message))
+            except Exception as problem:
+                db.execute("ROLLBACK TO message")
+                answers.append(problem)
+            db.execute("RELEASE message")
+    return answers  # only after COMMIT: nobody is shown a message the database could still lose
 
 
-def record_mentions(db: sqlite3.Connection, message_id: int, room_id: int, text: str) -> None:
-    """Note whom the message's text mentions (@name: a member of the room, longest name first)."""
+def add_message(db: sqlite3.Connection, message: NewMessage) -> sqlite3.Row | str | None:
+    """Store one message (INSERT_MESSAGE) and whom it mentions; what add_messages answers."""
+    # All its rows: the statement ends before COMMIT.
+    returned = db.execute(INSERT_MESSAGE, message._asdict()).fetchall()
+    if not returned:
+        return why_not_stored(db, message)
+    store_mentions(db, returned[0]["id"], message.room_id, message.mentioned)
+    return message_by_id(db, returned[0]["id"])
+
+
+def store_mentions(db: sqlite3.Connection, message_id: int, room_id: int,
+                   mentioned: tuple[int, ...]) -> None:
+    """Note whom a message mentions (their home page marks the room), instead of whom it did."""
     db.execute("DELETE FROM mentions WHERE message_id = ?", (message_id,))
-    if "@" not in text:
-        return
-    members = db.execute("SELECT u.id, u.username FROM room_members rm "
-                         "JOIN users u ON u.id = rm.user_id WHERE rm.room_id = ? LIMIT 1000",
-                         (room_id,)).fetchall()
-    named = {name.casefold(): user_id for user_id, name in members}
     db.executemany("INSERT INTO mentions (message_id, user_id, room_id) VALUES (?, ?, ?) "
                    "ON CONFLICT DO NOTHING",
-                   [(message_id, named[found.casefold()], room_id)
-                    for found in mention_pattern([name for _, name in members]).findall(text)])
+                   [(message_id, user_id, room_id) for user_id in mentioned])
 
 
-def why_not_stored(db: sqlite3.Connection, room_id: int, user_id: int, text: str, key: str | None,
-                   reply_to: int | None = None) -> str | None:
-    """Why INSERT_MESSAGE stored nothing (the rare case, asked only then)."""
-    if key is not None and db.execute("SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
-                                      (user_id, key)).fetchone():
+def mentions_of(db: sqlite3.Connection, room_id: int, text: str) -> tuple[int, ...]:
+    """Whom the text mentions among the room's members (find_mentions)."""
+    people = tuple((user_id, name) for user_id, name in db.execute(
+        "SELECT u.id, u.username FROM room_members rm JOIN users u ON u.id = rm.user_id "
+        "WHERE rm.room_id = ? LIMIT 1000", (room_id,)))
+    return tuple(dict.fromkeys(user_id for _, _, user_id in find_mentions(text, people)))
+
+
+def why_not_stored(db: sqlite3.Connection, message: NewMessage) -> str | None:
+    """Why INSERT_MESSAGE stored nothing (the rare case, asked only then): None for a resend,
+    "removed", "deleted" (a room deleted, or gone altogether), or "locked"."""
+    if message.key is not None and db.execute(
+            "SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
+            (message.user_id, message.key)).fetchone():
         return None  # a resend
     if db.execute("SELECT 1 FROM removals WHERE room_id = ? AND user_id = ?",
-                  (room_id, user_id)).fetchone():
+                  (message.room_id, message.user_id)).fetchone():
         return "removed"
-    return "deleted" if db.execute("SELECT deleted_at FROM rooms WHERE id = ?",
-                                   (room_id,)).fetchone()[0] else "locked"
+    room = db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (message.room_id,)).fetchone()
+    return "deleted" if room is None or room["deleted_at"] else "locked"
+
+
+def locked_for(db: sqlite3.Connection, room_id: int, user_id: int) -> bool:
+    """Whether the room is locked and the user is not one of its owners (asked inside the
+    transaction of a change, so a lock that committed first holds it back)."""
+    return bool(db.execute(
+        "SELECT locked AND NOT EXISTS (SELECT 1 FROM room_members WHERE room_id = ?1 "
+        "AND user_id = ?2 AND role = 'owner') FROM rooms WHERE id = ?1",
+        (room_id, user_id)).fetchone()[0])
 
 
 MESSAGE_ROUTES = [
@@ -2991,19 +3182,22 @@ async def message_editor(request: Request) -> Response:
 @login_required
 async def edit(request: Request) -> Response:
     """Save an edit: the same rules as a new message; every open page gets the new text."""
-    room = await room_or_404(request)
-    message = await message_or_404(request, room, author=request.state.user["id"])
+    access = await access_or_404(request)
+    room, me = access.room, request.state.user["id"]
+    message = await message_or_404(request, room, author=me)
     form = await read_form(request)
     chat = chat_of(request)
     text = clean_text(form.get("message", "")).strip()
     try:
         if not text:
             raise Refused("A message needs some text; to remove it, use Delete.")
-        await check_message(chat, room["id"], message["user_id"], text)
-        # (edit_message checks the author again inside its transaction; it was checked above)
+        check_text(text)
+        await check_turn(chat, room["id"], me, state_of(access, me))
+        mentioned = await chat.store.read(mentions_of, room["id"], text) if "@" in text else ()
+        # (edit_message checks the author and the lock again inside its transaction)
         try:
-            edited = await chat.store.write(edit_message, message["id"], room["id"],
-                                            message["user_id"], text)
+            edited = await chat.store.write(edit_message, message["id"], room["id"], me, text,
+                                            mentioned)
         except sqlite3.Error as problem:
             raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
     except Refused as problem:
@@ -3012,7 +3206,8 @@ async def edit(request: Request) -> Response:
     if edited is None:  # deleted meanwhile
         raise Refused(GONE, 404)
     await chat.fanout.publish(room["id"],
-                              str(fragments.messages_frame(edited, edited[-1]["revision"])))
+                              str(fragments.messages_frame(edited, edited[-1]["revision"])),
+                              edited[-1]["revision"])
     return HTMLResponse(str(fragments.editor_closed()))
 
 
@@ -3036,7 +3231,8 @@ async def delete(request: Request) -> Response:
         revision, replies = deleted  # (the replies' quotes now say "deleted message")
         await chat.fanout.publish(room["id"],
                                   (str(fragments.messages_frame(replies)) if replies else "")
-                                  + str(fragments.deleted_frame([message["id"]], revision)))
+                                  + str(fragments.deleted_frame([message["id"]], revision)),
+                                  revision)
         if message["user_id"] != me["id"]:
             log.info("moderation: %s deleted %s's message %d in %s",
                      me["username"], message["username"], message["id"], room["code"])
@@ -3065,13 +3261,11 @@ async def react_to(request: Request) -> Response:
     if emoji not in REACTIONS:
         return HTMLResponse(
             str(fragments.chat_error(f"Reactions are {' '.join(REACTIONS)} only.")), 400)
-    if access.role != "owner" and room["locked"]:  # (as the database has it now)
-        return HTMLResponse(str(fragments.chat_error(LOCKED)), 403)
-    if not await chat.message_limit.allow((me["id"], room["id"])):
-        return HTMLResponse(
-            str(fragments.chat_error("You are reacting too fast. Wait a few seconds.")), 429)
     try:
+        await check_turn(chat, room["id"], me["id"], state_of(access, me["id"]), pace=False)
         changed = await chat.store.write(react, message["id"], room["id"], me["id"], emoji, given)
+    except Refused as problem:
+        return HTMLResponse(str(fragments.chat_error(str(problem))), problem.status_code)
     except sqlite3.Error as problem:
         return HTMLResponse(str(fragments.chat_error(
             could_not_save("Your reaction could not be saved", problem))), 503)
@@ -3080,7 +3274,8 @@ async def react_to(request: Request) -> Response:
     # (Giving twice changes nothing, and sends nothing.)
     if changed["revision"] != message["revision"]:
         await chat.fanout.publish(room["id"],
-                                  str(fragments.messages_frame([changed], changed["revision"])))
+                                  str(fragments.messages_frame([changed], changed["revision"])),
+                                  changed["revision"])
     return HTMLResponse(str(fragments.reactor_closed()) + str(fragments.chat_error()))
 
 
@@ -3133,16 +3328,20 @@ def first_line(text: str, limit: int = 100) -> str:
 
 
 def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: int,
-                 text: str) -> list[sqlite3.Row] | None:
-    """The edited message, then the replies whose quote of it changed with it (None: no such
-    message here); Refused (403) for somebody else's."""
+                 text: str, mentioned: tuple[int, ...] = ()) -> list[sqlite3.Row] | None:
+    """The edited message (`mentioned`: whom its new text mentions), then the replies whose
+    quote of it changed with it (None: no such message here); Refused (403) for somebody
+    else's, or for a member while the room is locked (checked in the transaction, so no edit
+    slips past a lock that committed first)."""
     with transaction(db):
         if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
+        if locked_for(db, room_id, author):
+            raise Refused(LOCKED, 403)
         db.execute("UPDATE messages SET text = ?2, edited_at = ?3, "
                    f"revision = {NEXT_REVISION} WHERE id = ?4",
                    (room_id, text, utc_now(), message_id))
-        record_mentions(db, message_id, room_id, text)
+        store_mentions(db, message_id, room_id, mentioned)
         replies = requote_replies(db, message_id, room_id)
     return [message_by_id(db, message_id), *replies]
 
@@ -3178,10 +3377,13 @@ def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, e
           given: bool) -> sqlite3.Row | None:
     """Give (`given`) or take back one's reaction to a message of this room; the message as
     pages show it, on the room's next revision if that changed anything (None: no such
-    message here). Giving twice, or taking back what was not given, changes nothing."""
+    message here). Giving twice, or taking back what was not given, changes nothing. Refused
+    (403) for a member while the room is locked."""
     with transaction(db):
         if message_in_room(db, message_id, room_id) is None:
             return None
+        if locked_for(db, room_id, user_id):
+            raise Refused(LOCKED, 403)
         changed = db.execute(
             "INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?) "
             "ON CONFLICT DO NOTHING" if given else
@@ -3351,7 +3553,8 @@ async def clear_history(request: Request) -> Response:
     chat, room = chat_of(request), access.room
     revision = await chat.store.write(clear_room, room["id"])
     await chat.fanout.publish(
-        room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)))
+        room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)),
+        revision)
     log.info("moderation: %s cleared the history of %s",
              request.state.user["username"], room["code"])
     purge_soon(chat, room["id"])
@@ -3414,7 +3617,7 @@ def room_changed_frame(request: Request, room: sqlite3.Row, owners: frozenset[in
     """What every page of the room gets when its owners change it: the room's state (its lock,
     slow mode and owners, shown by each page's own style), its code and link, its revision."""
     return str(fragments.room_changed_frame(RoomState.of(room, owners), room["revision"],
-                                            str(request.url_for("room", code=room["code"]))))
+                                            invite_link(request, room["code"])))
 
 
 async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[int],
@@ -3422,7 +3625,7 @@ async def room_changed(request: Request, room: sqlite3.Row, owners: frozenset[in
     """Tell every page of the room, on every worker, and log who did it."""
     chat = chat_of(request)
     await chat.fanout.room_changed(room["id"], RoomState.of(room, owners),
-                                   room_changed_frame(request, room, owners))
+                                   room_changed_frame(request, room, owners), room["revision"])
     log.info("moderation: %s %s in %s", request.state.user["username"], what, room["code"])
 
 
@@ -3495,7 +3698,7 @@ def change_room(db: sqlite3.Connection, room_id: int,
     with transaction(db):
         db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)} "
                    "WHERE id = :room_id", {**settings, "room_id": room_id})
-        advance_room(db, room_id)
+        advance_room(db, room_id, state=True)
     return room_settings(db, room_id)
 
 
@@ -3511,7 +3714,7 @@ def set_role(db: sqlite3.Connection, room_id: int, user_id: int,
             raise Refused("You are this room's only owner: make somebody else an owner first.", 409)
         db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?",
                    (role, room_id, user_id))
-        advance_room(db, room_id)
+        advance_room(db, room_id, state=True)
     return room_settings(db, room_id)
 
 
@@ -3548,7 +3751,7 @@ def change_code(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, froz
         code = new_room_code(db, old.rsplit("-", 1)[0])
         db.execute("INSERT INTO room_codes (code, room_id) VALUES (?, ?)", (old, room_id))
         db.execute("UPDATE rooms SET code = ? WHERE id = ?", (code, room_id))
-        advance_room(db, room_id)
+        advance_room(db, room_id, state=True)
     return room_settings(db, room_id)
 
 
@@ -3828,19 +4031,21 @@ class RedisFanout(LocalFanout):
         if self.recovering is None or self.recovering.done():
             self.recovering = asyncio.create_task(self._recover())
 
-    async def publish(self, room_id: int, frame: str) -> None:
-        """Every worker's pages get the frame, through Redis. If Redis is away (or was, a
-        moment ago, and is not yet known to be back) this worker's pages get it at once and
-        the room is remembered: once Redis answers, every page in it catches up (_recover)."""
+    async def publish(self, room_id: int, frame: str, revision: int | None = None) -> None:
+        """Every worker's pages get the frame, through Redis (after its revision, if it has
+        one: "<revision>|<frame>"). If Redis is away (or was, a moment ago, and is not yet known
+        to be back) this worker's pages get it at once and the room is remembered: once Redis
+        answers, every page in it catches up (_recover)."""
         if self.healthy:
             try:
-                await self.redis.publish(f"backchat:room:{room_id}", frame)
+                await self.redis.publish(f"backchat:room:{room_id}",
+                                         frame if revision is None else f"{revision}|{frame}")
                 return
             except Exception as problem:
                 # The message is stored: it is not lost, only late elsewhere.
                 self._unhealthy(problem)
         self.missed.add(room_id)
-        self.hub.broadcast(room_id, frame)
+        self.hub.broadcast(room_id, frame, revision=revision)
 
     async def _recover(self) -> None:
         """Ask Redis, with back-off, until it answers; then tell every worker (this one too)
@@ -3938,7 +4143,7 @@ class RedisFanout(LocalFanout):
             changed = json.loads(data)
             room_id = changed["room_id"]
             self.hub.set_room(room_id, RoomState.from_wire(changed["state"]))
-            self.hub.broadcast(room_id, changed["frame"])
+            self.hub.broadcast(room_id, changed["frame"], revision=changed.get("revision"))
             return self.soon(self.show_presence, room_id)
         if channel == "backchat:resync":
             for room_id in json.loads(data):
@@ -3947,8 +4152,12 @@ class RedisFanout(LocalFanout):
         kind, room = channel.split(":", 2)[1:]
         if (room_id := int(room)) not in self.hub.connections:
             return  # nobody here is in that room
-        if kind == "room":
-            self.hub.broadcast(room_id, data)
+        if kind == "room":  # "<revision>|<frame>", or a frame that changes no revision
+            revision, bar, frame = data.partition("|")
+            if bar and revision.isascii() and revision.isdigit():
+                self.hub.broadcast(room_id, frame, revision=int(revision))
+            else:
+                self.hub.broadcast(room_id, data)
         else:
             # Shown once the window ends, with every other room whose presence changed meanwhile.
             self.presence_due.add(room_id)
@@ -3991,16 +4200,17 @@ class RedisFanout(LocalFanout):
             self._unhealthy(problem)
             self.hub.end_pages(user_id, session_id, room_id, why)
 
-    async def room_changed(self, room_id: int, state: RoomState, frame: str) -> None:
-        """Its owners changed the room: every worker, through Redis, keeps its new state and
-        gives its pages the frame that shows it."""
-        changed = {"room_id": room_id, "state": state.to_wire(), "frame": frame}
+    async def room_changed(self, room_id: int, state: RoomState, frame: str,
+                           revision: int | None = None) -> None:
+        """LocalFanout.room_changed, on every worker: the state by name (RoomState.to_wire)."""
+        changed = {"room_id": room_id, "state": state.to_wire(), "frame": frame,
+                   "revision": revision}
         try:
             await self.redis.publish("backchat:state", json.dumps(changed))
         except Exception as problem:  # this worker's pages now; the others' when they reconnect
             self._unhealthy(problem)
             self.missed.add(room_id)
-            await super().room_changed(room_id, state, frame)
+            await super().room_changed(room_id, state, frame, revision)
 
     def _entry(self, user: tuple[int, str, bool]) -> str:
         user_id, name, guest = user

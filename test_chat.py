@@ -1427,6 +1427,71 @@ def test_every_frame_that_changes_the_room_moves_the_pages_revision_on(two_users
     assert 'id="room-revision"' not in client.get(f"{room}messages?before=99").text  # older pages: no
 
 
+def test_a_mention_with_a_dotless_or_dotted_i_is_stored_and_a_bad_message_fails_alone(client, settings,
+                                                                                    monkeypatch):
+    """Issue 29, 1: "@Asli" for a member "Aslı", "@İrem" for "irem": the regular expression
+    took i, I, ı and İ alike and the lookup by casefolded text found nobody (a KeyError in the
+    writer's transaction: the form 500ed, the socket was cut, an edit 500ed, and every message
+    committed with it failed). Now a mention always has its person, or is plain text; and one
+    message that fails for any reason fails alone, its batch-mates stored."""
+    assert register(client, "irem").status_code == 303
+    irem = client.cookies
+    client.cookies = type(irem)()
+    assert register(client, "Aslı").status_code == 303
+    slug = create_room(client, "türkçe")
+    with as_user(client, irem):
+        client.get(f"/room/{slug}/")
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        for text in ("@Asli bakar mısın", "@İrem selam", "@IREM again", "@aslı hello"):
+            send(ws, text)
+            assert text in receive_until(ws, text)
+        assert post_form(client, f"/room/{slug}/", f"/room/{slug}/messages", message="@Asli by form").status_code == 303
+        (mid,) = message_ids(receive_until(ws, "by form"))
+        assert htmx_post(client, f"/room/{slug}/messages/{mid}/edit", f"/room/{slug}/", message="@İrem edited").status_code == 200
+    mentioned = dict(db_rows(settings, "SELECT m.text, group_concat(u.username) FROM messages m LEFT JOIN mentions x "
+                                       "ON x.message_id = m.id LEFT JOIN users u ON u.id = x.user_id GROUP BY m.id"))
+    assert mentioned["@IREM again"] == "irem" and mentioned["@aslı hello"] == "Aslı"
+    # One poisoned message among ten committed together: the other nine are stored and acknowledged.
+    real = chat.add_message
+    monkeypatch.setattr(chat, "add_message", lambda db, m: (_ for _ in ()).throw(RuntimeError("poisoned"))
+                        if m.text == "poison 3" else real(db, m))
+    store = client.app.state.chat.store
+    release = threading.Event()
+    client.portal.call(lambda: store.write_soon(lambda db: release.wait(10)))  # the writer is busy
+    tabs = [client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN).__enter__() for _ in range(10)]
+    try:
+        for n, tab in enumerate(tabs):
+            tab.send_text(json.dumps({"message": f"poison {n}", "key": f"key-{n}", "headers": {}}))
+        for _ in range(200):  # the first goes to the writer alone; the rest wait behind it
+            if client.portal.call(lambda: sum(map(len, store._waiting.values()))) == 9:
+                break
+            time.sleep(0.01)
+        release.set()
+        answers = [receive_until(tab, 'data-key="key-') for tab in tabs]
+        assert "could not be saved" in answers[3] and all('role="alert" data-key' in a for a in answers)
+        assert [n for n, a in enumerate(answers) if "could not be saved" not in a] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+        send(tabs[3], "still connected")
+        assert "still connected" in receive_until(tabs[3], "still connected")
+    finally:
+        release.set()
+        for tab in tabs:
+            tab.__exit__(None, None, None)
+    stored = {text for (text,) in db_rows(settings, "SELECT text FROM messages WHERE text LIKE 'poison %'")}
+    assert stored == {f"poison {n}" for n in range(10) if n != 3}
+
+
+def test_a_send_racing_the_rooms_deletion_is_told_the_room_is_gone(settings, tmp_path):
+    """Issue 29, 8: a message for a room whose row is already gone (deleted and purged) was a
+    TypeError in why_not_stored, which failed its whole batch."""
+    db = chat.Store(settings.db_path)._connect(for_writing=True)
+    try:
+        db.execute("INSERT INTO users (id, username, username_key, password_hash, created_at) "
+                   "VALUES (1, 'ada', 'ada', '', '')")
+        assert chat.add_messages(db, [chat.NewMessage(404, 1, "into the void", None, None)]) == ["deleted"]
+    finally:
+        db.close()
+
+
 def test_a_mention_marks_the_copy_of_the_one_mentioned_and_their_home_page(two_users, settings):
     client, bob = two_users
     slug = create_room(client, "mentions")
@@ -1665,6 +1730,65 @@ def test_replies_without_javascript_and_replies_to_other_rooms(owned_room, setti
     assert rows["a plain answer"] == question
     assert rows["reply to " + str(foreign)[:5]] is None  # another room's message is never quoted
     assert "in another room" not in client.get(room).text
+
+
+def test_edits_and_reactions_obey_the_lock_and_edits_slow_mode_as_messages_do(owned_room, settings):
+    """Issue 29, 5: an edit in a locked room was taken and pushed live, and ten edits went
+    through in a second under 60 s slow mode. Every way of changing what others see passes
+    the same checks (check_turn): a lock holds back edits and reactions, slow mode edits."""
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    with as_user(client, bob):
+        (mid,) = say_in(client, slug, "bob writes first")
+    assert moderate(client, slug, "lock").status_code == 303
+    with as_user(client, bob):
+        refused = htmx_post(client, f"{room}messages/{mid}/edit", room, message="edited while locked")
+        assert refused.status_code == 403 and "locked" in refused.text
+        assert htmx_post(client, f"{room}messages/{mid}/react", room, give="👍").status_code == 403
+    assert moderate(client, slug, "unlock").status_code == 303
+    assert moderate(client, slug, "slow_mode", slow_mode="60").status_code == 303
+    with as_user(client, bob):
+        edits = [htmx_post(client, f"{room}messages/{mid}/edit", room, message=f"edit {n}").status_code
+                 for n in range(10)]
+        assert edits[0] == 200 and set(edits[1:]) == {429}
+        assert htmx_post(client, f"{room}messages/{mid}/react", room, give="👍").status_code == 200  # not pace
+    assert db_rows(settings, "SELECT text FROM messages") == [("edit 0",)]
+    assert moderate(client, slug, "slow_mode", slow_mode="²").status_code == 400  # (issue 29, 11)
+    assert moderate(client, slug, "slow_mode", slow_mode="٣٠").status_code == 400
+
+
+def test_a_catch_up_read_before_an_edit_never_shows_the_old_text_after_it(two_users, settings, monkeypatch):
+    """Issue 29, 10: a catch-up read just before an edit, sent just after it, set the page back
+    to the old text and its cursor back. Now what is broadcast while a catch-up is read waits
+    for it, and goes only if newer; the page's revision only moves on."""
+    client, bob = two_users
+    slug = create_room(client, "racing")
+    (mid,) = say_in(client, slug, "first words")
+    read, release = threading.Event(), threading.Event()
+    store = client.app.state.chat.store
+    real_read = store.read
+
+    async def held_read(method, *args):
+        """The catch-up from revision 0 is read, then held back until the edit has gone out."""
+        found = await real_read(method, *args)
+        if method is chat.catch_up_frame and 0 in args[1:]:
+            read.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait, 10)
+        return found
+    monkeypatch.setattr(store, "read", held_read)
+    with socket_as(client, bob, slug) as bob_ws:
+        receive_until(bob_ws, "presence")
+        bob_ws.send_text(json.dumps({"revision": "0"}))  # a page that has nothing yet
+        assert read.wait(10)
+        htmx_post(client, f"/room/{slug}/messages/{mid}/edit", f"/room/{slug}/", message="second thoughts")
+        release.set()
+        frames = []
+        while not any("second thoughts" in frame for frame in frames):
+            frames.append(bob_ws.receive_text())
+        frames.append(bob_ws.receive_text()) if "first words" not in "".join(frames) else None
+    shown = [text for frame in frames for text in re.findall(r"(first words|second thoughts)", frame)]
+    cursors = [int(n) for frame in frames for n in re.findall(r'id="room-revision" name="revision" value="(\d+)"', frame)]
+    assert shown[-1] == "second thoughts" and cursors == sorted(cursors)
 
 
 # --- the live room: presence, heartbeats, the wire view, the announcer, logging out --------------
@@ -2120,6 +2244,29 @@ def test_a_search_index_that_cannot_write_says_so_once_and_once_when_it_can_agai
         asyncio.run(run())
     said = [record.getMessage() for record in caplog.records]
     assert len(said) == 2 and "disk is full" in said[0] and "again" in said[1], said
+
+
+def test_ids_are_never_handed_out_twice_and_the_search_index_skips_none(client, settings):
+    """Issue 29, 6: deleting the newest room handed its message ids (and its room id) out
+    again, and the search index, which indexes above its high-water mark, never picked those
+    messages up: the next N messages on the server were unsearchable."""
+    register(client, "alice")
+    keep = create_room(client, "kept")
+    say_in(client, keep, "an early word")
+    doomed = create_room(client, "doomed")
+    doomed_ids = say_in(client, doomed, *[f"doomed {n}" for n in range(5)])
+    search_page(client, "doomed")  # indexed up to the newest
+    assert post_form(client, f"/room/{doomed}/delete-room", f"/room/{doomed}/delete-room").status_code == 303
+    for _ in range(100):  # its rows go in batches behind the deletion
+        if db_rows(settings, "SELECT count(*) FROM rooms WHERE code = ?", doomed) == [(0,)]:
+            break
+        time.sleep(0.05)
+    assert db_rows(settings, "SELECT count(*) FROM messages WHERE id > ?", max(doomed_ids) - 5) == [(0,)]
+    new_ids = say_in(client, keep, *[f"afterwards {n}" for n in range(5)])
+    assert min(new_ids) > max(doomed_ids)
+    assert search_page(client, "afterwards").text.count('class="hit"') == 5
+    again = create_room(client, "again")
+    assert db_rows(settings, "SELECT id FROM rooms WHERE code = ?", again)[0][0] > 2
 
 
 # --- the lesson beside chat.py -------------------------------------------------------------------
