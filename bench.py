@@ -151,7 +151,8 @@ class Server:
         # Every limit a load generator would trip (one user, one address, many sockets) is off.
         env = {**os.environ, "CHAT_MESSAGE_RATE": "0", "CHAT_ROOM_RATE": "0", "CHAT_LOGIN_FAILURES": "0",
                "CHAT_REGISTER_RATE": "0", "CHAT_ROOM_GUESSES": "0", "CHAT_SOCKETS_PER_USER": "0",
-               "CHAT_SOCKETS_PER_ADDRESS": "0", "CHAT_MAX_CONNECTIONS": "20000", "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws, "CHAT_DB": str(workdir / "bench.db")}
+               "CHAT_SOCKETS_PER_ADDRESS": "0", "CHAT_HANDSHAKE_RATE": "0", "CHAT_SEARCH_RATE": "0",
+               "CHAT_CONNECTIONS_PER_ADDRESS": "0", "CHAT_MAX_CONNECTIONS": "20000", "CHAT_SECRET_KEY": "bench", "CHAT_WS": ws, "CHAT_DB": str(workdir / "bench.db")}
         self.redis: subprocess.Popen | None = None
         if kind == "app" and workers:
             redis_port = free_port()

@@ -103,7 +103,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse,
                                  Response, StreamingResponse)
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -164,11 +164,17 @@ class Settings:
     login_failures: int = setting(10, "CHAT_LOGIN_FAILURES")  # per name and address per 15 min
     register_rate: int = setting(10, "CHAT_REGISTER_RATE")  # accounts per address per hour
     room_guesses: int = setting(30, "CHAT_ROOM_GUESSES")  # unknown codes per user, address, hour
+    search_rate: int = setting(30, "CHAT_SEARCH_RATE")  # searches per user per minute
+    # WebSocket handshakes per session per 10 s (and ten times that per client address)
+    handshake_rate: int = setting(30, "CHAT_HANDSHAKE_RATE")
     sockets_per_user: int = setting(20, "CHAT_SOCKETS_PER_USER")  # open WebSockets per user
     # open WebSockets per client address (a classroom shares one)
     sockets_per_address: int = setting(200, "CHAT_SOCKETS_PER_ADDRESS")
     # open connections in all (HTTP and WebSocket) before refusing
     max_connections: int = setting(2000, "CHAT_MAX_CONNECTIONS")
+    # open HTTP connections per client address (python chat.py; not behind a proxy)
+    connections_per_address: int = setting(200, "CHAT_CONNECTIONS_PER_ADDRESS")
+    request_body_seconds: float = setting(30.0, "CHAT_REQUEST_BODY_SECONDS")  # to send a body
     # Host names served besides IP addresses (DNS rebinding needs a name): "localhost", and
     # this machine's names when main() listens on every interface. "*" serves any.
     allowed_hosts: frozenset[str] = setting(frozenset({"localhost"}), "CHAT_ALLOWED_HOSTS",
@@ -429,6 +435,7 @@ MIGRATIONS = [
     # Replies. (The search index, its triggers, and the mentions and reactions tables are
     # SCHEMA's; the messages already there are indexed in the background, index_new_messages.)
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
+    # Names that end in punctuation look like those that do not (name_skeleton).
     # One word for a room's code (it was "slug"). Ids are never handed out twice (counters):
     # an id a deleted room's messages had was, and the search index skipped those messages, so
     # it is rebuilt. A catch-up sends a room's state again if it changed (state_revision).
@@ -437,7 +444,10 @@ MIGRATIONS = [
          "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None,
      "ALTER TABLE rooms ADD COLUMN state_revision INTEGER NOT NULL DEFAULT 0",
      "UPDATE rooms SET state_revision = revision",
-     lambda db: count_ids_so_far(db)],
+     lambda db: count_ids_so_far(db),
+     lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
+                               [(name_skeleton(name), user_id) for user_id, name
+                                in db.execute("SELECT id, username FROM users")])],
 ]
 
 
@@ -537,8 +547,12 @@ class Store:
         # so a slow commit does not hold up page loads, catch-ups or handshakes.
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-write")
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        # And one for searches, which may read far more than a page: they never make a page
+        # load, a catch-up or a handshake wait.
+        self._searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-search")
         self._write_db: sqlite3.Connection | None = None
         self._read_db: sqlite3.Connection | None = None
+        self._search_db: sqlite3.Connection | None = None
         self._checkpointer: threading.Thread | None = None
         self._stopping = threading.Event()
         self._waiting: dict[Callable, list[tuple[Any, asyncio.Future]]] = {}  # for the next commit
@@ -548,6 +562,11 @@ class Store:
         """`method(db, *args)` on the reader thread."""
         return await asyncio.get_running_loop().run_in_executor(self._reader, method,
                                                                 self._read_db, *args)
+
+    async def search(self, method: Callable[..., Any], *args: Any) -> Any:
+        """`method(db, *args)` on the search thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._searcher, method,
+                                                                self._search_db, *args)
 
     async def write(self, method: Callable[..., Any], *args: Any) -> Any:
         """`method(db, *args)` on the writer thread."""
@@ -599,11 +618,12 @@ class Store:
         self._writer.submit(method, self._write_db, *args).add_done_callback(report)
 
     async def open(self) -> None:
-        """Connect the writer (which migrates the database) and the reader, and start the
-        checkpoint thread."""
+        """Connect the writer (which migrates the database), the reader and the searcher, and
+        start the checkpoint thread."""
         loop = asyncio.get_running_loop()
         self._write_db = await loop.run_in_executor(self._writer, self._connect, True)
         self._read_db = await loop.run_in_executor(self._reader, self._connect, False)
+        self._search_db = await loop.run_in_executor(self._searcher, self._connect, False)
         self._checkpointer = threading.Thread(target=self._checkpoint_every_second,
                                               name="sqlite-checkpoint", daemon=True)
         self._checkpointer.start()
@@ -613,13 +633,22 @@ class Store:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer, self._write_db.close)
         await loop.run_in_executor(self._reader, self._read_db.close)
-        self._writer.shutdown(wait=True)
-        self._reader.shutdown(wait=True)
+        await loop.run_in_executor(self._searcher, self._search_db.close)
+        for thread in (self._writer, self._reader, self._searcher):
+            thread.shutdown(wait=True)
         self._stopping.set()
         self._checkpointer.join()
 
     def _connect(self, for_writing: bool) -> sqlite3.Connection:
+        """A connection to the database (the writer's also sets WAL mode and migrates). The file
+        is made, or kept, readable by this user only: it holds password hashes and session ids
+        (SQLite gives its -wal and -shm files the same mode)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if for_writing:
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            if self.path.stat().st_mode & 0o077:
+                os.chmod(self.path, 0o600)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA busy_timeout=5000")
@@ -758,7 +787,8 @@ def name_skeleton(name: str) -> str:
     """UTS #39's skeleton of a name, case taken into account: two names with the same
     skeleton look alike (Cyrillic "аdmin" and Latin "admin", "rn" and "m"), so only one may
     exist. The name is mapped, casefolded and mapped again, so that capital I meets small l
-    ("AI", "Al") and zero meets O ("0scar", "Oscar") before case is set aside."""
+    ("AI", "Al") and zero meets O ("0scar", "Oscar") before case is set aside. Punctuation and
+    spaces at either end are set aside too: "Maria Lopez." looks like "Maria Lopez"."""
     prototypes = confusable_prototypes()
 
     def skeleton(text: str) -> str:
@@ -766,7 +796,13 @@ def name_skeleton(name: str) -> str:
         return unicodedata.normalize("NFD", "".join(prototypes.get(ch, ch)
                                                     for ch in unicodedata.normalize("NFD", text)))
 
-    return skeleton(skeleton(unicodedata.normalize("NFKC", name)).casefold())
+    bare = unicodedata.normalize("NFKC", name).strip(NAME_EDGES) or name
+    return skeleton(skeleton(bare).casefold())
+
+
+# What a name may have at either end that does not change how it looks: spaces, dots,
+# apostrophes, hyphens, underscores and the like.
+NAME_EDGES = " .'’-_+@\u00b7"
 
 
 def too_long(what: str, limit: int, value: str) -> str | None:
@@ -1892,8 +1928,12 @@ class Chat:
     login_limit: FailureLimit  # failed logins per name and per address per 15 minutes
     register_limit: RateLimiter  # accounts per address per hour
     room_guess_limit: FailureLimit  # unknown room codes per user and per address per hour
+    search_limit: RateLimiter  # searches per user per minute
+    handshake_limit: RateLimiter  # WebSocket handshakes per session per 10 s
+    address_handshake_limit: RateLimiter  # and per client address (a class behind one NAT)
     slow_limits: dict[int, RateLimiter]  # slow mode's seconds -> one message per that
     purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows going
+    transcripts: Counter[int] = field(default_factory=Counter)  # user id -> downloads under way
 
 
 # ---------------------------------------------------------------------------
@@ -2766,7 +2806,13 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
     if not origin_allowed(websocket, chat.settings.allowed_origins):
         await refuse(websocket, "cross-site Origin")
         return None
-    session_id = websocket.session.get("sid", "")
+    session_id, address = websocket.session.get("sid", ""), client_address(websocket)
+    # Counted before anything is read: a page reconnecting in a loop (or 19 at once) costs a
+    # refusal each, not a session read and a catch-up each.
+    if not (await chat.handshake_limit.allow(("session", session_id))
+            and await chat.address_handshake_limit.allow(("address", address))):
+        await refuse(websocket, "too many handshakes")
+        return None
     code = websocket.path_params["code"].lower()
     user, access, owners = await chat.store.read(handshake_rows, session_id, code,
                                                  chat.settings.guests)
@@ -2775,7 +2821,6 @@ async def admit(chat: Chat, websocket: WebSocket) -> Connection | None:
         # only to tell it so, in place, and close with a code htmx does not retry.
         log.info("WebSocket %s: no live session; told the page to log in again", websocket.url.path)
         return await end_at_once(websocket, code, "logged out")
-    address = client_address(websocket)
     try:  # (the room was read in the same trip as the session; nothing of it is said before this)
         if access is not None:  # a real code never counts: only refused if a key is past its limit
             await chat.room_guess_limit.check(("user", user["id"]), ("address", address))
@@ -3421,7 +3466,9 @@ PURGE_BATCH = 500  # rows removed per transaction when a room is cleared or dele
 
 
 
-TRANSCRIPT_PAGE = 500  # messages read per trip to the database while a transcript streams
+TRANSCRIPT_PAGE = 100  # messages read per trip to the database while a transcript streams
+TRANSCRIPT_PIECE = 16 * 1024  # characters sent at a time (each once the last has drained)
+TRANSCRIPTS_PER_USER = 2  # at once, per worker
 
 
 @login_required
@@ -3584,24 +3631,42 @@ async def remove_room(request: Request) -> Response:
 @login_required
 async def transcript(request: Request) -> Response:
     """Every message of the room in order, as a Markdown file (or ?format=json), for its
-    members: streamed a page at a time from the database, so memory stays flat however long."""
+    members: streamed from the database TRANSCRIPT_PAGE messages at a time, in pieces of at
+    most TRANSCRIPT_PIECE characters, each sent only once the connection has taken the last
+    (uvicorn waits for its buffer to drain), so memory stays flat however long the room and
+    however slowly (or never) the reader reads; at most TRANSCRIPTS_PER_USER at once."""
     access = await access_or_404(request)
     if access.role is None:
         raise Refused("Only the room's members can download its transcript.", 403)
+    chat, user_id = chat_of(request), request.state.user["id"]
+    if chat.transcripts[user_id] >= TRANSCRIPTS_PER_USER:
+        raise Refused("You are downloading transcripts already; wait for them to finish.", 429)
     room, as_json = access.room, request.query_params.get("format") == "json"
-    store = chat_of(request).store
 
     async def pages() -> AsyncIterator[list[sqlite3.Row]]:
         """The room's messages in order, TRANSCRIPT_PAGE of them per trip to the database."""
         after = 0
-        while rows := await store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
+        while rows := await chat.store.read(transcript_page, room["id"], after, TRANSCRIPT_PAGE):
             yield rows
             after = rows[-1]["id"]
 
-    body = transcript_json(room, pages()) if as_json else transcript_markdown(room, pages())
+    async def pieces() -> AsyncIterator[str]:
+        """The transcript in pieces of about TRANSCRIPT_PIECE characters, counted while it runs."""
+        chat.transcripts[user_id] += 1
+        try:
+            piece = ""
+            async for part in (transcript_json if as_json else transcript_markdown)(room, pages()):
+                piece += part
+                if len(piece) >= TRANSCRIPT_PIECE:
+                    yield piece
+                    piece = ""
+            yield piece
+        finally:
+            chat.transcripts[user_id] -= 1
+
     filename = f"{room['code']}-transcript.{'json' if as_json else 'md'}"
     return StreamingResponse(
-        body, media_type="application/json" if as_json else "text/markdown; charset=utf-8",
+        pieces(), media_type="application/json" if as_json else "text/markdown; charset=utf-8",
         headers={"content-disposition": f'attachment; filename="{filename}"'})
 
 
@@ -3649,23 +3714,42 @@ async def purge_left_over(chat: Chat) -> None:
         purge_soon(chat, room_id)
 
 
-def markdown_text(text: str) -> str:
-    """User text as Markdown shows it: HTML escaped (a viewer renders it as text), every line
-    quoted."""
-    return "\n".join(f"> {line}" for line in str(escape(text)).split("\n"))
+# The characters that can make Markdown of a name (emphasis, a link or image, HTML, an
+# entity, code): a backslash before each makes it plain text (CommonMark).
+MARKDOWN_PUNCTUATION = re.compile(r"""([\\`*_\[\]<>&!#|~])""")
+
+
+def markdown_words(text: str) -> str:
+    """A name as Markdown shows it as it is: what could make Markdown of it escaped with a
+    backslash (no HTML entities: a text editor shows those too), so `**`, `<img>` and `[x](y)`
+    in a room's or a person's name are only characters, and "maria.lopez" stays as it is."""
+    return MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(text.split()))
+
+
+def markdown_block(text: str) -> str:
+    """A message's text as written, in a fenced block (longer than any run of backticks in
+    it), so a Markdown viewer shows it as it is, letter for letter: no link, no image (a
+    tracking pixel), no HTML, no entity escapes, and a text editor shows it as written."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}text\n{text}\n{fence}"
 
 
 async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
                               ) -> AsyncIterator[str]:
-    """The transcript as Markdown, piece by piece: a heading, then each message's author and
-    time, and its text quoted (markdown_text)."""
-    yield (f"# {escape(room['name'])}\n\n"
+    """The transcript as Markdown, message by message: a heading, then each message's author,
+    time, and whom it answers, and its text as written (markdown_block)."""
+    yield (f"# {markdown_words(room['name'])}\n\n"
            f"The transcript of {room['code']}; times are {room_clock.zone_name()}.\n")
     async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
-        yield "".join(f"\n**{escape(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
-                      f"{room_clock.full(m['created_at'])[:16]}"
-                      f"{' · (edited)' if m['edited_at'] else ''}\n\n"
-                      f"{markdown_text(m['text'])}\n" for m in rows)
+        for m in rows:
+            answers = ""
+            if m["reply_to"]:
+                answers = (f" · replying to {markdown_words(m['quote_author'])}"
+                           if m["quote_text"] is not None else " · replying to a deleted message")
+            yield (f"\n**{markdown_words(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
+                   f"{room_clock.full(m['created_at'])[:16]}"
+                   f"{' · (edited)' if m['edited_at'] else ''}{answers}\n\n"
+                   f"{markdown_block(m['text'])}\n")
 
 
 async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
@@ -3725,8 +3809,8 @@ def remove_member(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -
         person = db.execute("SELECT u.id, u.username, m.role FROM users u "
                             "LEFT JOIN room_members m ON m.user_id = u.id AND m.room_id = ? "
                             "WHERE u.id = ?", (room_id, user_id)).fetchone()
-        if person is None:
-            raise Refused("There is nobody like that here.", 409)
+        if person is None or person["role"] is None:  # (no silent ban of somebody not here)
+            raise Refused("That person is not a member of this room.", 409)
         if user_id == by or person["role"] == "owner":
             raise Refused("Owners cannot be removed; an owner can step down first.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
@@ -3848,6 +3932,7 @@ SEARCH_BATCH = 500  # messages indexed per transaction
 
 
 SEARCH_PAGE = 50  # hits per page of results
+SEARCH_SCAN = 2000  # matches looked at per page at most, in anybody's rooms
 
 
 SEARCH_CHARS = 200  # a longer query is cut here (and at SEARCH_WORDS words)
@@ -3867,21 +3952,26 @@ SEARCH_INDEX_SECONDS = 1.0  # how far behind the messages the search index may b
 async def search(request: Request) -> Response:
     """`GET /search/?q=words[&before=id]`: the newest SEARCH_PAGE messages with those words
     (the last one a prefix) in the rooms the person is a member of, then "More". Any text is
-    a valid query; an empty one shows the box."""
-    query = request.query_params.get("q", "")[:SEARCH_CHARS]
+    a valid query; an empty one shows the box. At most CHAT_SEARCH_RATE searches a minute per
+    person, each on the search thread, each looking at SEARCH_SCAN matches at most."""
+    query = clean_text(request.query_params.get("q", "")[:SEARCH_CHARS])
     before = whole_number(request.query_params.get("before", ""))
-    expression = search_expression(query)
-    hits, more = [], False
+    expression, chat = search_expression(query), chat_of(request)
+    hits, more = [], None
     if expression is not None:
+        if not await chat.search_limit.allow(request.state.user["id"]):
+            return render(request, "search.html", 429, query=query, searched=False, hits=[],
+                          more=None, error="You have searched a lot in the last minute. "
+                                           "Wait a little, then try again.")
         try:
-            hits, more = await chat_of(request).store.read(
-                search_messages, request.state.user["id"], expression, before)
+            hits, more = await chat.store.search(search_messages, request.state.user["id"],
+                                                 expression, before)
         except sqlite3.OperationalError as problem:
             # (search_expression leaves FTS5 nothing to object to)
             log.warning("search for %r failed: %r", expression, problem)
             raise Refused("That search could not be run; try other words.", 400) from None
     return render(request, "search.html", query=query, searched=expression is not None, hits=hits,
-                  more=more and hits[-1]["id"])
+                  more=more)
 
 
 def search_expression(query: str) -> str | None:
@@ -3903,26 +3993,36 @@ def marked_hits(snippet: str) -> Markup:
 
 
 def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
-                    before: int | None) -> tuple[list[sqlite3.Row], bool]:
+                    before: int | None) -> tuple[list[sqlite3.Row], int | None]:
     """The newest SEARCH_PAGE messages older than `before` matching the FTS5 `expression`
     (search_expression) in the rooms the user is a member of (not those left, removed from,
     cleared or deleted), newest first, each with its room and a `snippet` of its text with
-    the matches between HIT_START and HIT_END; and whether there are more. The index is
-    walked newest first (CROSS JOIN keeps it the outer loop), so a page costs about as much
-    at a million messages as at a thousand, unless most matches are in other people's rooms."""
-    rows = db.execute(
-        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, "
-        "r.code, r.name AS room_name, "
+    the matches between HIT_START and HIT_END; and where "More" goes on from (None: nothing
+    more). The index is walked newest first, SEARCH_SCAN matches at most, whoever's rooms they
+    are in: a word found mostly in other people's rooms costs the same bounded walk, and the
+    next page goes on from where this one stopped looking."""
+    found = db.execute(
+        "SELECT f.rowid, m.id IS NOT NULL AS mine FROM (SELECT rowid FROM messages_fts "
+        "  WHERE messages_fts MATCH ?2 AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4) f "
+        "LEFT JOIN messages m ON m.id = f.rowid AND EXISTS (SELECT 1 FROM room_members rm "
+        "  JOIN rooms r ON r.id = rm.room_id WHERE rm.room_id = m.room_id AND rm.user_id = ?1 "
+        "  AND r.deleted_at IS NULL AND m.id > r.cleared_up_to) ORDER BY f.rowid DESC",
+        (user_id, expression, before if before is not None else 2**63 - 1, SEARCH_SCAN)).fetchall()
+    mine = [row[0] for row in found if row[1]][:SEARCH_PAGE + 1]
+    if len(mine) > SEARCH_PAGE:
+        more: int | None = mine[SEARCH_PAGE - 1]
+    else:
+        more = found[-1][0] if len(found) == SEARCH_SCAN else None  # (looked as far as it may)
+    ids = mine[:SEARCH_PAGE]
+    hits = db.execute(
+        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.code, "
+        "       r.name AS room_name, "
         f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
-        "FROM messages_fts f CROSS JOIN messages m ON m.id = f.rowid "
-        "JOIN room_members rm ON rm.room_id = m.room_id AND rm.user_id = ? "
-        "JOIN rooms r ON r.id = m.room_id JOIN users u ON u.id = m.user_id "
-        "WHERE messages_fts MATCH ? AND f.rowid < ? "
-        "AND r.deleted_at IS NULL AND m.id > r.cleared_up_to "
-        "ORDER BY f.rowid DESC LIMIT ?",
-        (user_id, expression, before if before is not None else 2**63 - 1,
-         SEARCH_PAGE + 1)).fetchall()
-    return rows[:SEARCH_PAGE], len(rows) > SEARCH_PAGE
+        "FROM messages_fts f JOIN messages m ON m.id = f.rowid JOIN rooms r ON r.id = m.room_id "
+        "JOIN users u ON u.id = m.user_id "
+        f"WHERE messages_fts MATCH ? AND f.rowid IN ({','.join('?' * len(ids))}) "
+        "ORDER BY f.rowid DESC", (expression, *ids)).fetchall() if ids else []
+    return hits, more
 
 
 async def index_search(chat: Chat, every: float = SEARCH_INDEX_SECONDS) -> None:
@@ -4272,24 +4372,40 @@ class RedisFanout(LocalFanout):
             await self.show_presences([room_id for room_id, _ in rooms])
 
 
+# A sliding window in Redis, in one atomic step: the key's events (a sorted set of times)
+# older than the window are dropped; if fewer than the limit remain, this one is added (1),
+# else nothing is (0).
+SLIDING_WINDOW = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1] - ARGV[2])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(ARGV[2] * 1000))
+return 1
+"""
+
+
 class RedisRateLimiter(RateLimiter):
-    """The same limits, counted in Redis so that every worker sees every event: a fixed
-    window counter per key, counted with one INCR (atomic, so a burst across workers is
-    counted one by one). If Redis is unreachable, this worker counts on its own."""
+    """The same limits, counted in Redis so that every worker sees every event: a sliding
+    window per key, as RateLimiter's (a sorted set of the events' times, checked and added to
+    in one atomic script: a burst across workers is counted one by one, and slow mode's "one
+    message per 30 s" means 30 s on every worker, not the rest of a block of the clock). If
+    Redis is unreachable, this worker counts on its own."""
 
     def __init__(self, fanout: RedisFanout, limit: int, window: float) -> None:
         super().__init__(limit, window)
         self.fanout = fanout
+        self._script: Any = None
 
-    def _counter(self, key: Any) -> str:
-        return (f"backchat:limit:{int(self.window)}:{limit_key(key)}:"
-                f"{int(time.time() // self.window)}")
+    def _key(self, key: Any) -> str:
+        return f"backchat:events:{self.window:g}:{limit_key(key)}"
 
     async def retry_after(self, key: Any) -> float:
-        """Seconds until the key's window ends (its counter expires); this worker's own count
-        if Redis is away."""
+        """Seconds until the key is under its limit again (the oldest event that counts
+        leaves the window); this worker's own count if Redis is away."""
         try:
-            return max(0.0, float(await self.fanout.redis.ttl(self._counter(key))))
+            oldest = await self.fanout.redis.zrange(self._key(key), -self.limit, -self.limit,
+                                                    withscores=True)
+            return max(0.0, oldest[0][1] + self.window - time.time()) if oldest else 0.0
         except Exception:
             return await super().retry_after(key)
 
@@ -4298,15 +4414,15 @@ class RedisRateLimiter(RateLimiter):
         (counted on this worker alone if Redis is away)."""
         if not self.limit:
             return True
-        counter = self._counter(key)  # once: both commands must name the same window
         try:
-            async with self.fanout.redis.pipeline(transaction=True) as pipe:
-                pipe.incr(counter)
-                pipe.expire(counter, int(self.window) + 1)
-                count, _ = await pipe.execute()
-        except Exception:
+            if self._script is None:
+                self._script = self.fanout.redis.register_script(SLIDING_WINDOW)
+            allowed = await self._script(keys=[self._key(key)], args=[
+                time.time(), self.window, self.limit, secrets.token_hex(6)])
+        except Exception as problem:
+            self.fanout._unhealthy(problem)
             return await super().allow(key)
-        return count <= self.limit
+        return bool(allowed)
 
 
 class RedisFailureLimit(FailureLimit):
@@ -4410,6 +4526,14 @@ def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, C
 async def healthz(request: Request) -> Response:
     """For a load balancer or a monitor: 200 while the app serves."""
     return JSONResponse({"status": "ok"})
+
+
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client went away before its request was read (or was cut off for sending its body
+    too slowly: GuardedHTTP): one INFO line, no traceback; the answer goes nowhere."""
+    log.info("%s %s: the client went away before its request was read", request.method,
+             request.url.path)
+    return Response(status_code=400)
 
 
 async def storage_error(request: Request, exc: Exception) -> Response:
@@ -4541,8 +4665,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Middleware(SessionMiddleware, secret_key=load_secret_key(settings), same_site="lax",
                    https_only=settings.https_only, max_age=30 * 24 * 3600),
     ]
-    errors = {HTTPException: http_error, Refused: http_error, sqlite3.Error: storage_error,
-              Exception: http_error}
+    errors = {HTTPException: http_error, Refused: http_error, ClientDisconnect: client_gone,
+              sqlite3.Error: storage_error, Exception: http_error}
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                      max_body_size=MAX_FORM_BYTES, exception_handlers=errors)
 
@@ -4559,6 +4683,9 @@ async def open_chat(settings: Settings) -> Chat:
                 login_limit=failures(settings.login_failures, 15 * 60),
                 register_limit=limiter(settings.register_rate, 3600),
                 room_guess_limit=failures(settings.room_guesses, 3600),
+                search_limit=limiter(settings.search_rate, 60),
+                handshake_limit=limiter(settings.handshake_rate, 10),
+                address_handshake_limit=limiter(10 * settings.handshake_rate, 10),
                 slow_limits={seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds})
     await fanout.start()
     await purge_left_over(chat)
@@ -4590,16 +4717,23 @@ def __getattr__(name: str) -> Starlette:
 
 
 def backup(db_path: Path, target: Path) -> int:
-    """Write a consistent copy of the database to `target` (a new file), while the server
-    may be running: SQLite's online backup API copies one snapshot of it, committed writes
-    and nothing half-done. The number of pages copied; FileExistsError rather than overwrite."""
-    if target.exists():
-        raise FileExistsError(f"{target} exists already; name a new file")
+    """Write a consistent copy of the database to `target` (a new file, mode 0600: it holds
+    password hashes and session ids), while the server may be running: SQLite's online backup
+    API copies one snapshot of it, committed writes and nothing half-done. The number of pages
+    copied; FileExistsError rather than overwrite, or follow a link (even a dangling one)."""
+    try:  # O_EXCL: never an existing file, nor a symbolic link, wherever it points
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        raise FileExistsError(f"{target} exists already (or is a link); name a new file") from None
     source = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)  # never creates an empty one
     copy = sqlite3.connect(target)
     try:
         source.backup(copy)
         return copy.execute("PRAGMA page_count").fetchone()[0]
+    except BaseException:
+        copy.close()
+        target.unlink()  # (nothing half-written is left behind)
+        raise
     finally:
         copy.close()
         source.close()
@@ -4688,20 +4822,35 @@ ACCEPT_BACKLOG = 128
 
 
 class GuardedHTTP(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with two guards it lacks: a deadline for each request
-    head (a client that trickles its headers, or sends none, is cut off instead of holding
-    a connection: slowloris), and a plain 503 at once for a connection past the total, so
-    idle connections cannot use up the process's file descriptors."""
+    """uvicorn's HTTP/1.1 protocol with the guards it lacks: a deadline for each request head
+    (a client that trickles its headers, or sends none, is cut off: slowloris) and one for
+    each request body (`body_seconds`: one that promises 65,000 bytes and sends one every few
+    seconds too), and a plain 503 at once for a connection past the total or past
+    `per_address` from one client address (a class behind one NAT fits in the default 200),
+    so idle connections cannot use up the process's file descriptors. serve() sets the two
+    settings on a subclass (guarded_http)."""
+
+    body_seconds: float = 30.0
+    per_address: int = 0  # 0: no cap (behind a proxy every client has the proxy's address)
+    open_by_address: Counter[str] = Counter()  # (one per process: uvicorn runs one server)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """A new connection: a 503 at once past the total, else a deadline for its first head."""
+        """A new connection: a 503 at once past the total or its address's share, else a
+        deadline for its first head."""
         super().connection_made(transport)
         self.head_deadline: asyncio.TimerHandle | None = None
-        if self.limit_concurrency and len(self.connections) > self.limit_concurrency:
+        self.body_deadline: asyncio.TimerHandle | None = None
+        peer = transport.get_extra_info("peername") or ("",)
+        self.address = peer[0] if self.per_address else ""
+        if (self.limit_concurrency and len(self.connections) > self.limit_concurrency) or (
+                self.address and self.open_by_address[self.address] >= self.per_address):
+            self.address = ""  # (not counted)
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\n"
                             b"connection: close\r\ncontent-length: 0\r\n\r\n")
             transport.close()
             return
+        if self.address:
+            self.open_by_address[self.address] += 1
         self.await_head()
 
     def await_head(self) -> None:
@@ -4709,13 +4858,30 @@ class GuardedHTTP(H11Protocol):
         self.head_deadline = self.loop.call_later(REQUEST_HEAD_SECONDS, self.transport.close)
 
     def handle_events(self) -> None:
-        """uvicorn's parsing of what came in; once a request head is in, its deadline ends."""
+        """uvicorn's parsing of what came in; once a request head is in, its deadline ends and
+        its body's begins; once the body is in, that one ends too."""
         super().handle_events()
+        upgraded = self.transport.get_protocol() is not self  # (a WebSocket: its own caps)
         head_in = self.cycle is not None and not self.cycle.response_complete
-        if (self.head_deadline is not None
-                and (head_in or self.transport.get_protocol() is not self)):
-            self.head_deadline.cancel()  # a request is in (or the connection became a WebSocket)
+        if self.head_deadline is not None and (head_in or upgraded):
+            self.head_deadline.cancel()
             self.head_deadline = None
+            if head_in and self.cycle.more_body and not upgraded:
+                self.body_deadline = self.loop.call_later(self.body_seconds, self.body_too_slow)
+        if self.body_deadline is not None and (upgraded or not head_in or not self.cycle.more_body):
+            self.body_deadline.cancel()
+            self.body_deadline = None
+        if upgraded:
+            self.uncount()
+
+    def body_too_slow(self) -> None:
+        """The request's body did not arrive in time: the connection is cut (the handler
+        reading it hears the client went away: client_gone)."""
+        self.body_deadline = None
+        if self.cycle is not None and self.cycle.more_body:
+            log.info("cut a connection from %s: its request body took over %g s",
+                     self.address or "a client", self.body_seconds)
+            self.transport.close()
 
     def on_response_complete(self) -> None:
         """A response is sent: the connection waits for its next request head, with a deadline."""
@@ -4724,10 +4890,39 @@ class GuardedHTTP(H11Protocol):
             self.await_head()  # the next request on this keep-alive connection gets one too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The connection closed: its deadline goes with it."""
-        if self.head_deadline is not None:
-            self.head_deadline.cancel()
+        """The connection closed: its deadlines and its place in its address's share go."""
+        for deadline in (self.head_deadline, self.body_deadline):
+            if deadline is not None:
+                deadline.cancel()
+        self.uncount()
         super().connection_lost(exc)
+
+    def uncount(self) -> None:
+        """This connection no longer counts against its address's share."""
+        if self.address:
+            self.open_by_address[self.address] -= 1
+            if self.open_by_address[self.address] <= 0:
+                del self.open_by_address[self.address]
+            self.address = ""
+
+
+def guarded_http(settings: Settings) -> type[GuardedHTTP]:
+    """GuardedHTTP with the settings' body deadline and per-address cap (none behind a proxy,
+    where every connection comes from the proxy's address)."""
+    per_address = 0 if settings.trusted_proxies else settings.connections_per_address
+    return type("GuardedHTTP", (GuardedHTTP,), {"body_seconds": settings.request_body_seconds,
+                                                 "per_address": per_address,
+                                                 "open_by_address": Counter()})
+
+
+def without_tokens(record: logging.LogRecord) -> bool:
+    """A filter for uvicorn's access log: a login link's path carries its token, which is as good
+    as a password for an hour (the database keeps only its hash): logged as "/auth/link/…"."""
+    if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and arg.startswith("/auth/link/") for arg in record.args):
+        record.args = tuple("/auth/link/…" if isinstance(arg, str) and arg.startswith("/auth/link/")
+                            else arg for arg in record.args)
+    return True
 
 
 def open_files_allowed(wanted: int) -> int:
@@ -4828,11 +5023,13 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
         print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
     sys.stdout.flush()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")  # uvicorn's look
+    logging.getLogger("uvicorn.access").addFilter(without_tokens)
     # Pings find connections that died without a word (Wi-Fi gone): within three
     # heartbeats the socket is closed and its user leaves the room's presence.
     # X-Forwarded-For only from the proxies named in CHAT_TRUSTED_PROXIES (uvicorn's own
     # default believes anyone on loopback, which lets a local client pick its address).
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=GuardedHTTP, ws=args.ws,
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=guarded_http(settings),
+                ws=args.ws,
                 ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
                 ws_ping_interval=settings.heartbeat, ws_ping_timeout=2 * settings.heartbeat,
                 limit_concurrency=max_connections, proxy_headers=bool(settings.trusted_proxies),

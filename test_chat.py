@@ -577,6 +577,16 @@ def test_workers_starting_together_on_a_new_file_each_find_it_whole(tmp_path):
             assert db.execute("PRAGMA user_version").fetchone()[0] == len(chat.MIGRATIONS)
 
 
+def test_the_database_is_readable_by_its_owner_only(settings):
+    """Issue 29, 14: chat.db (password hashes, session ids) was 0644; made 0600, and an older
+    file is made so at start."""
+    settings.db_path.touch(mode=0o644)
+    settings.db_path.chmod(0o644)
+    with TestClient(chat.create_app(settings)):
+        pass
+    assert settings.db_path.stat().st_mode & 0o777 == 0o600
+
+
 def test_the_database_is_used_only_on_the_stores_threads(settings, monkeypatch):
     """House rule 5: every query runs on the Store's threads (sqlite-write, sqlite-read,
     sqlite-checkpoint), never on the event loop, through a whole session of use."""
@@ -808,6 +818,15 @@ def test_a_guest_is_named_as_people_are_named(classroom, name):
     assert join_as_guest(classroom, f"  {name.replace(' ', '   ')} ", f"/room/{slug}/").status_code == 303
     page = classroom.get(f"/room/{slug}/").text
     assert f"Signed in as <b><bdi>{markupsafe.escape(name)}</bdi></b>" in page
+
+
+def test_a_name_with_a_full_stop_or_a_space_at_its_end_is_taken_like_the_name(client, settings):
+    """Issue 29, 15: "Maria Lopez." could join beside "Maria Lopez" (and "ada_" beside "ada"):
+    punctuation at a name's ends changes nothing that shows, so the look-alike check sets it aside."""
+    for username in ("ada", "Ada_", "ada."):
+        client.cookies.clear()
+        answer = register(client, username)
+        assert (answer.status_code == 303) == (username == "ada"), username
 
 
 @pytest.mark.parametrize("name, problem", [
@@ -1624,7 +1643,7 @@ def test_reactions_toggle_live_and_caught_up_one_per_person_and_emoji(owned_room
     with socket_as(client, bob, slug) as bob_ws:
         assert react_post(client, slug, said, give="👍").status_code == 200
         frame = receive_until(bob_ws, "reactions")
-        assert re.search(r'<span class="reaction" data-by="\d+" title="thumbs up: alice">', frame)
+        assert re.search(r'<span class="reaction" data-by="\d+" title="thumbs up">', frame)
         assert 'aria-pressed="false" hx-post="messages/%d/react" hx-swap="none">👍 1</button>' % said in frame
         assert 'aria-pressed="true"' in frame  # (the "take back" twin; the page's style shows one)
         assert 'id="room-revision"' in frame
@@ -1644,6 +1663,27 @@ def test_reactions_toggle_live_and_caught_up_one_per_person_and_emoji(owned_room
     assert db_rows(settings, "SELECT count(*) FROM reactions") == [(2,)]
     assert htmx_post(client, f"/room/{slug}/messages/{said}/delete", f"/room/{slug}/").status_code == 200
     assert db_rows(settings, "SELECT count(*) FROM reactions") == [(0,)]  # its reactions went with it
+
+
+def test_who_reacted_is_in_the_picker_not_in_every_copy(client, settings):
+    """Issue 29, 15: a message's frame grew to 21 KB with 20 people x 6 reactions (every name
+    in every emoji's title, in every copy). Counts and ids travel; names are in the React
+    popover, loaded when asked for."""
+    register(client, "host")
+    slug = create_room(client, "popular")
+    (mid,) = say_in(client, slug, "react to me")
+    with sqlite3.connect(settings.db_path) as db:
+        db.executemany("INSERT INTO users (id, username, username_key, password_hash, created_at) "
+                       "VALUES (?, ?, ?, '', '')", [(100 + n, f"person{n:02}", f"person{n:02}") for n in range(20)])
+        db.executemany("INSERT INTO reactions (message_id, user_id, emoji) VALUES (?, ?, ?)",
+                       [(mid, 100 + n, emoji) for n in range(20) for emoji in chat.REACTIONS])
+    htmx_post(client, f"/room/{slug}/messages/{mid}/react", f"/room/{slug}/", give="👍")  # a live frame
+    with client.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:
+        frame = receive_until(ws, "react to me")
+    copy = re.search(r'<article class="msg" id="msg-\d+".*?</article>', frame, re.S).group(0)
+    assert len(copy) < 8_000 and "person07" not in copy, len(copy)
+    picker = client.get(f"/room/{slug}/messages/{mid}/react").text
+    assert "<bdi>person07</bdi>" in picker and picker.count("<li>") == 6
 
 
 def test_reactions_are_attacked(owned_room, settings, tmp_path):
@@ -2115,6 +2155,20 @@ def test_every_owners_step_is_refused_to_a_member_and_to_other_rooms_owners(owne
     assert db_rows(settings, "SELECT text FROM messages") == [("by alice",)]
 
 
+def test_removing_somebody_who_is_not_a_member_is_refused_not_a_silent_ban(owned_room, settings):
+    """Issue 29, 15: "remove" of somebody who had never joined quietly banned them ahead of
+    time; now it says they are not a member, and nothing is recorded."""
+    client, bob, slug = owned_room
+    client.cookies.clear()
+    register(client, "carol")
+    carol_id = user_id_of(settings, "carol")
+    client.cookies.clear()
+    assert post_form(client, "/auth/login/", "/auth/login/", username="alice", password=PASSWORD).status_code == 303
+    refused = moderate(client, slug, "remove", user_id=str(carol_id))
+    assert refused.status_code == 409 and "not a member" in refused.text
+    assert db_rows(settings, "SELECT count(*) FROM removals") == [(0,)]
+
+
 def test_every_member_can_take_the_transcript_home(owned_room, settings):
     client, bob, slug = owned_room
     room = f"/room/{slug}/"
@@ -2130,7 +2184,7 @@ def test_every_member_can_take_the_transcript_home(owned_room, settings):
     assert markdown.headers["content-type"].startswith("text/markdown")
     text = markdown.text
     assert text.startswith("# run by alice\n") and text.index("**alice**") < text.index("**bob**")
-    assert "> hello &lt;b&gt;class&lt;/b&gt;\n> # not a heading" in text and "(edited)" in text
+    assert "```text\nhello <b>class</b>\n# not a heading\n```" in text and "(edited)" in text
     data = json.loads(as_json.text)
     assert [m["text"] for m in data["messages"]] == ["hello <b>class</b>\n# not a heading", "a reply, edited"]
     assert data["messages"][1]["edited_at"] and data["messages"][0]["author"] == "alice"
@@ -2138,6 +2192,35 @@ def test_every_member_can_take_the_transcript_home(owned_room, settings):
     register(client, "stranger")
     assert client.get(f"{room}transcript").status_code == 403
 
+
+
+def test_the_transcript_is_the_text_as_written_and_inert_in_any_markdown_viewer(owned_room, settings):
+    """Issue 29, 9 and 31, 4: the Markdown transcript was HTML-escaped (`&#39;` and `&amp;` in a
+    text editor, a copied URL broken) and yet a viewer showed images (a tracking pixel) and
+    links. Now each message is its text as written in a fence longer than any run of backticks
+    in it, names are escaped the Markdown way, and a reply says whom it answers."""
+    client, bob, slug = owned_room
+    room = f"/room/{slug}/"
+    texts = ["it's 5 > 3 & https://example.org/?a=1&b=2", "![pixel](https://tracker.example/p.gif) [x](javascript:alert(1))",
+             "a fence ``` inside\n```\nand out"]
+    for text in texts:
+        assert post_form(client, room, f"{room}messages", message=text).status_code == 303
+    first = db_rows(settings, "SELECT min(id) FROM messages")[0][0]
+    with as_user(client, bob):
+        post_form(client, room, f"{room}messages", message="an answer", reply_to=str(first))
+    markdown = client.get(f"{room}transcript").text
+    for text in texts:
+        assert text in markdown
+    assert "&#39;" not in markdown and "&amp;" not in markdown and "&gt;" not in markdown
+    assert "````text\na fence ``` inside\n```\nand out\n````" in markdown
+    assert "**bob** · " in markdown and "· replying to alice\n" in markdown
+    outside = re.sub(r"(?ms)^(`{3,})text\n.*?\n\1$", "", markdown)  # what a viewer would render
+    assert "![" not in outside and "](" not in outside and "<" not in outside
+    page = client.get(room).text
+    assert re.search(r'<a href="/room/[^"]+/transcript">Download transcript</a>', page)  # no `download`:
+    client.cookies.clear()  # a tab whose session ended gets the login page, not a file called download.html
+    ended = client.get(f"{room}transcript", follow_redirects=False)
+    assert ended.status_code == 303 and "content-disposition" not in ended.headers
 
 # --- search --------------------------------------------------------------------------------------
 
@@ -2268,6 +2351,33 @@ def test_ids_are_never_handed_out_twice_and_the_search_index_skips_none(client, 
     again = create_room(client, "again")
     assert db_rows(settings, "SELECT id FROM rooms WHERE code = ?", again)[0][0] > 2
 
+
+
+def test_a_search_looks_at_a_bounded_number_of_matches_whoever_is_asking(two_users, settings):
+    """Issue 29, 4: a searcher whose rooms hold none of a word's matches walked every match on
+    the server (0.5 s a query at a million messages), on the thread page loads share. Now a
+    page looks at SEARCH_SCAN matches at most, newest first, and offers to look further back;
+    searches run on a thread of their own, a few a minute per person, and a query is cleaned
+    (a NUL was a 400 and a warning per request)."""
+    client, bob = two_users
+    with as_user(client, bob):
+        bobs = create_room(client, "bob's")
+        say_in(client, bobs, "an old needle")
+    busy = create_room(client, "busy")
+    with sqlite3.connect(settings.db_path) as db:
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE code = ?", (busy,)).fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                       ((room_id, user_id, f"needle {n}", "2026-12-01T10:00:00Z", n + 10)
+                        for n in range(chat.SEARCH_SCAN + 500)))
+    with as_user(client, bob):
+        first = search_page(client, "needle").text
+        assert 'class="hit"' not in first and "Look further back" in first
+        further = re.search(r'href="(/search/\?q=needle&amp;before=\d+)"', first).group(1).replace("&amp;", "&")
+        assert client.get(further).text.count('class="hit"') == 1
+        assert client.get("/search/", params={"q": "nee\x00dle"}).status_code == 200
+        answers = [client.get("/search/?q=needle").status_code for _ in range(settings.search_rate)]
+        assert answers[-1] == 429 and "searched a lot" in client.get("/search/?q=needle").text
+    assert client.get("/search/?q=needle").status_code == 200  # (somebody else's searches count apart)
 
 # --- the lesson beside chat.py -------------------------------------------------------------------
 

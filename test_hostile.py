@@ -149,6 +149,24 @@ def test_codes_have_65_random_bits_and_old_short_codes_keep_working(tmp_path):
         assert room_code_status(client, "old-1a2b3c") == 200
 
 
+def test_a_reconnect_loop_is_refused_before_it_costs_a_read(tmp_path):
+    """Issue 29, 7: one account's sockets reconnecting in a loop with `?revision=0` (a full
+    catch-up each) took 88% of a core. Handshakes are counted per session and per address
+    (CHAT_HANDSHAKE_RATE per 10 s, and ten times that per address) before anything is read."""
+    with limited_app(tmp_path, handshake_rate=5) as client:
+        register(client, "looper")
+        slug = create_room(client, "loop")
+        for _ in range(5):
+            with client.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN):
+                pass
+        refused_at_handshake(client, f"/chat/{slug}/?revision=0", ORIGIN)
+        client.cookies.clear()
+        register(client, "neighbour")  # another session from the same address still gets in
+        create = create_room(client, "next door")
+        with client.websocket_connect(f"/chat/{create}/", headers=ORIGIN) as ws:
+            receive_until(ws, "presence")
+
+
 def test_sockets_per_user_and_per_address_are_capped(tmp_path):
     with limited_app(tmp_path, sockets_per_user=2, sockets_per_address=3) as client:
         register(client, "owner")
@@ -169,7 +187,7 @@ def test_sockets_per_user_and_per_address_are_capped(tmp_path):
 
 
 def test_presence_churn_is_coalesced(tmp_path):
-    with limited_app(tmp_path, sockets_per_user=0) as client:
+    with limited_app(tmp_path, sockets_per_user=0, handshake_rate=0) as client:
         register(client, "watcher")
         slug = create_room(client, "churn")
         watcher_cookies = client.cookies

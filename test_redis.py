@@ -297,6 +297,33 @@ def test_the_login_form_cannot_fill_redis(two_workers, redis_server):
         assert admin.info("memory")["used_memory"] - used < 256 * 1024
 
 
+def test_slow_mode_is_a_sliding_window_on_every_worker(two_workers):
+    """Issue 29, 12: with Redis, slow mode counted in fixed blocks of the clock, so two
+    messages 0.81 s apart passed under 30 s slow mode when they straddled a block's end. Now
+    every limit counted in Redis is a sliding window, as in one process."""
+    a, b = two_workers
+    owner, _ = login_cookie(a, "ada")
+    slug = make_room(owner, "slow across")
+    _, bob = login_cookie(b, "bob")
+    httpx.get(f"{b.url}/room/{slug}/", headers={"Cookie": bob})
+    assert owner_step(owner, slug, "slow_mode", slow_mode="5").status_code == 303
+
+    async def run() -> str:
+        async with ws_connect(a, slug, bob) as on_a, ws_connect(b, slug, bob) as on_b:
+            await frames_until(on_a, "presence")
+            await frames_until(on_b, "presence")
+            await asyncio.sleep(5 - time.time() % 5 + 4.5)  # half a second before a 5 s block ends
+            await on_a.send(frame("just before"))
+            await frames_until(on_a, "just before")
+            await asyncio.sleep(1.0)  # the next block of the clock: a fixed window starts again
+            await on_b.send(frame("too soon"))
+            return await frames_until(on_b, "chat-error")
+    answer = asyncio.run(run())
+    assert "Slow mode" in answer
+    with sqlite3.connect(a.db_path) as db:
+        assert [text for (text,) in db.execute("SELECT text FROM messages")] == ["just before"]
+
+
 # --- Redis: moderation, reactions and room state across workers ----------------------------------
 
 

@@ -413,6 +413,53 @@ def test_idle_and_slow_connections_cannot_exhaust_the_server(tmp_path):
     assert len(log) < 200_000  # a refusal per connection at most, never a flood
 
 
+def test_trickled_bodies_are_cut_off_and_one_address_cannot_take_every_connection(tmp_path):
+    """Issue 29, 2: the head's deadline did not cover the body, so 199 POSTs promising 65,000
+    bytes and sending one every few seconds held the connection cap (every other request
+    503) for as long as they liked, and each abort logged a traceback. Now a body has a
+    deadline (CHAT_REQUEST_BODY_SECONDS), one address holds at most
+    CHAT_CONNECTIONS_PER_ADDRESS connections, and a client that goes away is an INFO line."""
+    server = LiveServer(tmp_path / "chat.db", CHAT_REQUEST_BODY_SECONDS="2",
+                        CHAT_CONNECTIONS_PER_ADDRESS="20").start()
+    trickling: list[socket.socket] = []
+    try:
+        client, _ = login_cookie(server, "ada")  # (its keep-alive connection is one of the 20)
+        for _ in range(15):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            sock.sendall(b"POST /auth/login/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/x-www-form-urlencoded\r\nContent-Length: 65000\r\n\r\nu")
+            trickling.append(sock)
+        more = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(10)]
+        trickling += more
+        refused = []
+        for sock in more:
+            sock.settimeout(0.5)
+            with contextlib.suppress(TimeoutError):
+                refused.append(sock.recv(1024).startswith(b"HTTP/1.1 503"))
+        assert 5 <= sum(refused) <= 10  # past its share of 20: a 503 at once
+        other = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert other.recv(1024).startswith(b"HTTP/1.1 200")  # another address is not held up
+        other.close()
+        started = time.monotonic()
+        for sock in trickling[:15]:  # one more byte now and then: cut off all the same
+            with contextlib.suppress(OSError):
+                sock.sendall(b"x")
+        for sock in trickling[:15]:
+            sock.settimeout(10)
+            with contextlib.suppress(OSError):
+                while sock.recv(1024):
+                    pass
+        assert time.monotonic() - started < 8
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in trickling:
+            sock.close()
+        server.stop()
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "its request body took over 2 s" in log, log[-3000:]
+
+
 def test_a_huge_catch_up_is_bounded_in_memory(server):
     """500 messages of 4,000 `&` (5 x longer escaped), caught up by 20 sockets that never
     read, in teaching mode: was +856 MiB of server memory; now a bounded frame each."""
@@ -569,6 +616,13 @@ def test_a_backup_taken_while_the_server_runs_restores_as_the_readme_says(server
         assert db.execute("SELECT count(*) FROM messages").fetchone() == (50,)
     again = chat_py("backup", str(copy), "--db", str(server.db_path), cwd=tmp_path)
     assert again.returncode != 0 and "exists already" in again.stderr  # never overwrites
+    # Issue 29, 14: the database and its backups hold password hashes and session ids: 0600,
+    # and a backup never writes through a link, even a dangling one.
+    assert all(path.stat().st_mode & 0o777 == 0o600 for path in (server.db_path, copy))
+    dangling = tmp_path / "backup" / "planted.db"
+    dangling.symlink_to(tmp_path / "elsewhere.db")
+    through = chat_py("backup", str(dangling), "--db", str(server.db_path), cwd=tmp_path)
+    assert through.returncode != 0 and not (tmp_path / "elsewhere.db").exists()
     asyncio.run(chatter(5))  # said after the backup: gone once it is restored
     # The README's restore: stop the server, put the copy in place of chat.db (its -wal and
     # -shm files removed), start the server.
@@ -625,6 +679,8 @@ def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tm
     used = forgot.post(link, data={"csrf_token": token, "password1": "a new password", "password2": "a new password"})
     assert used.status_code == 303 and forgot.get("/", follow_redirects=False).status_code == 200
     assert forgot.get(link).status_code == 404  # once only
+    secret = link.rsplit("/", 1)[1]  # (issue 29, 13: only its hash is kept, and now in no log either)
+    assert secret not in server.log_path.read_text() and "/auth/link/…" in server.log_path.read_text()
     assert httpx.get(f"{server.url}/", headers={"Cookie": cookie}, follow_redirects=False).status_code == 303  # her old sessions end
     fresh = httpx.Client(base_url=server.url)
     token = re.search(r'name="csrf_token" value="([^"]+)"', fresh.get("/auth/login/").text).group(1)
@@ -655,3 +711,43 @@ def test_a_transcript_of_100000_messages_streams_in_flat_memory(server):
             peak = max(peak, server_rss_kib(server) - rss_before)
     assert count == 100_000 and size > 20_000_000  # all of it, about 22 MB of Markdown...
     assert peak < 16 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"  # ...in a few MiB of memory
+
+
+def test_transcript_readers_that_stop_reading_hold_little_memory_and_a_few_at_a_time(server):
+    """Issue 29, 3: the transcript was one string per 500 messages (HTML escaping made `&`
+    five times longer) and uvicorn held a chunk for a reader that never read: 100 such readers
+    pinned about 1.5 GiB. Now pieces of 16 KiB go out one at a time as the connection drains,
+    a user runs at most two at once, and a stalled reader costs the server little."""
+    owner, owner_cookie = login_cookie(server, "ada")
+    slug = make_room(owner, "ampersands")
+    cookies = [owner_cookie]
+    for n in range(9):
+        client, cookie = login_cookie(server, f"reader{n}")
+        client.get(f"/room/{slug}/")  # a member
+        cookies.append(cookie)
+    with sqlite3.connect(server.db_path) as db:
+        room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
+        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
+                       ((room_id, user_id, "&" * 4000, "2026-11-30T10:00:00Z", n + 1) for n in range(2000)))
+    rss_before = server_rss_kib(server)
+    stalled = []
+    for cookie in cookies:
+        for _ in range(2):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(f"GET /room/{slug}/transcript HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {cookie}\r\n\r\n".encode())
+            stalled.append(sock)
+    try:
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{server.url}/room/{slug}/transcript", headers={"Cookie": cookies[0]},
+                        timeout=10).status_code != 429:  # two at once per user: a third waits
+            assert time.monotonic() < deadline
+        time.sleep(2)  # (what the readers let through by now is all they will get)
+        stalled[0].settimeout(5)
+        assert stalled[0].recv(4096).startswith(b"HTTP/1.1 200")
+        grown = server_rss_kib(server) - rss_before
+        assert grown < 20 * 2 * 1024, f"{grown / 1024:.0f} MiB for 20 stalled readers"
+        assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
