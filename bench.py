@@ -497,7 +497,8 @@ def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, re
         return 1000 * statistics.median(samples)
 
     try:
-        return {"catch_up_ms": median_ms(lambda: chat.catch_up_frame(db, room_id, slug, max(0, count - chat.CATCH_UP_LIMIT))),
+        return {"catch_up_ms": median_ms(lambda: chat.catch_up_frame(db, room_id, max(0, count - chat.CATCH_UP_LIMIT),
+                                                                     f"http://127.0.0.1/room/{slug}/")),
                 "history_page_ms": median_ms(lambda: str(chat.fragments.history_page(
                     {"code": slug}, *chat.page_before(db, room_id, None), oob=True)))}
     finally:

@@ -177,7 +177,7 @@ def test_pages_reconnect_after_a_restart_and_catch_up(people, chat_server):
     db = sqlite3.connect(chat_server.db_path, isolation_level=None)  # what others said meanwhile,
     db.row_factory = sqlite3.Row  # stored the way the app stores it (another worker, say)
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
-    chat.add_messages(db, [(room_id, user_id, f"while away {n}", None, None) for n in range(3)])
+    chat.add_messages(db, [chat.NewMessage(room_id, user_id, f"while away {n}", None, None) for n in range(3)])
     db.close()
     chat_server.start()
 
@@ -203,7 +203,7 @@ def test_a_page_more_than_a_page_behind_gets_the_newest_page_and_can_load_the_re
     db.row_factory = sqlite3.Row
     room_id, user_id = db.execute("SELECT id, created_by FROM rooms").fetchone()
     missed = chat.CATCH_UP_LIMIT + 10
-    chat.add_messages(db, [(room_id, user_id, f"missed {n}", None, None) for n in range(missed)])
+    chat.add_messages(db, [chat.NewMessage(room_id, user_id, f"missed {n}", None, None) for n in range(missed)])
     db.close()
     chat_server.start()
     texts = grace.page.locator("#messages .msg p")
@@ -1218,7 +1218,10 @@ def test_mentions_reactions_and_replies_reach_both_pages_live(people):
         button = person.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1")
         expect(button).to_be_visible()
         expect(button).to_have_attribute("aria-pressed", pressed)
-    expect(ada.page.locator(".msg", has_text="Mercury").locator(".reaction")).to_have_attribute("title", "thumbs up: grace")
+    expect(ada.page.locator(".msg", has_text="Mercury").locator(".reaction")).to_have_attribute("title", "thumbs up")
+    ada.page.locator(".msg", has_text="Mercury").get_by_role("button", name="React").click()  # who reacted: in the picker
+    expect(ada.page.locator("#reactor .reacted")).to_contain_text("grace")
+    ada.page.keyboard.press("Escape")
     ada.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 1").click()  # ada adds hers
     expect(grace.page.locator(".msg", has_text="Mercury").get_by_role("button", name="👍 2")).to_have_attribute(
         "aria-pressed", "true")

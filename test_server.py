@@ -69,9 +69,10 @@ def stored_messages(server: LiveServer) -> dict[int, str]:
 
 @pytest.fixture
 def server(tmp_path):
-    # Many sockets from one user and address: the per-user and per-address caps are off here.
+    # Many sockets from one user, session and address: the per-user, per-session and
+    # per-address caps are off here (test_hostile.py tests them).
     live = LiveServer(tmp_path / "chat.db", CHAT_MESSAGE_RATE="0", CHAT_SOCKETS_PER_USER="0",
-                      CHAT_SOCKETS_PER_ADDRESS="0").start()
+                      CHAT_SOCKETS_PER_ADDRESS="0", CHAT_HANDSHAKE_RATE="0").start()
     yield live
     live.stop()
 
