@@ -96,7 +96,11 @@ import argon2
 import jinja2
 import uvicorn
 from linkify_it import LinkifyIt
+import pygments
+from markdown_it import MarkdownIt
 from markupsafe import Markup, escape
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import get_lexer_by_name
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -317,6 +321,7 @@ CREATE TABLE IF NOT EXISTS messages (
     client_key TEXT,
     revision   INTEGER NOT NULL DEFAULT 0,  -- the room's revision when it was sent or last changed
     edited_at  TEXT,
+    html       TEXT,  -- the text rendered (render_text); NULL: not yet (render_old_messages)
     -- the message of the same room it answers (its quote shows that one as it is now)
     reply_to   INTEGER
 );
@@ -379,6 +384,15 @@ BEGIN
     UPDATE room_members SET last_read_id = NEW.id
     WHERE room_id = NEW.room_id AND user_id = NEW.user_id;
 END;
+-- How far render_old_messages (section 9) has come with re-rendering the messages the
+-- renderer of another RENDERER_VERSION rendered (or none did: an older database).
+CREATE TABLE IF NOT EXISTS render_state (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    version        INTEGER NOT NULL,  -- of the renderings up to `target`
+    rendered_up_to INTEGER NOT NULL,  -- every message up to this id is rendered by it
+    target         INTEGER NOT NULL   -- the newest id when this version started
+);
+INSERT OR IGNORE INTO render_state VALUES (1, 0, 0, 0);
 -- The ids handed out so far (INSERT_MESSAGE and insert_room take the next): an id is never
 -- handed out twice, even once every row that had it is gone (a deleted room's newest messages).
 CREATE TABLE IF NOT EXISTS counters (
@@ -435,7 +449,8 @@ MIGRATIONS = [
     # Replies. (The search index, its triggers, and the mentions and reactions tables are
     # SCHEMA's; the messages already there are indexed in the background, index_new_messages.)
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
-    # Names that end in punctuation look like those that do not (name_skeleton).
+    # Names that end in punctuation look like those that do not (name_skeleton). Messages are
+    # Markdown, rendered when stored (messages.html; older ones by render_old_messages).
     # One word for a room's code (it was "slug"). Ids are never handed out twice (counters):
     # an id a deleted room's messages had was, and the search index skipped those messages, so
     # it is rebuilt. A catch-up sends a room's state again if it changed (state_revision).
@@ -443,6 +458,7 @@ MIGRATIONS = [
      lambda db: db.execute("ALTER TABLE room_codes RENAME COLUMN slug TO code") if db.execute(
          "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None,
      "ALTER TABLE rooms ADD COLUMN state_revision INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE messages ADD COLUMN html TEXT",
      "UPDATE rooms SET state_revision = revision",
      lambda db: count_ids_so_far(db),
      lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
@@ -681,7 +697,7 @@ class Store:
 # now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
 # "emoji id name" lines). Every query for messages starts so.
 SELECT_MESSAGES = (
-    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.created_at, "
+    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.html, m.created_at, "
     "m.edited_at, m.revision, m.reply_to, q.text AS quote_text, "
     "(SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
     "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10))"
@@ -1298,13 +1314,12 @@ def real_host(url: str) -> str | None:
                     for label in host.split("."))
 
 
-@template_filter("linkify")
-def linkify(text: str, mentioned: str | None = None) -> Markup:
-    """Message text as HTML: escaped, with its http(s) links made links and the people it
-    mentions (`mentioned`: "id name" lines, as SELECT_MESSAGES gives them) marked. It is
-    built from escaped pieces (Markup.format escapes the URL too), so no markup can ride
-    along; a link whose text could hide where it goes has its real host beside it."""
-    plain = with_mentions(mentioned) if mentioned else escape
+def linkify(text: str, people: tuple[tuple[int, str], ...] = ()) -> Markup:
+    """Text as HTML: escaped, with its http(s) links made links and its mentions of `people`
+    ((user id, name)) marked. It is built from escaped pieces (Markup.format escapes the URL
+    too), so no markup can ride along; a link whose text could hide where it goes has its real
+    host beside it."""
+    plain = with_mentions(people) if people and "@" in text else escape
     if "://" not in text:  # the common case, 20 times cheaper than asking the linkifier
         return plain(text)
     parts, done = [], 0
@@ -1325,11 +1340,9 @@ def linkify(text: str, mentioned: str | None = None) -> Markup:
     return Markup("").join(parts)
 
 
-def with_mentions(mentioned: str) -> Callable[[str], Markup]:
-    """Escapes text, marking "@name" for each of the people (`mentioned`: "id name" lines)
-    as a mention of that person's id: the room page's style marks those of its viewer."""
-    people = tuple((int(user_id), name) for user_id, name in
-                   (line.split(" ", 1) for line in mentioned.split("\n")))
+def with_mentions(people: tuple[tuple[int, str], ...]) -> Callable[[str], Markup]:
+    """Escapes text, marking "@name" for each of the people ((user id, name)) as a mention of
+    that person's id: the room page's style marks those of its viewer."""
 
     def marked(text: str) -> Markup:
         """The text escaped, with each "@name" of these people marked."""
@@ -1381,6 +1394,176 @@ def mention_index(people: tuple[tuple[int, str], ...]) -> tuple[dict[str, int], 
             names.setdefault(name.casefold(), user_id)
     return names, sorted({len(name) for _, name in people if 0 < len(name) <= MENTION_NAME_CHARS},
                          reverse=True)
+
+
+# Message text as HTML. A message is Markdown (CommonMark, through markdown-it-py), rendered
+# once, on the server, when it is stored or edited (render_text), and kept with its row
+# (messages.html): every page, live frame and catch-up shows that one rendering. Raw HTML,
+# images and headings are off (shown as text); links are http(s) only, found as today
+# (linkify, with the real host beside a look-alike) and never inside code; fenced code with a
+# language is highlighted by Pygments into CSS classes (the CSP allows no inline style).
+
+MARKDOWN = (MarkdownIt("commonmark", {"breaks": True, "html": False})
+            .enable(["strikethrough"])
+            .disable(["image", "heading", "lheading", "reference", "hr", "html_block",
+                      "html_inline", "linkify"]))
+
+# What can make Markdown of a text: a plain one (most chat) skips the parser.
+MARKDOWN_SIGNS = re.compile(r"[\\`*_~\[\]<>#!|&\n]|^(?:[-+*]|\d{1,9}[.)])(?:\s|$)")
+
+# Pygments' lexer for each language a fenced block may name; any other is plain monospace.
+HIGHLIGHTED = {
+    "python": "python", "py": "python", "javascript": "javascript", "js": "javascript",
+    "typescript": "typescript", "ts": "typescript", "html": "html", "css": "css", "json": "json",
+    "bash": "bash", "sh": "bash", "shell": "bash", "sql": "sql", "c": "c", "cpp": "cpp",
+    "c++": "cpp", "java": "java", "go": "go", "rust": "rust", "ruby": "ruby", "php": "php",
+    "yaml": "yaml", "toml": "toml", "diff": "diff", "kotlin": "kotlin", "swift": "swift"}
+HIGHLIGHT_SECONDS = 0.05  # a block that takes longer to highlight is shown plain
+CODE_CLASSES = HtmlFormatter(nowrap=True, classprefix="hl-")
+
+
+def is_web_link(url: str) -> bool:
+    """Whether a link may be a link: http or https, nothing else (no javascript:, data:)."""
+    return url.strip().lower().startswith(("http://", "https://"))
+
+
+MARKDOWN.validateLink = is_web_link
+
+
+# Raise it when render_text makes other HTML of the same text: render_old_messages then
+# renders every stored message again, in the background.
+RENDERER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A message's text as HTML, and whom it mentions (user ids)."""
+
+    html: str
+    mentioned: tuple[int, ...] = ()
+
+
+def render_text(text: str, people: tuple[tuple[int, str], ...] = ()) -> Rendered:
+    """A message's text (Markdown) as HTML, the mentions of `people` ((user id, name)) marked
+    in it. Plain text, the common case, skips the parser (the same HTML, 20 times faster)."""
+    if not MARKDOWN_SIGNS.search(text):
+        html = Markup("<p>{}</p>\n").format(linkify(text, people))
+    else:
+        html = Markup(MARKDOWN.render(text, {"people": people}))
+    mentioned = tuple(dict.fromkeys(
+        user_id for _, _, user_id in find_mentions(text, people))) if "@" in text else ()
+    return Rendered(str(html), tuple(user_id for user_id in mentioned
+                                     if f'data-user="{user_id}"' in html))
+
+
+# Markdown is parsed here, a message at a time, off the event loop: a long message costs its
+# milliseconds on this thread, never every socket's.
+RENDERING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="render")
+
+
+async def rendered(text: str, people: tuple[tuple[int, str], ...] = ()) -> Rendered:
+    """render_text, on the RENDERING thread when the text is Markdown (plain text: here)."""
+    if not MARKDOWN_SIGNS.search(text):
+        return render_text(text, people)
+    return await asyncio.get_running_loop().run_in_executor(RENDERING, render_text, text, people)
+
+
+@template_filter("message_html")
+def message_html(m: sqlite3.Row) -> Markup:
+    """A message's text as pages show it: its stored rendering, or (a message from before
+    renderings were stored, until render_old_messages reaches it) rendered now."""
+    if m["html"] is not None:
+        return Markup(m["html"])
+    people = tuple((int(user_id), name) for user_id, name in
+                   (line.split(" ", 1) for line in (m["mentioned"] or "").split("\n") if line))
+    return Markup(render_text(m["text"], people).html)
+
+
+# A fenced code block in a message's text: its fence, its language, its lines.
+FENCED_CODE = re.compile(r"^(`{3,}|~{3,})[ \t]*([^\s`]*)[^\n]*\n(.*?)(?:^\1[`~]*[ \t]*$|\Z)",
+                         re.M | re.S)
+
+
+@template_filter("spoken")
+def spoken(text: str) -> str:
+    """A message as the screen reader's line reads it: a fenced block is "code block, python,
+    6 lines", not its fences and every symbol in it."""
+    def said(found: re.Match) -> str:
+        """What the screen reader hears for one fenced block."""
+        lines = found.group(3).rstrip("\n").count("\n") + 1
+        language = HIGHLIGHTED.get(found.group(2).lower(), found.group(2)[:20])
+        named = f"{language}, " if language else ""
+        return f"(code block, {named}{lines} line{'s' * (lines != 1)}) "
+    return FENCED_CODE.sub(said, text).strip()
+
+
+def markdown_text_tokens(state: Any) -> None:
+    """markdown-it's last step here: the text outside links and code gets today's links and
+    the mentions (linkify), as HTML built from escaped pieces."""
+    people = state.env.get("people", ())
+    for block in state.tokens:
+        inside_link = 0
+        for token in block.children or ():
+            inside_link += token.type == "link_open"
+            inside_link -= token.type == "link_close"
+            if token.type == "text" and not inside_link and token.content:
+                token.type, token.content = "html_inline", str(linkify(token.content, people))
+
+
+MARKDOWN.core.ruler.push("backchat_text", markdown_text_tokens)
+
+
+def render_link_open(renderer: Any, tokens: list, index: int, options: Any, env: Any) -> str:
+    """A Markdown link opens a new tab, tells the target nothing, and is not endorsed."""
+    tokens[index].attrSet("rel", "noopener noreferrer nofollow")
+    tokens[index].attrSet("target", "_blank")
+    return renderer.renderToken(tokens, index, options, env)
+
+
+def render_link_close(renderer: Any, tokens: list, index: int, options: Any, env: Any) -> str:
+    """After a link whose words are not its address, the host it goes to (in red when it could
+    pass for another: real_host)."""
+    start = max(n for n in range(index) if tokens[n].type == "link_open")
+    href = tokens[start].attrGet("href") or ""
+    words = "".join(token.content for token in tokens[start + 1:index])
+    closing = renderer.renderToken(tokens, index, options, env)
+    if host := real_host(href) or ("://" in words and real_host(words.strip())):
+        return closing + str(Markup(' <small class="real-host">(goes to {})</small>').format(host))
+    if words.strip() not in (href, href.split("://", 1)[-1]):
+        return closing + str(Markup(' <small class="link-host">({})</small>').format(
+            urlsplit(href).hostname or ""))
+    return closing
+
+
+def render_code(renderer: Any, tokens: list, index: int, options: Any, env: Any) -> str:
+    """A code block: monospace, its indentation kept, scrolling sideways; highlighted when its
+    fence names a language of HIGHLIGHTED (in time: HIGHLIGHT_SECONDS), else plain."""
+    token = tokens[index]
+    language = HIGHLIGHTED.get(token.info.strip().split(" ", 1)[0].lower()) if token.info else None
+    code = token.content
+    body = highlighted(code, language) if language else None
+    label = Markup(' data-language="{}"').format(language) if language else ""
+    return str(Markup('<pre class="code"{}><code>{}</code></pre>\n').format(
+        label, body if body is not None else code))
+
+
+def highlighted(code: str, language: str) -> Markup | None:
+    """The code as Pygments' tokens in CSS classes (hl-k, hl-s, ...); None if that takes
+    longer than HIGHLIGHT_SECONDS (checked as the tokens come: a lexer is never waited on
+    for long)."""
+    deadline = time.perf_counter() + HIGHLIGHT_SECONDS
+    found = []
+    for n, token in enumerate(get_lexer_by_name(language, stripnl=False).get_tokens(code)):
+        found.append(token)
+        if n % 64 == 0 and time.perf_counter() > deadline:
+            return None
+    return Markup(pygments.format(found, CODE_CLASSES))
+
+
+MARKDOWN.add_render_rule("link_open", render_link_open)
+MARKDOWN.add_render_rule("link_close", render_link_close)
+MARKDOWN.add_render_rule("fence", render_code)
+MARKDOWN.add_render_rule("code_block", render_code)
 
 
 class Fragments:
@@ -2408,7 +2591,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["id"], user_id)
-    seen_up_to, messages, has_older, owners, members = await chat.store.read(
+    seen_up_to, messages, has_older, owners = await chat.store.read(
         room_page_rows, room["id"], user_id)
     has_newer, replying_to = False, None
     if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
@@ -2426,7 +2609,7 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                   wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(),
                   stale_after=2.5 * chat.settings.heartbeat,
-                  has_newer=has_newer, replying_to=replying_to, members=members)
+                  has_newer=has_newer, replying_to=replying_to)
 
 
 def is_phone(request: Request) -> bool:
@@ -2626,13 +2809,11 @@ def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
 
 
 def room_page_rows(db: sqlite3.Connection, room_id: int, user_id: int
-                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int],
-                              list[tuple[int, str]]]:
+                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int]]:
     """What a room page shows, in one trip: the newest message the user had seen (last_read),
-    the newest page of messages and whether older ones exist (page_before), the owners, and
-    the members to offer as @names (member_names)."""
+    the newest page of messages and whether older ones exist (page_before), and the owners."""
     return (last_read(db, room_id, user_id), *page_before(db, room_id, None),
-            room_owners(db, room_id), member_names(db, room_id))
+            room_owners(db, room_id))
 
 
 def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -2654,14 +2835,6 @@ def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) ->
             raise Refused("You are this room's only owner: make somebody else an owner first, "
                           "or delete the room.", 409)
         db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
-
-
-def member_names(db: sqlite3.Connection, room_id: int) -> list[tuple[int, str]]:
-    """The ids and names of the room's members (the first 200 by name), for the composer's
-    @ list."""
-    return db.execute("SELECT u.id, u.username FROM room_members m "
-                      "JOIN users u ON u.id = m.user_id WHERE m.room_id = ? "
-                      "ORDER BY u.username_key LIMIT 200", (room_id,)).fetchall()
 
 
 def room_owners(db: sqlite3.Connection, room_id: int) -> frozenset[int]:
@@ -2914,10 +3087,10 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
         raise Refused("That message came with a broken `key`; reload the page.")
     check_text(text)
     await check_turn(chat, room_id, user_id, state)
-    mentioned = await chat.store.read(mentions_of, room_id, text) if "@" in text else ()
+    shown = await rendered(text, await chat.store.read(room_people, room_id) if "@" in text else ())
     try:
-        message = await chat.store.write_together(
-            add_messages, NewMessage(room_id, user_id, text, key, reply_to, mentioned))
+        message = await chat.store.write_together(add_messages, NewMessage(
+            room_id, user_id, text, key, reply_to, shown.mentioned, shown.html))
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused(NOT_SAVED, 503) from None
     except Exception:  # a bug in this one message: nothing of it stored, nobody else's lost
@@ -3103,9 +3276,10 @@ async def end_at_once(websocket: WebSocket, code: str, why: str) -> None:
 # a deleted room: checked in the same statement, so no send can slip past a removal or a lock
 # that committed first.
 INSERT_MESSAGE = (
-    "INSERT INTO messages (id, room_id, user_id, text, created_at, client_key, revision, "
+    "INSERT INTO messages (id, room_id, user_id, text, html, created_at, client_key, revision, "
     "reply_to) "
     "SELECT (SELECT value + 1 FROM counters WHERE name = 'message'), :room_id, :user_id, :text, "
+    "      :html, "
     f"      strftime('{ISO_SECONDS}', 'now'), :key, "
     "      (SELECT revision + 1 FROM rooms WHERE id = :room_id), "
     # reply_to (another room's message: none)
@@ -3127,7 +3301,8 @@ class NewMessage(NamedTuple):
     text: str
     key: str | None  # the composer's one-time key
     reply_to: int | None  # the message it answers
-    mentioned: tuple[int, ...] = ()  # whom it mentions (mentions_of)
+    mentioned: tuple[int, ...] = ()  # whom it mentions (render_text)
+    html: str | None = None  # its text rendered (render_text)
 
 
 def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[Any]:
@@ -3168,12 +3343,11 @@ def store_mentions(db: sqlite3.Connection, message_id: int, room_id: int,
                    [(message_id, user_id, room_id) for user_id in mentioned])
 
 
-def mentions_of(db: sqlite3.Connection, room_id: int, text: str) -> tuple[int, ...]:
-    """Whom the text mentions among the room's members (find_mentions)."""
-    people = tuple((user_id, name) for user_id, name in db.execute(
+def room_people(db: sqlite3.Connection, room_id: int) -> tuple[tuple[int, str], ...]:
+    """The room's members ((user id, name), 1,000 at most): whom a message may mention."""
+    return tuple((user_id, name) for user_id, name in db.execute(
         "SELECT u.id, u.username FROM room_members rm JOIN users u ON u.id = rm.user_id "
         "WHERE rm.room_id = ? LIMIT 1000", (room_id,)))
-    return tuple(dict.fromkeys(user_id for _, _, user_id in find_mentions(text, people)))
 
 
 def why_not_stored(db: sqlite3.Connection, message: NewMessage) -> str | None:
@@ -3197,6 +3371,55 @@ def locked_for(db: sqlite3.Connection, room_id: int, user_id: int) -> bool:
         "SELECT locked AND NOT EXISTS (SELECT 1 FROM room_members WHERE room_id = ?1 "
         "AND user_id = ?2 AND role = 'owner') FROM rooms WHERE id = ?1",
         (room_id, user_id)).fetchone()[0])
+
+
+RENDER_BATCH = 200  # messages rendered again per trip (render_old_messages)
+
+
+async def render_old_messages(chat: Chat) -> None:
+    """At start, in the background: render again the messages that another version of
+    render_text rendered (or none did: a database from before), RENDER_BATCH at a time, oldest
+    first, on the rendering thread, until every one is; meanwhile pages render an unrendered
+    one as they show it (message_html)."""
+    await chat.store.write(start_rendering, RENDERER_VERSION)
+    while rows := await chat.store.read(messages_to_render, RENDER_BATCH):
+        shown = await asyncio.get_running_loop().run_in_executor(RENDERING, render_rows, rows)
+        await chat.store.write(store_renderings, shown, rows[-1]["id"])
+
+
+def render_rows(rows: list[sqlite3.Row]) -> list[tuple[str, int, str]]:
+    """(html, id, text) for each message, its mentions as they were recorded."""
+    return [(render_text(row["text"], tuple(
+        (int(user_id), name) for user_id, name in (line.split(" ", 1) for line in
+                                                    (row["mentioned"] or "").split("\n") if line)
+    )).html, row["id"], row["text"]) for row in rows]
+
+
+def start_rendering(db: sqlite3.Connection, version: int) -> None:
+    """If the stored renderings are of another version, every message up to the newest is
+    to be rendered again."""
+    with transaction(db):
+        db.execute("UPDATE render_state SET version = ?1, rendered_up_to = 0, target = "
+                   "(SELECT coalesce(max(id), 0) FROM messages) WHERE version != ?1", (version,))
+
+
+def messages_to_render(db: sqlite3.Connection, limit: int) -> list[sqlite3.Row]:
+    """The next messages render_old_messages is to render, with whom each mentions."""
+    return db.execute(
+        "SELECT m.id, m.text, (SELECT group_concat(x.user_id || ' ' || u.username, char(10)) "
+        "  FROM mentions x JOIN users u ON u.id = x.user_id WHERE x.message_id = m.id) "
+        "  AS mentioned "
+        "FROM messages m, render_state "  # (one row)
+        "WHERE m.id > render_state.rendered_up_to AND m.id <= render_state.target "
+        "ORDER BY m.id LIMIT ?", (limit,)).fetchall()
+
+
+def store_renderings(db: sqlite3.Connection, shown: list[tuple[str, int, str]], up_to: int) -> None:
+    """Keep the renderings (of a text not edited meanwhile: an edit renders its own), and
+    how far they reach."""
+    with transaction(db):
+        db.executemany("UPDATE messages SET html = ? WHERE id = ? AND text = ?", shown)
+        db.execute("UPDATE render_state SET rendered_up_to = ?", (up_to,))
 
 
 MESSAGE_ROUTES = [
@@ -3238,11 +3461,12 @@ async def edit(request: Request) -> Response:
             raise Refused("A message needs some text; to remove it, use Delete.")
         check_text(text)
         await check_turn(chat, room["id"], me, state_of(access, me))
-        mentioned = await chat.store.read(mentions_of, room["id"], text) if "@" in text else ()
+        people = await chat.store.read(room_people, room["id"]) if "@" in text else ()
+        shown = await rendered(text, people)
         # (edit_message checks the author and the lock again inside its transaction)
         try:
             edited = await chat.store.write(edit_message, message["id"], room["id"], me, text,
-                                            mentioned)
+                                            shown)
         except sqlite3.Error as problem:
             raise Refused(could_not_save("Your edit could not be saved", problem), 503) from None
     except Refused as problem:
@@ -3373,8 +3597,8 @@ def first_line(text: str, limit: int = 100) -> str:
 
 
 def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: int,
-                 text: str, mentioned: tuple[int, ...] = ()) -> list[sqlite3.Row] | None:
-    """The edited message (`mentioned`: whom its new text mentions), then the replies whose
+                 text: str, shown: Rendered) -> list[sqlite3.Row] | None:
+    """The edited message (`shown`: its new text rendered), then the replies whose
     quote of it changed with it (None: no such message here); Refused (403) for somebody
     else's, or for a member while the room is locked (checked in the transaction, so no edit
     slips past a lock that committed first)."""
@@ -3383,10 +3607,10 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: 
             return None
         if locked_for(db, room_id, author):
             raise Refused(LOCKED, 403)
-        db.execute("UPDATE messages SET text = ?2, edited_at = ?3, "
-                   f"revision = {NEXT_REVISION} WHERE id = ?4",
-                   (room_id, text, utc_now(), message_id))
-        store_mentions(db, message_id, room_id, mentioned)
+        db.execute("UPDATE messages SET text = ?2, html = ?3, edited_at = ?4, "
+                   f"revision = {NEXT_REVISION} WHERE id = ?5",
+                   (room_id, text, shown.html, utc_now(), message_id))
+        store_mentions(db, message_id, room_id, shown.mentioned)
         replies = requote_replies(db, message_id, room_id)
     return [message_by_id(db, message_id), *replies]
 
@@ -4696,7 +4920,7 @@ async def open_chat(settings: Settings) -> Chat:
 
 # What runs beside the requests for as long as the app does, each a function of the Chat.
 BACKGROUND_TASKS: tuple[Callable[[Chat], Awaitable[None]], ...] = (
-    heartbeats, watch_sessions, index_search)
+    heartbeats, watch_sessions, index_search, render_old_messages)
 
 
 def __getattr__(name: str) -> Starlette:

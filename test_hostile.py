@@ -259,7 +259,7 @@ def test_invisible_and_bidi_characters_are_refused_in_room_names_and_user_text_i
         with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
             send(ws, "مرحبا")
             frame = receive_until(ws, "مرحبا")
-        assert '<bdi class="author">owner</bdi>' in frame and '<p dir="auto">مرحبا</p>' in frame
+        assert '<bdi class="author">owner</bdi>' in frame and '<div class="body" dir="auto"><p>مرحبا</p>' in frame
 
 
 def test_odd_numbers_and_deep_json_get_clear_errors_and_the_socket_stays_open(tmp_path):

@@ -113,7 +113,7 @@ def test_messages_and_presence_cross_workers(two_workers):
                 for ws in (on_a, on_b):
                     texts = []
                     while len(texts) < 2:
-                        texts += re.findall(r"<p dir=\"auto\">(from worker .)</p>", await frames_until(ws, "msg-"))
+                        texts += re.findall(r"<div class=\"body\" dir=\"auto\"><p>(from worker .)</p>", await frames_until(ws, "msg-"))
                     assert sorted(texts) == ["from worker a", "from worker b"]  # each once
             presence = await frames_until(on_a, 'id="presence"')  # bob left, as seen on worker a
             assert "bob" not in presence

@@ -115,7 +115,7 @@ def test_sigkill_mid_burst_loses_no_message_anyone_saw(server):
             for n in range(400):
                 await sender.send(frame(f"burst {n}"))
             while len(seen) < 150:  # kill while the burst is still being stored
-                for msg_id, text in re.findall(r'id="msg-(\d+)".*?<p dir="auto">(.*?)</p>', await watcher.recv(), re.S):
+                for msg_id, text in re.findall(r'id="msg-(\d+)".*?<div class="body" dir="auto"><p>(.*?)</p>', await watcher.recv(), re.S):
                     seen[int(msg_id)] = text
             server.process.kill()
 

@@ -29,6 +29,15 @@
     }
   }
 
+  // Enter sends (the composer) or saves (the editor); Shift+Enter makes a new line, as does
+  // Enter while an input method is still composing a word. Tab is left to the browser.
+  document.addEventListener("keydown", (event) => {
+    const box = event.target;
+    if (event.key !== "Enter" || event.shiftKey || event.isComposing || !box.matches("textarea[data-enter-sends]")) return;
+    event.preventDefault();
+    box.form?.requestSubmit();
+  });
+
   // hx-ws has read the form and is about to send it (or queue it while offline).
   document.addEventListener("htmx:ws:before:message:outgoing", (event) => {
     const form = event.target;
