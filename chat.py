@@ -1403,10 +1403,6 @@ def mention_index(people: tuple[tuple[int, str], ...]) -> tuple[dict[str, int], 
 # (linkify, with the real host beside a look-alike) and never inside code; fenced code with a
 # language is highlighted by Pygments into CSS classes (the CSP allows no inline style).
 
-MARKDOWN = (MarkdownIt("commonmark", {"breaks": True, "html": False})
-            .enable(["strikethrough"])
-            .disable(["image", "heading", "lheading", "reference", "hr", "html_block",
-                      "html_inline", "linkify"]))
 
 # What can make Markdown of a text: a plain one (most chat) skips the parser.
 MARKDOWN_SIGNS = re.compile(r"[\\`*_~\[\]<>#!|&\n]|^(?:[-+*]|\d{1,9}[.)])(?:\s|$)")
@@ -1418,7 +1414,7 @@ HIGHLIGHTED = {
     "bash": "bash", "sh": "bash", "shell": "bash", "sql": "sql", "c": "c", "cpp": "cpp",
     "c++": "cpp", "java": "java", "go": "go", "rust": "rust", "ruby": "ruby", "php": "php",
     "yaml": "yaml", "toml": "toml", "diff": "diff", "kotlin": "kotlin", "swift": "swift"}
-HIGHLIGHT_SECONDS = 0.05  # a block that takes longer to highlight is shown plain
+HIGHLIGHT_SECONDS = 0.02  # a block that takes longer to highlight is shown plain
 CODE_CLASSES = HtmlFormatter(nowrap=True, classprefix="hl-")
 
 
@@ -1427,7 +1423,12 @@ def is_web_link(url: str) -> bool:
     return url.strip().lower().startswith(("http://", "https://"))
 
 
-MARKDOWN.validateLink = is_web_link
+# markdown-it's time grows faster than the text for some input (4,000 "[" took 80 ms here):
+# a text with more brackets, or emphasis marks, than a person writes is parsed without
+# links, or emphasis, and shows those characters as they are. So no message takes more than
+# about 25 ms (docs/performance.md, "A message's Markdown").
+MARKDOWN_BRACKETS = 200
+MARKDOWN_EMPHASIS = 1000
 
 
 # Raise it when render_text makes other HTML of the same text: render_old_messages then
@@ -1449,7 +1450,9 @@ def render_text(text: str, people: tuple[tuple[int, str], ...] = ()) -> Rendered
     if not MARKDOWN_SIGNS.search(text):
         html = Markup("<p>{}</p>\n").format(linkify(text, people))
     else:
-        html = Markup(MARKDOWN.render(text, {"people": people}))
+        parser = MARKDOWN[text.count("[") <= MARKDOWN_BRACKETS,
+                          sum(map(text.count, "*_~")) <= MARKDOWN_EMPHASIS]
+        html = Markup(parser.render(text, {"people": people}))
     mentioned = tuple(dict.fromkeys(
         user_id for _, _, user_id in find_mentions(text, people))) if "@" in text else ()
     return Rendered(str(html), tuple(user_id for user_id in mentioned
@@ -1510,7 +1513,6 @@ def markdown_text_tokens(state: Any) -> None:
                 token.type, token.content = "html_inline", str(linkify(token.content, people))
 
 
-MARKDOWN.core.ruler.push("backchat_text", markdown_text_tokens)
 
 
 def render_link_open(renderer: Any, tokens: list, index: int, options: Any, env: Any) -> str:
@@ -1523,7 +1525,7 @@ def render_link_open(renderer: Any, tokens: list, index: int, options: Any, env:
 def render_link_close(renderer: Any, tokens: list, index: int, options: Any, env: Any) -> str:
     """After a link whose words are not its address, the host it goes to (in red when it could
     pass for another: real_host)."""
-    start = max(n for n in range(index) if tokens[n].type == "link_open")
+    start = next(n for n in range(index - 1, -1, -1) if tokens[n].type == "link_open")
     href = tokens[start].attrGet("href") or ""
     words = "".join(token.content for token in tokens[start + 1:index])
     closing = renderer.renderToken(tokens, index, options, env)
@@ -1547,23 +1549,46 @@ def render_code(renderer: Any, tokens: list, index: int, options: Any, env: Any)
         label, body if body is not None else code))
 
 
+@functools.cache
+def lexer_for(language: str) -> Any:
+    """Pygments' lexer for a language (made once: a lexer is used again and again)."""
+    return get_lexer_by_name(language, stripnl=False)
+
+
 def highlighted(code: str, language: str) -> Markup | None:
     """The code as Pygments' tokens in CSS classes (hl-k, hl-s, ...); None if that takes
     longer than HIGHLIGHT_SECONDS (checked as the tokens come: a lexer is never waited on
     for long)."""
-    deadline = time.perf_counter() + HIGHLIGHT_SECONDS
+    lexer = lexer_for(language)
+    deadline = time.thread_time() + HIGHLIGHT_SECONDS  # (this thread's CPU: not the machine's load)
     found = []
-    for n, token in enumerate(get_lexer_by_name(language, stripnl=False).get_tokens(code)):
+    for n, token in enumerate(lexer.get_tokens(code)):
         found.append(token)
-        if n % 64 == 0 and time.perf_counter() > deadline:
+        if n % 64 == 0 and time.thread_time() > deadline:
             return None
     return Markup(pygments.format(found, CODE_CLASSES))
 
 
-MARKDOWN.add_render_rule("link_open", render_link_open)
-MARKDOWN.add_render_rule("link_close", render_link_close)
-MARKDOWN.add_render_rule("fence", render_code)
-MARKDOWN.add_render_rule("code_block", render_code)
+def markdown_parser(links: bool, emphasis: bool) -> MarkdownIt:
+    """The Markdown a message may use: CommonMark with a line break for each new line and
+    ~~strikethrough~~; no raw HTML, images, headings, rules or reference links (their text
+    shows as it is); `links` and `emphasis` on or off (MARKDOWN_BRACKETS)."""
+    parser = (MarkdownIt("commonmark", {"breaks": True, "html": False})
+              .enable(["strikethrough"])
+              .disable(["image", "heading", "lheading", "reference", "hr", "html_block",
+                        "html_inline", "linkify"]))
+    parser.disable([*(() if links else ("link",)),
+                    *(() if emphasis else ("emphasis", "strikethrough"))])
+    parser.validateLink = is_web_link
+    parser.core.ruler.push("backchat_text", markdown_text_tokens)
+    for token, rule in (("link_open", render_link_open), ("link_close", render_link_close),
+                        ("fence", render_code), ("code_block", render_code)):
+        parser.add_render_rule(token, rule)
+    return parser
+
+
+MARKDOWN = {(links, emphasis): markdown_parser(links, emphasis)
+            for links in (True, False) for emphasis in (True, False)}
 
 
 class Fragments:

@@ -281,6 +281,65 @@ def test_the_room_goes_live_whatever_order_its_scripts_arrive_in(browser, people
             fresh.context.close()
 
 
+FUNCTION = """def greet(name):
+    if not name:
+        return 'Hello, world'
+    # a comment with @grace and https://example.org in it
+    return f"Hello, {name}!"
+"""
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_code_in_a_class_arrives_whole_highlighted_and_folded(browser, chat_server, scheme):
+    """Issue 30: Shift+Enter makes a new line and Enter sends; a pasted function arrives on the
+    other page whole, in a monospace block with its indentation, highlighted in this scheme's
+    palette, with no link or mention inside it; a 40-line paste is folded behind "Show all 40
+    lines"; the box grows with its text and stays on screen."""
+    ada, grace = (Person(browser, chat_server.url, name, color_scheme=scheme) for name in ("ada", "grace"))
+    try:
+        meet([ada, grace], f"code {scheme}")
+        box = ada.page.locator("#message-input")
+        one_line = box.bounding_box()["height"]
+        box.click()
+        ada.page.keyboard.type("first line")
+        ada.page.keyboard.press("Shift+Enter")
+        ada.page.keyboard.type("second line")
+        ada.page.keyboard.press("Shift+Enter")
+        ada.page.keyboard.type("third line")
+        assert box.input_value() == "first line\nsecond line\nthird line" and box.bounding_box()["height"] > 2 * one_line
+        ada.page.keyboard.press("Enter")
+        grace.sees_message("third line")
+        assert grace.page.locator(".msg .body p", has_text="first line").inner_text() == (
+            "first line\nsecond line\nthird line")
+        ada.say("Here is the function:\n```python\n" + FUNCTION + "```")
+        block = grace.page.locator(".msg pre.code")
+        block.wait_for()
+        assert block.inner_text() == FUNCTION  # whole: every line, every space
+        assert "monospace" in block.evaluate("e => getComputedStyle(e).fontFamily").lower() or \
+            "mono" in block.evaluate("e => getComputedStyle(e).fontFamily").lower()
+        assert block.locator(".hl-k").count() >= 3 and block.locator("a, .mention").count() == 0
+        keyword = block.locator(".hl-k").first.evaluate("e => getComputedStyle(e).color")
+        assert keyword != block.evaluate("e => getComputedStyle(e).color")  # highlighted
+        grace.screenshot(f"code-block-{scheme}")
+        ada.say("\n".join(f"{n:02} a long paste" for n in range(40)))
+        fold = grace.page.locator(".msg", has_text="39 a long paste")
+        summary = fold.locator("summary")
+        expect(summary.locator(".more")).to_be_visible()
+        assert summary.inner_text().strip() == "Show all 40 lines"
+        body = fold.locator(".body")
+        assert body.evaluate("e => e.scrollHeight > e.clientHeight + 20")  # folded
+        summary.click()
+        expect(summary.locator(".less")).to_be_visible()
+        assert summary.inner_text().strip() == "Show fewer lines"
+        assert body.evaluate("e => e.scrollHeight <= e.clientHeight + 1")  # all of it
+        ada.screenshot(f"code-{scheme}")
+        grace.screenshot(f"code-{scheme}")
+        assert not ada.errors and not grace.errors, ada.errors + grace.errors
+    finally:
+        for person in (ada, grace):
+            person.context.close()
+
+
 def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_server):
     ada, grace = people
     ada.register()
@@ -293,10 +352,14 @@ def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_s
         expect(plain.page.locator("noscript p, p.connection", has_text="Live updates need JavaScript")).to_be_visible()
         expect(plain.page.locator("#connection")).to_be_hidden()  # no "Connecting…" that never ends
         plain.page.fill("#message-input", "sent as a plain form")
-        plain.page.press("#message-input", "Enter")
+        plain.page.press("#message-input", "Enter")  # without the script, Enter is a new line...
+        plain.page.keyboard.type("on two lines")
+        plain.page.click("#composer button[type=submit]")  # ...and Send posts it
         plain.page.wait_for_url(re.compile(r"/room/[^/?]+/#composer$"))  # back in the room, no text in the URL
         plain.sees_message("sent as a plain form")
         ada.sees_message("sent as a plain form")  # pushed live to the others
+        assert ada.page.locator(".msg .body p", has_text="sent as a plain form").inner_text() == (
+            "sent as a plain form\non two lines")
         plain.screenshot("no-javascript")
     finally:
         plain.context.close()
@@ -952,11 +1015,13 @@ def test_no_accessibility_violations_on_any_page(browser, tmp_path, scheme):
         ada.create_room("accessible")
         is_live(ada)
         ada.say("a message with a link https://example.org/a_(b)")
+        ada.say("**code** in `class`:\n```python\ndef hello(name):\n    return f'Hello {name}'  # hi\n```\n> a quote")
+        ada.say("\n".join(f"line {n} of a long paste" for n in range(20)))
         found["room"] = axe_violations(page)
-        page.get_by_role("button", name="React").click()
+        page.locator(".msg").first.get_by_role("button", name="React").click()
         found["reactions"] = axe_violations(page)
         page.locator("#reactor").get_by_role("button", name="🎉 party").click()
-        page.locator(".msg").get_by_role("link", name="Reply").click()
+        page.locator(".msg").first.get_by_role("link", name="Reply").click()
         expect(page.locator("#message-input")).to_be_focused()
         found["replying"] = axe_violations(page)
         ada.say("@ada answering myself")

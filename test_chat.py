@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import html
 import json
 import logging
 import re
@@ -1530,6 +1531,162 @@ def test_a_mention_marks_the_copy_of_the_one_mentioned_and_their_home_page(two_u
         say_in(client, slug, "again @bob")
         assert f'<span class="mention" data-user="{bob_id}">@bob</span>' in receive_until(bob_ws, "again")
     assert "you were mentioned" not in client.get("/").text  # alice was not mentioned
+
+
+# --- a message's Markdown (issue 30) -------------------------------------------------------------
+
+CODE = "Here:\n```python\ndef hello(name):\n    return 'Hello ' + name  # @bob https://example.org\n```\nand `inline @bob`"
+
+
+def test_a_message_is_markdown_rendered_once_and_every_copy_shows_it(two_users, settings):
+    """A pasted function arrives whole: its lines, its indentation, highlighted, in every copy
+    (live frame, room page, history page, catch-up, ?around=), the same HTML; the editor and
+    the transcript keep the text as written; search finds a word inside the code."""
+    client, bob = two_users
+    slug = create_room(client, "code")
+    with as_user(client, bob):
+        client.get(f"/room/{slug}/")
+    with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, CODE)
+        live = receive_until(ws, "hello")
+    (mid,) = message_ids(live)
+    rendered = re.search(r'<div class="body" dir="auto">(.*?)</div>\n', live, re.S).group(1)
+    assert '<pre class="code" data-language="python"><code><span class="hl-k">def</span>' in rendered
+    assert "\n    <span" in rendered  # the indentation kept, inside the block
+    assert "@bob</span> <span" not in rendered and "<a " not in rendered  # no mention, no link in code
+    assert '<code>inline @bob</code>' in rendered
+    page = client.get(f"/room/{slug}/").text
+    history = client.get(f"/room/{slug}/messages?before={mid + 1}").text
+    around = client.get(f"/room/{slug}/?around={mid}").text
+    with client.websocket_connect(f"/chat/{slug}/?revision=0", headers=ORIGIN) as ws:
+        caught_up = receive_until(ws, "hello")
+    for copy in (page, history, around, caught_up):
+        assert rendered in copy
+    editor = client.get(f"/room/{slug}/messages/{mid}/edit").text
+    assert html.unescape(re.search(r"data-enter-sends>(.*?)</textarea>", editor, re.S).group(1)) == CODE
+    assert CODE in client.get(f"/room/{slug}/transcript").text
+    with as_user(client, bob):
+        assert search_page(client, "hello").text.count('class="hit"') == 1
+    assert db_rows(settings, "SELECT text FROM messages") == [(CODE,)]  # stored as written
+    assert db_rows(settings, "SELECT count(*) FROM mentions") == [(0,)]  # an @name in code is no mention
+
+
+def test_markdown_is_chat_markdown(alice):
+    """Line breaks, emphasis, strikethrough, quotes, lists, links; no images (a link), no raw
+    HTML (text), no headings (text); code only highlighted for a known language; a long
+    message folded; the screen reader's line says what the code is."""
+    render = lambda text: chat.render_text(text).html
+    assert render("one\ntwo") == "<p>one<br />\ntwo</p>\n"
+    assert render("**b** _i_ ~~s~~") == "<p><strong>b</strong> <em>i</em> <s>s</s></p>\n"
+    assert "<blockquote>" in render("> said") and "<li>a</li>" in render("- a\n- b")
+    assert render("# not a heading") == "<p># not a heading</p>\n"
+    assert render("<b>raw</b>") == "<p>&lt;b&gt;raw&lt;/b&gt;</p>\n"
+    assert render("![pixel](https://t.example/p.gif)").startswith('<p>!<a href="https://t.example/p.gif"')
+    assert 'class="link-host">(docs.python.org)' in render("[docs](https://docs.python.org/3/)")
+    assert 'class="real-host">(goes to evil.example)' in render("[bank](https://bank.example@evil.example/)")
+    assert 'data-language' not in render("```\nplain\n```") and 'data-language' not in render("```cobol\nX\n```")
+    assert render("```brainfuck\n+[-]\n```") == '<pre class="code"><code>+[-]\n</code></pre>\n'
+    slug = create_room(alice, "long")
+    say_in(alice, slug, "\n".join(f"line {n}" for n in range(16)), "just\nthree\nlines")
+    page = alice.get(f"/room/{slug}/").text
+    assert page.count('<details class="fold">') == 1 and "Show all 16 lines" in page
+    assert chat.spoken("look:\n```python\na\nb\n```") == "look:\n(code block, python, 2 lines)"
+    with alice.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+        send(ws, "see:\n```js\nlet a = 1\n```")
+        assert "alice</bdi>: see:\n(code block, javascript, 1 line)</p>" in receive_until(ws, "announcer")
+
+
+XSS = [
+    "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "[x](javascript:alert(1))",
+    "[x](JaVaScRiPt:alert(1))", "[x](&#106;avascript:alert(1))", "[x](java\tscript:alert(1))",
+    "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)", "<javascript:alert(1)>",
+    "[x](vbscript:msgbox(1))", "[x](file:///etc/passwd)", "[x](//evil.example)",
+    '[x](https://ok.example "title\\" onmouseover=\\"alert(1))', '[x](https://ok.example "a" onclick="b")',
+    "```\"><script>alert(1)</script>\nx\n```", "```python onload=alert(1)\nx\n```",
+    "`<script>`", "<a href=\"javascript:alert(1)\">x</a>", "[<img src=x onerror=alert(1)>](https://ok.example)",
+    "https://ok.example/\"><script>alert(1)</script>", "**<svg onload=alert(1)>**", "<!-- x --><style>x</style>",
+    "[x](https://ok.example/\" onmouseover=\"alert(1))", "@<script>", "&lt;script&gt;", "\\<script\\>",
+    "[![x](javascript:alert(1))](https://ok.example)", "<https://ok.example/<script>>",
+]
+ALLOWED = {"p": set(), "br": set(), "strong": set(), "em": set(), "s": set(), "code": set(), "blockquote": set(),
+           "ul": set(), "ol": {"start"}, "li": set(), "pre": {"class", "data-language"}, "span": {"class", "data-user"},
+           "small": {"class"}, "bdi": set(), "a": {"href", "rel", "target"}}
+
+
+def test_no_markup_the_renderer_did_not_mean(alice):
+    """An XSS corpus: whatever a message holds, its HTML has only the elements and attributes
+    the renderer makes, every link goes to http(s), and nothing runs."""
+    from html.parser import HTMLParser
+
+    class Check(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            assert tag in ALLOWED and {name for name, _ in attrs} <= ALLOWED[tag], (tag, attrs)
+            for name, value in attrs:
+                if name == "href":
+                    assert value.lower().startswith(("http://", "https://")), value
+    for text in XSS + [text.upper() for text in XSS]:
+        Check().feed(chat.render_text(text, ((1, "script"),)).html)
+
+
+PATHOLOGICAL = {"[" * 4000, "]" * 4000, "[a](" * 1000, ">" * 4000, "*a" * 2000, "_a" * 2000, "**a" * 1333,
+                "*_" * 2000, "```\n" + "x\n" * 1998, "- " * 2000, "`" * 4000, "`a" * 2000, "<a" * 2000,
+                "<http://a" * 444, "&amp;" * 800, "~~a" * 1333, "![a" * 1333, "@a " * 1333,
+                "".join("  " * n + "- x\n" for n in range(300)), "```rust\n" + 'r#"' * 1300,
+                "```bash\n" + "$(" * 1990, "```css\n" + "{" * 3990, "[a](http://b) " * 280}
+
+
+def test_pathological_markdown_renders_whole_and_well_formed():
+    """Input that makes Markdown parsers slow or confused: each renders (their time, at most
+    about 25 ms of CPU here, is measured in docs/performance.md, not asserted), and its HTML
+    is well formed and holds nothing but what the renderer makes."""
+    from html.parser import HTMLParser
+
+    class Balanced(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.open = []
+
+        def handle_starttag(self, tag, attrs):
+            assert tag in ALLOWED, tag
+            if tag != "br":
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            assert self.open.pop() == tag
+    for text in PATHOLOGICAL:
+        checker = Balanced()
+        checker.feed(chat.render_text(text[:4000]).html)
+        assert checker.open == [], text[:20]
+
+
+def test_messages_from_before_markdown_are_rendered_in_the_background(tmp_path):
+    """A chat.db of the release before (schema v8: no stored renderings): its messages show at
+    once (rendered as a page shows them) and are rendered once and for all in the background."""
+    db_path = tmp_path / "chat.db"
+    with sqlite3.connect(db_path) as db:
+        db.executescript(frozen_schema("schema-v8.sql"))
+        db.execute("PRAGMA user_version = 8")
+        db.execute("INSERT INTO users (id, username, username_key, password_hash, created_at, username_skeleton) "
+                   "VALUES (1, 'ada', 'ada', 'x', '2026-01-01T00:00:00Z', 'ada')")
+        db.execute("INSERT INTO rooms (id, slug, name, created_by, created_at, revision) VALUES (1, 'old-abc', 'Old', 1, '', 2)")
+        db.execute("INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at, role) VALUES (1, 1, '', '', 'owner')")
+        db.executemany("INSERT INTO messages (id, room_id, user_id, text, created_at, revision) VALUES (?, 1, 1, ?, '', ?)",
+                       [(1, "an **old** one", 1), (2, "```python\nprint(1)\n```", 2)])
+        db.execute("INSERT INTO sessions VALUES ('s1', 1, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), "
+                   "strftime('%Y-%m-%dT%H:%M:%SZ', 'now'))")
+    settings = app_settings(db_path=db_path)
+    with TestClient(chat.create_app(settings)) as client:
+        for _ in range(100):
+            if db_rows(settings, "SELECT count(*) FROM messages WHERE html IS NULL") == [(0,)]:
+                break
+            time.sleep(0.05)
+    assert db_rows(settings, "SELECT html FROM messages ORDER BY id") == [
+        ("<p>an <strong>old</strong> one</p>\n",), (chat.render_text("```python\nprint(1)\n```").html,)]
+    assert db_rows(settings, "SELECT version, rendered_up_to FROM render_state") == [(chat.RENDERER_VERSION, 2)]
+    # And the rest of this release's upgrade: one word for the code, ids counted, state revisions.
+    assert db_rows(settings, "SELECT code, state_revision FROM rooms") == [("old-abc", 2)]
+    assert dict(db_rows(settings, "SELECT name, value FROM counters")) == {"message": 2, "room": 1}
+    assert db_rows(settings, "PRAGMA user_version") == [(len(chat.MIGRATIONS),)]
 
 
 # --- changing a message: edit, delete, react, reply ----------------------------------------------

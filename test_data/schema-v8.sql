@@ -1,4 +1,4 @@
--- The schema a new chat.db had at commit a82e1da (PRAGMA user_version 9), from sqlite_master.
+-- The schema a new chat.db had at commit a82e1da, the release before this one (PRAGMA user_version 8), from sqlite_master.
 CREATE TABLE users (
     id            INTEGER PRIMARY KEY,
     username      TEXT NOT NULL,
