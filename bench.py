@@ -363,10 +363,19 @@ def http_setup(port: int, rooms: int = 1) -> tuple[str, list[str]]:
     return f"session={client.cookies['session']}", slugs
 
 
+def code_block(n: int) -> str:
+    """A Python function of 10-30 lines (the nth message's), in a fenced block: what a class
+    pastes."""
+    lines = 10 + (n * 7) % 21
+    body = "".join(f"    total += values[{k}] * {k}  # step {k} of the sum\n" for k in range(lines - 3))
+    return f"look at this:\n```python\ndef weighted(values):\n    total = 0\n{body}    return total\n```"
+
+
 async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int,
-                  rooms: int = 1) -> Run:
+                  rooms: int = 1, code_share: float = 0.0) -> Run:
     """`rooms` rooms of `sockets` sockets each; in each, `senders` of them send `rate`
-    messages a second between them."""
+    messages a second between them; with `code_share`, that share of them (one in five: 0.2)
+    is a 10-30 line code block (code_block)."""
     run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders, rooms)
     # Pinned workers: room k is served by worker k % (N - 1), and the last worker serves none:
     # it shows what a worker spends on rooms it has no socket in.
@@ -422,7 +431,8 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
             await asyncio.sleep(delay)
         sent_at[n] = time.perf_counter()
         room = by_room[n % rooms]
-        room[(n // rooms) % senders].send(json.dumps({"message": f"~T{n}~ {filler}", "headers": {}}).encode())
+        text = f"~T{n}~ " + (code_block(n) if code_share and n % round(1 / code_share) == 0 else filler)
+        room[(n // rooms) % senders].send(json.dumps({"message": text, "headers": {}}).encode())
     deadline = time.perf_counter() + 10  # wait for stragglers, bounded
     while len(latencies) < run.expected and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
@@ -457,11 +467,11 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
 
 
 def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str,
-            workers: int = 0, rooms: int = 1, pinned: bool = False) -> Run:
+            workers: int = 0, rooms: int = 1, pinned: bool = False, code_share: float = 0.0) -> Run:
     with tempfile.TemporaryDirectory() as workdir:
         server = Server(kind, Path(workdir), ws, workers, pinned)
         try:
-            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms))
+            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms, code_share))
         finally:
             server.stop()
 
@@ -505,21 +515,26 @@ def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, re
         db.close()
 
 
-def fill_room(workdir: Path, slug: str, count: int) -> int:
+def fill_room(workdir: Path, slug: str, count: int, code: bool = False) -> int:
     """Put `count` messages in the room, in one transaction, straight into the database ("history
-    message <n>"; the one halfway back also says "needle"); the room's id."""
+    message <n>"; the one halfway back also says "needle"; with `code`, each a code block of
+    10-30 lines), each rendered as the app renders it; the room's id."""
+    import chat
+
+    def text(n: int) -> str:
+        return (code_block(n) + "\n" if code else "") + f"history message {n}" + (" needle" if n == count // 2 else "")
     with sqlite3.connect(workdir / "bench.db") as db:
         room_id, user_id = db.execute("SELECT id, created_by FROM rooms WHERE code = ?", (slug,)).fetchone()
-        db.executemany("INSERT INTO messages (room_id, user_id, text, created_at, revision) VALUES (?, ?, ?, ?, ?)",
-                       ((room_id, user_id, f"history message {n}" + (" needle" if n == count // 2 else ""),
-                         "2026-01-01T00:00:00Z", n + 1) for n in range(count)))
+        db.executemany("INSERT INTO messages (room_id, user_id, text, html, created_at, revision) VALUES (?, ?, ?, ?, ?, ?)",
+                       ((room_id, user_id, text(n), chat.render_text(text(n)).html, "2026-01-01T00:00:00Z", n + 1)
+                        for n in range(count)))
     return room_id
 
 
-def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
+def history_timings(sizes: list[int], repeats: int = 30, code: bool = False) -> list[dict]:
     results = []
     for count in sizes:
-        with app_with_a_room_of(count) as (client, db_path, room_id, slug):
+        with app_with_a_room_of(count, code) as (client, db_path, room_id, slug):
             older = f"/room/{slug}/messages?before={count // 2 + 1}"
             results.append({"messages": count, "room_page_ms": median_get_ms(client, f"/room/{slug}/", repeats),
                             "older_page_ms": median_get_ms(client, older, repeats),
@@ -528,7 +543,7 @@ def history_timings(sizes: list[int], repeats: int = 30) -> list[dict]:
 
 
 @contextlib.contextmanager
-def app_with_a_room_of(count: int) -> Iterator[tuple[Any, Path, int, str]]:
+def app_with_a_room_of(count: int, code: bool = False) -> Iterator[tuple[Any, Path, int, str]]:
     """The app on a fresh database with one room of `count` messages: (an httpx client logged
     in as its owner, the database's path, the room's id and its code); stopped afterwards."""
     import httpx
@@ -537,7 +552,7 @@ def app_with_a_room_of(count: int) -> Iterator[tuple[Any, Path, int, str]]:
         server = Server("app", Path(workdir), "auto")
         try:
             cookie, (slug,) = http_setup(server.port)
-            room_id = fill_room(Path(workdir), slug, count)
+            room_id = fill_room(Path(workdir), slug, count, code)
             with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", headers={"Cookie": cookie}) as client:
                 yield client, Path(workdir) / "bench.db", room_id, slug
         finally:
@@ -677,6 +692,27 @@ def many_rooms(args: argparse.Namespace) -> dict:
     return result
 
 
+def code_messages(args: argparse.Namespace) -> dict:
+    """A programming class: the many-rooms shape with one message in five a 10-30 line code
+    block, against the same shape with plain messages, in the same run (app, then app), and a
+    room page of 50 such messages against one of 50 plain ones."""
+    shape = dict(sockets=args.room_sockets, senders=1, duration=args.duration, size=args.size, ws=args.ws,
+                 rooms=args.rooms or 100, rate=args.room_rates[0])
+    plain = one_run("app", **shape)
+    code = one_run("app", **shape, code_share=0.2)
+    result = {"plain": asdict(plain), "code": asdict(code),
+              "code/plain cpu_us_per_message": code.cpu_us_per_message / plain.cpu_us_per_message,
+              "page of 50 plain ms": history_timings([50])[0]["room_page_ms"],
+              "page of 50 code ms": history_timings([50], code=True)[0]["room_page_ms"]}
+    if not args.json:
+        print(f"\nCode in messages, {shape['rooms']} rooms x {shape['sockets']} at {shape['rate']:g} msg/s per room,"
+              " one message in five a 10-30 line code block:")
+        print_pair(code, plain, ("with code", "plain"))
+        print(f"  a room page of 50 messages: {result['page of 50 code ms']:.2f} ms with code blocks, "
+              f"{result['page of 50 plain ms']:.2f} ms plain")
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the N x R grid (several minutes)")
@@ -702,6 +738,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="step the many-rooms rate up until p99 passes 100 ms or a message is lost")
     parser.add_argument("--floor", action="store_true",
                         help="also run the floor: the baseline plus a session read and a commit on threads")
+    parser.add_argument("--code", action="store_true",
+                        help="the many-rooms shape with one message in five a 10-30 line code block, against plain")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--floor-db", type=Path, help=argparse.SUPPRESS)
@@ -721,6 +759,8 @@ def main(argv: list[str] | None = None) -> None:
                 ws=args.ws)))
     if args.rooms:
         report["many_rooms"] = many_rooms(args)
+    if args.code:
+        report["code"] = code_messages(args)
     if args.history:
         report["history"] = history_timings(args.history)
         if not args.json:
