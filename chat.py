@@ -69,6 +69,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import importlib.util
 import ipaddress
 import itertools
 import json
@@ -254,7 +255,8 @@ CREATE TABLE IF NOT EXISTS users (
     username_skeleton TEXT NOT NULL DEFAULT '',  -- what the name looks like (name_skeleton)
     -- a guest: no password, a session of GUEST_IDLE_HOURS
     is_guest      INTEGER NOT NULL DEFAULT 0,
-    deactivated_at TEXT  -- set by the operator (python chat.py users deactivate): no way in
+    deactivated_at TEXT,  -- set by the operator (python chat.py users deactivate): no way in
+    last_seen_at  TEXT  -- logged in or out, a request, an open page: the newest (seen_now)
 );
 CREATE TABLE IF NOT EXISTS login_links (  -- python chat.py users login-link: one use, one hour
     token_hash TEXT PRIMARY KEY,  -- sha256 of the link's token: the database never holds the link
@@ -459,6 +461,9 @@ MIGRATIONS = [
          "SELECT 1 FROM sqlite_master WHERE name = 'room_codes'").fetchone() else None,
      "ALTER TABLE rooms ADD COLUMN state_revision INTEGER NOT NULL DEFAULT 0",
      "ALTER TABLE messages ADD COLUMN html TEXT",
+     "ALTER TABLE users ADD COLUMN last_seen_at TEXT",
+     "UPDATE users SET last_seen_at = "
+     "(SELECT max(last_seen_at) FROM sessions WHERE user_id = users.id)",
      "UPDATE rooms SET state_revision = revision",
      lambda db: count_ids_so_far(db),
      lambda db: db.executemany("UPDATE users SET username_skeleton = ? WHERE id = ?",
@@ -1119,6 +1124,7 @@ def create_session(db: sqlite3.Connection, user_id: int) -> str:
                    "ORDER BY created_at DESC LIMIT -1 OFFSET ?)", (user_id, MAX_SESSIONS - 1))
         db.execute("INSERT INTO sessions (id, user_id, created_at, last_seen_at) "
                    "VALUES (?, ?, ?, ?)", (session_id, user_id, now, now))
+        seen_now(db, [user_id])
         db.execute("DELETE FROM sessions WHERE id IN (SELECT id FROM sessions "
                    "WHERE last_seen_at < ? OR created_at < ? LIMIT ?)",
                    (utc_ago(days=SESSION_IDLE_DAYS), utc_ago(days=SESSION_MAX_DAYS), SESSION_SWEEP))
@@ -1160,16 +1166,31 @@ def live_sessions(db: sqlite3.Connection, session_ids: list[str], guests: bool) 
 
 
 def touch_session(db: sqlite3.Connection, *session_ids: str) -> None:
-    """The sessions were used just now: their idle clocks restart."""
+    """The sessions were used just now: their idle clocks restart (and their users are seen)."""
     with transaction(db):
-        db.execute("UPDATE sessions SET last_seen_at = ?1 "
-                   "WHERE id IN (SELECT value FROM json_each(?2))",
-                   (utc_now(), json.dumps(session_ids)))
+        users = [row[0] for row in db.execute(
+            "UPDATE sessions SET last_seen_at = ?1 WHERE id IN (SELECT value FROM json_each(?2)) "
+            "RETURNING user_id", (utc_now(), json.dumps(session_ids)))]
+        seen_now(db, users)
+
+
+def seen_now(db: sqlite3.Connection, user_ids: list[int]) -> None:
+    """These users were seen just now (the operator's `users` says when each was last)."""
+    db.execute("UPDATE users SET last_seen_at = ?1 WHERE id IN (SELECT value FROM json_each(?2))",
+               (utc_now(), json.dumps(sorted(set(user_ids)))))
+
+
+def seen_now_alone(db: sqlite3.Connection, user_ids: list[int]) -> None:
+    """seen_now in a transaction of its own."""
+    with transaction(db):
+        seen_now(db, user_ids)
 
 
 def end_session(db: sqlite3.Connection, session_id: str, everywhere: bool) -> None:
-    """The session ends; `everywhere`: every session of its user does."""
+    """The session ends; `everywhere`: every session of its user does. Its user was seen."""
     with transaction(db):
+        db.execute("UPDATE users SET last_seen_at = ? WHERE id = "
+                   "(SELECT user_id FROM sessions WHERE id = ?)", (utc_now(), session_id))
         if everywhere:
             db.execute("DELETE FROM sessions WHERE user_id = "
                        "(SELECT user_id FROM sessions WHERE id = ?)", (session_id,))
@@ -2103,6 +2124,9 @@ async def heartbeats(chat: Chat) -> None:
     await chat.hub.heartbeat(chat.settings.heartbeat)
 
 
+SEEN_EVERY = 60.0  # seconds: how stale "last seen" may be for somebody with a page open
+
+
 async def check_sessions(chat: Chat) -> None:
     """One round of watch_sessions: pages whose sessions are no longer live are told and
     closed; the sessions still in use are touched (hourly at most)."""
@@ -2120,6 +2144,9 @@ async def check_sessions(chat: Chat) -> None:
     hour_ago = utc_ago(hours=1)
     if in_use := [session_id for session_id, seen in live.items() if seen < hour_ago]:
         chat.store.write_soon(touch_session, *in_use)
+    if time.monotonic() - chat.seen_written >= SEEN_EVERY:  # who has a page open is seen
+        chat.seen_written = time.monotonic()
+        chat.store.write_soon(seen_now_alone, [conn.user_id for conn in pages])
 
 
 @dataclass
@@ -2142,6 +2169,7 @@ class Chat:
     slow_limits: dict[int, RateLimiter]  # slow mode's seconds -> one message per that
     purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows going
     transcripts: Counter[int] = field(default_factory=Counter)  # user id -> downloads under way
+    seen_written: float = 0.0  # when those with a page open were last written as seen
 
 
 # ---------------------------------------------------------------------------
@@ -2848,9 +2876,11 @@ def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
 
 
 def mark_read_now(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
-    """mark_read in a transaction of its own (a page of the room just closed)."""
+    """mark_read in a transaction of its own (a page of the room just closed: its user was
+    seen just now, too)."""
     with transaction(db):
         mark_read(db, room_id, user_id)
+        seen_now(db, [user_id])
 
 
 def leave_room_membership(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -4989,9 +5019,10 @@ def backup(db_path: Path, target: Path) -> int:
 
 
 def accounts(db: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Every account: name, guest, created, last seen (its newest session), rooms, closed."""
+    """Every account: name, guest, created, last seen (logged in or out, a request, an open
+    page: within a minute), rooms, closed."""
     return db.execute("SELECT u.username, u.is_guest, u.created_at, u.deactivated_at, "
-                      "(SELECT max(last_seen_at) FROM sessions WHERE user_id = u.id) AS last_seen, "
+                      "u.last_seen_at AS last_seen, "
                       "(SELECT count(*) FROM room_members WHERE user_id = u.id) AS rooms "
                       "FROM users u ORDER BY u.username_key").fetchall()
 
@@ -5033,8 +5064,8 @@ def operate(args: argparse.Namespace) -> None:
     if args.command == "backup":
         try:
             pages = backup(args.db, args.file)
-        except (FileExistsError, sqlite3.Error) as problem:
-            sys.exit(f"Backchat: no backup written: {problem}")
+        except (OSError, sqlite3.Error) as problem:
+            sys.exit(f"Backchat: no backup written to {args.file}: {problem}")
         print(f"Backchat: {args.db} copied to {args.file} ({pages:,} pages); "
               "see the README to restore it")
         return
@@ -5203,27 +5234,33 @@ def lan_addresses() -> list[str]:
     return sorted(address for address in found if not address.startswith("127."))
 
 
+WS_IMPLEMENTATIONS = {"auto": None, "websockets-sansio": "websockets", "websockets": "websockets",
+                      "wsproto": "wsproto"}  # uvicorn's, and the package each needs
+
+
 def main(argv: list[str] | None = None) -> None:
     """`python chat.py [COMMAND]`: the one place that reads the environment (Settings.from_env)."""
-    parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.")
+    parser = argparse.ArgumentParser(description="Backchat: a small real-time chat server.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     try:
         env = Settings.from_env()
     except ValueError as problem:
         parser.error(str(problem))
-    parser.add_argument("--host", default=env.host)
-    parser.add_argument("--port", type=int, default=env.port)
-    parser.add_argument("--db", type=Path, default=env.db_path,
-                        help="SQLite file (default: chat.db)")
+    parser.add_argument("--host", default=env.host, help="the address to listen on (CHAT_HOST)")
+    parser.add_argument("--port", type=int, default=env.port, help="the port (CHAT_PORT)")
+    parser.add_argument("--db", type=Path, default=env.db_path, help="the SQLite file (CHAT_DB)")
     parser.add_argument("--https", action="store_true", default=env.https_only,
-                        help="Secure cookies, for TLS deployments")
-    parser.add_argument("--ws", default=env.ws, help="uvicorn's WebSocket implementation")
+                        help="Secure cookies, for TLS deployments (CHAT_HTTPS_ONLY)")
+    parser.add_argument("--ws", default=env.ws, choices=list(WS_IMPLEMENTATIONS),
+                        help="uvicorn's WebSocket implementation (CHAT_WS)")
     parser.add_argument("--guests", action="store_true", default=env.guests,
-                        help='offer "Join as a guest" (a name, no password) for classes and demos')
+                        help='offer "Join as a guest" (a name, no password) for classes and demos '
+                             "(CHAT_GUESTS)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      help="or, instead of serving:")
     same_db = argparse.ArgumentParser(add_help=False)  # --db after the command works too
     same_db.add_argument("--db", type=Path, default=argparse.SUPPRESS,
-                         help="SQLite file (default: chat.db)")
+                         help="the SQLite file (default: chat.db)")
     backup_command = commands.add_parser("backup", parents=[same_db],
                                          help="copy the database while it runs")
     backup_command.add_argument("file", type=Path, help="the new file to write")
@@ -5232,18 +5269,43 @@ def main(argv: list[str] | None = None) -> None:
     users.add_argument("action", nargs="?", choices=["list", "deactivate", "login-link"],
                        default="list")
     users.add_argument("name", nargs="?", help="the account's name (for deactivate and login-link)")
-    users.add_argument("--url", default="http://localhost:8000",
-                       help="the address people open (for login-link)")
+    users.add_argument("--url", default=server_address(env),
+                       help="the address people open, as the server prints it (for login-link)")
     args = parser.parse_args(argv)
     if args.command == "users" and args.action != "list" and not args.name:
-        parser.error(f"users {args.action} needs the account's name")
+        users.error(f"users {args.action} needs the account's name: "
+                    f"python chat.py users {args.action} NAME")
     if args.command:
         return operate(args)
     try:
         time_zone(env.timezone)
     except ValueError as problem:
         parser.error(str(problem))
+    if (package := WS_IMPLEMENTATIONS[args.ws]) and importlib.util.find_spec(package) is None:
+        parser.error(f"--ws {args.ws} needs the {package} package: "
+                     f".venv/bin/pip install {package}")
     serve(args, env)
+
+
+def server_address(settings: Settings) -> str:
+    """The address `python chat.py` prints for these settings (its first, on every interface)."""
+    if settings.host in ("0.0.0.0", "::", ""):
+        return f"http://{(lan_addresses() or ['localhost'])[0]}:{settings.port}"
+    return f"http://{settings.host}:{settings.port}"
+
+
+class ListeningServer(uvicorn.Server):
+    """uvicorn's server, saying where to open it only once it listens (a port already taken
+    stops it before it says anything of the kind)."""
+
+    addresses: list[str] = []
+
+    async def startup(self, sockets: list | None = None) -> None:
+        """Start listening; then print the addresses to open."""
+        await super().startup(sockets)
+        if self.started:
+            for address in self.addresses:
+                print(address, flush=True)
 
 
 def serve(args: argparse.Namespace, env: Settings) -> None:
@@ -5264,10 +5326,12 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
                            "guests": args.guests})
     print(f"Backchat: database {settings.db_path.resolve()}")
     # On every interface: the LAN addresses first, the ones to share (an invite link is built
-    # from the address the page was opened at); localhost only works on this machine.
-    for address in [*lan_addresses(), "localhost"] if everywhere else [args.host]:
-        print(f"Backchat: open http://{address}:{args.port}/"
-              + ("  (this machine only)" if address == "localhost" else ""))
+    # from the address the page was opened at); localhost only works on this machine. Said
+    # once the server listens (ListeningServer).
+    ListeningServer.addresses = [
+        f"Backchat: open http://{address}:{args.port}/"
+        + ("  (this machine only)" if address == "localhost" else "")
+        for address in ([*lan_addresses(), "localhost"] if everywhere else [args.host])]
     if settings.guests:
         print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
     sys.stdout.flush()
@@ -5277,13 +5341,14 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     # heartbeats the socket is closed and its user leaves the room's presence.
     # X-Forwarded-For only from the proxies named in CHAT_TRUSTED_PROXIES (uvicorn's own
     # default believes anyone on loopback, which lets a local client pick its address).
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, http=guarded_http(settings),
-                ws=args.ws,
-                ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
-                ws_ping_interval=settings.heartbeat, ws_ping_timeout=2 * settings.heartbeat,
-                limit_concurrency=max_connections, proxy_headers=bool(settings.trusted_proxies),
-                forwarded_allow_ips=settings.trusted_proxies or None, backlog=ACCEPT_BACKLOG,
-                timeout_graceful_shutdown=5, log_level="info")
+    config = uvicorn.Config(
+        create_app(settings), host=args.host, port=args.port, http=guarded_http(settings),
+        ws=args.ws, ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
+        ws_ping_interval=settings.heartbeat, ws_ping_timeout=2 * settings.heartbeat,
+        limit_concurrency=max_connections, proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=settings.trusted_proxies or None, backlog=ACCEPT_BACKLOG,
+        timeout_graceful_shutdown=5, log_level="info")
+    ListeningServer(config).run()
 
 
 if __name__ == "__main__":

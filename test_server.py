@@ -589,9 +589,10 @@ def test_a_class_logging_in_at_once_from_one_address_all_get_in(tmp_path):
         live.stop()
 
 
-def chat_py(*args: str, cwd) -> subprocess.CompletedProcess:
+def chat_py(*args: str, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python chat.py ARGS` to its end (with CHAT_* variables from `env`, if any)."""
     return subprocess.run([sys.executable, str(HERE / "chat.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env={**os.environ, **(env or {})})
 
 
 # --- the operator's commands ---------------------------------------------------------------------
@@ -752,3 +753,44 @@ def test_transcript_readers_that_stop_reading_hold_little_memory_and_a_few_at_a_
     finally:
         for sock in stalled:
             sock.close()
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line_and_open_only_once_listening(tmp_path):
+    """Issue 31, 3.3 and the rest: `--ws wsproto` (not installed) and `--ws bogus` were 47- and
+    33-line tracebacks, both after "open http://..."; a port already taken printed "open" too.
+    Now: argparse's choices, a line that says what to install, and "open" once it listens.
+    `--help` shows defaults and variables; `users login-link` without a name says so."""
+    bogus = chat_py("--ws", "bogus", cwd=tmp_path)
+    assert bogus.returncode == 2 and "invalid choice: 'bogus'" in bogus.stderr and "Traceback" not in bogus.stderr
+    assert "open http" not in bogus.stdout
+    wsproto = chat_py("--ws", "wsproto", cwd=tmp_path)
+    assert wsproto.returncode == 2 and "pip install wsproto" in wsproto.stderr and "Traceback" not in wsproto.stderr
+    helped = chat_py("--help", cwd=tmp_path).stdout
+    assert "(CHAT_PORT) (default: 8000)" in " ".join(helped.split()) and "(CHAT_HOST)" in helped
+    nameless = chat_py("users", "login-link", cwd=tmp_path)
+    assert nameless.returncode == 2 and "python chat.py users login-link NAME" in nameless.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = chat_py("--port", str(port), "--db", str(tmp_path / "chat.db"), cwd=tmp_path)
+    assert busy.returncode != 0 and "open http" not in busy.stdout and "address already in use" in busy.stdout + busy.stderr
+
+
+def test_last_seen_is_when_somebody_was_last_seen_and_login_links_use_the_printed_address(server, tmp_path):
+    """Issue 31, 3.6 and 3.7: `users` said "last seen -" for anyone logged out (it read their
+    newest live session) and lagged an hour while they were logged in; `users login-link`
+    made links for http://localhost:8000 while the server prints http://127.0.0.1:8000."""
+    client, _ = login_cookie(server, "ada")
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
+    assert client.post("/auth/logout/", data={"csrf_token": token}).status_code == 303
+    listed = chat_py("users", "--db", str(server.db_path), cwd=tmp_path).stdout
+    seen = re.search(r"^ada\s+\S+\s+(\S+)", listed, re.M).group(1)
+    assert seen != "-" and seen[:10] == time.strftime("%Y-%m-%d", time.gmtime())
+    link = chat_py("users", "login-link", "ada", "--db", str(server.db_path), cwd=tmp_path).stdout
+    assert "http://127.0.0.1:8000/auth/link/" in link
+    moved = chat_py("users", "login-link", "ada", "--db", str(server.db_path), cwd=tmp_path,
+                    env={"CHAT_PORT": "9001"}).stdout
+    assert "http://127.0.0.1:9001/auth/link/" in moved
+    missing = chat_py("backup", str(tmp_path / "no-such-dir" / "copy.db"), "--db", str(server.db_path), cwd=tmp_path)
+    assert missing.returncode != 0 and "no-such-dir/copy.db" in missing.stderr
