@@ -5295,8 +5295,8 @@ def server_address(settings: Settings) -> str:
 
 
 class ListeningServer(uvicorn.Server):
-    """uvicorn's server, saying where to open it only once it listens (a port already taken
-    stops it before it says anything of the kind)."""
+    """uvicorn's server, saying where to open it (and in what mode) only once it listens (a
+    port already taken stops it before it says anything of the kind)."""
 
     addresses: list[str] = []
 
@@ -5333,7 +5333,8 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
         + ("  (this machine only)" if address == "localhost" else "")
         for address in ([*lan_addresses(), "localhost"] if everywhere else [args.host])]
     if settings.guests:
-        print("Backchat: guest mode is on: anyone who can open the page can join with just a name")
+        ListeningServer.addresses.append(
+            "Backchat: guest mode is on: anyone who can open the page can join with just a name")
     sys.stdout.flush()
     logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(message)s")  # uvicorn's look
     logging.getLogger("uvicorn.access").addFilter(without_tokens)
