@@ -2652,11 +2652,16 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     if reply is not None:
         replying_to = await chat.store.read(message_in_room, reply, room["id"])
     chat.store.write_soon(record_visit, room["id"], user_id)
+    # Who is online, this page's viewer included from the start: its socket is on its way,
+    # and "Online · 0, nobody" until it lands said something untrue.
+    me = request.state.user
+    online = {*await chat.fanout.online(room["id"]),
+              (me["id"], me["username"], bool(me["is_guest"]))}
     # `room` was read before the messages: its revision is the page's catch-up cursor.
     return render(request, "room.html", status_code, room=room, messages=messages,
-                  has_older=has_older,
+                  has_older=has_older, around=around,
                   seen_up_to=None if live_elsewhere else seen_up_to,
-                  online=owners_first(await chat.fanout.online(room["id"]), owners), owners=owners,
+                  online=owners_first(by_name(online), owners), owners=owners,
                   state=RoomState.of(room, owners), online_open=not is_phone(request),
                   invite=invite_link(request, room["code"]),
                   wire=request.query_params.get("wire") == "1",
@@ -3757,20 +3762,43 @@ async def manage_room(request: Request) -> Response:
 
 
 @login_required
+async def owner_tools(request: Request) -> Response:
+    """The room page's "Room tools" popover: what a class uses live (lock, slow mode, a new
+    invite link), so the owner never leaves the room (and its Online list)."""
+    return await owner_panel(request, (await owner_or_403(request)).room)
+
+
+@login_required
 async def moderate(request: Request) -> Response:
-    """One owner's step (MODERATION_STEPS), from the manage page's forms: field `step`, and
-    `user_id` or `slow_mode`. Done: back to the manage page; refused: that page again, saying
+    """One owner's step (MODERATION_STEPS), from the manage page's forms or the room page's
+    tools: field `step`, and `user_id` or `slow_mode`. Done: back to the manage page (from the
+    room page, with htmx: the tools again); refused: that page (or the tools) again, saying
     why (400 for a step that makes no sense, 409 for one that cannot be done now)."""
     access = await owner_or_403(request)
     form = await read_form(request)
+    live = request.headers.get("hx-request") == "true"  # (the room page's tools)
     step = MODERATION_STEPS.get(form.get("step", ""))
     if step is None:
         raise Refused("That is not something an owner can do here.", 400)
     try:
         answer = await step(request, access.room, form)
     except Refused as problem:
+        if live:
+            return await owner_panel(request, access.room, problem)
         return await manage_page(request, access.room, problem)
+    if live:
+        return await owner_panel(request, access.room)
     return answer or redirect(f"/room/{access.room['code']}/manage")
+
+
+async def owner_panel(request: Request, room: sqlite3.Row, refused: Refused | None = None
+                      ) -> Response:
+    """The tools popover as the room is now (a refused step's reason in it; answered 200, so
+    htmx shows it in place)."""
+    room, owners = await chat_of(request).store.read(room_settings, room["id"])
+    if request.state.user["id"] not in owners:  # (stepped down: nothing more to show)
+        return HTMLResponse("")
+    return HTMLResponse(str(fragments.owner_panel(room, SLOW_MODES, str(refused or ""))))
 
 
 async def manage_page(request: Request, room: sqlite3.Row,
@@ -4193,6 +4221,7 @@ def transcript_page(db: sqlite3.Connection, room_id: int, after: int,
 
 MODERATION_ROUTES = [
     get("/room/{code}/manage", manage_room), post("/room/{code}/manage", moderate),
+    get("/room/{code}/tools", owner_tools),
     get("/room/{code}/clear", confirm_clear), post("/room/{code}/clear", clear_history),
     get("/room/{code}/delete-room", confirm_delete), post("/room/{code}/delete-room", remove_room),
     get("/room/{code}/transcript", transcript),

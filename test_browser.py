@@ -918,6 +918,8 @@ def assert_fits_one_screen(person: Person, online: int, label: str) -> None:
     log = page.locator(".log")
     log_box = log.bounding_box()
     assert log_box["height"] >= 120 and log_box["y"] + log_box["height"] <= box["y"], (label, log_box)
+    if label == "phone":  # (issue 31, 3.10: the headers fold to a line each: the log keeps 2/3 of it)
+        assert log_box["height"] >= 2 * height / 3, (label, log_box, height)
     assert log.evaluate("e => getComputedStyle(e).overflowY") == "auto"
     online_box = page.locator(".online").bounding_box()
     assert online_box["y"] + online_box["height"] <= height, (label, online_box)
@@ -1265,7 +1267,7 @@ def test_mentions_reactions_and_replies_reach_both_pages_live(people):
     ada.say("planning the Mercury (planet) talk")
     grace.sees_message("Mercury")
     # @mention: the composer offers the members; grace's copy is marked, ada's is not
-    assert {"@ada ", "@grace "} <= set(ada.page.locator("#members option").evaluate_all("os => os.map(o => o.value)"))
+    expect(ada.page.locator("#members")).to_have_count(0)  # (no @ list: a textarea has none; issue 30)
     ada.say("@grace can you bring slides?")
     grace.sees_message("bring slides")
     mention = grace.page.locator(".msg", has_text="bring slides")
@@ -1364,3 +1366,109 @@ def test_a_search_finds_words_and_opens_the_room_around_the_hit(people, chat_ser
     assert texts.index("later message 0") < texts.index("later message 119") < texts.index("said while grace reads the past")
     assert len(texts) == len(set(texts))
     assert not grace.errors
+
+
+# --- issue 31: what a new user tripped on ---------------------------------------------------------
+
+
+def test_the_owner_runs_a_class_from_the_room_page_and_stays_in_it(people, chat_server):
+    """Issue 31, 1: "Manage room" was a page of its own: locking a room took the projector out of
+    it (and the owner off everybody's Online list). The tools a class uses live are a popover
+    on the room page, loaded by htmx: the owner's page never leaves, and stays online."""
+    ada, grace = people
+    meet(people, "run live")
+    room_url = ada.page.url
+    expect(grace.page.locator(".tools")).to_be_hidden()  # members are not offered it
+    ada.page.get_by_role("button", name="Room tools").click()
+    panel = ada.page.locator("#owner-panel")
+    panel.get_by_role("button", name="Lock room").click()
+    expect(grace.page.locator("#room-state .locked")).to_be_visible()  # live on the member's page
+    expect(panel.get_by_role("button", name="Unlock room")).to_be_visible()  # the panel as it is now
+    panel.get_by_label("Slow mode").select_option("30")
+    panel.get_by_role("button", name="Set").click()
+    panel.get_by_role("button", name="Unlock room").click()
+    expect(grace.page.locator("#room-state .slow")).to_contain_text("one message every 30 s")
+    old_invite = grace.page.locator("#invite").input_value()
+    panel.get_by_role("button", name="New invite link").click()
+    expect(grace.page.locator("#invite")).not_to_have_value(old_invite)
+    ada.screenshot("room-tools")
+    assert ada.page.url == room_url  # never left the room...
+    expect(grace.page.locator("#presence li", has_text="ada")).to_have_count(1)  # ...nor its Online list
+    assert "/manage" not in " ".join(ada.page.evaluate("() => performance.getEntriesByType('navigation')"
+                                                      ".map(e => e.name)"))
+    assert not ada.errors and not grace.errors, ada.errors + grace.errors
+
+
+def test_new_messages_below_are_shown_and_your_own_brings_you_down(people, chat_server):
+    """Issue 31, 2: scrolled up 400 px, somebody else's message and then your own landed below
+    the visible area with nothing to say so. Now yours brings the log to the bottom; another's
+    leaves your place alone and shows "New messages ↓" until you are back at the bottom."""
+    ada, grace = people
+    meet(people, "scrolled")
+    for n in range(30):
+        ada.say(f"filler {n:02}")
+    grace.sees_message("filler 29")
+    log = grace.page.locator(".log")
+    log.evaluate("e => e.scrollBy(0, -400)")
+    first_seen = grace.page.evaluate(
+        "() => [...document.querySelectorAll('.msg')].find(m => m.getBoundingClientRect().top >="
+        " document.querySelector('.log').getBoundingClientRect().top).id")
+    ada.say("while grace reads up")
+    grace.sees_message("while grace reads up")
+    expect(grace.page.locator("#new-below")).to_be_visible()
+    place = grace.page.locator(f"#{first_seen}").bounding_box()["y"]
+    assert abs(grace.page.locator(f"#{first_seen}").bounding_box()["y"] - place) < 2  # her place kept
+    assert log.evaluate("e => e.scrollTop") < -300
+    grace.screenshot("new-below")
+    grace.say("my own answer")
+    expect(grace.page.locator("#new-below")).to_be_hidden()
+    assert log.evaluate("e => e.scrollTop") > -5  # at the bottom, her message in view
+    ada.say("and at the bottom")
+    grace.sees_message("and at the bottom")
+    assert log.evaluate("e => e.scrollTop") > -5 and grace.page.locator("#new-below").is_hidden()
+    log.evaluate("e => e.scrollBy(0, -400)")
+    ada.say("once more")
+    expect(grace.page.locator("#new-below")).to_be_visible()
+    grace.page.locator("#new-below").click()
+    expect(grace.page.locator("#new-below")).to_be_hidden()
+    assert log.evaluate("e => e.scrollTop") > -5
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_small_breaks_a_new_user_met(browser, chat_server, scheme):
+    """Issue 31, 3: the reaction picker's monochrome emoji were drawn in the button's white
+    (or dark) text colour; the Replying box's tick floated far from its label; a search hit
+    opened the room with nothing to show which message; a new room was a blank box, and your
+    own page said "Online · 0, nobody" until its socket opened."""
+    ada = Person(browser, chat_server.url, "ada", color_scheme=scheme)
+    try:
+        ada.register()
+        ada.create_room(f"small breaks {scheme}")
+        expect(ada.page.locator("#messages .empty")).to_have_text("No messages yet. Send the invite link.")
+        expect(ada.page.locator("#online-count")).to_have_text("1")  # from the first paint
+        ada.say("the exam is at nine")
+        expect(ada.page.locator("#messages .empty")).to_be_hidden()
+        message = ada.page.locator(".msg", has_text="the exam is at nine")
+        message.get_by_role("button", name="React").click()
+        picker = ada.page.locator("#reactor button").first
+        colour, background = picker.evaluate("e => [getComputedStyle(e).color, getComputedStyle(e).backgroundColor]")
+        assert colour != background, (colour, background)
+        ada.page.keyboard.press("Escape")
+        message.get_by_role("link", name="Reply").click()
+        tick, label = (ada.page.locator(f"#replying {what}").bounding_box() for what in ("input", "label"))
+        assert label["x"] - (tick["x"] + tick["width"]) < 16, (tick, label)
+        ada.say("more words")
+        for _ in range(50):  # (the index is a second behind the messages at most)
+            ada.page.goto("/search/?q=exam")
+            if ada.page.locator(".hit a").count():
+                break
+            time.sleep(0.1)
+        expect(ada.page.locator("input[name=q]")).to_have_count(1)  # one search box, not two
+        ada.page.locator(".hit a").first.click()
+        found = ada.page.locator(".msg.found")
+        expect(found).to_be_focused()
+        expect(found).to_contain_text("the exam is at nine")
+        assert found.evaluate("e => getComputedStyle(e).outlineStyle") != "none"
+        ada.screenshot(f"search-hit-{scheme}")
+    finally:
+        ada.context.close()

@@ -146,6 +146,30 @@
     }
   }, true);
 
+  // 4. New messages you cannot miss. Your own brings the log to the bottom; somebody else's,
+  // while you read older ones, leaves your place and shows "New messages ↓" (a polite status)
+  // until you are back at the bottom. (The log is column-reverse: its bottom is scrollTop 0.)
+  let log, below, seen;
+  const newest = () => Number(log.querySelector(".msg:last-of-type")?.id.slice(4)) || 0;
+  function toBottom() {
+    log.scrollTop = 0;
+    below.hidden = true;
+  }
+  document.addEventListener("DOMContentLoaded", () => {
+    log = document.querySelector(".log");
+    below = document.getElementById("new-below");
+    if (!log || !below) return;
+    seen = newest();
+    log.addEventListener("scroll", () => { if (log.scrollTop > -40) below.hidden = true; }, { passive: true });
+    below.addEventListener("click", toBottom);
+  });
+  document.addEventListener("htmx:ws:after:message:incoming", () => {
+    if (!below || newest() <= seen) return;
+    seen = newest();
+    if (log.querySelector(".msg:last-of-type").dataset.author === log.closest(".room").dataset.me) toBottom();
+    else if (log.scrollTop < -40) below.hidden = false;
+  });
+
   setInterval(() => {
     const status = document.getElementById("connection");
     const staleAfter = 1000 * Number(status?.dataset.staleAfter || 25);
