@@ -22,15 +22,16 @@ room") for the push:
 docs/how-it-works.md walks through it with the frames as they travel.
 
 Where things go. The file is a small core (1-6: settings, the database, guards, who is
-asking, pages, the live room), then one section per capability (7-12: accounts, rooms, a
-message, changing a message, moderation, search), then what only scaling out needs (13,
-Redis), the app (14) and the operator's commands with main() (15). A capability's section
-holds, in this order: its constants; its handlers, in the order a request meets them; their
-helpers; its SQL (plain functions of a connection, run through Store.read or Store.write);
-its route list (ACCOUNT_ROUTES, ...); its background task. A section uses only what is above
-it (the migrations, which run at start, excepted), so a reader can go top to bottom; a new
-capability is a new section before Redis, its tables in SCHEMA (each names its section), and
-a line in create_app(), which only composes.
+asking, pages, the live room), then one section per capability (7-13: accounts, rooms, a
+message, changing a message, moderation, search, class tools), then what only scaling out
+needs (14, Redis), the app (15) and the operator's commands with main() (16). A capability's
+section holds, in this order: its constants; its handlers, in the order a request meets them;
+their helpers; its SQL (plain functions of a connection, run through Store.read or
+Store.write); its route list (ACCOUNT_ROUTES, ...); its background task. A section uses only
+what is above it (the migrations, which run at start, excepted), so a reader can go top to
+bottom; a new capability is a new section before Redis, its tables in SCHEMA (each names its
+section), and a line in create_app(), which only composes. Where a section below adds to
+what one above runs, it registers in that one's table (MODERATION_STEPS, ROOM_PARTS).
 
 House rules, each kept by one place and proven by a test:
   1. Nothing is shown before it is committed: add_messages returns rows only after COMMIT,
@@ -288,7 +289,9 @@ CREATE TABLE IF NOT EXISTS rooms (
     -- its messages up to this id were cleared (gone, or going)
     cleared_up_to INTEGER NOT NULL DEFAULT 0,
     cleared_revision INTEGER NOT NULL DEFAULT 0,  -- and the revision of that clearing
-    deleted_at TEXT  -- deleted: not found any more, while its rows are removed
+    deleted_at TEXT,  -- deleted: not found any more, while its rows are removed
+    pinned_id  INTEGER,  -- the message its owners pinned (section 13, class tools)
+    questions_anonymous INTEGER NOT NULL DEFAULT 0  -- "Ask without my name" offered
 );
 CREATE TABLE IF NOT EXISTS room_codes (  -- a room's earlier codes: they still lead its members in
     code    TEXT PRIMARY KEY,
@@ -325,7 +328,10 @@ CREATE TABLE IF NOT EXISTS messages (
     edited_at  TEXT,
     html       TEXT,  -- the text rendered (render_text); NULL: not yet (render_old_messages)
     -- the message of the same room it answers (its quote shows that one as it is now)
-    reply_to   INTEGER
+    reply_to   INTEGER,
+    kind       TEXT NOT NULL DEFAULT 'message',  -- or 'poll', 'question' (section 13)
+    anonymous  INTEGER NOT NULL DEFAULT 0,  -- a question asked without its author's name shown
+    answered_at TEXT  -- a question an owner marked answered
 );
 -- Newest page of a room = a backwards walk of this index: as fast at 100,000 rows as at 10.
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages(room_id, id);
@@ -386,6 +392,32 @@ BEGIN
     UPDATE room_members SET last_read_id = NEW.id
     WHERE room_id = NEW.room_id AND user_id = NEW.user_id;
 END;
+-- Class tools (section 13): a poll is a message (its text the question) with options and one
+-- vote per person; a question is a message with votes of its own.
+CREATE TABLE IF NOT EXISTS polls (
+    message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    closed_at  TEXT  -- voting ended: the result stays
+);
+CREATE TABLE IF NOT EXISTS poll_options (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    position   INTEGER NOT NULL,  -- 1, 2, ... as the owner wrote them
+    text       TEXT NOT NULL,
+    PRIMARY KEY (message_id, position)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS poll_votes (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    position   INTEGER NOT NULL,
+    PRIMARY KEY (message_id, user_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS question_votes (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    user_id    INTEGER NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    PRIMARY KEY (message_id, user_id)
+) WITHOUT ROWID;
+-- A room's questions, open (answered_at NULL) and answered, for its Questions list.
+CREATE INDEX IF NOT EXISTS questions_by_room ON messages(room_id, answered_at, id)
+    WHERE kind = 'question';
 -- How far render_old_messages (section 9) has come with re-rendering the messages the
 -- renderer of another RENDERER_VERSION rendered (or none did: an older database).
 CREATE TABLE IF NOT EXISTS render_state (
@@ -402,6 +434,13 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
 INSERT OR IGNORE INTO counters (name, value) VALUES ('message', 0), ('room', 0);
+-- Secrets of this database's own: 'pseudonyms' keys the names a page may know a person by
+-- without knowing who they are (pseudonym(): a voter, an anonymous asker; section 13).
+CREATE TABLE IF NOT EXISTS keys (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO keys (name, value) VALUES ('pseudonyms', randomblob(32));
 CREATE TRIGGER IF NOT EXISTS messages_counted AFTER INSERT ON messages
 BEGIN UPDATE counters SET value = NEW.id WHERE name = 'message' AND value < NEW.id; END;
 CREATE TRIGGER IF NOT EXISTS rooms_counted AFTER INSERT ON rooms
@@ -453,6 +492,7 @@ MIGRATIONS = [
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
     # Names that end in punctuation look like those that do not (name_skeleton). Messages are
     # Markdown, rendered when stored (messages.html; older ones by render_old_messages).
+    # Polls, a pinned message and questions (their tables are SCHEMA's).
     # One word for a room's code (it was "slug"). Ids are never handed out twice (counters):
     # an id a deleted room's messages had was, and the search index skipped those messages, so
     # it is rebuilt. A catch-up sends a room's state again if it changed (state_revision).
@@ -462,6 +502,11 @@ MIGRATIONS = [
      "ALTER TABLE rooms ADD COLUMN state_revision INTEGER NOT NULL DEFAULT 0",
      "ALTER TABLE messages ADD COLUMN html TEXT",
      "ALTER TABLE users ADD COLUMN last_seen_at TEXT",
+     "ALTER TABLE rooms ADD COLUMN pinned_id INTEGER",
+     "ALTER TABLE rooms ADD COLUMN questions_anonymous INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'",
+     "ALTER TABLE messages ADD COLUMN anonymous INTEGER NOT NULL DEFAULT 0",
+     "ALTER TABLE messages ADD COLUMN answered_at TEXT",
      "UPDATE users SET last_seen_at = "
      "(SELECT max(last_seen_at) FROM sessions WHERE user_id = users.id)",
      "UPDATE rooms SET state_revision = revision",
@@ -557,6 +602,15 @@ def utc_ago(**delta: float) -> str:
     return (datetime.now(timezone.utc) - timedelta(**delta)).strftime(ISO_SECONDS)
 
 
+def pseudonym(key: bytes, purpose: str, room_id: int, user_id: int) -> str:
+    """How a page may know one person in one room, for one purpose ('vote': their votes;
+    'ask': their anonymous questions), without learning who they are: an HMAC of the three
+    keyed by the database's own secret (SCHEMA's keys), the same on every worker and after a
+    restart, and nothing to guess a user id from. The room page's own style uses the viewer's
+    to mark their votes and questions (section 13)."""
+    return hmac.new(key, f"{purpose} {room_id} {user_id}".encode(), "sha256").hexdigest()[:12]
+
+
 class Store:
     """The database threads. The queries below are plain functions of a connection;
     read() and write() run one on the right thread and await its result."""
@@ -578,6 +632,7 @@ class Store:
         self._stopping = threading.Event()
         self._waiting: dict[Callable, list[tuple[Any, asyncio.Future]]] = {}  # for the next commit
         self._committing: set[Callable] = set()  # (write_together)
+        self.key = b""  # the database's key for pseudonyms (read as it opens)
 
     async def read(self, method: Callable[..., Any], *args: Any) -> Any:
         """`method(db, *args)` on the reader thread."""
@@ -628,6 +683,10 @@ class Store:
                 self._commit_waiting(method)
 
         written.add_done_callback(hand_back)
+
+    def pseudonym(self, purpose: str, room_id: int, user_id: int) -> str:
+        """How pages know this person in this room for `purpose` (pseudonym())."""
+        return pseudonym(self.key, purpose, room_id, user_id)
 
     def write_soon(self, method: Callable[..., Any], *args: Any) -> None:
         """Queue a write that nobody waits for: bookkeeping a page should not be held up by."""
@@ -686,6 +745,10 @@ class Store:
             # A deleted message's text is overwritten, not left behind.
             db.execute("PRAGMA secure_delete=ON")
             migrate(db)
+        # (SCHEMA makes the key: the writer, which migrates, connects first)
+        self.key = db.execute("SELECT value FROM keys WHERE name = 'pseudonyms'").fetchone()[0]
+        db.create_function("pseudonym", 3, functools.partial(pseudonym, self.key),
+                           deterministic=True)
         return db
 
     def _checkpoint_every_second(self) -> None:
@@ -702,9 +765,26 @@ class Store:
 # now (NULL text: deleted or cleared), whom it mentions and its reactions ("id name" and
 # "emoji id name" lines). Every query for messages starts so.
 SELECT_MESSAGES = (
-    "SELECT m.id, m.room_id, m.user_id, u.username, u.is_guest, m.text, m.html, m.created_at, "
-    "m.edited_at, m.revision, m.reply_to, q.text AS quote_text, "
-    "(SELECT username FROM users WHERE id = q.user_id) AS quote_author, "
+    "SELECT m.id, m.room_id, m.user_id, m.text, m.html, m.created_at, m.edited_at, m.revision, "
+    "m.reply_to, m.kind, m.anonymous, m.answered_at, "
+    # An anonymous question's author is "Anonymous" to a page, which tells the asker's own by
+    # a pseudonym (author: anybody else's, the user id); only `asker` names them (section 13).
+    "iif(m.anonymous, 'Anonymous', u.username) AS username, "
+    "iif(m.anonymous, 0, u.is_guest) AS is_guest, "
+    "iif(m.anonymous, pseudonym('ask', m.room_id, m.user_id), m.user_id) AS author, "
+    "iif(m.anonymous, u.username, NULL) AS asker, "
+    # a poll's options with their voters' pseudonyms; a question's voters' (section 13)
+    "CASE m.kind WHEN 'poll' THEN (SELECT json_object('closed', p.closed_at, 'options', "
+    " (SELECT json_group_array(json_array(o.position, o.text, (SELECT "
+    "   group_concat(pseudonym('vote', m.room_id, v.user_id), ' ') FROM poll_votes v "
+    "   WHERE v.message_id = o.message_id AND v.position = o.position))) "
+    "  FROM poll_options o WHERE o.message_id = m.id)) "  # (poll_of puts them in order)
+    "  FROM polls p WHERE p.message_id = m.id) "
+    " WHEN 'question' THEN (SELECT group_concat(pseudonym('vote', m.room_id, v.user_id), ' ') "
+    "  FROM question_votes v WHERE v.message_id = m.id) END AS votes, "
+    "q.text AS quote_text, "
+    "iif(q.anonymous, 'Anonymous', (SELECT username FROM users WHERE id = q.user_id)) "
+    "AS quote_author, "
     "(SELECT group_concat(x.user_id || ' ' || xu.username, char(10))"
     " FROM mentions x JOIN users xu ON xu.id = x.user_id "
     " WHERE x.message_id = m.id) AS mentioned, "
@@ -765,7 +845,7 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
 # ---------------------------------------------------------------------------
 # 3. Guards
 # What every input passes before it is believed: text cleaning, look-alike names, lengths,
-# the one refusal (Refused), and the rate and failure limits (their Redis twins: section 13).
+# the one refusal (Refused), and the rate and failure limits (their Redis twins: section 14).
 # ---------------------------------------------------------------------------
 
 
@@ -1691,7 +1771,7 @@ def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
 # 6. The live room
 # Who is connected to which room and who is online in it, each room's state as its owners
 # set it, and fan-out: one rendered frame handed to every socket in a room (across workers:
-# section 13). Then the record every handler shares (Chat).
+# section 14). Then the record every handler shares (Chat).
 # ---------------------------------------------------------------------------
 
 
@@ -1861,24 +1941,49 @@ class RoomState:
     owners: frozenset[int] = frozenset()
     locked: bool = False
     slow_mode: int = 0  # seconds between a member's messages; 0: off
+    questions_anonymous: bool = False  # "Ask without my name" is offered (section 13)
 
     @classmethod
     def of(cls, room: sqlite3.Row, owners: frozenset[int]) -> RoomState:
         """The state of a room as the database has it."""
-        return cls(room["code"], owners, bool(room["locked"]), room["slow_mode"])
+        return cls(room["code"], owners, bool(room["locked"]), room["slow_mode"],
+                   bool(room["questions_anonymous"]))
 
     def to_wire(self) -> dict[str, Any]:
         """The state by name, as it travels between workers (RedisFanout.room_changed)."""
         return {"code": self.code, "owners": sorted(self.owners), "locked": self.locked,
-                "slow_mode": self.slow_mode}
+                "slow_mode": self.slow_mode, "questions_anonymous": self.questions_anonymous}
 
     @classmethod
     def from_wire(cls, sent: dict[str, Any]) -> RoomState:
         """The state another worker sent: the fields this worker knows, by name; one it does
         not know (a newer worker's) is left out, one missing (an older worker's) keeps its
         default. So workers of two versions, during a rolling restart, understand each other."""
-        known = {name: sent[name] for name in ("code", "locked", "slow_mode") if name in sent}
+        known = {name: sent[name] for name in ("code", "locked", "slow_mode",
+                                               "questions_anonymous") if name in sent}
         return cls(**known, owners=frozenset(sent.get("owners", ())))
+
+
+# The parts of a room page outside the log that show the room as it is now (the pinned
+# message and the questions: section 13 registers them), by name: each gives its HTML from a
+# connection and the room's row, out of band (`oob`) for a frame or in place for the page
+# (`csrf`: the page's token, for its forms without JavaScript). A change that may touch them
+# sends them whole, read after its write (so they are never older than the change); so does
+# every catch-up that finds anything changed.
+ROOM_PARTS: dict[str, Callable[[sqlite3.Connection, sqlite3.Row, bool, str | None], str]] = {}
+
+
+def room_parts(db: sqlite3.Connection, room: sqlite3.Row | int) -> str:
+    """The room's parts (ROOM_PARTS) as they are now, out of band (`room`: its row, or id)."""
+    if isinstance(room, int):
+        room = db.execute("SELECT * FROM rooms WHERE id = ?", (room,)).fetchone()
+    return "".join(part(db, room, True, None) for part in ROOM_PARTS.values()) if room else ""
+
+
+def page_parts(db: sqlite3.Connection, room_id: int, csrf: str) -> dict[str, str]:
+    """The room's parts as its page shows them, by name."""
+    room = db.execute("SELECT * FROM rooms WHERE id = ?", (room_id,)).fetchone()
+    return {name: Markup(part(db, room, False, csrf)) for name, part in ROOM_PARTS.items()}
 
 
 def by_name(people: set[Person]) -> list[Person]:
@@ -2152,7 +2257,7 @@ async def check_sessions(chat: Chat) -> None:
 @dataclass
 class Chat:
     """The record every handler shares (chat_of): settings, database, hub, fan-out and the
-    limits. Fields only: open_chat() (section 14) fills it, choosing Local or Redis once."""
+    limits. Fields only: open_chat() (section 15) fills it, choosing Local or Redis once."""
 
     settings: Settings
     store: Store
@@ -2644,8 +2749,8 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
     # hub (chat_socket): so ask the hub first, then the database, and no close can slip
     # between the two. Read before marking the room read.
     live_elsewhere = chat.hub.has_page(room["id"], user_id)
-    seen_up_to, messages, has_older, owners = await chat.store.read(
-        room_page_rows, room["id"], user_id)
+    seen_up_to, messages, has_older, owners, parts = await chat.store.read(
+        room_page_rows, room["id"], user_id, csrf_token(request))
     has_newer, replying_to = False, None
     if around is not None and (found := await chat.store.read(page_around, room["id"], around)):
         (messages, has_older, has_newer), seen_up_to = found, None
@@ -2667,7 +2772,10 @@ async def render_room(request: Request, room: sqlite3.Row, status_code: int = 20
                   wire=request.query_params.get("wire") == "1",
                   error=error, draft=draft, composer_key=new_message_key(),
                   stale_after=2.5 * chat.settings.heartbeat,
-                  has_newer=has_newer, replying_to=replying_to)
+                  has_newer=has_newer, replying_to=replying_to, parts=parts,
+                  # how the page knows its viewer's votes and anonymous questions (pseudonym)
+                  my_vote=chat.store.pseudonym("vote", room["id"], user_id),
+                  my_ask=chat.store.pseudonym("ask", room["id"], user_id))
 
 
 def is_phone(request: Request) -> bool:
@@ -2866,12 +2974,13 @@ def last_read(db: sqlite3.Connection, room_id: int, user_id: int) -> int | None:
     return row[0] if row else None
 
 
-def room_page_rows(db: sqlite3.Connection, room_id: int, user_id: int
-                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int]]:
+def room_page_rows(db: sqlite3.Connection, room_id: int, user_id: int, csrf: str
+                   ) -> tuple[int | None, list[sqlite3.Row], bool, frozenset[int], dict[str, str]]:
     """What a room page shows, in one trip: the newest message the user had seen (last_read),
-    the newest page of messages and whether older ones exist (page_before), and the owners."""
+    the newest page of messages and whether older ones exist (page_before), the owners, and
+    the parts beside the log (page_parts)."""
     return (last_read(db, room_id, user_id), *page_before(db, room_id, None),
-            room_owners(db, room_id))
+            room_owners(db, room_id), page_parts(db, room_id, csrf))
 
 
 def mark_read(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
@@ -2979,7 +3088,8 @@ LOCKED = "This room is locked by its owner: only its owners can write for now."
 
 
 NOT_STORED = {"locked": (LOCKED, 403), "removed": (REMOVED, 403),
-              "deleted": ("This room was deleted.", 404)}
+              "deleted": ("This room was deleted.", 404),
+              "owners": ("Only this room's owners can start a poll.", 403)}
 
 
 # What the sender gets once its message is taken: the same every time but for the key it
@@ -3098,7 +3208,9 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
             return await catch_up(chat, conn, fields["revision"])
         key = fields["key"] if fields["key"] and MESSAGE_KEY_RE.fullmatch(fields["key"]) else None
         await post_message(chat, conn.room_id, conn.user_id, fields["message"], fields["key"],
-                           chat.hub.rooms.get(conn.room_id), fields["reply_to"])
+                           chat.hub.rooms.get(conn.room_id), fields["reply_to"],
+                           "question" if fields["question"] else "message",
+                           anonymous=fields["anonymous"])
     except Refused as problem:
         return conn.push(str(fragments.chat_error(str(problem), key=key)))
     except Exception:  # a bug: said in the log, once, and to the sender; the socket stays open
@@ -3110,7 +3222,8 @@ async def handle_frame(chat: Chat, conn: Connection, event: Message) -> None:
 def parse_frame(frame: str) -> dict[str, Any]:
     """The fields of an hx-ws:send frame (a form's fields at the top level of a JSON object,
     beside htmx's `headers`) from one of the room page's two forms: the composer
-    ({"message": str, "key": str | None, "reply_to": int | None}) or the catch-up form
+    ({"message": str, "key": str | None, "reply_to": int | None, "question": bool,
+    "anonymous": bool}: ticked boxes are there, unticked ones are not) or the catch-up form
     ({"revision": int}, the revision the page has). Refused, with the reason, for anything else."""
     try:
         data = json.loads(frame)
@@ -3130,16 +3243,21 @@ def parse_frame(frame: str) -> dict[str, Any]:
     if reply_to is not None and (not isinstance(reply_to, str)
                                  or (reply_to := whole_number(reply_to)) is None):
         raise Refused("`reply_to` must be the id of the message you answer.")
-    return {"message": data["message"], "key": key, "reply_to": reply_to}
+    return {"message": data["message"], "key": key, "reply_to": reply_to,
+            "question": "question" in data, "anonymous": "anonymous" in data}
 
 
 async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
-                       state: RoomState | None, reply_to: int | None = None) -> bool:
+                       state: RoomState | None, reply_to: int | None = None,
+                       kind: str = "message", options: tuple[str, ...] = (),
+                       anonymous: bool = False) -> bool:
     """Check one message, store it, then push it to the room: the one path every message
-    takes, from the socket or from the plain form. `state`: the room's lock and slow mode, as
-    the hub holds them (the database checks a lock, and removals, again as it stores).
-    `reply_to`: the id of the message it answers (one of another room's is ignored). False
-    if there was nothing to send; raises Refused with the reason it was not taken."""
+    takes, from the socket, the plain form, and a poll's question. `state`: the room's lock
+    and slow mode, as the hub holds them (the database checks a lock, and removals, again as
+    it stores). `reply_to`: the id of the message it answers (one of another room's is
+    ignored). `kind`: "message", "question" (`anonymous`: asked without the name shown, where
+    the room allows it) or "poll" (its `options`; its owners' only). False if there was
+    nothing to send; raises Refused with the reason it was not taken."""
     text = clean_text(text).strip()
     if not text:
         return False  # an empty message is simply not sent
@@ -3150,7 +3268,8 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
     shown = await rendered(text, await chat.store.read(room_people, room_id) if "@" in text else ())
     try:
         message = await chat.store.write_together(add_messages, NewMessage(
-            room_id, user_id, text, key, reply_to, shown.mentioned, shown.html))
+            room_id, user_id, text, key, reply_to, shown.mentioned, shown.html, kind, anonymous,
+            options))
     except sqlite3.Error:  # e.g. the file stayed locked past busy_timeout: nothing was stored
         raise Refused(NOT_SAVED, 503) from None
     except Exception:  # a bug in this one message: nothing of it stored, nobody else's lost
@@ -3159,8 +3278,10 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
     if isinstance(message, str):  # a removal, a lock or a deletion got there first
         raise Refused(*NOT_STORED[message])
     if message is not None:  # None: a resend of a stored message (same key), already shown
-        await chat.fanout.publish(room_id, str(fragments.new_message_frame(message)),
-                                  message["revision"])
+        frame = str(fragments.new_message_frame(message))
+        if kind == "question":  # (in the Questions list too: read after the write, section 6)
+            frame += await chat.store.read(room_parts, room_id)
+        await chat.fanout.publish(room_id, frame, message["revision"])
     return True
 
 
@@ -3234,7 +3355,8 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, revision: int,
     """What a (re)connecting page is missing, and the room's revision it covers: every
     message sent or edited, and every one deleted, since the revision the page has (the one
     it was rendered at, moved on by every change it received since), and the room's state
-    (lock, slow mode, owners, code: `invite` is its link) if that changed since. The upsert
+    (lock, slow mode, owners, code: `invite` is its link) if that changed since, and the parts
+    beside the log (room_parts: the pin, the questions) if anything did. The upsert
     swap replaces what the page already shows, so overlap is harmless. A page too far behind
     (CATCH_UP_LIMIT changes, CATCH_UP_BYTES of HTML) gets the newest page whole instead, as
     much of it as fits. Read in one snapshot on the reader thread, so a big catch-up never
@@ -3246,6 +3368,9 @@ def catch_up_frame(db: sqlite3.Connection, room_id: int, revision: int,
             state = RoomState.of(room, room_owners(db, room_id))
             frame = (frame or "") + str(fragments.room_changed_frame(state, room["revision"],
                                                                     invite))
+        if room["revision"] > revision:  # (anything changed: the pin and questions as they are)
+            frame = ((frame or "") + room_parts(db, room)
+                     + str(fragments.room_revision(room["revision"], oob=True)))
     return frame, room["revision"]
 
 
@@ -3282,7 +3407,8 @@ async def send_message(request: Request) -> Response:
     try:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
                            form.get("key") or None, state_of(access, user["id"]),
-                           whole_number(form.get("reply_to", "")))
+                           whole_number(form.get("reply_to", "")),
+                           "question" if "question" in form else "message", "anonymous" in form)
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
                                  draft=form.get("message", ""),
@@ -3337,18 +3463,23 @@ async def end_at_once(websocket: WebSocket, code: str, why: str) -> None:
 # that committed first.
 INSERT_MESSAGE = (
     "INSERT INTO messages (id, room_id, user_id, text, html, created_at, client_key, revision, "
-    "reply_to) "
+    "reply_to, kind, anonymous) "
     "SELECT (SELECT value + 1 FROM counters WHERE name = 'message'), :room_id, :user_id, :text, "
     "      :html, "
     f"      strftime('{ISO_SECONDS}', 'now'), :key, "
     "      (SELECT revision + 1 FROM rooms WHERE id = :room_id), "
     # reply_to (another room's message: none)
     "      (SELECT id FROM messages m WHERE id = :reply_to AND room_id = :room_id "
-    f"       AND {NOT_CLEARED}) "
+    f"       AND {NOT_CLEARED}), :kind, "
+    # (anonymous: a question, where the room's owners allow it)
+    "      :kind = 'question' AND :anonymous "
+    "      AND (SELECT questions_anonymous FROM rooms WHERE id = :room_id) "
     "WHERE NOT EXISTS (SELECT 1 FROM removals WHERE room_id = :room_id AND user_id = :user_id) "
-    "  AND (SELECT deleted_at IS NULL AND (NOT locked OR EXISTS (SELECT 1 FROM room_members "
-    "       WHERE room_id = :room_id AND user_id = :user_id AND role = 'owner')) "
-    "       FROM rooms WHERE id = :room_id) "
+    "  AND (SELECT deleted_at IS NULL AND (NOT locked OR is_owner) "
+    "       AND (:kind != 'poll' OR is_owner) "
+    "       FROM rooms, (SELECT EXISTS (SELECT 1 FROM room_members WHERE room_id = :room_id "
+    "                    AND user_id = :user_id AND role = 'owner') AS is_owner) "
+    "       WHERE id = :room_id) "
     "ON CONFLICT DO NOTHING "  # the same user and key: a resend of a stored message
     "RETURNING id")
 
@@ -3363,6 +3494,9 @@ class NewMessage(NamedTuple):
     reply_to: int | None  # the message it answers
     mentioned: tuple[int, ...] = ()  # whom it mentions (render_text)
     html: str | None = None  # its text rendered (render_text)
+    kind: str = "message"  # or "question", "poll" (section 13)
+    anonymous: bool = False  # a question asked without its author's name shown
+    options: tuple[str, ...] = ()  # a poll's, in order
 
 
 def add_messages(db: sqlite3.Connection, messages: list[NewMessage]) -> list[Any]:
@@ -3390,8 +3524,13 @@ def add_message(db: sqlite3.Connection, message: NewMessage) -> sqlite3.Row | st
     returned = db.execute(INSERT_MESSAGE, message._asdict()).fetchall()
     if not returned:
         return why_not_stored(db, message)
-    store_mentions(db, returned[0]["id"], message.room_id, message.mentioned)
-    return message_by_id(db, returned[0]["id"])
+    message_id = returned[0]["id"]
+    store_mentions(db, message_id, message.room_id, message.mentioned)
+    if message.kind == "poll":  # (its options and votes are section 13's tables)
+        db.execute("INSERT INTO polls (message_id) VALUES (?)", (message_id,))
+        db.executemany("INSERT INTO poll_options (message_id, position, text) VALUES (?, ?, ?)",
+                       [(message_id, n, text) for n, text in enumerate(message.options, 1)])
+    return message_by_id(db, message_id)
 
 
 def store_mentions(db: sqlite3.Connection, message_id: int, room_id: int,
@@ -3412,7 +3551,8 @@ def room_people(db: sqlite3.Connection, room_id: int) -> tuple[tuple[int, str], 
 
 def why_not_stored(db: sqlite3.Connection, message: NewMessage) -> str | None:
     """Why INSERT_MESSAGE stored nothing (the rare case, asked only then): None for a resend,
-    "removed", "deleted" (a room deleted, or gone altogether), or "locked"."""
+    "removed", "deleted" (a room deleted, or gone altogether), "owners" (a poll by somebody who
+    is not one of them) or "locked"."""
     if message.key is not None and db.execute(
             "SELECT 1 FROM messages WHERE user_id = ? AND client_key = ?",
             (message.user_id, message.key)).fetchone():
@@ -3421,7 +3561,9 @@ def why_not_stored(db: sqlite3.Connection, message: NewMessage) -> str | None:
                   (message.room_id, message.user_id)).fetchone():
         return "removed"
     room = db.execute("SELECT deleted_at FROM rooms WHERE id = ?", (message.room_id,)).fetchone()
-    return "deleted" if room is None or room["deleted_at"] else "locked"
+    if room is None or room["deleted_at"]:
+        return "deleted"
+    return "owners" if message.kind == "poll" else "locked"  # (only an owner may start a poll)
 
 
 def locked_for(db: sqlite3.Connection, room_id: int, user_id: int) -> bool:
@@ -3431,6 +3573,35 @@ def locked_for(db: sqlite3.Connection, room_id: int, user_id: int) -> bool:
         "SELECT locked AND NOT EXISTS (SELECT 1 FROM room_members WHERE room_id = ?1 "
         "AND user_id = ?2 AND role = 'owner') FROM rooms WHERE id = ?1",
         (room_id, user_id)).fetchone()[0])
+
+
+class PollOption(NamedTuple):
+    """One option of a poll, as pages and the transcript show it."""
+
+    position: int  # 1, 2, ... as the owner wrote them
+    text: str
+    voters: list[str]  # their pseudonyms (pseudonym 'vote'): a page marks its viewer's own
+    won: bool  # a closed poll's option with the most votes (a tie: each of them)
+
+
+class Poll(NamedTuple):
+    """A poll message's options and votes (section 13)."""
+
+    closed: bool
+    options: list[PollOption]
+    total: int  # votes cast
+
+
+@template_filter("poll_of")
+def poll_of(m: sqlite3.Row) -> Poll:
+    """The poll a message of kind 'poll' holds, out of its `votes` (SELECT_MESSAGES)."""
+    data = json.loads(m["votes"] or '{"closed": null, "options": []}')
+    counted = sorted((position, text, voters.split() if voters else [])
+                     for position, text, voters in data["options"])
+    most, closed = max((len(voters) for *_, voters in counted), default=0), bool(data["closed"])
+    return Poll(closed, [PollOption(position, text, voters, closed and 0 < most == len(voters))
+                         for position, text, voters in counted],
+                sum(len(voters) for *_, voters in counted))
 
 
 RENDER_BATCH = 200  # messages rendered again per trip (render_old_messages)
@@ -3534,8 +3705,9 @@ async def edit(request: Request) -> Response:
                             status_code=problem.status_code)
     if edited is None:  # deleted meanwhile
         raise Refused(GONE, 404)
+    parts = await chat.store.read(parts_showing, room["id"], message["id"])
     await chat.fanout.publish(room["id"],
-                              str(fragments.messages_frame(edited, edited[-1]["revision"])),
+                              str(fragments.messages_frame(edited, edited[-1]["revision"])) + parts,
                               edited[-1]["revision"])
     return HTMLResponse(str(fragments.editor_closed()))
 
@@ -3557,11 +3729,13 @@ async def delete(request: Request) -> Response:
         return HTMLResponse(str(fragments.chat_error(
             could_not_save("The message could not be deleted", problem))), 503)
     if deleted is not None:
-        revision, replies = deleted  # (the replies' quotes now say "deleted message")
+        revision, replies, unpinned = deleted  # (the replies' quotes now say "deleted message")
+        parts = (await chat.store.read(room_parts, room["id"])
+                 if unpinned or message["kind"] == "question" else "")
         await chat.fanout.publish(room["id"],
                                   (str(fragments.messages_frame(replies)) if replies else "")
-                                  + str(fragments.deleted_frame([message["id"]], revision)),
-                                  revision)
+                                  + str(fragments.deleted_frame([message["id"]], revision))
+                                  + parts, revision)
         if message["user_id"] != me["id"]:
             log.info("moderation: %s deleted %s's message %d in %s",
                      me["username"], message["username"], message["id"], room["code"])
@@ -3675,6 +3849,14 @@ def edit_message(db: sqlite3.Connection, message_id: int, room_id: int, author: 
     return [message_by_id(db, message_id), *replies]
 
 
+def parts_showing(db: sqlite3.Connection, room_id: int, message_id: int) -> str:
+    """The room's parts beside the log (room_parts) if they show this message (it is pinned,
+    or a question), read after its change; else nothing."""
+    shown = db.execute("SELECT kind = 'question' OR id = (SELECT pinned_id FROM rooms "
+                       "WHERE id = ?1) FROM messages WHERE id = ?2", (room_id, message_id))
+    return room_parts(db, room_id) if (shown.fetchone() or [False])[0] else ""
+
+
 def requote_replies(db: sqlite3.Connection, message_id: int, room_id: int) -> list[sqlite3.Row]:
     """The replies to a message that was just edited or deleted, moved on to the room's next
     revision (their quotes show it as it is now), as pages show them."""
@@ -3686,20 +3868,23 @@ def requote_replies(db: sqlite3.Connection, message_id: int, room_id: int) -> li
 
 
 def delete_message(db: sqlite3.Connection, message_id: int, room_id: int,
-                   author: int | None) -> tuple[int, list[sqlite3.Row]] | None:
-    """Delete the row, text and all (secure_delete overwrites it on disk; its reactions and
-    mentions go with it), leaving only its id and the room's revision, for pages that catch
-    up later. That revision and the replies now quoting a deleted message; None if there was
-    no such message. `author`: who must have written it (None: anybody, for an owner)."""
+                   author: int | None) -> tuple[int, list[sqlite3.Row], bool] | None:
+    """Delete the row, text and all (secure_delete overwrites it on disk; its reactions,
+    mentions and votes go with it, and its pin), leaving only its id and the room's revision,
+    for pages that catch up later. That revision, the replies now quoting a deleted message,
+    and whether it was the room's pinned message; None if there was no such message.
+    `author`: who must have written it (None: anybody, for an owner)."""
     with transaction(db):
         if by_author(message_in_room(db, message_id, room_id), author) is None:
             return None
         db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        unpinned = db.execute("UPDATE rooms SET pinned_id = NULL WHERE id = ? AND pinned_id = ?",
+                              (room_id, message_id)).rowcount > 0
         revision = db.execute("INSERT INTO deletions (message_id, room_id, revision) "
                               f"VALUES (?2, ?1, {NEXT_REVISION}) RETURNING revision",
                               (room_id, message_id)).fetchall()[0][0]
         replies = requote_replies(db, message_id, room_id)
-    return (replies[-1]["revision"] if replies else revision), replies
+    return (replies[-1]["revision"] if replies else revision), replies, unpinned
 
 
 def react(db: sqlite3.Connection, message_id: int, room_id: int, user_id: int, emoji: str,
@@ -3888,7 +4073,7 @@ def person_named(form: dict[str, str]) -> int:
 
 async def change_setting(request: Request, room: sqlite3.Row, name: str, value: int,
                          what: str) -> None:
-    """Set one of the room's settings (`locked`, `slow_mode`) and show it to every page."""
+    """Set one of the room's settings (change_room) and show it to every page."""
     room, owners = await chat_of(request).store.write(change_room, room["id"], {name: value})
     await room_changed(request, room, owners, what)
 
@@ -3907,8 +4092,8 @@ async def clear_history(request: Request) -> Response:
     chat, room = chat_of(request), access.room
     revision = await chat.store.write(clear_room, room["id"])
     await chat.fanout.publish(
-        room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision)),
-        revision)
+        room["id"], str(fragments.history_page(room, [], False, oob=True, revision=revision))
+        + await chat.store.read(room_parts, room["id"]), revision)
     log.info("moderation: %s cleared the history of %s",
              request.state.user["username"], room["code"])
     purge_soon(chat, room["id"])
@@ -3949,6 +4134,7 @@ async def transcript(request: Request) -> Response:
     if chat.transcripts[user_id] >= TRANSCRIPTS_PER_USER:
         raise Refused("You are downloading transcripts already; wait for them to finish.", 429)
     room, as_json = access.room, request.query_params.get("format") == "json"
+    owner = access.role == "owner"  # (an anonymous question's asker is named to owners only)
 
     async def pages() -> AsyncIterator[list[sqlite3.Row]]:
         """The room's messages in order, TRANSCRIPT_PAGE of them per trip to the database."""
@@ -3962,7 +4148,8 @@ async def transcript(request: Request) -> Response:
         chat.transcripts[user_id] += 1
         try:
             piece = ""
-            async for part in (transcript_json if as_json else transcript_markdown)(room, pages()):
+            async for part in (transcript_json if as_json else transcript_markdown)(room, pages(),
+                                                                                   owner):
                 piece += part
                 if len(piece) >= TRANSCRIPT_PIECE:
                     yield piece
@@ -4041,10 +4228,31 @@ def markdown_block(text: str) -> str:
     return f"{fence}text\n{text}\n{fence}"
 
 
-async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
-                              ) -> AsyncIterator[str]:
+def transcript_author(m: sqlite3.Row, owner: bool) -> str:
+    """Who wrote a message, as the transcript names them: an anonymous question's asker is
+    "Anonymous" but to the room's owners (`owner`)."""
+    if m["anonymous"] and owner:
+        return f"Anonymous (asked by {markdown_words(m['asker'])})"
+    return markdown_words(m["username"]) + (" (guest)" if m["is_guest"] else "")
+
+
+def transcript_kind(m: sqlite3.Row) -> str:
+    """What a message is beyond a message, for its heading line: a question (its votes,
+    answered or not) or a poll (closed or not); nothing for a plain one."""
+    if m["kind"] == "question":
+        votes = len(m["votes"].split()) if m["votes"] else 0
+        return (f" · question, {votes} vote{'' if votes == 1 else 's'}"
+                + (", answered" if m["answered_at"] else ""))
+    if m["kind"] == "poll":
+        return " · poll, closed" if poll_of(m).closed else " · poll"
+    return ""
+
+
+async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]],
+                              owner: bool = False) -> AsyncIterator[str]:
     """The transcript as Markdown, message by message: a heading, then each message's author,
-    time, and whom it answers, and its text as written (markdown_block)."""
+    time, and whom it answers, and its text as written (markdown_block); a poll's options
+    with their final counts after it. Votes are never named, to owners either."""
     yield (f"# {markdown_words(room['name'])}\n\n"
            f"The transcript of {room['code']}; times are {room_clock.zone_name()}.\n")
     async for rows in pages:  # (each time: "2026-11-30 13:36:10 JST" to the minute)
@@ -4053,24 +4261,40 @@ async def transcript_markdown(room: sqlite3.Row, pages: AsyncIterator[list[sqlit
             if m["reply_to"]:
                 answers = (f" · replying to {markdown_words(m['quote_author'])}"
                            if m["quote_text"] is not None else " · replying to a deleted message")
-            yield (f"\n**{markdown_words(m['username'])}**{' (guest)' if m['is_guest'] else ''} · "
-                   f"{room_clock.full(m['created_at'])[:16]}"
+            yield (f"\n**{transcript_author(m, owner)}** · "
+                   f"{room_clock.full(m['created_at'])[:16]}{transcript_kind(m)}"
                    f"{' · (edited)' if m['edited_at'] else ''}{answers}\n\n"
                    f"{markdown_block(m['text'])}\n")
+            if m["kind"] == "poll":
+                yield "".join(f"\n- {markdown_words(option.text)}: {len(option.voters)} vote"
+                              f"{'' if len(option.voters) == 1 else 's'}"
+                              f"{' (most votes)' if option.won else ''}"
+                              for option in poll_of(m).options) + "\n"
 
 
-async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]]
-                          ) -> AsyncIterator[str]:
+async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.Row]],
+                          owner: bool = False) -> AsyncIterator[str]:
     """The transcript as one JSON object, piece by piece: the room's name and code, then its
-    messages (each with its author, times and text)."""
+    messages (each with its author, times, text and kind; a poll's options and counts, a
+    question's votes; an anonymous question's asker for owners only)."""
     yield json.dumps({"room": room["name"], "code": room["code"]})[:-1] + ', "messages": ['
     first = True
     async for rows in pages:
         for m in rows:
-            yield ("" if first else ",") + json.dumps({
-                "id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]),
-                "sent_at": m["created_at"], "local_time": room_clock.full(m["created_at"]),
-                "text": m["text"], "edited_at": m["edited_at"]})
+            entry = {"id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]),
+                     "sent_at": m["created_at"], "local_time": room_clock.full(m["created_at"]),
+                     "text": m["text"], "edited_at": m["edited_at"], "kind": m["kind"]}
+            if m["kind"] == "question":
+                entry |= {"votes": len(m["votes"].split()) if m["votes"] else 0,
+                          "answered_at": m["answered_at"]}
+                if m["anonymous"] and owner:
+                    entry["asked_by"] = m["asker"]
+            elif m["kind"] == "poll":
+                poll = poll_of(m)
+                entry["poll"] = {"closed": poll.closed, "options": [
+                    {"text": option.text, "votes": len(option.voters), "most_votes": option.won}
+                    for option in poll.options]}
+            yield ("" if first else ",") + json.dumps(entry)
             first = False
     yield "]}"
 
@@ -4083,9 +4307,9 @@ def room_settings(db: sqlite3.Connection, room_id: int) -> tuple[sqlite3.Row, fr
 
 def change_room(db: sqlite3.Connection, room_id: int,
                 settings: dict[str, int]) -> tuple[sqlite3.Row, frozenset[int]]:
-    """Set the room's `locked` or `slow_mode`; its pages must see it: the room moves on a
-    revision."""
-    assert set(settings) <= {"locked", "slow_mode"}
+    """Set the room's `locked`, `slow_mode` (or section 13's `questions_anonymous`); its pages
+    must see it: the room moves on a revision."""
+    assert set(settings) <= {"locked", "slow_mode", "questions_anonymous"}
     with transaction(db):
         db.execute(f"UPDATE rooms SET {', '.join(f'{name} = :{name}' for name in settings)} "
                    "WHERE id = :room_id", {**settings, "room_id": room_id})
@@ -4154,7 +4378,7 @@ def clear_room(db: sqlite3.Connection, room_id: int) -> int:
         revision = advance_room(db, room_id)
         newest = db.execute(
             "UPDATE rooms SET cleared_up_to = coalesce((SELECT max(id) FROM messages "
-            "WHERE room_id = ?1), cleared_up_to), cleared_revision = revision "
+            "WHERE room_id = ?1), cleared_up_to), cleared_revision = revision, pinned_id = NULL "
             "WHERE id = ?1 RETURNING cleared_up_to",
             (room_id,)).fetchall()[0][0]
         if newest:
@@ -4323,8 +4547,9 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
         more = found[-1][0] if len(found) == SEARCH_SCAN else None  # (looked as far as it may)
     ids = mine[:SEARCH_PAGE]
     hits = db.execute(
-        "SELECT m.id, m.user_id, u.username, u.is_guest, m.created_at, r.code, "
-        "       r.name AS room_name, "
+        "SELECT m.id, iif(m.anonymous, 'Anonymous', u.username) AS username, "
+        "       iif(m.anonymous, 0, u.is_guest) AS is_guest, m.created_at, r.code, "
+        "       r.name AS room_name, "  # (an anonymous question's asker: never, section 13)
         f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
         "FROM messages_fts f JOIN messages m ON m.id = f.rowid JOIN rooms r ON r.id = m.room_id "
         "JOIN users u ON u.id = m.user_id "
@@ -4372,7 +4597,398 @@ SEARCH_ROUTES = [get("/search/", search)]
 
 
 # ---------------------------------------------------------------------------
-# 13. Scaling out: Redis
+# 13. Class tools
+# What a live class does every ten minutes: a poll, a pinned message, and a queue of
+# questions the room votes on. A poll and a question are messages (messages.kind), so they
+# are sent, stored, shown, edited, deleted, searched and caught up with as any message is
+# (section 9 stores a poll's options with it); their votes, the pin and "answered" are this
+# section's, and so are the Pinned and Questions parts of the room page (ROOM_PARTS). Owners
+# start and close polls, pin, and mark questions answered; members vote and ask. Votes count
+# on every page at once but are never shown by name, to owners either: a page knows voters
+# only by pseudonyms (pseudonym()), with which its own style presses the viewer's own. A
+# locked room still takes votes (a class votes while its chat is quiet) and slow mode does
+# not pace them; the message rate limit counts them.
+# ---------------------------------------------------------------------------
+
+
+POLL_OPTIONS = (2, 6)  # a poll has at least and at most this many options
+POLL_QUESTION_CHARS = 300
+POLL_OPTION_CHARS = 200
+QUESTIONS_SHOWN = 30  # open questions listed beside the log (the most voted); the rest counted
+ANSWERED_SHOWN = 5  # answered questions listed under them (the latest)
+NO_POLL = "That poll is not here (any more)."
+NO_QUESTION = "That question is not here (any more)."
+
+
+@login_required
+async def start_poll(request: Request) -> Response:
+    """An owner's new poll, from the room page's Poll form: `question`, and `options`, one
+    per line (POLL_OPTIONS of them). Every page shows it in the log at once, as a message."""
+    access = await owner_or_403(request)
+    form = await read_form(request)
+    chat, me = chat_of(request), request.state.user["id"]
+
+    async def step() -> None:
+        """Check the question and the options, then send the poll."""
+        question, options = form.get("question", "").strip(), poll_options(form.get("options", ""))
+        if not question:
+            raise Refused("A poll needs a question.")
+        if problem := too_long("Poll questions", POLL_QUESTION_CHARS, question):
+            raise Refused(problem)
+        await post_message(chat, access.room["id"], me, question, None, state_of(access, me),
+                           kind="poll", options=options)
+
+    return await class_step(request, access, step(), str(fragments.poll_maker(oob=True)),
+                            fragments.poll_error)
+
+
+@login_required
+async def vote_in_poll(request: Request) -> Response:
+    """A member's vote in an open poll: `option`, its number (another one moves the vote
+    there; 0 takes it back). The counts move on every page at once."""
+    access = await member_or_403(request)
+    form = await read_form(request)
+    chat, me, room = chat_of(request), request.state.user["id"], access.room
+
+    async def step() -> None:
+        """Check the option and the pace, then count the vote."""
+        option = whole_number(form.get("option", ""))
+        if option is None:
+            raise Refused("Say which option: its number (0 takes your vote back).")
+        await check_turn(chat, room["id"], me, None)  # (the rate only: see above)
+        if changed := await chat.store.write(cast_vote, message_named(request), room["id"], me,
+                                             option):
+            await show_changed(chat, changed)
+
+    return await class_step(request, access, step())
+
+
+@login_required
+async def close_poll(request: Request) -> Response:
+    """An owner ends a poll: voting stops, the result stays, the most voted option marked,
+    and screen readers hear the result once. Closing a closed poll changes nothing."""
+    access = await owner_or_403(request)
+    await read_form(request)
+    chat = chat_of(request)
+
+    async def step() -> None:
+        """Close it and show the result."""
+        if closed := await chat.store.write(end_poll, message_named(request), access.room["id"]):
+            await show_changed(chat, closed, str(fragments.poll_closed_said(closed)))
+            log.info("moderation: %s closed poll %d in %s", request.state.user["username"],
+                     closed["id"], access.room["code"])
+
+    return await class_step(request, access, step())
+
+
+@login_required
+async def pin(request: Request) -> Response:
+    """An owner pins a message (a poll too): every page shows it under "Pinned", above the
+    log, in place of the one pinned before."""
+    access = await owner_or_403(request)
+    await read_form(request)
+    return await class_step(request, access, set_pin(request, access, message_named(request)))
+
+
+@login_required
+async def unpin(request: Request) -> Response:
+    """An owner takes the pin away: "Pinned" leaves every page."""
+    access = await owner_or_403(request)
+    await read_form(request)
+    return await class_step(request, access, set_pin(request, access, None))
+
+
+@login_required
+async def vote_for_question(request: Request) -> Response:
+    """A member's vote for an open question (`vote`: 1), or taking it back (0): the
+    Questions list, ordered by votes, changes on every page."""
+    access = await member_or_403(request)
+    form = await read_form(request)
+    chat, me, room = chat_of(request), request.state.user["id"], access.room
+
+    async def step() -> None:
+        """Check the pace, then count the vote."""
+        if form.get("vote") not in ("0", "1"):
+            raise Refused("`vote` is 1 (vote) or 0 (take it back).")
+        await check_turn(chat, room["id"], me, None)
+        revision = await chat.store.write(question_vote, message_named(request), room["id"], me,
+                                          form["vote"] == "1")
+        await show_parts(chat, room["id"], revision)
+
+    return await class_step(request, access, step())
+
+
+@login_required
+async def mark_answered(request: Request) -> Response:
+    """An owner marks a question answered: it leaves the open questions for the answered
+    ones, and its message in the log says so, on every page."""
+    access = await owner_or_403(request)
+    await read_form(request)
+    chat = chat_of(request)
+
+    async def step() -> None:
+        """Mark it, and show it."""
+        if answered := await chat.store.write(answer_question, message_named(request),
+                                              access.room["id"]):
+            await show_changed(chat, answered)
+
+    return await class_step(request, access, step())
+
+
+@login_required
+async def who_asked(request: Request) -> Response:
+    """An owner's "Who asked?" on an anonymous question: the asker's name, for the owner who
+    asked only (and logged), in place of the button. The owners can always know."""
+    access = await owner_or_403(request)
+    question = await message_or_404(request, access.room)
+    name = question["asker"] or question["username"]
+    log.info("moderation: %s saw who asked question %d in %s", request.state.user["username"],
+             question["id"], access.room["code"])
+    return HTMLResponse(str(fragments.asker(name)))
+
+
+async def allow_anonymous_questions(request: Request, room: sqlite3.Row,
+                                    form: dict[str, str]) -> None:
+    """The Manage page's "Questions may be anonymous" (`allow`: 1 or 0): the composer then
+    offers "Ask without my name" on every page."""
+    allow = form.get("allow") == "1"
+    await change_setting(request, room, "questions_anonymous", int(allow),
+                         "allowed anonymous questions" if allow else "ended anonymous questions")
+
+
+MODERATION_STEPS.update(questions_anonymous=allow_anonymous_questions)
+
+
+async def class_step(request: Request, access: RoomAccess, step: Awaitable[None], done: str = "",
+                     refused: Callable[[str], Any] | None = None) -> Response:
+    """Take one step of a class tool and answer it. From htmx: `done` and the sender's error
+    line emptied, or why not (in `refused`, else that line) with its status. From a plain
+    form (no JavaScript): back to the room, or the room page saying why."""
+    htmx = request.headers.get("hx-request") == "true"
+    try:
+        try:
+            await step
+        except sqlite3.Error as problem:
+            raise Refused(could_not_save("That could not be saved", problem), 503) from None
+    except Refused as problem:
+        if htmx:
+            shown = (refused or fragments.chat_error)(str(problem))
+            return HTMLResponse(str(shown), problem.status_code)
+        return await render_room(request, access.room, problem.status_code, error=str(problem))
+    if htmx:
+        return HTMLResponse(done + str(fragments.chat_error()))
+    return redirect(f"/room/{access.room['code']}/")
+
+
+def message_named(request: Request) -> int:
+    """The message id in the URL; Refused (404) for what is not one."""
+    if (message_id := whole_number(request.path_params["message_id"])) is None:
+        raise Refused(GONE, 404)
+    return message_id
+
+
+def poll_options(text: str) -> tuple[str, ...]:
+    """A poll's options out of its Options box: one per line, blank lines left out. Refused
+    unless there are POLL_OPTIONS of them, none too long and none twice."""
+    options = tuple(line.strip() for line in text.split("\n") if line.strip())
+    fewest, most = POLL_OPTIONS
+    if not fewest <= len(options) <= most:
+        raise Refused(f"A poll has {fewest} to {most} options, one per line; "
+                      f"this one has {len(options)}.")
+    for option in options:
+        if problem := too_long("Poll options", POLL_OPTION_CHARS, option):
+            raise Refused(problem)
+    if len({option.casefold() for option in options}) < len(options):
+        raise Refused("Each option once: two of these are the same.")
+    return options
+
+
+async def set_pin(request: Request, access: RoomAccess, message_id: int | None) -> None:
+    """Pin a message of the room (None: unpin) and show every page."""
+    chat = chat_of(request)
+    if (revision := await chat.store.write(pin_message, message_id, access.room["id"])):
+        await show_parts(chat, access.room["id"], revision)
+        log.info("moderation: %s %s in %s", request.state.user["username"],
+                 f"pinned message {message_id}" if message_id else "unpinned", access.room["code"])
+
+
+async def show_changed(chat: Chat, message: sqlite3.Row, said: str = "") -> None:
+    """Every page gets a poll or question as it now is, with the Pinned and Questions parts
+    if they show it (read after the change: section 6), and `said` for screen readers."""
+    parts = await chat.store.read(parts_showing, message["room_id"], message["id"])
+    await chat.fanout.publish(message["room_id"], str(fragments.messages_frame(
+        [message], message["revision"])) + parts + said, message["revision"])
+
+
+async def show_parts(chat: Chat, room_id: int, revision: int | None) -> None:
+    """Every page gets the parts beside the log as they now are, on the room's `revision`
+    (None: nothing changed, nothing sent)."""
+    if revision is not None:
+        parts = await chat.store.read(room_parts, room_id)
+        await chat.fanout.publish(room_id, parts + str(fragments.room_revision(revision, True)),
+                                  revision)
+
+
+def pinned_part(db: sqlite3.Connection, room: sqlite3.Row, oob: bool, csrf: str | None) -> str:
+    """The Pinned part (ROOM_PARTS): the room's pinned message, or an empty, hidden region."""
+    pinned = room["pinned_id"] and message_in_room(db, room["pinned_id"], room["id"])
+    return str(fragments.pinned(pinned or None, oob, csrf))
+
+
+def questions_part(db: sqlite3.Connection, room: sqlite3.Row, oob: bool, csrf: str | None) -> str:
+    """The Questions part (ROOM_PARTS): the open questions by votes, then age
+    (QUESTIONS_SHOWN of them), then the latest answered."""
+    open_questions = db.execute(
+        f"{SELECT_MESSAGES} WHERE m.room_id = ?1 AND m.kind = 'question' "
+        f"AND m.answered_at IS NULL AND {NOT_CLEARED} ORDER BY (SELECT count(*) "
+        "FROM question_votes v WHERE v.message_id = m.id) DESC, m.id LIMIT ?2",
+        (room["id"], QUESTIONS_SHOWN)).fetchall()
+    answered = db.execute(
+        f"{SELECT_MESSAGES} WHERE m.room_id = ?1 AND m.kind = 'question' "
+        f"AND m.answered_at IS NOT NULL AND {NOT_CLEARED} "
+        "ORDER BY m.answered_at DESC, m.id DESC LIMIT ?2", (room["id"], ANSWERED_SHOWN)).fetchall()
+    return str(fragments.questions(open_questions, answered, oob, csrf))
+
+
+def questions_count_part(db: sqlite3.Connection, room: sqlite3.Row, oob: bool,
+                         csrf: str | None) -> str:
+    """How many questions are open (ROOM_PARTS), for the Questions heading (folded, on a
+    phone, behind it)."""
+    count = db.execute(f"SELECT count(*) FROM messages m WHERE m.room_id = ? AND "
+                       f"m.kind = 'question' AND m.answered_at IS NULL AND {NOT_CLEARED}",
+                       (room["id"],)).fetchone()[0]
+    return str(fragments.questions_count(count, oob))
+
+
+ROOM_PARTS.update(pinned=pinned_part, questions=questions_part,
+                  questions_count=questions_count_part)
+
+
+def poll_in_room(db: sqlite3.Connection, poll_id: int, room_id: int) -> sqlite3.Row:
+    """A poll of this room (its `closed_at`), inside the caller's transaction; Refused (404)."""
+    poll = db.execute("SELECT p.closed_at FROM polls p JOIN messages m ON m.id = p.message_id "
+                      f"WHERE p.message_id = ? AND m.room_id = ? AND {NOT_CLEARED}",
+                      (poll_id, room_id)).fetchone()
+    if poll is None:
+        raise Refused(NO_POLL, 404)
+    return poll
+
+
+def question_in_room(db: sqlite3.Connection, question_id: int, room_id: int) -> sqlite3.Row:
+    """A question of this room (its `answered_at`), inside the caller's transaction; Refused
+    (404)."""
+    question = db.execute("SELECT m.answered_at FROM messages m WHERE m.id = ? AND m.room_id = ? "
+                          f"AND m.kind = 'question' AND {NOT_CLEARED}",
+                          (question_id, room_id)).fetchone()
+    if question is None:
+        raise Refused(NO_QUESTION, 404)
+    return question
+
+
+def check_member(db: sqlite3.Connection, room_id: int, user_id: int) -> None:
+    """Refused (403) for somebody who is not a member of the room (any more), inside the
+    caller's transaction: a removal that committed first holds."""
+    if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?",
+                  (room_id, user_id)).fetchone() is None:
+        raise Refused("Only the room's members can vote: join it first.", 403)
+
+
+def cast_vote(db: sqlite3.Connection, poll_id: int, room_id: int, user_id: int,
+              option: int) -> sqlite3.Row | None:
+    """Vote for `option` in a poll of this room (0: take the vote back); the poll as pages
+    show it, on the room's next revision, or None if that changed nothing. Refused: no such
+    poll here (404), closed (409), no such option (400), not a member (403)."""
+    with transaction(db):
+        if poll_in_room(db, poll_id, room_id)["closed_at"]:
+            raise Refused("This poll is closed: voting has ended.", 409)
+        check_member(db, room_id, user_id)
+        if option == 0:
+            changed = db.execute("DELETE FROM poll_votes WHERE message_id = ? AND user_id = ?",
+                                 (poll_id, user_id)).rowcount
+        elif db.execute("SELECT 1 FROM poll_options WHERE message_id = ? AND position = ?",
+                        (poll_id, option)).fetchone() is None:
+            raise Refused(f"That poll has no option {option}.")
+        else:
+            changed = db.execute(
+                "INSERT INTO poll_votes (message_id, user_id, position) VALUES (?, ?, ?) "
+                "ON CONFLICT (message_id, user_id) DO UPDATE SET position = excluded.position "
+                "WHERE position != excluded.position", (poll_id, user_id, option)).rowcount
+        if not changed:
+            return None
+        db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2",
+                   (room_id, poll_id))
+    return message_by_id(db, poll_id)
+
+
+def end_poll(db: sqlite3.Connection, poll_id: int, room_id: int) -> sqlite3.Row | None:
+    """Close a poll of this room; the poll as pages show it, on the room's next revision, or
+    None if it was closed already. Refused (404) for no such poll here."""
+    with transaction(db):
+        poll_in_room(db, poll_id, room_id)
+        if not db.execute("UPDATE polls SET closed_at = ? WHERE message_id = ? "
+                          "AND closed_at IS NULL", (utc_now(), poll_id)).rowcount:
+            return None
+        db.execute(f"UPDATE messages SET revision = {NEXT_REVISION} WHERE id = ?2",
+                   (room_id, poll_id))
+    return message_by_id(db, poll_id)
+
+
+def pin_message(db: sqlite3.Connection, message_id: int | None, room_id: int) -> int | None:
+    """Pin a message of this room in place of the one pinned before (None: unpin); the
+    room's new revision, or None if it was so already. Refused (404) for no such message
+    here (deleted: a delete that committed first wins)."""
+    with transaction(db):
+        if message_id is not None and message_in_room(db, message_id, room_id) is None:
+            raise Refused(GONE, 404)
+        if not db.execute("UPDATE rooms SET pinned_id = ?2 WHERE id = ?1 AND pinned_id IS NOT ?2",
+                          (room_id, message_id)).rowcount:
+            return None
+        return advance_room(db, room_id)
+
+
+def question_vote(db: sqlite3.Connection, question_id: int, room_id: int, user_id: int,
+                  given: bool) -> int | None:
+    """Give (`given`) or take back one's vote for an open question of this room; the room's
+    new revision, or None if that changed nothing. Refused: no such question here (404),
+    answered already (409), not a member (403)."""
+    with transaction(db):
+        if question_in_room(db, question_id, room_id)["answered_at"]:
+            raise Refused("That question is answered already.", 409)
+        check_member(db, room_id, user_id)
+        if not db.execute("INSERT INTO question_votes (message_id, user_id) VALUES (?, ?) "
+                          "ON CONFLICT DO NOTHING" if given else
+                          "DELETE FROM question_votes WHERE message_id = ? AND user_id = ?",
+                          (question_id, user_id)).rowcount:
+            return None
+        return advance_room(db, room_id)
+
+
+def answer_question(db: sqlite3.Connection, question_id: int, room_id: int
+                    ) -> sqlite3.Row | None:
+    """Mark a question of this room answered; the question as pages show it, on the room's
+    next revision, or None if it was answered already. Refused (404) for no such question."""
+    with transaction(db):
+        if question_in_room(db, question_id, room_id)["answered_at"]:
+            return None
+        db.execute(f"UPDATE messages SET answered_at = ?3, revision = {NEXT_REVISION} "
+                   "WHERE id = ?2", (room_id, question_id, utc_now()))
+    return message_by_id(db, question_id)
+
+
+CLASS_ROUTES = [
+    post("/room/{code}/polls", start_poll),
+    post("/room/{code}/polls/{message_id}/vote", vote_in_poll),
+    post("/room/{code}/polls/{message_id}/close", close_poll),
+    post("/room/{code}/messages/{message_id}/pin", pin),
+    post("/room/{code}/unpin", unpin),
+    post("/room/{code}/questions/{message_id}/vote", vote_for_question),
+    post("/room/{code}/questions/{message_id}/answered", mark_answered),
+    get("/room/{code}/questions/{message_id}/asker", who_asked),
+]
+
+
+# ---------------------------------------------------------------------------
+# 14. Scaling out: Redis
 # Only with CHAT_REDIS_URL (nothing above needs it): fan-out, presence and rate limits shared
 # by every worker through Redis; the twins of LocalFanout, RateLimiter and FailureLimit.
 # ---------------------------------------------------------------------------
@@ -4825,7 +5441,7 @@ def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, C
 
 
 # ---------------------------------------------------------------------------
-# 14. The app
+# 15. The app
 # The record every handler shares, the background tasks, security headers, error pages, and
 # create_app(), which only composes the sections' routes.
 # ---------------------------------------------------------------------------
@@ -4965,7 +5581,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await chat.store.close()
 
     routes = [*ACCOUNT_ROUTES, *ROOM_ROUTES, *MESSAGE_ROUTES, *CHANGE_ROUTES, *MODERATION_ROUTES,
-              *SEARCH_ROUTES, get("/healthz", healthz),
+              *SEARCH_ROUTES, *CLASS_ROUTES, get("/healthz", healthz),
               Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")),
                     name="static")]
     middleware = [
@@ -5017,7 +5633,7 @@ def __getattr__(name: str) -> Starlette:
 
 
 # ---------------------------------------------------------------------------
-# 15. The operator's commands and main()
+# 16. The operator's commands and main()
 # `python chat.py backup FILE` and `python chat.py users ...`, run beside the server on the same
 # database; then `python chat.py` itself: flags over CHAT_* variables, and uvicorn with the
 # limits this app relies on.

@@ -46,6 +46,7 @@
     lastKey = values.key;
     unconfirmed.set(lastKey, { frame: JSON.stringify({ ...values, headers }), text: values.message, socket: null });
     form.elements.message.value = "";
+    form.elements.question.checked = form.elements.anonymous.checked = false; // (one question at a time)
     form.elements.key.value = freshKey();
     document.getElementById("replying")?.replaceChildren(); // (the reply went with this message)
   });
@@ -166,7 +167,7 @@
   document.addEventListener("htmx:ws:after:message:incoming", () => {
     if (!below || newest() <= seen) return;
     seen = newest();
-    if (log.querySelector(".msg:last-of-type").dataset.author === log.closest(".room").dataset.me) toBottom();
+    if (log.closest(".room").dataset.me.split(" ").includes(log.querySelector(".msg:last-of-type").dataset.author)) toBottom();
     else if (log.scrollTop < -40) below.hidden = false;
   });
 
