@@ -360,6 +360,21 @@ def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_s
         ada.sees_message("sent as a plain form")  # pushed live to the others
         assert ada.page.locator(".msg .body p", has_text="sent as a plain form").inner_text() == (
             "sent as a plain form\non two lines")
+        # A poll and the question queue work as plain forms too (issue 32): vote, ask, vote up.
+        is_live(ada)
+        ada.page.get_by_role("button", name="Poll").click()
+        ada.page.locator("#poll-maker").get_by_label("Question").fill("Did the form work?")
+        ada.page.locator("#poll-maker").get_by_label("Options").fill("Yes\nNo")
+        ada.page.get_by_role("button", name="Start poll").click()
+        plain.page.reload()
+        plain.page.locator(".poll .option", has_text="Yes").get_by_role("button", pressed=False).click()
+        expect(plain.page.locator(".poll .option", has_text="Yes").get_by_role("button", pressed=True)).to_be_visible()
+        expect(ada.page.locator(".poll .option", has_text="Yes")).to_contain_text("1 vote")
+        plain.page.get_by_label("Ask as a question").check()
+        plain.page.fill("#message-input", "asked without a script")
+        plain.page.click("#composer button[type=submit]")
+        plain.page.locator("#questions li", has_text="asked without a script").get_by_role("button", name="Vote").click()
+        expect(ada.page.locator("#questions li", has_text="asked without a script")).to_contain_text("1 vote")
         plain.screenshot("no-javascript")
     finally:
         plain.context.close()
@@ -1472,3 +1487,177 @@ def test_small_breaks_a_new_user_met(browser, chat_server, scheme):
         ada.screenshot(f"search-hit-{scheme}")
     finally:
         ada.context.close()
+
+
+def poll_option(person: Person, scope: str, text: str, pressed: bool):
+    """The visible button of a poll's option (in the log's copy, or the pin's), pressed or not."""
+    option = person.page.locator(f"{scope} .poll .option", has_text=text)
+    return option.locator(f'button[aria-pressed="{"true" if pressed else "false"}"]')
+
+
+def test_a_class_votes_asks_and_follows_the_pin_on_three_pages(browser, chat_server):
+    """Issue 32: the owner starts a poll from the room page, two members vote (one by keyboard),
+    counts move on all three pages with each one's own vote pressed; the poll is pinned above
+    the log and voted on there; questions are asked, voted up, reordered and answered; the
+    poll closes with its winner; anonymous questions show no name but to the owner."""
+    ada, grace, linus = (Person(browser, chat_server.url, name) for name in ("ada", "grace", "linus"))
+    everyone = (ada, grace, linus)
+    try:
+        for person in everyone:
+            person.register()
+        ada.create_room("Algorithms, week 3")
+        for person in (grace, linus):
+            person.page.goto(ada.page.url)
+            is_live(person)
+        is_live(ada, "linus")
+        for member in (grace, linus):  # members are not offered the owner's tools
+            expect(member.page.get_by_role("button", name="Poll")).to_be_hidden()
+        # The owner starts a poll: a popover form, no page change.
+        ada.page.get_by_role("button", name="Poll").click()
+        maker = ada.page.locator("#poll-maker")
+        maker.get_by_label("Question").fill("Which sort is stable?")
+        maker.get_by_label("Options").fill("Quicksort\nMerge sort\nHeapsort")
+        maker.get_by_role("button", name="Start poll").click()
+        expect(maker).to_be_hidden()
+        for person in everyone:
+            expect(poll_option(person, "#messages", "Merge sort", pressed=False)).to_be_visible()
+        # grace votes by mouse; linus by keyboard (Tab to it, Space): focus stays on his choice.
+        poll_option(grace, "#messages", "Merge sort", pressed=False).click()
+        expect(poll_option(grace, "#messages", "Merge sort", pressed=True)).to_be_visible()
+        poll_option(linus, "#messages", "Quicksort", pressed=False).focus()
+        linus.page.keyboard.press("Space")
+        expect(poll_option(linus, "#messages", "Quicksort", pressed=True)).to_be_focused()
+        for person in everyone:
+            expect(person.page.locator("#messages .poll .option", has_text="Merge sort")).to_contain_text("1 vote")
+            expect(person.page.locator("#messages .poll .option", has_text="Quicksort")).to_contain_text("1 vote")
+        expect(poll_option(ada, "#messages", "Merge sort", pressed=True)).to_be_hidden()  # not ada's vote
+        expect(poll_option(linus, "#messages", "Merge sort", pressed=False)).to_be_visible()
+        # The owner pins the poll: everyone sees it above the log, and votes there.
+        ada.page.locator("#messages .msg[data-kind=poll]").get_by_role("button", name="Pin").click()
+        for person in everyone:
+            expect(person.page.get_by_role("region", name="Pinned")).to_contain_text("Which sort is stable?")
+        expect(grace.page.get_by_role("button", name="Pin")).to_have_count(0)
+        poll_option(linus, "#pinned", "Merge sort", pressed=False).click()  # linus changes his mind
+        for person in everyone:
+            for scope in ("#pinned", "#messages"):
+                expect(person.page.locator(f"{scope} .poll .option", has_text="Merge sort")).to_contain_text("2 votes")
+        expect(poll_option(linus, "#messages", "Merge sort", pressed=True)).to_be_visible()
+        # Questions: grace asks two, linus asks one; votes reorder them; the owner answers one.
+        for person, text in ((grace, "Why is merge sort stable?"), (linus, "Is heapsort ever stable?"),
+                             (grace, "What does stable mean?")):
+            person.page.get_by_label("Ask as a question").check()
+            person.say(text)
+            expect(person.page.get_by_label("Ask as a question")).not_to_be_checked()  # one at a time
+        questions = [person.page.locator("#questions .open li") for person in everyone]
+        for listed in questions:
+            expect(listed).to_have_count(3)
+        linus.page.locator("#questions li", has_text="What does stable mean?").get_by_role("button", name="Vote").click()
+        ada.page.locator("#questions li", has_text="What does stable mean?").get_by_role("button", name="Vote").click()
+        for listed in questions:
+            expect(listed.first).to_contain_text("What does stable mean?")
+            expect(listed.first).to_contain_text("2 votes")
+        expect(grace.page.locator("#questions-count")).to_have_text("3")
+        ada.page.locator("#questions li", has_text="What does stable mean?").get_by_role(
+            "button", name="Mark answered").click()
+        for person in everyone:
+            expect(person.page.locator("#questions .answered")).to_contain_text("What does stable mean?")
+            expect(person.page.locator("#questions-count")).to_have_text("2")
+            expect(person.page.locator("#messages .msg", has_text="What does stable mean?")).to_contain_text("Answered")
+        grace.screenshot("class-tools-member")
+        ada.screenshot("class-tools-owner")
+        assert axe_violations(ada.page) == [] and axe_violations(grace.page) == []
+        # The owner closes the poll: the result stays, the winner marked, no buttons left.
+        ada.page.once("dialog", lambda dialog: dialog.accept())
+        ada.page.locator("#messages .msg[data-kind=poll]").get_by_role("button", name="Close poll").click()
+        for person in everyone:
+            winner = person.page.locator("#pinned .poll .option.won")
+            expect(winner).to_contain_text("Merge sort")
+            expect(winner).to_contain_text("2 votes · most votes")
+            expect(person.page.locator("#messages form.poll button")).to_have_count(0)
+        ada.page.get_by_role("region", name="Pinned").get_by_role("button", name="Unpin").click()
+        for person in everyone:
+            expect(person.page.locator("#pinned")).to_be_hidden()
+        # Anonymous questions: the owner allows them (Manage page); classmates see "Anonymous".
+        manage = ada.context.new_page()
+        manage.goto(ada.page.url + "manage")
+        manage.get_by_role("button", name="Allow anonymous questions").click()
+        manage.close()
+        grace.page.get_by_label("Ask as a question").check()
+        grace.page.get_by_label("Ask without my name").check()
+        grace.say("Could you go over recursion again?")
+        asked = [person.page.locator("#messages .msg", has_text="go over recursion") for person in everyone]
+        for message in asked[1:]:
+            expect(message.locator(".author")).to_have_text("Anonymous")
+        expect(asked[1]).to_have_css("margin-inline-start", re.compile(r"[1-9]"))  # grace's page: hers
+        expect(asked[2].get_by_role("button", name="Who asked?")).to_be_hidden()
+        asked[0].get_by_role("button", name="Who asked?").click()
+        expect(asked[0]).to_contain_text("asked by grace")
+        assert "grace" not in linus.page.locator("#messages").inner_html().split("go over recursion")[0][-600:]
+        linus.screenshot("class-tools-anonymous")
+        assert all(not person.errors for person in everyone), [person.errors for person in everyone]
+    finally:
+        for person in everyone:
+            person.context.close()
+
+
+def test_a_class_of_28_on_the_projector_and_a_phone_sees_the_poll_the_pin_and_the_questions(browser, tmp_path):
+    """Issue 32: what the back row sees. 28 students online, a pinned poll most have voted in,
+    a queue of questions: the projector (1280x800, light) fits it on one screen; a student's
+    390 px phone in dark mode keeps the log, with the questions folded behind their count."""
+    classroom = Classroom(tmp_path, 28)
+    students = [classroom.guest(f"Voter {n:02}") for n in range(20)]
+    try:
+        teacher = classroom.teacher_in(browser, SCREENS["projector"]["viewport"])
+        is_live(teacher)
+        teacher.page.get_by_role("button", name="Poll").click()
+        maker = teacher.page.locator("#poll-maker")
+        maker.get_by_label("Question").fill("What does hx-swap-oob do?")
+        maker.get_by_label("Options").fill("Swaps the target\nSwaps an element by its id\nNothing on a socket")
+        maker.get_by_role("button", name="Start poll").click()
+        poll = teacher.page.locator("#messages .msg[data-kind=poll]")
+        poll_id = poll.get_attribute("id").removeprefix("msg-")
+        poll.get_by_role("button", name="Pin").click()
+        teacher.page.locator("#pinned .poll").wait_for()
+        room = f"/room/{classroom.slug}/"
+        tokens = [re.search(r'name="csrf_token" value="([^"]+)"', student.get(room).text).group(1)
+                  for student in students]  # (opening the room makes them members, just after)
+        for _ in range(100):
+            if "Voter 19" in classroom.teacher.get(f"{room}manage").text:
+                break
+        for n, (student, token) in enumerate(zip(students, tokens)):
+            headers = {"x-csrf-token": token, "hx-request": "true"}
+            assert student.post(f"{room}polls/{poll_id}/vote", data={"option": str(1 + (n % 5 > 0))},
+                                headers=headers).status_code == 200
+            if n < 6:
+                assert student.post(f"{room}messages", data={"csrf_token": token, "question": "1", "message":
+                                    f"Question {n}: why does my swap replace the whole list?"}).status_code == 303
+        expect(teacher.page.locator("#pinned .option", has_text="by its id")).to_contain_text("16 votes")
+        expect(teacher.page.locator("#questions .open li")).to_have_count(6)
+        for student, token in zip(students[:8], tokens):  # the class votes question 3 up
+            question = teacher.page.locator("#questions li", has_text="Question 3").get_attribute("id").split("-")[1]
+            student.post(f"{room}questions/{question}/vote", data={"vote": "1"},
+                         headers={"x-csrf-token": token, "hx-request": "true"})
+        expect(teacher.page.locator("#questions .open li").first).to_contain_text("8 votes")
+        assert_fits_one_screen(teacher, 29, "projector")
+        pinned, log = (teacher.page.locator(s).bounding_box() for s in ("#pinned", ".log"))
+        assert pinned["y"] + pinned["height"] <= log["y"] and log["height"] >= 250, (pinned, log)
+        questions = teacher.page.locator(".questions").bounding_box()
+        assert questions["y"] + questions["height"] <= 800 and questions["height"] >= 150, questions
+        teacher.screenshot("class-28-projector-poll")
+        assert axe_violations(teacher.page) == []
+        teacher.context.close()
+        phone = classroom.teacher_in(browser, **PHONE)
+        is_live(phone)
+        expect(phone.page.locator(".questions")).not_to_have_attribute("open", "")
+        expect(phone.page.locator(".questions summary")).to_contain_text("Questions · 6")
+        phone.screenshot("class-28-phone-poll")
+        assert_fits_one_screen(phone, 29, "phone with a pin")
+        log = phone.page.locator(".log").bounding_box()
+        assert log["height"] >= 844 / 2, log  # (the pin takes at most a sixth of the screen)
+        phone.page.locator(".questions summary").click()
+        expect(phone.page.locator("#questions .open li").first).to_be_visible()
+        phone.screenshot("class-28-phone-questions")
+        assert axe_violations(phone.page) == [] and phone.errors == []
+        phone.context.close()
+    finally:
+        classroom.close()

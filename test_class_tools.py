@@ -57,7 +57,7 @@ def option_counts(frame: str) -> list[str]:
 
 def pressed_for(frame: str, pseudonym: str) -> list[bool]:
     """Which options (or questions) a page whose viewer is `pseudonym` shows pressed."""
-    return [pseudonym in by.split() for by in re.findall(r'class="(?:option|question)[^"]*" data-by="([^"]*)"', frame)]
+    return [pseudonym in by.split() for by in re.findall(r'class="(?:option|question)[^"]*"(?: id="[^"]*")? data-by="([^"]*)"', frame)]
 
 
 def pseudonym(client: TestClient, purpose: str, slug: str, name: str) -> str:

@@ -437,6 +437,39 @@ def test_reactions_and_quotes_reach_the_other_workers_pages(two_workers):
     asyncio.run(run())
 
 
+def test_votes_the_pin_and_answers_reach_the_other_workers_pages_and_a_page_that_was_offline(two_workers):
+    """Issue 32: a poll voted in, pinned, and a question answered through worker a reach a page on
+    worker b live, and a page that was offline catches up with all of it on reconnecting (to b)."""
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "a class across workers")
+    room = f"/room/{slug}/"
+    bob_client, bob = login_cookie(b, "bob")
+    offline_at = int(re.search(r'id="room-revision" name="revision" value="(\d+)"',
+                               bob_client.get(room).text).group(1))  # (a member; the page then goes away)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/").text).group(1)
+    htmx = {"x-csrf-token": token, "hx-request": "true"}
+
+    async def run() -> None:
+        async with ws_connect(b, slug, bob) as bob_page:
+            assert client.post(f"{room}polls", data={"question": "Tabs?", "options": "yes\nno"},
+                               headers=htmx).status_code == 200
+            poll = int(re.search(r'id="msg-(\d+)"', await frames_until(bob_page, "Tabs?")).group(1))
+            await bob_page.send(json.dumps({"message": "Why tabs?", "question": "1"}))
+            question = int(re.search(r'id="msg-(\d+)"', await frames_until(bob_page, "Why tabs?")).group(1))
+            for url, fields, seen in [(f"polls/{poll}/vote", {"option": "2"}, "1 vote"),
+                                      (f"messages/{poll}/pin", {}, 'id="pinned-title"'),
+                                      (f"questions/{question}/answered", {}, "<h3>Answered</h3>")]:
+                assert client.post(room + url, data=fields, headers=htmx).status_code == 200  # through a...
+                await frames_until(bob_page, seen)  # ...on b
+        async with ws_connect(b, slug, bob) as returning:  # the page that was offline all along
+            await returning.send(json.dumps({"revision": str(offline_at)}))
+            caught_up = await frames_until(returning, 'id="pinned"')
+            assert "Tabs?" in caught_up and "1 vote" in caught_up and "<h3>Answered</h3>" in caught_up
+
+    asyncio.run(run())
+
+
 def json_frame(text: str, **fields: str) -> str:
     return json.dumps({"message": text, **fields})
 

@@ -111,15 +111,15 @@
     }
   });
 
-  // 3. Focus. The server's answers replace elements (an edited message, the closed editor)
-  // and focus on a replaced element falls to the page itself, where a keyboard or a screen
-  // reader is lost. So the control that had focus in a message (or the message whose editor
-  // is open) is remembered, and when focus was lost it goes back there, or to the composer
-  // if that message is gone (deleted).
+  // 3. Focus. The server's answers replace elements (an edited message, the closed editor, a
+  // poll or a question whose votes changed) and focus on a replaced element falls to the page
+  // itself, where a keyboard or a screen reader is lost. So the control that had focus in a
+  // message, a question or the pin (or the message whose editor is open) is remembered, and
+  // when focus was lost it goes back there, or to the composer if that is gone (deleted).
   let focusedIn = null; // [message id, which of its buttons and links]
   document.addEventListener("focusin", (event) => {
     if (event.target.closest("#editor, #reactor")) return; // editing, reacting: the message is still the place to come back to
-    const message = event.target.closest(".msg");
+    const message = event.target.closest(".msg, .question, #pinned"); // (each has an id, and comes back re-rendered)
     focusedIn = message ? [message.id, [...message.querySelectorAll("button, a")].indexOf(event.target)] : null;
   });
 
