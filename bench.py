@@ -496,6 +496,7 @@ def catch_up_against_page_ms(path: Path, room_id: int, slug: str, count: int, re
 
     db = sqlite3.connect(path)
     db.row_factory = sqlite3.Row
+    chat.add_sql_functions(db)
 
     def median_ms(work) -> float:
         work()  # warm

@@ -611,6 +611,15 @@ def pseudonym(key: bytes, purpose: str, room_id: int, user_id: int) -> str:
     return hmac.new(key, f"{purpose} {room_id} {user_id}".encode(), "sha256").hexdigest()[:12]
 
 
+def add_sql_functions(db: sqlite3.Connection) -> bytes:
+    """Give a connection the SQL functions the queries below call (pseudonym(), keyed by
+    this database's own secret) and answer the key. Every connection needs them: the Store's,
+    and any other that runs these queries (bench.py, a test standing in for another worker)."""
+    key = db.execute("SELECT value FROM keys WHERE name = 'pseudonyms'").fetchone()[0]
+    db.create_function("pseudonym", 3, functools.partial(pseudonym, key), deterministic=True)
+    return key
+
+
 class Store:
     """The database threads. The queries below are plain functions of a connection;
     read() and write() run one on the right thread and await its result."""
@@ -746,9 +755,7 @@ class Store:
             db.execute("PRAGMA secure_delete=ON")
             migrate(db)
         # (SCHEMA makes the key: the writer, which migrates, connects first)
-        self.key = db.execute("SELECT value FROM keys WHERE name = 'pseudonyms'").fetchone()[0]
-        db.create_function("pseudonym", 3, functools.partial(pseudonym, self.key),
-                           deterministic=True)
+        self.key = add_sql_functions(db)
         return db
 
     def _checkpoint_every_second(self) -> None:
