@@ -22,16 +22,17 @@ room") for the push:
 docs/how-it-works.md walks through it with the frames as they travel.
 
 Where things go. The file is a small core (1-6: settings, the database, guards, who is
-asking, pages, the live room), then one section per capability (7-13: accounts, rooms, a
-message, changing a message, moderation, search, class tools), then what only scaling out
-needs (14, Redis), the app (15) and the operator's commands with main() (16). A capability's
-section holds, in this order: its constants; its handlers, in the order a request meets them;
-their helpers; its SQL (plain functions of a connection, run through Store.read or
-Store.write); its route list (ACCOUNT_ROUTES, ...); its background task. A section uses only
-what is above it (the migrations, which run at start, excepted), so a reader can go top to
-bottom; a new capability is a new section before Redis, its tables in SCHEMA (each names its
-section), and a line in create_app(), which only composes. Where a section below adds to
-what one above runs, it registers in that one's table (MODERATION_STEPS, ROOM_PARTS).
+asking, pages, the live room), then one section per capability (7-14: accounts, rooms, a
+message, changing a message, moderation, search, class tools, bots and the API), then what
+only scaling out needs (15, Redis), the app (16) and the operator's commands with main()
+(17). A capability's section holds, in this order: its constants; its handlers, in the order
+a request meets them; their helpers; its SQL (plain functions of a connection, run through
+Store.read or Store.write); its route list (ACCOUNT_ROUTES, ...); its background task. A
+section uses only what is above it (the migrations, which run at start, excepted), so a
+reader can go top to bottom; a new capability is a new section before Redis, its tables in
+SCHEMA (each names its section), and a line in create_app(), which only composes. Where a
+section below adds to what one above runs, it registers in that one's table
+(MODERATION_STEPS, ROOM_PARTS, MESSAGE_LISTENERS).
 
 House rules, each kept by one place and proven by a test:
   1. Nothing is shown before it is committed: add_messages returns rows only after COMMIT,
@@ -73,6 +74,7 @@ import hmac
 import importlib.util
 import ipaddress
 import itertools
+import math
 import json
 import logging
 import os
@@ -95,6 +97,7 @@ from urllib.parse import quote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import argon2
+import httpx
 import jinja2
 import uvicorn
 from linkify_it import LinkifyIt
@@ -192,6 +195,10 @@ class Settings:
     redis_url: str = setting("", "CHAT_REDIS_URL")  # fan-out, presence, limits through Redis
     heartbeat: float = setting(10.0, "CHAT_HEARTBEAT")  # seconds between "still live" frames
     timezone: str = setting("", "CHAT_TIMEZONE")  # an IANA name; empty: this machine's own
+    # Where bots' webhooks may go when the server listens beyond loopback: "host" or "host:port"
+    webhook_hosts: frozenset[str] = setting(frozenset(), "CHAT_WEBHOOK_HOSTS",
+                                            lambda text: names_in(text))
+    webhook_seconds: float = setting(7.0, "CHAT_WEBHOOK_SECONDS")  # a webhook's time to answer
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -257,7 +264,8 @@ CREATE TABLE IF NOT EXISTS users (
     -- a guest: no password, a session of GUEST_IDLE_HOURS
     is_guest      INTEGER NOT NULL DEFAULT 0,
     deactivated_at TEXT,  -- set by the operator (python chat.py users deactivate): no way in
-    last_seen_at  TEXT  -- logged in or out, a request, an open page: the newest (seen_now)
+    last_seen_at  TEXT,  -- logged in or out, a request, an open page: the newest (seen_now)
+    is_bot        INTEGER NOT NULL DEFAULT 0  -- a room's bot (section 14): never logs in
 );
 CREATE TABLE IF NOT EXISTS login_links (  -- python chat.py users login-link: one use, one hour
     token_hash TEXT PRIMARY KEY,  -- sha256 of the link's token: the database never holds the link
@@ -392,6 +400,20 @@ BEGIN
     UPDATE room_members SET last_read_id = NEW.id
     WHERE room_id = NEW.room_id AND user_id = NEW.user_id;
 END;
+-- Bots (section 14): a bot is a user (users.is_bot) of one room, posting with a token.
+CREATE TABLE IF NOT EXISTS bots (
+    user_id     INTEGER PRIMARY KEY REFERENCES users(id) ON DELETE CASCADE,
+    room_id     INTEGER NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
+    token_hash  TEXT UNIQUE,  -- sha256 of its token (NULL once removed): never the token
+    webhook_url TEXT,  -- called when a message mentions it
+    created_by  INTEGER NOT NULL,
+    created_at  TEXT NOT NULL,
+    removed_at  TEXT,  -- its token stopped; its messages stay, still the bot's
+    last_call   TEXT,  -- how its webhook's latest call went ("timeout after 7 s"), for owners
+    last_call_at TEXT,
+    logged_at   TEXT   -- its latest failure in the log (once a minute at most)
+);
+CREATE INDEX IF NOT EXISTS bots_by_room ON bots(room_id);
 -- Class tools (section 13): a poll is a message (its text the question) with options and one
 -- vote per person; a question is a message with votes of its own.
 CREATE TABLE IF NOT EXISTS polls (
@@ -492,7 +514,7 @@ MIGRATIONS = [
     ["ALTER TABLE messages ADD COLUMN reply_to INTEGER"],
     # Names that end in punctuation look like those that do not (name_skeleton). Messages are
     # Markdown, rendered when stored (messages.html; older ones by render_old_messages).
-    # Polls, a pinned message and questions (their tables are SCHEMA's).
+    # Polls, a pinned message and questions; bots (their tables are SCHEMA's).
     # One word for a room's code (it was "slug"). Ids are never handed out twice (counters):
     # an id a deleted room's messages had was, and the search index skipped those messages, so
     # it is rebuilt. A catch-up sends a room's state again if it changed (state_revision).
@@ -507,6 +529,7 @@ MIGRATIONS = [
      "ALTER TABLE messages ADD COLUMN kind TEXT NOT NULL DEFAULT 'message'",
      "ALTER TABLE messages ADD COLUMN anonymous INTEGER NOT NULL DEFAULT 0",
      "ALTER TABLE messages ADD COLUMN answered_at TEXT",
+     "ALTER TABLE users ADD COLUMN is_bot INTEGER NOT NULL DEFAULT 0",
      "UPDATE users SET last_seen_at = "
      "(SELECT max(last_seen_at) FROM sessions WHERE user_id = users.id)",
      "UPDATE rooms SET state_revision = revision",
@@ -777,7 +800,7 @@ SELECT_MESSAGES = (
     # An anonymous question's author is "Anonymous" to a page, which tells the asker's own by
     # a pseudonym (author: anybody else's, the user id); only `asker` names them (section 13).
     "iif(m.anonymous, 'Anonymous', u.username) AS username, "
-    "iif(m.anonymous, 0, u.is_guest) AS is_guest, "
+    "iif(m.anonymous, 0, u.is_guest) AS is_guest, u.is_bot, "
     "iif(m.anonymous, pseudonym('ask', m.room_id, m.user_id), m.user_id) AS author, "
     "iif(m.anonymous, u.username, NULL) AS asker, "
     # a poll's options with their voters' pseudonyms; a question's voters' (section 13)
@@ -852,7 +875,7 @@ def changes_since(db: sqlite3.Connection, room_id: int, revision: int,
 # ---------------------------------------------------------------------------
 # 3. Guards
 # What every input passes before it is believed: text cleaning, look-alike names, lengths,
-# the one refusal (Refused), and the rate and failure limits (their Redis twins: section 14).
+# the one refusal (Refused), and the rate and failure limits (their Redis twins: section 15).
 # ---------------------------------------------------------------------------
 
 
@@ -927,9 +950,10 @@ class Refused(Exception):
     refusal answers): a page with the input kept, an htmx fragment, or a push on the socket;
     anywhere else, the error page (http_error)."""
 
-    def __init__(self, text: str, status_code: int = 400) -> None:
+    def __init__(self, text: str, status_code: int = 400, retry_after: float | None = None) -> None:
         super().__init__(text)
         self.status_code = status_code
+        self.retry_after = retry_after  # (a 429's seconds to wait, where a client is told them)
 
     @property
     def detail(self) -> str:
@@ -1778,7 +1802,7 @@ def with_wire_echo(frame: str, audience: str, label: str | None = None) -> str:
 # 6. The live room
 # Who is connected to which room and who is online in it, each room's state as its owners
 # set it, and fan-out: one rendered frame handed to every socket in a room (across workers:
-# section 14). Then the record every handler shares (Chat).
+# section 15). Then the record every handler shares (Chat).
 # ---------------------------------------------------------------------------
 
 
@@ -2264,7 +2288,7 @@ async def check_sessions(chat: Chat) -> None:
 @dataclass
 class Chat:
     """The record every handler shares (chat_of): settings, database, hub, fan-out and the
-    limits. Fields only: open_chat() (section 15) fills it, choosing Local or Redis once."""
+    limits. Fields only: open_chat() (section 16) fills it, choosing Local or Redis once."""
 
     settings: Settings
     store: Store
@@ -2279,6 +2303,10 @@ class Chat:
     handshake_limit: RateLimiter  # WebSocket handshakes per session per 10 s
     address_handshake_limit: RateLimiter  # and per client address (a class behind one NAT)
     slow_limits: dict[int, RateLimiter]  # slow mode's seconds -> one message per that
+    api_limit: RateLimiter | None = None  # a bot's reads through the API (section 14)
+    # stored messages that mention a bot with a webhook, waiting for their calls (section 14)
+    webhook_calls: asyncio.Queue | None = None
+    webhooks_dropped: int = 0  # those a full queue turned away
     purges: set[asyncio.Task] = field(default_factory=set)  # cleared or deleted rooms' rows going
     transcripts: Counter[int] = field(default_factory=Counter)  # user id -> downloads under way
     seen_written: float = 0.0  # when those with a page open were last written as seen
@@ -2579,7 +2607,7 @@ def user_by_id(db: sqlite3.Connection, user_id: int) -> sqlite3.Row | None:
 
 def user_by_name(db: sqlite3.Connection, username: str) -> sqlite3.Row | None:
     """The user with this name (case aside), or None."""
-    return db.execute("SELECT * FROM users WHERE username_key = ?",
+    return db.execute("SELECT * FROM users WHERE username_key = ? AND NOT is_bot",
                       (username.casefold(),)).fetchone()
 
 
@@ -3257,17 +3285,19 @@ def parse_frame(frame: str) -> dict[str, Any]:
 async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: str | None,
                        state: RoomState | None, reply_to: int | None = None,
                        kind: str = "message", options: tuple[str, ...] = (),
-                       anonymous: bool = False) -> bool:
+                       anonymous: bool = False) -> sqlite3.Row | None:
     """Check one message, store it, then push it to the room: the one path every message
-    takes, from the socket, the plain form, and a poll's question. `state`: the room's lock
+    takes, from the socket, the plain form, a poll's question and a bot (its API, its
+    webhook's answer); then tell MESSAGE_LISTENERS. `state`: the room's lock
     and slow mode, as the hub holds them (the database checks a lock, and removals, again as
     it stores). `reply_to`: the id of the message it answers (one of another room's is
     ignored). `kind`: "message", "question" (`anonymous`: asked without the name shown, where
-    the room allows it) or "poll" (its `options`; its owners' only). False if there was
-    nothing to send; raises Refused with the reason it was not taken."""
+    the room allows it) or "poll" (its `options`; its owners' only). The message as pages show
+    it; None if there was nothing to send, or it was a resend; raises Refused with the reason
+    it was not taken."""
     text = clean_text(text).strip()
     if not text:
-        return False  # an empty message is simply not sent
+        return None  # an empty message is simply not sent
     if key is not None and not MESSAGE_KEY_RE.fullmatch(key):
         raise Refused("That message came with a broken `key`; reload the page.")
     check_text(text)
@@ -3289,7 +3319,15 @@ async def post_message(chat: Chat, room_id: int, user_id: int, text: str, key: s
         if kind == "question":  # (in the Questions list too: read after the write, section 6)
             frame += await chat.store.read(room_parts, room_id)
         await chat.fanout.publish(room_id, frame, message["revision"])
-    return True
+        for listener in MESSAGE_LISTENERS:
+            listener(chat, message)
+    return message
+
+
+# What else hears of a message once it is stored and pushed (section 14: a mentioned bot's
+# webhook): each is called with the Chat and the message's row, on the message path, so it
+# must only queue work, never wait.
+MESSAGE_LISTENERS: list[Callable[[Chat, sqlite3.Row], None]] = []
 
 
 NOT_SAVED = "Your message could not be saved just now. Press Send again."
@@ -3309,7 +3347,8 @@ async def check_turn(chat: Chat, room_id: int, user_id: int, state: RoomState | 
     conversation: messages and edits, not reactions or votes), its slow mode. Refused with the
     reason. `state`: the room's lock, slow mode and owners (RoomState)."""
     if not await chat.message_limit.allow((user_id, room_id)):
-        raise Refused("You are sending messages too fast. Wait a few seconds.", 429)
+        raise Refused("You are sending messages too fast. Wait a few seconds.", 429,
+                      await chat.message_limit.retry_after((user_id, room_id)))
     if state is None or user_id in state.owners:  # owners are never held back
         return
     if state.locked:
@@ -3318,7 +3357,7 @@ async def check_turn(chat: Chat, room_id: int, user_id: int, state: RoomState | 
             slow := chat.slow_limits[state.slow_mode]).allow((room_id, user_id)):
         wait = max(1, round(await slow.retry_after((room_id, user_id))))
         raise Refused(f"Slow mode: one message every {state.slow_mode} s. "
-                      f"Wait {wait} s more.", 429)
+                      f"Wait {wait} s more.", 429, wait)
 
 
 def state_of(access: RoomAccess, user_id: int) -> RoomState:
@@ -3994,13 +4033,15 @@ async def owner_panel(request: Request, room: sqlite3.Row, refused: Refused | No
 
 
 async def manage_page(request: Request, room: sqlite3.Row,
-                      refused: Refused | None = None) -> Response:
-    """The manage page, with why a step was refused (and its status) if one was."""
+                      refused: Refused | None = None, **shown: Any) -> Response:
+    """The manage page, with why a step was refused (and its status) if one was, and what a
+    step shows once (`shown`: a new bot's token, section 14)."""
     chat = chat_of(request)
     room, _ = await chat.store.read(room_settings, room["id"])  # (as a refused step left it)
     members, removed = await chat.store.read(members_of, room["id"])
     return render(request, "manage.html", refused.status_code if refused else 200, room=room,
-                  members=members, removed=removed, slow_modes=SLOW_MODES, error=str(refused or ""))
+                  members=members, removed=removed, slow_modes=SLOW_MODES, error=str(refused or ""),
+                  **shown)
 
 
 # The owners' steps: each stores its change, shows it to every page (room_changed) and logs who.
@@ -4240,7 +4281,8 @@ def transcript_author(m: sqlite3.Row, owner: bool) -> str:
     "Anonymous" but to the room's owners (`owner`)."""
     if m["anonymous"] and owner:
         return f"Anonymous (asked by {markdown_words(m['asker'])})"
-    return markdown_words(m["username"]) + (" (guest)" if m["is_guest"] else "")
+    return markdown_words(m["username"]) + (" (guest)" if m["is_guest"] else "") + (
+        " (bot)" if m["is_bot"] else "")
 
 
 def transcript_kind(m: sqlite3.Row) -> str:
@@ -4289,6 +4331,7 @@ async def transcript_json(room: sqlite3.Row, pages: AsyncIterator[list[sqlite3.R
     async for rows in pages:
         for m in rows:
             entry = {"id": m["id"], "author": m["username"], "guest": bool(m["is_guest"]),
+                     "bot": bool(m["is_bot"]),
                      "sent_at": m["created_at"], "local_time": room_clock.full(m["created_at"]),
                      "text": m["text"], "edited_at": m["edited_at"], "kind": m["kind"]}
             if m["kind"] == "question":
@@ -4329,9 +4372,12 @@ def set_role(db: sqlite3.Connection, room_id: int, user_id: int,
     """Make a member an owner, or an owner a member (stepping down): Refused (409) for somebody
     who is not a member, or for the room's last owner stepping down."""
     with transaction(db):
-        if db.execute("SELECT 1 FROM room_members WHERE room_id = ? AND user_id = ?",
-                      (room_id, user_id)).fetchone() is None:
+        member = db.execute("SELECT u.is_bot FROM room_members m JOIN users u ON u.id = m.user_id "
+                            "WHERE m.room_id = ? AND m.user_id = ?", (room_id, user_id)).fetchone()
+        if member is None:
             raise Refused("That person is not a member of this room.", 409)
+        if member["is_bot"]:
+            raise Refused("A bot cannot be an owner.", 409)
         if role == "member" and room_owners(db, room_id) == {user_id}:
             raise Refused("You are this room's only owner: make somebody else an owner first.", 409)
         db.execute("UPDATE room_members SET role = ? WHERE room_id = ? AND user_id = ?",
@@ -4425,9 +4471,12 @@ def purge_room(db: sqlite3.Connection, room_id: int) -> bool:
 
 
 def members_of(db: sqlite3.Connection, room_id: int) -> tuple[list[sqlite3.Row], list[sqlite3.Row]]:
-    """The room's members (owners first, then by name) and the people removed from it."""
-    members = db.execute("SELECT u.id, u.username, u.is_guest, m.role FROM room_members m "
-                         "JOIN users u ON u.id = m.user_id WHERE m.room_id = ? "
+    """The room's members (owners first, then by name; its bots among them, with their webhook
+    and how its last call went: section 14) and the people removed from it."""
+    members = db.execute("SELECT u.id, u.username, u.is_guest, u.is_bot, m.role, b.webhook_url, "
+                         "b.last_call, b.last_call_at FROM room_members m "
+                         "JOIN users u ON u.id = m.user_id LEFT JOIN bots b ON b.user_id = u.id "
+                         "WHERE m.room_id = ? "
                          "ORDER BY m.role = 'owner' DESC, u.username_key LIMIT 1000",
                          (room_id,)).fetchall()
     removed = db.execute("SELECT u.id, u.username, u.is_guest FROM removals r "
@@ -4555,7 +4604,7 @@ def search_messages(db: sqlite3.Connection, user_id: int, expression: str,
     ids = mine[:SEARCH_PAGE]
     hits = db.execute(
         "SELECT m.id, iif(m.anonymous, 'Anonymous', u.username) AS username, "
-        "       iif(m.anonymous, 0, u.is_guest) AS is_guest, m.created_at, r.code, "
+        "       iif(m.anonymous, 0, u.is_guest) AS is_guest, u.is_bot, m.created_at, r.code, "
         "       r.name AS room_name, "  # (an anonymous question's asker: never, section 13)
         f"       snippet(messages_fts, 0, '{HIT_START}', '{HIT_END}', '…', 24) AS snippet "
         "FROM messages_fts f JOIN messages m ON m.id = f.rowid JOIN rooms r ON r.id = m.room_id "
@@ -4995,7 +5044,493 @@ CLASS_ROUTES = [
 
 
 # ---------------------------------------------------------------------------
-# 14. Scaling out: Redis
+# 14. Bots and the API
+# A room's bots: users of that one room (users.is_bot) that post with a token through a JSON
+# API that takes no cookie, and whose webhook is called when a stored message mentions them,
+# its answer posted back as the bot's reply. Every post takes post_message's path (the room's
+# rules, the revision, the fan-out, Redis). A webhook is a request this server makes to an
+# address somebody typed, so it goes only where webhook_target allows (no private, link-local
+# or own addresses; only CHAT_WEBHOOK_HOSTS once the server listens beyond loopback), to the
+# address it checked, with no redirects, in bounded time and size, off the message path.
+# ---------------------------------------------------------------------------
+
+
+API_PAGE = 100  # messages per read at most
+API_READS_PER_MINUTE = 120  # per bot: a script that polls every half second is not held back
+WEBHOOK_ANSWER_BYTES = 64 * 1024
+WEBHOOK_CALLS = 8  # at once, across bots and rooms
+WEBHOOK_QUEUE = 100  # calls (and mentioning messages) waiting; past it, dropped and counted
+WEBHOOK_LOG_MINUTES = 1  # a bot's failures go to the log at most once a minute
+WEBHOOK_URL_CHARS = 2000
+NO_TOKEN = ("This needs a bot's token, as the header Authorization: Bearer <token> "
+            "(an owner adds a bot on the room's Manage page).")
+NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that are an IPv4 one inside
+
+
+async def add_bot(request: Request, room: sqlite3.Row, form: dict[str, str]) -> Response:
+    """The Manage page's "Add bot": `bot_name` (a display name, checked as a guest's is, and
+    not looking like anybody's in the room) and an optional `webhook_url` (webhook_target's
+    rules, checked now and at every call). The page then shows its token, once, with a curl
+    line; the database keeps only the token's hash."""
+    chat = chat_of(request)
+    name = " ".join(unicodedata.normalize("NFKC", form.get("bot_name", "")).split())
+    if problem := guest_name_problem(name):
+        raise Refused(problem.replace("the others should see", "the bot should go by"))
+    if webhook_url := form.get("webhook_url", "").strip():
+        await webhook_target(webhook_url, chat.settings)
+    token = secrets.token_urlsafe(32)
+    await chat.store.write(create_bot, room["id"], name, token_digest(token), webhook_url or None,
+                           request.state.user["id"])
+    log.info("moderation: %s added the bot %s to %s", request.state.user["username"], name,
+             room["code"])
+    return await manage_page(request, room, new_bot=name, bot_token=token,
+                             api_url=str(request.url_for("api_messages", code=room["code"])))
+
+
+async def give_bot_new_token(request: Request, room: sqlite3.Row, form: dict[str, str]) -> Response:
+    """A bot's "New token" (`user_id`): the old one stops at once, on every worker; the new one
+    is shown once."""
+    token = secrets.token_urlsafe(32)
+    name = await chat_of(request).store.write(replace_token, room["id"], person_named(form),
+                                              token_digest(token))
+    log.info("moderation: %s gave the bot %s a new token in %s", request.state.user["username"],
+             name, room["code"])
+    return await manage_page(request, room, new_bot=name, bot_token=token,
+                             api_url=str(request.url_for("api_messages", code=room["code"])))
+
+
+async def remove_bot(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
+    """A bot's "Remove" (`user_id`): its token stops at once, on every worker, and its webhook
+    is called no more; its messages stay, still marked as the bot's."""
+    name = await chat_of(request).store.write(end_bot, room["id"], person_named(form))
+    log.info("moderation: %s removed the bot %s from %s", request.state.user["username"], name,
+             room["code"])
+
+
+MODERATION_STEPS.update(add_bot=add_bot, bot_token=give_bot_new_token, remove_bot=remove_bot)
+
+
+async def api_post(request: Request) -> Response:
+    """POST /api/rooms/<code>/messages as a bot (its token as `Authorization: Bearer`):
+    {"text": "...", "reply_to": <id>?} goes through post_message's path, the room's rules and
+    all; 201 with {"id", "revision", "url"}. Refused in JSON (api_refusal)."""
+    try:
+        bot, room = await bot_in_room(request)
+        fields = await json_body(request)
+        text, reply_to = fields.get("text"), fields.get("reply_to")
+        if not isinstance(text, str) or not text.strip():
+            raise Refused('"text" must be the message: a string, and not empty.')
+        if reply_to is not None and (type(reply_to) is not int or not 0 < reply_to < 2**63):
+            raise Refused('"reply_to", if given, must be the id of the message it answers.')
+        message = await post_message(chat_of(request), room["id"], bot["user_id"], text, None,
+                                     RoomState.of(room, frozenset()), reply_to)
+        if message is None:  # (nothing left once cleaned: control characters only)
+            raise Refused('"text" must be the message: a string, and not empty.')
+    except Refused as problem:
+        return api_refusal(problem)
+    url = f"{invite_link(request, room['code'])}?around={message['id']}#msg-{message['id']}"
+    return JSONResponse({"id": message["id"], "revision": message["revision"], "url": url}, 201)
+
+
+async def api_read(request: Request) -> Response:
+    """GET /api/rooms/<code>/messages?after=<id>&limit=<n>, as a bot: the room's messages
+    after that id (what a member may read), oldest first, API_PAGE at most."""
+    chat = chat_of(request)
+    try:
+        bot, room = await bot_in_room(request)
+        after = whole_number(request.query_params.get("after", "0"))
+        limit = whole_number(request.query_params.get("limit", str(API_PAGE)))
+        if after is None or not limit:
+            raise Refused(f'"after" is a message id and "limit" a number from 1 to {API_PAGE} '
+                          "(both may be left out).")
+        if not await chat.api_limit.allow(bot["user_id"]):
+            raise Refused(f"At most {API_READS_PER_MINUTE} reads a minute.", 429,
+                          await chat.api_limit.retry_after(bot["user_id"]))
+        rows = await chat.store.read(messages_after, room["id"], after, min(limit, API_PAGE))
+    except Refused as problem:
+        return api_refusal(problem)
+    return JSONResponse({"messages": [
+        {"id": m["id"], "author": m["username"], "author_is_bot": bool(m["is_bot"]),
+         "text": m["text"], "sent_at": m["created_at"], "edited_at": m["edited_at"],
+         "reply_to": m["reply_to"], "kind": m["kind"]} for m in rows]})
+
+
+async def bot_in_room(request: Request) -> tuple[sqlite3.Row, sqlite3.Row]:
+    """The bot whose token the request bears, and the room in its URL, which must be the
+    bot's. Refused: 401 without a token or with one that is no live bot's (one answer, one
+    lookup, whatever was wrong), 404 for a code that leads nowhere, 403 for another room's."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    bot = await chat_of(request).store.read(
+        bot_by_token, token_digest(token.strip() if scheme.lower() == "bearer" else ""))
+    if bot is None:
+        raise Refused(NO_TOKEN, 401)
+    room = await chat_of(request).store.read(room_by_code, request.path_params["code"].lower())
+    if room is None:
+        raise Refused("There is no room with that code.", 404)
+    if room["id"] != bot["room_id"]:
+        raise Refused("This bot's token is for another room.", 403)
+    return bot, room
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's body as a JSON object; Refused (400) for anything else."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError):  # (not JSON, not UTF-8, or nested past any sense)
+        raise Refused('The body must be JSON, like {"text": "hello"}.') from None
+    if not isinstance(body, dict):
+        raise Refused('The body must be a JSON object, like {"text": "hello"}.')
+    return body
+
+
+def api_refusal(problem: Refused) -> Response:
+    """A refusal as the API answers it: {"error": why}, its status, and how long to wait."""
+    wait = {"retry-after": str(math.ceil(problem.retry_after))} if problem.retry_after else {}
+    wanted = {"www-authenticate": "Bearer"} if problem.status_code == 401 else {}
+    return JSONResponse({"error": str(problem)}, problem.status_code, headers=wait | wanted)
+
+
+def token_digest(token: str) -> str:
+    """What the database keeps of a bot's token: its sha256, never the token."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+class WebhookTarget(NamedTuple):
+    """Where one webhook call goes: the checked address (url), the name it was given (host,
+    for the Host header and TLS) and the name to verify TLS for (None: an IP address)."""
+
+    url: str
+    host: str
+    tls_name: str | None
+
+
+class WebhookFailed(Exception):
+    """Why a webhook call did not give an answer, in words for the Manage page."""
+
+
+async def webhook_target(url: str, settings: Settings) -> WebhookTarget:
+    """Where a webhook may be called, resolved once here (the call goes to the address checked,
+    so a name that resolves elsewhere the second time changes nothing): http or https only, no
+    user name or password, no address that is link-local, multicast, unspecified or reserved
+    (as written, in an odd notation or inside IPv6), nor this server's own port or Redis's;
+    loopback only while the server listens on loopback alone, private addresses and (once it
+    listens beyond loopback) every host only if listed in CHAT_WEBHOOK_HOSTS. Refused (400)
+    with the reason in plain words."""
+    if len(url) > WEBHOOK_URL_CHARS or not url.isascii() or not url.isprintable() or " " in url:
+        raise Refused("A webhook's address is a plain http:// or https:// URL, with no spaces.")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Refused("A webhook's address starts with http:// or https:// and a host.")
+    if "@" in parts.netloc or "\\" in url:
+        raise Refused("A webhook's address may not hold a user name or password.")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise Refused("That address's port is not a port number.") from None
+    host = parts.hostname
+    listed = host in settings.webhook_hosts or f"{host}:{port}" in settings.webhook_hosts
+    if not listed and not loopback_only(settings):
+        raise Refused(f"This server listens beyond this machine, so bots' webhooks go only to "
+                      f"the hosts in CHAT_WEBHOOK_HOSTS, and {host} is not one of them.")
+    try:
+        found = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM), settings.webhook_seconds)
+    except (OSError, TimeoutError, UnicodeError):
+        raise Refused(f"{host} could not be found.") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in found]
+    for address in addresses:
+        if problem := address_problem(address, port, listed, settings):
+            raise Refused(f"A webhook may not go to {host}: {problem}.")
+    at = f"[{addresses[0]}]" if addresses[0].version == 6 else str(addresses[0])
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    literal = host.replace(".", "").isdigit() or ":" in host
+    return WebhookTarget(f"{parts.scheme}://{at}:{port}{path}", parts.netloc,
+                         None if literal or parts.scheme == "http" else host)
+
+
+def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int,
+                    listed: bool, settings: Settings) -> str | None:
+    """Why a webhook may not go to this address and port (webhook_target); None if it may."""
+    if address.version == 6:  # an IPv4 address inside an IPv6 one is that IPv4 address
+        inside = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if address in NAT64:
+            inside = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        address = inside or address
+    if address.is_link_local or address.is_multicast or address.is_unspecified or (
+            address.is_reserved and not address.is_loopback):  # (IPv6's ::1 is in ::/8, reserved)
+        return f"{address} is a link-local, multicast, unspecified or reserved address"
+    redis = urlsplit(settings.redis_url) if settings.redis_url else None
+    if (address.is_loopback or str(address) == settings.host) and port == settings.port:
+        return "that is this server's own port"
+    if redis and (address.is_loopback or str(address) == redis.hostname) and (
+            port == (redis.port or 6379)):
+        return "that is Redis's port"
+    if address.is_loopback:
+        return None if listed or loopback_only(settings) else "a loopback address"
+    if not address.is_global and not listed:
+        return (f"{address} is a private address (list the host in CHAT_WEBHOOK_HOSTS to "
+                "allow it)")
+    return None
+
+
+def loopback_only(settings: Settings) -> bool:
+    """Whether the server listens on this machine's loopback alone (`python chat.py`'s default:
+    a laptop's experiments), where a bot's webhook may be on the same machine."""
+    try:
+        return settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        return False
+
+
+def call_mentioned_bots(chat: Chat, message: sqlite3.Row) -> None:
+    """MESSAGE_LISTENERS: a stored message that mentions somebody, not written by a bot (no
+    loops), is queued for call_webhooks, which calls the bots it mentions; past WEBHOOK_QUEUE
+    waiting it is dropped, and counted."""
+    if not message["mentioned"] or message["is_bot"] or chat.webhook_calls is None:
+        return
+    try:
+        chat.webhook_calls.put_nowait(message["id"])
+    except asyncio.QueueFull:
+        dropped(chat)
+
+
+MESSAGE_LISTENERS.append(call_mentioned_bots)
+
+
+def dropped(chat: Chat) -> None:
+    """One webhook call (or mentioning message) turned away: counted, and logged now and then."""
+    chat.webhooks_dropped += 1
+    if chat.webhooks_dropped % 100 == 1:
+        log.warning("webhooks: %d dropped so far: more were waiting than %d",
+                    chat.webhooks_dropped, WEBHOOK_QUEUE)
+
+
+async def call_webhooks(chat: Chat) -> None:
+    """BACKGROUND_TASKS: the webhooks of the bots each queued message mentions, WEBHOOK_CALLS
+    at a time across bots, the rest waiting (WEBHOOK_QUEUE of them, then dropped), each at most
+    once per message, from the worker that stored it, never holding up a message."""
+    waiting: deque[tuple[sqlite3.Row, sqlite3.Row, sqlite3.Row]] = deque()
+    running: set[asyncio.Task] = set()
+
+    def start_calls() -> None:
+        """Start waiting calls while fewer than WEBHOOK_CALLS run."""
+        while waiting and len(running) < WEBHOOK_CALLS:
+            call = asyncio.create_task(call_bot(chat, *waiting.popleft()))
+            running.add(call)
+            call.add_done_callback(lambda done: (running.discard(done), start_calls()))
+
+    try:
+        while True:
+            message_id = await chat.webhook_calls.get()
+            with contextlib.suppress(sqlite3.Error):
+                message, room, bots = await chat.store.read(bots_to_call, message_id)
+                for bot in bots:
+                    if len(waiting) < WEBHOOK_QUEUE:
+                        waiting.append((message, room, bot))
+                    else:
+                        dropped(chat)
+                start_calls()
+    finally:
+        for call in running:
+            call.cancel()
+
+
+async def call_bot(chat: Chat, message: sqlite3.Row, room: sqlite3.Row, bot: sqlite3.Row) -> None:
+    """One webhook call: POST the message to the bot's webhook, and post its answer's "text"
+    as the bot's reply to it (the room's rules apply; an empty body, {} or no "text": no
+    answer). How it went is noted for the owners
+    (the Manage page); a failure is logged, once a minute per bot at most; the room is not
+    told."""
+    payload = {"room": {"code": room["code"], "name": room["name"]},
+               "message": {"id": message["id"], "author": message["username"],
+                           "text": message["text"], "sent_at": message["created_at"]},
+               "bot": {"name": bot["username"]}}
+    try:
+        status, answer = await webhook_answer(bot["webhook_url"], payload, chat.settings)
+        text = answer.get("text") if isinstance(answer, dict) else None
+        if (answer is not None and not isinstance(answer, dict)) or (
+                text is not None and not isinstance(text, str)):
+            raise WebhookFailed(f'answered {status}, but not with {{"text": "..."}}')
+        outcome, failed = f"answered {status}", False
+        if text and text.strip():
+            await post_message(chat, room["id"], bot["user_id"], text, None,
+                               RoomState.of(room, frozenset()), message["id"])
+            outcome += ", its answer posted"
+    except (WebhookFailed, Refused) as problem:
+        outcome, failed = (str(problem) if isinstance(problem, WebhookFailed) else
+                           f"its answer was refused: {problem}"), True
+    except Exception:  # a bug: logged whole, and the owners told where to look
+        log.exception("webhook of the bot %s in %s", bot["username"], room["code"])
+        outcome, failed = "failed (the server's log says why)", True
+    with contextlib.suppress(sqlite3.Error):
+        if await chat.store.write(note_call, bot["user_id"], outcome, failed) and failed:
+            log.warning("webhook of the bot %s in %s: %s", bot["username"], room["code"], outcome)
+
+
+async def webhook_answer(url: str, payload: dict[str, Any],
+                         settings: Settings) -> tuple[int, Any]:
+    """POST `payload` as JSON to a webhook (webhook_target, checked again now), with no
+    redirects, no proxy, no compression, in settings.webhook_seconds and at most
+    WEBHOOK_ANSWER_BYTES of answer: its status and its JSON (None for an empty body).
+    WebhookFailed with why, otherwise."""
+    try:
+        target = await webhook_target(url, settings)
+    except Refused as problem:
+        raise WebhookFailed(f"not called: {problem}") from None
+    body = bytearray()
+    try:
+        async with asyncio.timeout(settings.webhook_seconds):
+            async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+                                         timeout=settings.webhook_seconds) as client:
+                async with client.stream(
+                        "POST", target.url, content=json.dumps(payload).encode(),
+                        headers={"host": target.host, "content-type": "application/json",
+                                 "accept-encoding": "identity", "user-agent": "Backchat bot"},
+                        extensions={"sni_hostname": target.tls_name} if target.tls_name else {}
+                ) as response:
+                    async for chunk in response.aiter_raw():
+                        body += chunk
+                        if len(body) > WEBHOOK_ANSWER_BYTES:
+                            raise WebhookFailed(f"its answer was over "
+                                                f"{WEBHOOK_ANSWER_BYTES // 1024} KiB")
+    except TimeoutError:
+        raise WebhookFailed(f"timeout after {settings.webhook_seconds:g} s") from None
+    except httpx.HTTPError as problem:
+        raise WebhookFailed(f"could not be reached ({type(problem).__name__})") from None
+    status = response.status_code
+    if 300 <= status < 400:
+        raise WebhookFailed(f"answered {status}: a redirect, which is not followed")
+    if not 200 <= status < 300:
+        raise WebhookFailed(f"answered {status}")
+    try:
+        return status, (json.loads(body) if body.strip() else None)
+    except (ValueError, RecursionError):
+        raise WebhookFailed(f"answered {status}, but not with JSON") from None
+
+
+@template_filter("ago")
+def ago(iso: str) -> str:
+    """How long ago a time was, in words ("2 minutes ago"), as the Manage page says it."""
+    seconds = (datetime.now(timezone.utc) - datetime.strptime(iso, ISO_SECONDS).replace(
+        tzinfo=timezone.utc)).total_seconds()
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'' if count == 1 else 's'} ago"
+    return "just now"
+
+
+def create_bot(db: sqlite3.Connection, room_id: int, name: str, digest: str,
+               webhook_url: str | None, by: int) -> int:
+    """A new bot of the room: its user (is_bot; a key no login can type), its membership (so a
+    message can mention it), its token's digest; its user id. Refused (409) for a name that
+    looks like the name of somebody in the room, or of somebody removed from it."""
+    skeleton = name_skeleton(name)
+    with transaction(db):
+        if db.execute(
+                "SELECT 1 FROM users u WHERE u.id IN (SELECT user_id FROM room_members WHERE "
+                "room_id = ?1 UNION SELECT user_id FROM removals WHERE room_id = ?1) AND "
+                "(u.username_skeleton IN (?2, ?3) OR u.username_key IN (?4, ?5))",
+                (room_id, skeleton, f"bot:{room_id}:{skeleton}", name.casefold(),
+                 f"bot:{room_id}:{name.casefold()}")).fetchone():
+            raise Refused("That name looks like the name of somebody in this room; "
+                          "choose another.", 409)
+        user_id = db.execute(
+            "INSERT INTO users (username, username_key, password_hash, created_at, "
+            "username_skeleton, is_bot) VALUES (?, ?, '!', ?, ?, 1) RETURNING id",
+            (name, f"bot:{room_id}:{name.casefold()}", utc_now(),
+             f"bot:{room_id}:{skeleton}")).fetchall()[0][0]
+        db.execute("INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) "
+                   "VALUES (?, ?, ?, ?)", (room_id, user_id, utc_now(), utc_now()))
+        db.execute("INSERT INTO bots (user_id, room_id, token_hash, webhook_url, created_by, "
+                   "created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (user_id, room_id, digest, webhook_url, by, utc_now()))
+    return user_id
+
+
+def live_bot(db: sqlite3.Connection, room_id: int, user_id: int) -> sqlite3.Row:
+    """One of the room's bots, not removed (its name), inside the caller's transaction;
+    Refused (409) for anybody else."""
+    bot = db.execute("SELECT u.username FROM bots b JOIN users u ON u.id = b.user_id "
+                     "WHERE b.user_id = ? AND b.room_id = ? AND b.removed_at IS NULL",
+                     (user_id, room_id)).fetchone()
+    if bot is None:
+        raise Refused("That is not one of this room's bots.", 409)
+    return bot
+
+
+def replace_token(db: sqlite3.Connection, room_id: int, user_id: int, digest: str) -> str:
+    """A bot's new token (its digest): the old one stops; the bot's name."""
+    with transaction(db):
+        bot = live_bot(db, room_id, user_id)
+        db.execute("UPDATE bots SET token_hash = ? WHERE user_id = ?", (digest, user_id))
+    return bot["username"]
+
+
+def end_bot(db: sqlite3.Connection, room_id: int, user_id: int) -> str:
+    """Remove a bot: its token stops, it leaves the room's members (no mention reaches it) and
+    its name is free again; its messages stay, still the bot's. Its name."""
+    with transaction(db):
+        bot = live_bot(db, room_id, user_id)
+        db.execute("UPDATE bots SET token_hash = NULL, removed_at = ? WHERE user_id = ?",
+                   (utc_now(), user_id))
+        db.execute("UPDATE users SET username_key = username_key || ':' || id, "
+                   "username_skeleton = username_skeleton || ':' || id WHERE id = ?", (user_id,))
+        db.execute("DELETE FROM room_members WHERE room_id = ? AND user_id = ?", (room_id, user_id))
+    return bot["username"]
+
+
+def bot_by_token(db: sqlite3.Connection, digest: str) -> sqlite3.Row | None:
+    """The live bot whose token has this digest (its user id, name and room), or None."""
+    return db.execute("SELECT b.user_id, b.room_id, u.username FROM bots b "
+                      "JOIN users u ON u.id = b.user_id JOIN rooms r ON r.id = b.room_id "
+                      "WHERE b.token_hash = ? AND b.removed_at IS NULL AND r.deleted_at IS NULL",
+                      (digest,)).fetchone()
+
+
+def messages_after(db: sqlite3.Connection, room_id: int, after: int,
+                   limit: int) -> list[sqlite3.Row]:
+    """Up to `limit` of the room's messages after id `after`, oldest first (none cleared)."""
+    return db.execute(f"{SELECT_MESSAGES} WHERE m.room_id = ? AND m.id > ? AND {NOT_CLEARED} "
+                      "ORDER BY m.id LIMIT ?", (room_id, after, limit)).fetchall()
+
+
+def bots_to_call(db: sqlite3.Connection, message_id: int
+                 ) -> tuple[sqlite3.Row | None, sqlite3.Row | None, list[sqlite3.Row]]:
+    """A stored message, its room, and the live bots with a webhook that it mentions (none if
+    a bot wrote it)."""
+    with reading(db):
+        message = message_by_id(db, message_id)
+        if message is None or message["is_bot"]:
+            return message, None, []
+        room = db.execute("SELECT * FROM rooms WHERE id = ?", (message["room_id"],)).fetchone()
+        bots = db.execute("SELECT b.user_id, b.webhook_url, u.username FROM mentions x "
+                          "JOIN bots b ON b.user_id = x.user_id JOIN users u ON u.id = b.user_id "
+                          "WHERE x.message_id = ? AND b.room_id = ? AND b.removed_at IS NULL "
+                          "AND b.webhook_url IS NOT NULL", (message_id, message["room_id"]))
+        return message, room, bots.fetchall()
+
+
+def note_call(db: sqlite3.Connection, user_id: int, outcome: str, failed: bool) -> bool:
+    """How a bot's latest webhook call went, for its owners; whether a failure is to be logged
+    (none was in the last WEBHOOK_LOG_MINUTES)."""
+    with transaction(db):
+        db.execute("UPDATE bots SET last_call = ?, last_call_at = ? WHERE user_id = ?",
+                   (outcome, utc_now(), user_id))
+        return failed and db.execute(
+            "UPDATE bots SET logged_at = ?1 WHERE user_id = ?2 AND (logged_at IS NULL "
+            "OR logged_at <= ?3)", (utc_now(), user_id,
+                                    utc_ago(minutes=WEBHOOK_LOG_MINUTES))).rowcount > 0
+
+
+BOT_ROUTES = [
+    post("/api/rooms/{code}/messages", api_post),
+    get("/api/rooms/{code}/messages", api_read, name="api_messages"),
+]
+
+
+# ---------------------------------------------------------------------------
+# 15. Scaling out: Redis
 # Only with CHAT_REDIS_URL (nothing above needs it): fan-out, presence and rate limits shared
 # by every worker through Redis; the twins of LocalFanout, RateLimiter and FailureLimit.
 # ---------------------------------------------------------------------------
@@ -5448,7 +5983,7 @@ def limiters(settings: Settings, hub: RoomHub) -> tuple[LocalFanout, Callable, C
 
 
 # ---------------------------------------------------------------------------
-# 15. The app
+# 16. The app
 # The record every handler shares, the background tasks, security headers, error pages, and
 # create_app(), which only composes the sections' routes.
 # ---------------------------------------------------------------------------
@@ -5481,6 +6016,8 @@ async def http_error(request: Request, exc: Exception) -> Response:
               429: "Slow down", 500: "Something broke", 503: "Not saved"}
     if request.scope["type"] != "http":
         return PlainTextResponse(titles.get(status, "Error"), status_code=status)
+    if request.url.path.startswith("/api/"):  # (a script: JSON, never a page; section 14)
+        return JSONResponse({"error": detail or titles.get(status, "Error")}, status)
     request.state.user = await current_user(request) if status != 500 else None
     response = render(request, "error.html", status, title=titles.get(status, "Error"),
                       detail=detail or ("Something went wrong on our side; try again. "
@@ -5588,7 +6125,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await chat.store.close()
 
     routes = [*ACCOUNT_ROUTES, *ROOM_ROUTES, *MESSAGE_ROUTES, *CHANGE_ROUTES, *MODERATION_ROUTES,
-              *SEARCH_ROUTES, *CLASS_ROUTES, get("/healthz", healthz),
+              *SEARCH_ROUTES, *CLASS_ROUTES, *BOT_ROUTES, get("/healthz", healthz),
               Mount("/static", GZipMiddleware(CachedStaticFiles(directory=HERE / "static")),
                     name="static")]
     middleware = [
@@ -5617,7 +6154,9 @@ async def open_chat(settings: Settings) -> Chat:
                 search_limit=limiter(settings.search_rate, 60),
                 handshake_limit=limiter(settings.handshake_rate, 10),
                 address_handshake_limit=limiter(10 * settings.handshake_rate, 10),
-                slow_limits={seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds})
+                slow_limits={seconds: limiter(1, seconds) for seconds in SLOW_MODES if seconds},
+                api_limit=limiter(API_READS_PER_MINUTE, 60),
+                webhook_calls=asyncio.Queue(WEBHOOK_QUEUE))
     await fanout.start()
     await purge_left_over(chat)
     if not settings.guests and (ended := await store.write(end_guest_sessions)):
@@ -5627,7 +6166,7 @@ async def open_chat(settings: Settings) -> Chat:
 
 # What runs beside the requests for as long as the app does, each a function of the Chat.
 BACKGROUND_TASKS: tuple[Callable[[Chat], Awaitable[None]], ...] = (
-    heartbeats, watch_sessions, index_search, render_old_messages)
+    heartbeats, watch_sessions, index_search, render_old_messages, call_webhooks)
 
 
 def __getattr__(name: str) -> Starlette:
@@ -5640,7 +6179,7 @@ def __getattr__(name: str) -> Starlette:
 
 
 # ---------------------------------------------------------------------------
-# 16. The operator's commands and main()
+# 17. The operator's commands and main()
 # `python chat.py backup FILE` and `python chat.py users ...`, run beside the server on the same
 # database; then `python chat.py` itself: flags over CHAT_* variables, and uvicorn with the
 # limits this app relies on.
@@ -5672,11 +6211,11 @@ def backup(db_path: Path, target: Path) -> int:
 
 def accounts(db: sqlite3.Connection) -> list[sqlite3.Row]:
     """Every account: name, guest, created, last seen (logged in or out, a request, an open
-    page: within a minute), rooms, closed."""
+    page: within a minute), rooms, closed. (Bots are their rooms': the Manage page.)"""
     return db.execute("SELECT u.username, u.is_guest, u.created_at, u.deactivated_at, "
                       "u.last_seen_at AS last_seen, "
                       "(SELECT count(*) FROM room_members WHERE user_id = u.id) AS rooms "
-                      "FROM users u ORDER BY u.username_key").fetchall()
+                      "FROM users u WHERE NOT u.is_bot ORDER BY u.username_key").fetchall()
 
 
 def deactivate(db: sqlite3.Connection, username: str) -> bool:

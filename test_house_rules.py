@@ -98,7 +98,7 @@ def test_every_public_function_has_a_docstring_and_type_hints():
 def test_the_redis_twins_keep_the_local_ones_methods():
     """RedisFanout, RedisRateLimiter and RedisFailureLimit stand in for LocalFanout, RateLimiter
     and FailureLimit: every public method a twin defines is one the local one has, with the
-    same parameters, so nothing above section 14 knows which one runs."""
+    same parameters, so nothing above section 15 knows which one runs."""
     import inspect
 
     import chat
