@@ -7,13 +7,16 @@ import json
 import re
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import pytest
 
 import chat
-from conftest import ARTIFACTS, LiveServer
+from conftest import ARTIFACTS, HERE, LiveServer, free_port
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -1163,13 +1166,6 @@ def test_a_screen_reader_hears_new_messages_once_and_history_never(people, chat_
 
 
 def test_two_pages_chat_through_the_lesson(browser):
-    import subprocess
-    import sys
-
-    import httpx
-
-    from conftest import HERE, free_port
-
     port = free_port()
     lesson = subprocess.Popen([sys.executable, str(HERE / "lesson" / "minimal_chat.py")], cwd=HERE,
                               env={**__import__("os").environ, "LESSON_PORT": str(port)},
@@ -1665,3 +1661,57 @@ def test_a_class_of_28_on_the_projector_and_a_phone_sees_the_poll_the_pin_and_th
         phone.context.close()
     finally:
         classroom.close()
+
+
+def test_an_owner_adds_a_bot_a_script_posts_as_it_and_a_mention_gets_its_answer(people, chat_server):
+    """Issue 33: the owner adds a bot on the Manage page (its token and a curl line shown once);
+    what a script posts with them appears live on both pages, marked "bot"; a mention of the bot
+    calls its webhook (lesson/clock_bot.py, run as the README says) and its answer arrives as a
+    reply to the question."""
+    port = free_port()
+    bot = subprocess.Popen([sys.executable, str(HERE / "lesson" / "clock_bot.py")],
+                           env={"BOT_PORT": str(port), "PATH": ""}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert "clock bot" in bot.stdout.readline()
+        deadline = time.monotonic() + 10
+        while True:  # listening by now, or within the bound
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the clock bot never listened"
+                time.sleep(0.05)
+        ada, grace = people
+        room_url = meet(people, "scripted")
+        ada.page.goto(room_url + "manage")
+        ada.page.get_by_label("Bot's name").fill("clock")
+        ada.page.get_by_label("Webhook").fill(f"http://127.0.0.1:{port}/")
+        ada.page.get_by_role("button", name="Add bot").click()
+        token = ada.page.locator("#bot-token").inner_text()
+        curl = ada.page.locator("pre.curl").inner_text()
+        assert token in curl
+        expect(ada.page.locator(".bots li")).to_contain_text("not called yet")
+        ada.screenshot("bot-added")
+        api_url = re.search(r"curl -X POST (\S+)", curl).group(1)
+        ada.page.goto(room_url)
+        is_live(ada, "grace")
+        posted = httpx.post(api_url, headers={"Authorization": f"Bearer {token}"},
+                            json={"text": "Build 41 passed"})  # what the curl line does
+        assert posted.status_code == 201, posted.text
+        for person in people:
+            said = person.page.locator("#messages .msg", has_text="Build 41 passed")
+            expect(said.locator("header")).to_contain_text("clock bot")
+        grace.say("@clock what time is it?")
+        for person in people:
+            answer = person.page.locator("#messages .msg", has_text="It is ")
+            expect(answer.locator("header")).to_contain_text("clock bot")
+            expect(answer.locator(".quote")).to_contain_text("what time is it?")
+        expect(ada.page.locator("#presence li", has_text="clock")).to_have_count(0)  # never online
+        ada.screenshot("bot-answered")
+        grace.screenshot("bot-answered")
+        ada.page.goto(room_url + "manage")
+        expect(ada.page.locator(".bots li")).to_contain_text("answered 200, its answer posted")
+        assert not ada.errors and not grace.errors, ada.errors + grace.errors
+    finally:
+        bot.terminate()
+        bot.wait(timeout=10)

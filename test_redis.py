@@ -567,3 +567,45 @@ def test_a_class_arriving_at_once_is_written_to_redis_in_a_few_trips(tmp_path, r
                  for name in ("zadd", "zrangebyscore")}
         assert calls["zadd"] <= 6 and calls["zrangebyscore"] <= 12, calls  # (each socket did one of each)
 
+
+
+def test_a_bot_posts_through_one_worker_to_pages_on_the_other_its_webhook_is_called_once_and_removal_stops_it_on_both(
+        two_workers):
+    """Issue 33: a bot's post through worker a reaches a page on worker b, marked "bot"; a mention
+    stored by b calls the webhook once (from b, not from every worker) and its answer reaches the
+    page; the bot removed through b, its token is refused at once by both workers."""
+    from test_bots import Webhook
+
+    a, b = two_workers
+    client, ada = login_cookie(a, "ada")
+    slug = make_room(client, "a bot across workers")
+    hook = Webhook({"text": "It is noon."})
+    added = owner_step(client, slug, "add_bot", bot_name="clock", webhook_url=hook.url)  # through a
+    token = re.search(r'<code id="bot-token">([^<]+)</code>', added.text).group(1)
+    with sqlite3.connect(a.db_path) as db:
+        bot_id = str(db.execute("SELECT user_id FROM bots").fetchone()[0])
+    b_client = httpx.Client(base_url=b.url, cookies=client.cookies, follow_redirects=False)
+    try:
+        _, bob = login_cookie(b, "bob")
+        bearer = {"authorization": f"Bearer {token}"}
+
+        async def run() -> None:
+            async with ws_connect(b, slug, bob) as bob_page:
+                posted = httpx.post(f"{a.url}/api/rooms/{slug}/messages", headers=bearer,
+                                    json={"text": "build 41 passed"})
+                assert posted.status_code == 201, posted.text
+                seen = await frames_until(bob_page, "build 41 passed")
+                assert '<bdi class="author">clock</bdi> <small class="guest">bot</small>' in seen
+                await bob_page.send(json_frame("@clock what time is it?"))
+                await frames_until(bob_page, "It is noon.")
+
+        asyncio.run(run())
+        assert [called["message"]["text"] for _, called in hook.calls] == ["@clock what time is it?"]
+        assert owner_step(b_client, slug, "remove_bot", user_id=bot_id).status_code == 303
+        for worker in (a, b):
+            refused = httpx.post(f"{worker.url}/api/rooms/{slug}/messages", headers=bearer,
+                                 json={"text": "after removal"})
+            assert refused.status_code == 401, worker.url
+    finally:
+        b_client.close()
+        hook.close()
