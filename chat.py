@@ -84,6 +84,7 @@ import secrets
 import socket
 import sqlite3
 import sys
+import ssl
 import threading
 import time
 import unicodedata
@@ -166,6 +167,7 @@ class Settings:
     host: str = setting("127.0.0.1", "CHAT_HOST")  # what `python chat.py` listens on
     port: int = setting(8000, "CHAT_PORT")
     ws: str = setting("auto", "CHAT_WS")  # uvicorn's WebSocket implementation
+    loop: str = setting("auto", "CHAT_LOOP")  # the event loop: uvloop when installed (auto)
     allowed_origins: frozenset[str] = setting(frozenset(), "CHAT_ALLOWED_ORIGINS",
                                               lambda text: names_in(text, "/"))
     message_rate: int = setting(20, "CHAT_MESSAGE_RATE")  # per user per room per 10 s; 0: off
@@ -5062,8 +5064,9 @@ WEBHOOK_CALLS = 8  # at once, across bots and rooms
 WEBHOOK_QUEUE = 100  # calls (and mentioning messages) waiting; past it, dropped and counted
 WEBHOOK_LOG_MINUTES = 1  # a bot's failures go to the log at most once a minute
 WEBHOOK_URL_CHARS = 2000
-NO_TOKEN = ("This needs a bot's token, as the header Authorization: Bearer <token> "
-            "(an owner adds a bot on the room's Manage page).")
+NO_TOKEN = ("This needs a bot's valid token, as the header Authorization: Bearer <token> "
+            "(an owner adds a bot on the room's Manage page; a token stops when it is "
+            "replaced or its bot removed).")
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that are an IPv4 one inside
 
 
@@ -5330,9 +5333,11 @@ async def call_webhooks(chat: Chat) -> None:
                     else:
                         dropped(chat)
                 start_calls()
-    finally:
+    finally:  # (none waiting first: a cancelled call's callback would start the next)
+        waiting.clear()
         for call in running:
             call.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
 
 async def call_bot(chat: Chat, message: sqlite3.Row, room: sqlite3.Row, bot: sqlite3.Row) -> None:
@@ -5378,9 +5383,10 @@ async def webhook_answer(url: str, payload: dict[str, Any],
     except Refused as problem:
         raise WebhookFailed(f"not called: {problem}") from None
     body = bytearray()
+    tls = await asyncio.to_thread(webhook_tls)
     try:
         async with asyncio.timeout(settings.webhook_seconds):
-            async with httpx.AsyncClient(trust_env=False, follow_redirects=False,
+            async with httpx.AsyncClient(trust_env=False, follow_redirects=False, verify=tls,
                                          timeout=settings.webhook_seconds) as client:
                 async with client.stream(
                         "POST", target.url, content=json.dumps(payload).encode(),
@@ -5406,6 +5412,16 @@ async def webhook_answer(url: str, payload: dict[str, Any],
         return status, (json.loads(body) if body.strip() else None)
     except (ValueError, RecursionError):
         raise WebhookFailed(f"answered {status}, but not with JSON") from None
+
+
+@functools.cache
+def webhook_tls() -> ssl.SSLContext:
+    """The TLS context every webhook call shares, made once, on a thread: httpx makes one per
+    client by default, loading the CA bundle, about 25 ms on the event loop for each call
+    (bench.py's slow webhook moved the room's p99 from 5 to 130 ms)."""
+    context = httpx.create_ssl_context()
+    httpx.AsyncClient(verify=context)  # (its lazy imports too, 20 ms more the first time)
+    return context
 
 
 @template_filter("ago")
@@ -6444,6 +6460,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="Secure cookies, for TLS deployments (CHAT_HTTPS_ONLY)")
     parser.add_argument("--ws", default=env.ws, choices=list(WS_IMPLEMENTATIONS),
                         help="uvicorn's WebSocket implementation (CHAT_WS)")
+    parser.add_argument("--loop", default=env.loop, choices=["auto", "uvloop", "asyncio"],
+                        help="the event loop; auto: uvloop when installed (CHAT_LOOP)")
     parser.add_argument("--guests", action="store_true", default=env.guests,
                         help='offer "Join as a guest" (a name, no password) for classes and demos '
                              "(CHAT_GUESTS)")
@@ -6497,6 +6515,8 @@ class ListeningServer(uvicorn.Server):
         if self.started:
             for address in self.addresses:
                 print(address, flush=True)
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+            print(f"Backchat: event loop {'uvloop' if loop == 'uvloop' else 'asyncio'}", flush=True)
 
 
 def serve(args: argparse.Namespace, env: Settings) -> None:
@@ -6512,9 +6532,11 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     spare = 3 * ACCEPT_BACKLOG + 64
     max_connections = min(env.max_connections,
                           open_files_allowed(env.max_connections + spare) - spare)
+    # (what the flags say: where it listens decides where bots' webhooks may go)
     settings = Settings(**{**env.__dict__, "db_path": args.db, "https_only": args.https,
                            "allowed_hosts": hosts, "max_connections": max_connections,
-                           "guests": args.guests})
+                           "guests": args.guests, "host": args.host, "port": args.port,
+                           "ws": args.ws, "loop": args.loop})
     print(f"Backchat: database {settings.db_path.resolve()}")
     # On every interface: the LAN addresses first, the ones to share (an invite link is built
     # from the address the page was opened at); localhost only works on this machine. Said
@@ -6535,7 +6557,7 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     # default believes anyone on loopback, which lets a local client pick its address).
     config = uvicorn.Config(
         create_app(settings), host=args.host, port=args.port, http=guarded_http(settings),
-        ws=args.ws, ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
+        ws=args.ws, loop=args.loop, ws_max_size=MAX_WS_FRAME_BYTES, ws_per_message_deflate=False,
         ws_ping_interval=settings.heartbeat, ws_ping_timeout=2 * settings.heartbeat,
         limit_concurrency=max_connections, proxy_headers=bool(settings.trusted_proxies),
         forwarded_allow_ips=settings.trusted_proxies or None, backlog=ACCEPT_BACKLOG,

@@ -523,3 +523,31 @@ def test_a_database_from_the_release_before_gains_bots(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT is_bot FROM users").fetchall() == [(0,)]
         assert db.execute("SELECT count(*) FROM bots").fetchone() == (0,)
+
+
+def test_python_chat_py_checks_webhooks_against_the_port_and_host_its_flags_gave(tmp_path):
+    """`python chat.py --port N` (and --host): the webhook rules see where the server really
+    listens. They once kept the defaults (127.0.0.1:8000): its own port was allowed, 8000 was
+    refused as "this server's own port", and --host 0.0.0.0 still allowed loopback."""
+    import httpx
+
+    from conftest import LiveServer
+    from test_server import login_cookie, make_room
+
+    server = LiveServer(tmp_path / "chat.db").start()
+    try:
+        client, _ = login_cookie(server, "alice")
+        slug = make_room(client, "flags")
+        page = client.get(f"/room/{slug}/manage").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+        def add(name: str, url: str) -> httpx.Response:
+            return client.post(f"/room/{slug}/manage", data={"csrf_token": csrf, "step": "add_bot",
+                                                              "bot_name": name, "webhook_url": url})
+
+        own = add("own", f"http://127.0.0.1:{server.port}/")
+        assert own.status_code == 400 and "this server&#39;s own port" in own.text
+        other = add("other", "http://127.0.0.1:8000/" if server.port != 8000 else "http://127.0.0.1:8001/")
+        assert other.status_code == 200 and 'id="bot-token"' in other.text
+    finally:
+        server.stop()
