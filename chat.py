@@ -3456,7 +3456,8 @@ async def send_message(request: Request) -> Response:
         await post_message(chat_of(request), room["id"], user["id"], form.get("message", ""),
                            form.get("key") or None, state_of(access, user["id"]),
                            whole_number(form.get("reply_to", "")),
-                           "question" if "question" in form else "message", "anonymous" in form)
+                           "question" if "question" in form else "message",
+                           anonymous="anonymous" in form)
     except Refused as problem:
         return await render_room(request, room, problem.status_code, error=str(problem),
                                  draft=form.get("message", ""),

@@ -473,6 +473,19 @@ def test_the_anonymous_setting_is_an_owners_step_and_plain_messages_are_never_an
     assert db_rows(settings, "SELECT count(*) FROM messages WHERE anonymous")[0][0] == 0
 
 
+def test_the_plain_form_asks_without_the_name_too(owned_room, settings):
+    """Without JavaScript "Ask without my name" is a plain form's checkbox: it once reached
+    post_message as a poll's options, and the question was stored with its asker's name."""
+    client, bob, slug = owned_room
+    moderate(client, slug, "questions_anonymous", allow="1")
+    with as_user(client, bob):
+        asked = post_form(client, f"/room/{slug}/", f"/room/{slug}/messages", message="Shy question?",
+                          question="on", anonymous="on")
+        assert asked.status_code == 303
+    assert db_rows(settings, "SELECT kind, anonymous FROM messages WHERE text = 'Shy question?'") == [
+        ("question", 1)]
+
+
 # --- the transcript, catching up, and the previous release's database --------------------------
 
 
