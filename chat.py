@@ -2553,6 +2553,14 @@ def username_problem(username: str) -> str | None:
         return problem
     if not USERNAME_RE.fullmatch(username) or has_invisible(username):
         return "Usernames are 1-150 letters, digits and @ . + - _ only."
+    return kept_name_problem(username)
+
+
+def kept_name_problem(name: str) -> str | None:
+    """Names nobody may take, nor anything that looks like them: "Anonymous" is how a room
+    shows the asker of an anonymous question (section 13)."""
+    if name_skeleton(name) == name_skeleton("Anonymous"):
+        return "That name is kept for anonymous questions; choose another."
     return None
 
 
@@ -2571,7 +2579,7 @@ def guest_name_problem(name: str) -> str | None:
     if not name[0].isalnum() or not all(unicodedata.category(ch)[0] in "LMN"
                                         or ch in GUEST_NAME_PUNCTUATION for ch in name):
         return "Names are letters, digits and spaces (and . ' -), starting with a letter or digit."
-    return None
+    return kept_name_problem(name)
 
 
 def shown_back(name: str) -> str:
@@ -4407,11 +4415,16 @@ def remove_member(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -
 
 
 def let_back_in(db: sqlite3.Connection, room_id: int, user_id: int) -> str | None:
-    """Undo a removal (they can join again by the code); their name, or None if not removed."""
+    """Undo a removal (they can join again by the code; a bot, which joins no other way, is a
+    member again); their name, or None if not removed (or a bot its owners ended)."""
     with transaction(db):
-        row = db.execute("DELETE FROM removals WHERE room_id = ? AND user_id = ? "
+        row = db.execute("DELETE FROM removals WHERE room_id = ?1 AND user_id = ?2 AND NOT EXISTS "
+                         "(SELECT 1 FROM bots WHERE user_id = ?2 AND removed_at IS NOT NULL) "
                          "RETURNING (SELECT username FROM users WHERE id = user_id)",
                          (room_id, user_id)).fetchall()
+        db.execute("INSERT INTO room_members (room_id, user_id, joined_at, last_visit_at) "
+                   "SELECT ?1, ?2, ?3, ?3 FROM bots WHERE user_id = ?2 AND room_id = ?1 "
+                   "AND ?4 ON CONFLICT DO NOTHING", (room_id, user_id, utc_now(), bool(row)))
     return row[0][0] if row else None
 
 
@@ -4483,7 +4496,9 @@ def members_of(db: sqlite3.Connection, room_id: int) -> tuple[list[sqlite3.Row],
                          "ORDER BY m.role = 'owner' DESC, u.username_key LIMIT 1000",
                          (room_id,)).fetchall()
     removed = db.execute("SELECT u.id, u.username, u.is_guest FROM removals r "
-                         "JOIN users u ON u.id = r.user_id WHERE r.room_id = ? "
+                         "JOIN users u ON u.id = r.user_id WHERE r.room_id = ? AND NOT EXISTS "
+                         "(SELECT 1 FROM bots b WHERE b.user_id = u.id "
+                         "AND b.removed_at IS NOT NULL) "
                          "ORDER BY u.username_key LIMIT 1000", (room_id,)).fetchall()
     return members, removed
 
@@ -5062,7 +5077,12 @@ API_PAGE = 100  # messages per read at most
 API_READS_PER_MINUTE = 120  # per bot: a script that polls every half second is not held back
 WEBHOOK_ANSWER_BYTES = 64 * 1024
 WEBHOOK_CALLS = 8  # at once, across bots and rooms
+WEBHOOK_ROOM_CALLS = 4  # at once for one room: one room's slow webhooks leave the others half
 WEBHOOK_QUEUE = 100  # calls (and mentioning messages) waiting; past it, dropped and counted
+WEBHOOK_ROOM_QUEUE = 25  # calls waiting for one room: one room cannot fill the queue
+BOTS_PER_ROOM = 10
+# httpx logs each request's URL at INFO, query and all: a webhook's may hold its secret.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 WEBHOOK_LOG_MINUTES = 1  # a bot's failures go to the log at most once a minute
 WEBHOOK_URL_CHARS = 2000
 NO_TOKEN = ("This needs a bot's valid token, as the header Authorization: Bearer <token> "
@@ -5106,7 +5126,8 @@ async def give_bot_new_token(request: Request, room: sqlite3.Row, form: dict[str
 async def remove_bot(request: Request, room: sqlite3.Row, form: dict[str, str]) -> None:
     """A bot's "Remove" (`user_id`): its token stops at once, on every worker, and its webhook
     is called no more; its messages stay, still marked as the bot's."""
-    name = await chat_of(request).store.write(end_bot, room["id"], person_named(form))
+    name = await chat_of(request).store.write(end_bot, room["id"], person_named(form),
+                                              request.state.user["id"])
     log.info("moderation: %s removed the bot %s from %s", request.state.user["username"], name,
              room["code"])
 
@@ -5173,6 +5194,8 @@ async def bot_in_room(request: Request) -> tuple[sqlite3.Row, sqlite3.Row]:
         raise Refused("There is no room with that code.", 404)
     if room["id"] != bot["room_id"]:
         raise Refused("This bot's token is for another room.", 403)
+    if bot["removed"]:
+        raise Refused("This bot was removed from the room (an owner can let it back in).", 403)
     return bot, room
 
 
@@ -5264,14 +5287,16 @@ def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address, port
             address.is_reserved and not address.is_loopback):  # (IPv6's ::1 is in ::/8, reserved)
         return f"{address} is a link-local, multicast, unspecified or reserved address"
     redis = urlsplit(settings.redis_url) if settings.redis_url else None
-    if (address.is_loopback or str(address) == settings.host) and port == settings.port:
-        return "that is this server's own port"
+    everywhere = settings.host in ("0.0.0.0", "::", "")  # (then any of this machine's addresses)
+    if port == settings.port and (address.is_loopback or str(address) == settings.host or (
+            everywhere and not address.is_global)):
+        return "that is (or may be) this server's own port"
     if redis and (address.is_loopback or str(address) == redis.hostname) and (
             port == (redis.port or 6379)):
         return "that is Redis's port"
     if address.is_loopback:
         return None if listed or loopback_only(settings) else "a loopback address"
-    if not address.is_global and not listed:
+    if (not address.is_global or getattr(address, "is_site_local", False)) and not listed:
         return (f"{address} is a private address (list the host in CHAT_WEBHOOK_HOSTS to "
                 "allow it)")
     return None
@@ -5311,17 +5336,33 @@ def dropped(chat: Chat) -> None:
 
 async def call_webhooks(chat: Chat) -> None:
     """BACKGROUND_TASKS: the webhooks of the bots each queued message mentions, WEBHOOK_CALLS
-    at a time across bots, the rest waiting (WEBHOOK_QUEUE of them, then dropped), each at most
-    once per message, from the worker that stored it, never holding up a message."""
-    waiting: deque[tuple[sqlite3.Row, sqlite3.Row, sqlite3.Row]] = deque()
+    at a time (WEBHOOK_ROOM_CALLS for one room), the rooms taking turns, the rest waiting
+    (WEBHOOK_ROOM_QUEUE a room, WEBHOOK_QUEUE in all, then dropped), each at most once per
+    message, from the worker that stored it, never holding up a message."""
+    waiting: dict[int, deque[tuple[sqlite3.Row, sqlite3.Row, sqlite3.Row]]] = {}  # by room
     running: set[asyncio.Task] = set()
+    running_in: Counter[int] = Counter()
+
+    def finished(call: asyncio.Task, room_id: int) -> None:
+        """A call is over: its place goes to the next one waiting."""
+        running.discard(call)
+        running_in[room_id] -= 1
+        start_calls()
 
     def start_calls() -> None:
-        """Start waiting calls while fewer than WEBHOOK_CALLS run."""
-        while waiting and len(running) < WEBHOOK_CALLS:
-            call = asyncio.create_task(call_bot(chat, *waiting.popleft()))
+        """Start waiting calls while fewer than WEBHOOK_CALLS run: the first room in turn
+        with fewer than WEBHOOK_ROOM_CALLS running goes, then to the back of the line."""
+        while len(running) < WEBHOOK_CALLS:
+            room_id = next((r for r in waiting if running_in[r] < WEBHOOK_ROOM_CALLS), None)
+            if room_id is None:
+                return
+            calls = waiting.pop(room_id)
+            call = asyncio.create_task(call_bot(chat, *calls.popleft()))
+            if calls:
+                waiting[room_id] = calls  # (to the back)
             running.add(call)
-            call.add_done_callback(lambda done: (running.discard(done), start_calls()))
+            running_in[room_id] += 1
+            call.add_done_callback(functools.partial(finished, room_id=room_id))
 
     try:
         while True:
@@ -5329,10 +5370,14 @@ async def call_webhooks(chat: Chat) -> None:
             with contextlib.suppress(sqlite3.Error):
                 message, room, bots = await chat.store.read(bots_to_call, message_id)
                 for bot in bots:
-                    if len(waiting) < WEBHOOK_QUEUE:
-                        waiting.append((message, room, bot))
+                    calls = waiting.setdefault(room["id"], deque())
+                    if len(calls) < WEBHOOK_ROOM_QUEUE and sum(map(len, waiting.values())) < (
+                            WEBHOOK_QUEUE):
+                        calls.append((message, room, bot))
                     else:
                         dropped(chat)
+                    if not calls:
+                        del waiting[room["id"]]
                 start_calls()
     finally:  # (none waiting first: a cancelled call's callback would start the next)
         waiting.clear()
@@ -5359,9 +5404,10 @@ async def call_bot(chat: Chat, message: sqlite3.Row, room: sqlite3.Row, bot: sql
             raise WebhookFailed(f'answered {status}, but not with {{"text": "..."}}')
         outcome, failed = f"answered {status}", False
         if text and text.strip():
-            await post_message(chat, room["id"], bot["user_id"], text, None,
-                               RoomState.of(room, frozenset()), message["id"])
-            outcome += ", its answer posted"
+            posted = await post_message(chat, room["id"], bot["user_id"], text, None,
+                                        RoomState.of(room, frozenset()), message["id"])
+            outcome += (", its answer posted" if posted is not None else
+                        ", but its text was empty once cleaned (nothing posted)")
     except (WebhookFailed, Refused) as problem:
         outcome, failed = (str(problem) if isinstance(problem, WebhookFailed) else
                            f"its answer was refused: {problem}"), True
@@ -5440,10 +5486,13 @@ def ago(iso: str) -> str:
 def create_bot(db: sqlite3.Connection, room_id: int, name: str, digest: str,
                webhook_url: str | None, by: int) -> int:
     """A new bot of the room: its user (is_bot; a key no login can type), its membership (so a
-    message can mention it), its token's digest; its user id. Refused (409) for a name that
-    looks like the name of somebody in the room, or of somebody removed from it."""
+    message can mention it), its token's digest; its user id. Refused (409) past BOTS_PER_ROOM,
+    or for a name that looks like the name of somebody in the room, or removed from it."""
     skeleton = name_skeleton(name)
     with transaction(db):
+        if db.execute("SELECT count(*) FROM bots WHERE room_id = ? AND removed_at IS NULL",
+                      (room_id,)).fetchone()[0] >= BOTS_PER_ROOM:
+            raise Refused(f"A room has at most {BOTS_PER_ROOM} bots: remove one first.", 409)
         if db.execute(
                 "SELECT 1 FROM users u WHERE u.id IN (SELECT user_id FROM room_members WHERE "
                 "room_id = ?1 UNION SELECT user_id FROM removals WHERE room_id = ?1) AND "
@@ -5484,11 +5533,15 @@ def replace_token(db: sqlite3.Connection, room_id: int, user_id: int, digest: st
     return bot["username"]
 
 
-def end_bot(db: sqlite3.Connection, room_id: int, user_id: int) -> str:
+def end_bot(db: sqlite3.Connection, room_id: int, user_id: int, by: int) -> str:
     """Remove a bot: its token stops, it leaves the room's members (no mention reaches it) and
-    its name is free again; its messages stay, still the bot's. Its name."""
+    its name is free again; its messages stay, still the bot's. Its name. It is also among the
+    room's removals (not listed: members_of), so an answer its webhook was still giving is
+    refused by INSERT_MESSAGE like a removed person's message."""
     with transaction(db):
         bot = live_bot(db, room_id, user_id)
+        db.execute("INSERT INTO removals (room_id, user_id, removed_by, removed_at) "
+                   "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING", (room_id, user_id, by, utc_now()))
         db.execute("UPDATE bots SET token_hash = NULL, removed_at = ? WHERE user_id = ?",
                    (utc_now(), user_id))
         db.execute("UPDATE users SET username_key = username_key || ':' || id, "
@@ -5498,8 +5551,11 @@ def end_bot(db: sqlite3.Connection, room_id: int, user_id: int) -> str:
 
 
 def bot_by_token(db: sqlite3.Connection, digest: str) -> sqlite3.Row | None:
-    """The live bot whose token has this digest (its user id, name and room), or None."""
-    return db.execute("SELECT b.user_id, b.room_id, u.username FROM bots b "
+    """The live bot whose token has this digest (its user id, name, room, and whether an owner
+    removed it from the room, as anybody is removed), or None."""
+    return db.execute("SELECT b.user_id, b.room_id, u.username, EXISTS (SELECT 1 FROM removals "
+                      "x WHERE x.room_id = b.room_id AND x.user_id = b.user_id) AS removed "
+                      "FROM bots b "
                       "JOIN users u ON u.id = b.user_id JOIN rooms r ON r.id = b.room_id "
                       "WHERE b.token_hash = ? AND b.removed_at IS NULL AND r.deleted_at IS NULL",
                       (digest,)).fetchone()

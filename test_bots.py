@@ -32,6 +32,7 @@ class Webhook:
     def __init__(self, answer: object = None) -> None:
         self.answer, self.calls, self.in_flight, self.most_in_flight = answer, [], 0, 0
         self.lock, self.release = threading.Lock(), threading.Event()
+        self.gate: threading.Event | None = None  # set: each answer waits for it (up to 10 s)
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -47,6 +48,8 @@ class Webhook:
                         hook.in_flight -= 1
 
             def respond(self) -> None:
+                if hook.gate is not None:
+                    hook.gate.wait(10)
                 answer = hook.answer
                 if answer == "hang":
                     hook.release.wait(30)
@@ -412,18 +415,19 @@ def test_webhooks_run_eight_at_a_time_the_rest_wait_or_are_dropped_and_no_messag
     try:
         with TestClient(chat.create_app(settings), base_url="http://testserver") as client:
             register(client, "alice")
-            slug = create_room(client, "busy")
-            add_bot(client, slug, "slow", hook.url)
             started = time.monotonic()
-            with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
-                for n in range(120):
-                    send(ws, f"@slow number {n}")
-                    receive_until(ws, f"number {n}<")
-            assert time.monotonic() - started < 10  # the senders never waited for the webhook
+            for room in range(3):  # (a room has four calls at once: three rooms to fill eight)
+                slug = create_room(client, f"busy {room}")
+                add_bot(client, slug, "slow", hook.url)
+                with client.websocket_connect(f"/chat/{slug}/", headers=ORIGIN) as ws:
+                    for n in range(60):
+                        send(ws, f"@slow number {n}")
+                        receive_until(ws, f"number {n}<")
+            assert time.monotonic() - started < 15  # the senders never waited for the webhook
             until(lambda: hook.in_flight == chat.WEBHOOK_CALLS, "eight calls at once")
             assert hook.most_in_flight == chat.WEBHOOK_CALLS
-            dropped = client.app.state.chat.webhooks_dropped
-            assert 120 - chat.WEBHOOK_CALLS - chat.WEBHOOK_QUEUE <= dropped < 120 - chat.WEBHOOK_CALLS
+            dropped = client.app.state.chat.webhooks_dropped  # (each room: 25 wait at most)
+            assert 3 * (60 - chat.WEBHOOK_ROOM_CALLS - chat.WEBHOOK_ROOM_QUEUE) <= dropped < 3 * 60 - chat.WEBHOOK_CALLS
     finally:
         hook.close()
 
@@ -448,6 +452,7 @@ REFUSED_URLS = [
     ("http://172.16.5.4/", "private address"),
     ("http://192.168.1.20:8002/", "private address"),
     ("http://[fc00::1]/", "private address"),
+    ("http://[fec0::1]/", "private address"),  # (site-local: deprecated, and not global either)
     ("http://100.64.0.1/", "private address"),
     ("http://0.0.0.0:9999/", "unspecified"),
     ("http://[::]:9999/", "unspecified"),
@@ -486,6 +491,8 @@ def test_where_a_webhook_may_go_depends_on_where_the_server_listens(monkeypatch)
     assert asyncio.run(chat.webhook_target("http://192.168.1.5:8002/", listed))  # listed: a LAN bot
     with pytest.raises(chat.Refused, match="link-local"):  # listed or not
         asyncio.run(chat.webhook_target("http://169.254.169.254/", listed))
+    with pytest.raises(chat.Refused, match="this server's own port"):  # its LAN address, say
+        asyncio.run(chat.webhook_target("http://192.168.1.5:8000/", listed))
 
     # A name is resolved once, and the call goes to the address checked (no DNS rebinding);
     # every address a name has must pass.
@@ -551,3 +558,94 @@ def test_python_chat_py_checks_webhooks_against_the_port_and_host_its_flags_gave
         assert other.status_code == 200 and 'id="bot-token"' in other.text
     finally:
         server.stop()
+
+
+def test_a_bot_removed_while_its_webhook_answers_posts_nothing(owned_room, settings, webhook):
+    client, bob, slug = owned_room
+    webhook.answer, webhook.gate = {"text": "a late answer"}, threading.Event()
+    add_bot(client, slug, "sleeper", webhook.url)
+    bot_id = str(db_rows(settings, "SELECT user_id FROM bots")[0][0])
+    with socket_as(client, bob, slug) as bob_ws:
+        send(bob_ws, "@sleeper wake up")
+        receive_until(bob_ws, "wake up")
+    until(lambda: webhook.calls, "the call")
+    assert moderate(client, slug, "remove_bot", user_id=bot_id).status_code == 303
+    webhook.gate.set()  # its answer comes after the removal...
+    until(lambda: "answer was refused" in (last_call(settings) or ""), "the refused answer")
+    assert db_rows(settings, "SELECT count(*) FROM messages WHERE text = 'a late answer'") == [(0,)]
+    manage = client.get(f"/room/{slug}/manage").text  # ...and an ended bot is in no list to let back in
+    assert "Removed (0)" in manage and "Bots (0)" in manage
+    assert moderate(client, slug, "let_back_in", user_id=bot_id).status_code == 303
+    assert db_rows(settings, "SELECT count(*) FROM room_members WHERE user_id = ?", int(bot_id)) == [(0,)]
+
+
+def test_a_bot_removed_like_anybody_reads_nothing_and_let_back_in_is_a_member_again(bot_room, settings):
+    client, _, slug, token = bot_room
+    bot_id = str(db_rows(settings, "SELECT user_id FROM bots")[0][0])
+    assert moderate(client, slug, "remove", user_id=bot_id).status_code == 303
+    read = api_read(client, slug, token)
+    assert read.status_code == 403 and "removed" in read.json()["error"]
+    assert api(client, slug, token, {"text": "while removed"}).status_code == 403
+    assert "Let clock back in" in client.get(f"/room/{slug}/manage").text
+    assert moderate(client, slug, "let_back_in", user_id=bot_id).status_code == 303
+    assert api(client, slug, token, {"text": "back"}).status_code == 201
+    assert api_read(client, slug, token).status_code == 200
+    assert "Bots (1)" in client.get(f"/room/{slug}/manage").text  # a member again: mentions reach it
+
+
+def test_a_room_has_at_most_ten_bots_and_nobody_is_called_anonymous(owned_room, settings, client):
+    owner, _, slug = owned_room
+    for n in range(chat.BOTS_PER_ROOM):
+        assert add_bot(owner, slug, f"bot {n}")[1]
+    refused, token = add_bot(owner, slug, "one too many")
+    assert refused.status_code == 409 and token is None and "at most 10 bots" in refused.text
+    bot_id = str(db_rows(settings, "SELECT user_id FROM bots WHERE room_id = "
+                                   "(SELECT id FROM rooms WHERE code = ?) LIMIT 1", slug)[0][0])
+    moderate(owner, slug, "remove_bot", user_id=bot_id)
+    assert add_bot(owner, slug, "one more")[1]  # (ended bots do not count)
+    moderate(owner, slug, "remove_bot", user_id=str(db_rows(
+        settings, "SELECT user_id FROM bots WHERE removed_at IS NULL LIMIT 1")[0][0]))
+    for name in ("Anonymous", "anonymous", "ANONYM0US"):
+        answer, token = add_bot(owner, slug, name)
+        assert token is None and "kept for anonymous questions" in answer.text, name
+        assert "kept for anonymous questions" in register(client, name).text, name
+
+
+def test_one_rooms_slow_webhooks_leave_the_other_rooms_theirs(tmp_path):
+    """Four calls at once for one room, eight in all, the rooms taking turns: a room whose
+    bots hang never holds up another room's bot."""
+    settings = app_settings(db_path=tmp_path / "c.db", message_rate=0, webhook_seconds=5)
+    slow, quick = Webhook("hang"), Webhook({"text": "on it"})
+    try:
+        with TestClient(chat.create_app(settings), base_url="http://testserver") as client:
+            register(client, "alice")
+            busy, other = create_room(client, "busy"), create_room(client, "other")
+            for name in ("slowa", "slowb", "slowc"):
+                add_bot(client, busy, name, slow.url)
+            add_bot(client, other, "helper", quick.url)
+            with client.websocket_connect(f"/chat/{busy}/", headers=ORIGIN) as ws:
+                for n in range(20):  # 60 calls that hang: 4 run, 25 wait, the rest are dropped
+                    send(ws, f"@slowa @slowb @slowc number {n}")
+                    receive_until(ws, f"number {n}<")
+            until(lambda: slow.in_flight == chat.WEBHOOK_ROOM_CALLS, "four calls for the busy room")
+            with client.websocket_connect(f"/chat/{other}/", headers=ORIGIN) as ws:
+                send(ws, "@helper are you there?")
+                receive_until(ws, "on it")  # at once, while the busy room's calls still hang
+            assert slow.most_in_flight == chat.WEBHOOK_ROOM_CALLS
+            dropped = client.app.state.chat.webhooks_dropped
+            assert 60 - chat.WEBHOOK_ROOM_CALLS - chat.WEBHOOK_ROOM_QUEUE <= dropped < 60 - chat.WEBHOOK_ROOM_CALLS
+    finally:
+        slow.close()
+        quick.close()
+
+
+def test_httpx_does_not_log_webhook_urls(owned_room, settings, webhook, caplog):
+    """httpx logs each request's URL, query and all, at INFO: a webhook's may hold its secret."""
+    client, bob, slug = owned_room
+    caplog.set_level(logging.INFO)
+    add_bot(client, slug, "keyed", webhook.url + "?key=SECRET123")
+    with socket_as(client, bob, slug) as bob_ws:
+        send(bob_ws, "@keyed hello")
+        receive_until(bob_ws, "hello")
+    until(lambda: "answered 200" in (last_call(settings) or ""), "the call")
+    assert webhook.calls and not [r for r in caplog.records if "SECRET123" in r.getMessage()]
