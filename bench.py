@@ -34,6 +34,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -116,12 +117,12 @@ def floor_cookie() -> str:
     return f"session={itsdangerous.TimestampSigner(FLOOR_SECRET).sign(data).decode()}"
 
 
-def serve_baseline(port: int, ws: str, floor_db: Path | None = None) -> None:
+def serve_baseline(port: int, ws: str, floor_db: Path | None = None, loop: str = "auto") -> None:
     import uvicorn
 
     # Logging as uvicorn does by default and as `python chat.py` does (INFO: three lines per
     # WebSocket), so that the handshake figures compare the apps, not their log levels.
-    uvicorn.run(baseline_app(floor_db), host="127.0.0.1", port=port, ws=ws, ws_per_message_deflate=False,
+    uvicorn.run(baseline_app(floor_db), host="127.0.0.1", port=port, ws=ws, loop=loop, ws_per_message_deflate=False,
                 ws_max_size=65536, log_level="info")
 
 
@@ -146,6 +147,7 @@ class Server:
 
     def __init__(self, kind: str, workdir: Path, ws: str, workers: int = 0, pinned: bool = False) -> None:
         self.kind, self.port = kind, free_port()
+        self.db_path = workdir / "bench.db"
         self.ports = [self.port]
         self.workers: list[subprocess.Popen] = []
         # Every limit a load generator would trip (one user, one address, many sockets) is off.
@@ -161,11 +163,13 @@ class Server:
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             env["CHAT_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
             cmd = [sys.executable, "-m", "uvicorn", "chat:app", "--port", str(self.port), "--workers", str(workers),
-                   "--ws", ws, "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--log-level", "warning"]
+                   "--ws", ws, "--ws-max-size", "65536", "--ws-per-message-deflate", "false", "--log-level", "warning",
+                   "--loop", os.environ.get("CHAT_LOOP", "auto")]
         elif kind == "app":
             cmd = [sys.executable, str(HERE / "chat.py"), "--port", str(self.port), "--db", env["CHAT_DB"]]
         else:
-            cmd = [sys.executable, str(HERE / "bench.py"), "--serve-baseline", str(self.port), "--ws", ws]
+            cmd = [sys.executable, str(HERE / "bench.py"), "--serve-baseline", str(self.port), "--ws", ws,
+                   "--loop", os.environ.get("CHAT_LOOP", "auto")]
             if kind == "floor":
                 cmd += ["--floor-db", str(workdir / "floor.db")]
         self.log = open(workdir / f"{kind}.log", "wb")
@@ -245,8 +249,8 @@ class Server:
 class Client(asyncio.Protocol):
     """One WebSocket connection: handshake, masked text frames out, tokens found in frames in."""
 
-    def __init__(self, request: bytes, on_token) -> None:
-        self.request, self.on_token = request, on_token
+    def __init__(self, request: bytes, on_token, on_frame=None) -> None:
+        self.request, self.on_token, self.on_frame = request, on_token, on_frame
         self.buffer = bytearray()
         self.open = asyncio.get_running_loop().create_future()
         self.transport = None
@@ -285,6 +289,8 @@ class Client(asyncio.Protocol):
                 return
             payload = bytes(buffer[start:start + length])
             del buffer[:start + length]
+            if opcode == 0x1 and self.on_frame:  # (a shape that looks for something else)
+                self.on_frame(payload, now)
             if opcode == 0x1:  # (a token counts once per frame: the app's frame says it twice,
                 for token in set(TOKEN_RE.findall(payload)):  # for the eye and for a screen reader)
                     self.on_token(int(token), now)
@@ -371,11 +377,57 @@ def code_block(n: int) -> str:
     return f"look at this:\n```python\ndef weighted(values):\n    total = 0\n{body}    return total\n```"
 
 
+def add_bot(port: int, cookie: str, slug: str, webhook_url: str = "") -> str:
+    """Add a bot "hook" to the room on its Manage page, as its owner does; its token."""
+    import httpx
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"cookie": cookie}, timeout=30) as client:
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get(f"/room/{slug}/manage").text).group(1)
+        answer = client.post(f"/room/{slug}/manage", data={"csrf_token": csrf, "step": "add_bot", "bot_name": "hook",
+                                                            "webhook_url": webhook_url})
+        return re.search(r'<code id="bot-token">([^<]+)</code>', answer.text).group(1)
+
+
+class SlowWebhook:
+    """A bot's webhook that takes longer than the app waits (7 s): every call times out."""
+
+    def __init__(self, seconds: float = 8.0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hook = self
+        self.calls = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                hook.calls += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                time.sleep(seconds)
+                with contextlib.suppress(OSError):
+                    self.send_response(200)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"{}")
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 async def fan_out(server: Server, sockets: int, rate: float, senders: int, duration: float, size: int,
-                  rooms: int = 1, code_share: float = 0.0) -> Run:
+                  rooms: int = 1, code_share: float = 0.0, bot: str = "") -> Run:
     """`rooms` rooms of `sockets` sockets each; in each, `senders` of them send `rate`
     messages a second between them; with `code_share`, that share of them (one in five: 0.2)
-    is a 10-30 line code block (code_block)."""
+    is a 10-30 line code block (code_block). `bot`: "api", the messages are a bot's, posted
+    through the JSON API instead; "webhook", one in five mentions a bot whose webhook takes
+    longer than the app waits (SlowWebhook)."""
     run = Run(server.kind if not server.redis else "app+redis", sockets, rate, senders, rooms)
     # Pinned workers: room k is served by worker k % (N - 1), and the last worker serves none:
     # it shows what a worker spends on rooms it has no socket in.
@@ -383,8 +435,17 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
 
     def port_of(room: int) -> int:
         return server.ports[room % serving]
+    hook = SlowWebhook() if bot == "webhook" else None
+    api, tokens, posts = None, [], set()
     if server.kind == "app":
         cookie, slugs = http_setup(server.port, rooms)
+        if bot:
+            tokens = [add_bot(server.port, cookie, slug, hook.url if hook else "") for slug in slugs]
+        if bot == "api":
+            import httpx
+
+            api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=30,
+                                    limits=httpx.Limits(max_connections=20))
     else:
         cookie = floor_cookie() if server.kind == "floor" else ""
         slugs = [f"bench{n}" for n in range(rooms)]
@@ -432,7 +493,15 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
         sent_at[n] = time.perf_counter()
         room = by_room[n % rooms]
         text = f"~T{n}~ " + (code_block(n) if code_share and n % round(1 / code_share) == 0 else filler)
-        room[(n // rooms) % senders].send(json.dumps({"message": text, "headers": {}}).encode())
+        if hook and n % 5 == 0:
+            text = f"~T{n}~ @hook " + filler
+        if api:  # (not awaited here: the next post goes at its time)
+            posts.add(task := asyncio.create_task(api.post(
+                f"/api/rooms/{slugs[n % rooms]}/messages", json={"text": text},
+                headers={"authorization": f"Bearer {tokens[n % rooms]}"})))
+            task.add_done_callback(posts.discard)
+        else:
+            room[(n // rooms) % senders].send(json.dumps({"message": text, "headers": {}}).encode())
     deadline = time.perf_counter() + 10  # wait for stragglers, bounded
     while len(latencies) < run.expected and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
@@ -463,15 +532,119 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
         run.notes.append(f"{closed} sockets closed by the server")
     for client in clients:
         client.transport.close()
+    if api:
+        await api.aclose()
+    if hook:
+        run.notes.append(f"{hook.calls} webhook calls, each held past the app's 7 s")
+        hook.close()
     return run
 
 
+VOTES_RE = re.compile(rb"(\d+) votes? so far")
+
+
+async def class_poll(server: Server, voters: int, seconds: float, rounds: int) -> dict:
+    """A class of `voters` (each a user with a page open, and the owner's page) votes in a poll
+    within `seconds`: CPU per vote, and for each vote the time until every page shows a total
+    that counts it. Then the same people each send one plain message in the same time, for
+    the CPU and delay of a message in that room. `rounds` times over (a new poll each)."""
+    import httpx
+
+    base = f"http://127.0.0.1:{server.port}"
+    owner_cookie, (slug,) = http_setup(server.port, 1)
+    owner = httpx.AsyncClient(base_url=base, headers={"cookie": owner_cookie}, timeout=30)
+    people = []
+    for n in range(voters):  # (registered as a browser does; their forms need their own CSRF)
+        client = httpx.AsyncClient(base_url=base, timeout=30)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', (await client.get("/auth/register/")).text).group(1)
+        await client.post("/auth/register/", data={"csrf_token": csrf, "username": f"voter{n}",
+                                                   "password1": PASSWORD, "password2": PASSWORD})
+        room_page = (await client.get(f"/room/{slug}/")).text  # (opening it makes them a member)
+        people.append((client, re.search(r'name="csrf_token" value="([^"]+)"', room_page).group(1)))
+    owner_csrf = re.search(r'name="csrf_token" value="([^"]+)"', (await owner.get(f"/room/{slug}/")).text).group(1)
+    loop = asyncio.get_running_loop()
+    totals: list[dict[int, float]] = []  # per page: the first time it showed each total
+    sent_at: dict[int, float] = {}
+    seen: list[float] = []
+
+    def page_of(shown: dict[int, float]):
+        def on_frame(payload: bytes, now: float) -> None:
+            for total in VOTES_RE.findall(payload):
+                shown.setdefault(int(total), now)
+        return on_frame
+
+    pages = []
+    for cookie in [owner_cookie] + [f"session={client.cookies['session']}" for client, _ in people]:
+        totals.append(shown := {})
+        _, page = await loop.create_connection(
+            lambda: Client(upgrade_request(server.port, f"/chat/{slug}/", cookie),
+                           lambda token, now: seen.append(now - sent_at[token]), page_of(shown)),
+            "127.0.0.1", server.port)
+        await page.open
+        pages.append(page)
+    await asyncio.sleep(1.0)
+    vote_delays, message_delays, vote_cpu, message_cpu = [], [], 0.0, 0.0
+    for round_ in range(rounds):
+        for shown in totals:
+            shown.clear()
+        await owner.post(f"/room/{slug}/polls", data={"csrf_token": owner_csrf, "question": f"Round {round_}?",
+                                                       "options": "yes\nno\nnot sure"})
+        with sqlite3.connect(server.db_path) as db:
+            poll = db.execute("SELECT max(id) FROM messages WHERE kind = 'poll'").fetchone()[0]
+        await asyncio.sleep(0.5)
+        for shown in totals:
+            shown.clear()
+        cpu, started, votes = server.cpu_seconds(), time.perf_counter(), []
+        vote_sent: dict[int, float] = {}
+        for k, (client, csrf) in enumerate(people, 1):
+            await asyncio.sleep(max(0.0, started + (k - 1) * seconds / voters - time.perf_counter()))
+            vote_sent[k] = time.perf_counter()
+            votes.append(asyncio.create_task(client.post(f"/room/{slug}/polls/{poll}/vote",
+                                                         data={"csrf_token": csrf, "option": str(1 + k % 3)})))
+        await asyncio.gather(*votes)
+        deadline = time.perf_counter() + 10
+        while any(voters not in shown for shown in totals) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
+        vote_cpu += server.cpu_seconds() - cpu
+        for shown in totals:  # the k-th vote is shown once a page shows a total of k or more
+            for k, at in vote_sent.items():
+                first = min((when for total, when in shown.items() if total >= k), default=None)
+                vote_delays.append(first - at if first is not None else float("inf"))
+        seen.clear()
+        cpu, started = server.cpu_seconds(), time.perf_counter()
+        for k, page in enumerate(pages[1:]):
+            await asyncio.sleep(max(0.0, started + k * seconds / voters - time.perf_counter()))
+            token = round_ * voters + k
+            sent_at[token] = time.perf_counter()
+            page.send(json.dumps({"message": f"~T{token}~ " + "x" * 80, "headers": {}}).encode())
+        deadline = time.perf_counter() + 10
+        while len(seen) < voters * len(pages) and time.perf_counter() < deadline:
+            await asyncio.sleep(0.02)
+        message_cpu += server.cpu_seconds() - cpu
+        message_delays += seen + [float("inf")] * (voters * len(pages) - len(seen))
+    for page in pages:
+        page.transport.close()
+    for client, _ in people:
+        await client.aclose()
+    await owner.aclose()
+
+    def p99(delays: list[float]) -> float:
+        ordered = sorted(delays)
+        return 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+    return {"voters": voters, "seconds": seconds, "rounds": rounds, "pages": len(pages),
+            "cpu_us_per_vote": 1e6 * vote_cpu / (voters * rounds),
+            "cpu_us_per_message": 1e6 * message_cpu / (voters * rounds),
+            "vote_p99_ms": p99(vote_delays), "message_p99_ms": p99(message_delays),
+            "lost": sum(d == float("inf") for d in vote_delays + message_delays)}
+
+
 def one_run(kind: str, sockets: int, rate: float, senders: int, duration: float, size: int, ws: str,
-            workers: int = 0, rooms: int = 1, pinned: bool = False, code_share: float = 0.0) -> Run:
+            workers: int = 0, rooms: int = 1, pinned: bool = False, code_share: float = 0.0, bot: str = "") -> Run:
     with tempfile.TemporaryDirectory() as workdir:
         server = Server(kind, Path(workdir), ws, workers, pinned)
         try:
-            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms, code_share))
+            return asyncio.run(fan_out(server, sockets, rate, senders, duration, size, rooms, code_share, bot))
         finally:
             server.stop()
 
@@ -702,7 +875,7 @@ def code_messages(args: argparse.Namespace) -> dict:
     plain = one_run("app", **shape)
     code = one_run("app", **shape, code_share=0.2)
     result = {"plain": asdict(plain), "code": asdict(code),
-              "code/plain cpu_us_per_message": code.cpu_us_per_message / plain.cpu_us_per_message,
+              "code/plain cpu_us_per_message": over(code.cpu_us_per_message, plain.cpu_us_per_message),
               "page of 50 plain ms": history_timings([50])[0]["room_page_ms"],
               "page of 50 code ms": history_timings([50], code=True)[0]["room_page_ms"]}
     if not args.json:
@@ -711,6 +884,45 @@ def code_messages(args: argparse.Namespace) -> dict:
         print_pair(code, plain, ("with code", "plain"))
         print(f"  a room page of 50 messages: {result['page of 50 code ms']:.2f} ms with code blocks, "
               f"{result['page of 50 plain ms']:.2f} ms plain")
+    return result
+
+
+def over(a: float, b: float) -> float:
+    """a / b, or 0 where b read 0 (CPU is counted in 10 ms ticks: a short run may read none)."""
+    return a / b if b else 0.0
+
+
+def class_shapes(args: argparse.Namespace) -> dict:
+    """What a class and its scripts do, each against the plain message in the same run: a bot
+    posting through the JSON API against the socket path (one room of 30, 50 msg/s); a room of
+    30 talking at 10 msg/s while one message in five calls a webhook that never answers in
+    time (the room's p99 must not move); a class of 30 voting in a poll within 2 s. (30:
+    --class-size.)"""
+    shape = dict(sockets=args.class_size, senders=1, duration=args.duration, size=args.size, ws=args.ws)
+    socket_path, api_path = one_run("app", rate=50, **shape), one_run("app", rate=50, bot="api", **shape)
+    quiet, hooked = one_run("app", rate=10, **shape), one_run("app", rate=10, bot="webhook", **shape)
+    with tempfile.TemporaryDirectory() as workdir:
+        server = Server("app", Path(workdir), args.ws)
+        try:
+            poll = asyncio.run(class_poll(server, voters=args.class_size, seconds=2.0, rounds=3))
+        finally:
+            server.stop()
+    result = {"bot_socket": asdict(socket_path), "bot_api": asdict(api_path), "webhook_off": asdict(quiet),
+              "webhook_slow": asdict(hooked), "poll": poll, "ratios": {
+                  "api/socket cpu_us_per_message": over(api_path.cpu_us_per_message, socket_path.cpu_us_per_message),
+                  "slow webhook/none p99": over(hooked.p99_ms, quiet.p99_ms),
+                  "vote/message cpu_us": over(poll["cpu_us_per_vote"], poll["cpu_us_per_message"])}}
+    if not args.json:
+        print("\nA bot posting through the JSON API, one room of 30 at 50 msg/s, against the socket path:")
+        print_pair(api_path, socket_path, ("API", "socket"))
+        print("\nA webhook that takes over 7 s for one message in five, one room of 30 at 10 msg/s:")
+        print_pair(hooked, quiet, ("slow hook", "no hook"))
+        print(f"\nA class of {poll['voters']} voting in a poll within {poll['seconds']:g} s "
+              f"({poll['rounds']} rounds, {poll['pages']} pages), against one message each in the same time:")
+        print(f"  CPU per vote {poll['cpu_us_per_vote']:,.0f} us, per message {poll['cpu_us_per_message']:,.0f} us; "
+              f"p99 until every page shows it: vote {poll['vote_p99_ms']:.1f} ms, message "
+              f"{poll['message_p99_ms']:.1f} ms; lost {poll['lost']}")
+        print("  ratios: " + ", ".join(f"{name} {value:.2f}x" for name, value in result["ratios"].items()))
     return result
 
 
@@ -726,6 +938,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--search", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
                         help="room sizes to time a search in")
     parser.add_argument("--ws", default="auto", help="uvicorn WebSocket implementation for both servers")
+    parser.add_argument("--loop", default="auto", choices=["auto", "uvloop", "asyncio"],
+                        help="the event loop of every server in the run (uvicorn's; auto: uvloop if installed)")
     parser.add_argument("--workers", type=int, default=0,
                         help="also run the app as `uvicorn chat:app --workers N` with Redis fan-out (needs redis-server)")
     parser.add_argument("--pinned", action="store_true",
@@ -741,12 +955,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="also run the floor: the baseline plus a session read and a commit on threads")
     parser.add_argument("--code", action="store_true",
                         help="the many-rooms shape with one message in five a 10-30 line code block, against plain")
+    parser.add_argument("--shapes", action="store_true",
+                        help="a bot through the API, a slow webhook, a class voting in a poll (with --rooms too)")
+    parser.add_argument("--no-shapes", action="store_true", help="with --rooms: not the code and class shapes")
+    parser.add_argument("--class-size", type=int, default=30, help="sockets and voters in the class shapes")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
     parser.add_argument("--serve-baseline", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--floor-db", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_baseline:
-        return serve_baseline(args.serve_baseline, args.ws, args.floor_db)
+        return serve_baseline(args.serve_baseline, args.ws, args.floor_db, args.loop)
+    os.environ["CHAT_LOOP"] = args.loop  # every server of the run (app, floor, loop) on the same loop
     if args.full:
         args.sockets, args.rates, args.duration = [100, 500, 1000], [10, 20, 50], 10
         args.rooms, args.capacity, args.floor = args.rooms or 100, True, True
@@ -760,8 +979,10 @@ def main(argv: list[str] | None = None) -> None:
                 ws=args.ws)))
     if args.rooms:
         report["many_rooms"] = many_rooms(args)
-    if args.code:
+    if args.code or (args.rooms and not args.no_shapes):
         report["code"] = code_messages(args)
+    if args.shapes or (args.rooms and not args.no_shapes):
+        report["class"] = class_shapes(args)
     if args.history:
         report["history"] = history_timings(args.history)
         if not args.json:

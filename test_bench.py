@@ -31,7 +31,7 @@ def test_bench_runs_end_to_end_and_reports_json():
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "5", "--rates", "5", "--duration", "1",
          "--history", "0", "60", "--search", "60", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--floor",
-         "--json"],
+         "--class-size", "4", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -48,13 +48,22 @@ def test_bench_runs_end_to_end_and_reports_json():
     assert all(row["catch_up_ms"] > 0 and row["history_page_ms"] > 0 for row in report["history"])
     (search,) = report["search"]
     assert search["messages"] == 60 and all(search[name] > 0 for name in bench.SEARCHES)
+    assert report["code"]["code"]["lost"] == 0 and report["code"]["code"]["received"] > 0
+    shapes = report["class"]  # (a class of 4: the bot's posts, the slow webhook, a poll)
+    for name in ("bot_socket", "bot_api", "webhook_off", "webhook_slow"):
+        assert shapes[name]["expected"] > 0 and shapes[name]["lost"] == 0, name
+    assert shapes["bot_api"]["expected"] == shapes["bot_socket"]["expected"]
+    assert any("webhook calls" in note for note in shapes["webhook_slow"]["notes"])
+    poll = shapes["poll"]
+    assert poll["voters"] == 4 and poll["pages"] == 5 and poll["lost"] == 0 and poll["vote_p99_ms"] > 0
 
 
 def test_bench_measures_the_redis_path_in_many_small_rooms():
     needs_redis()
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "4", "--rates", "2", "--duration", "1", "--history",
-         "--search", "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--json"],
+         "--search", "--rooms", "3", "--room-sockets", "2", "--room-rates", "3", "--workers", "2", "--no-shapes",
+         "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,7 +94,8 @@ def test_bench_pins_rooms_to_workers_and_reports_each_workers_cpu():
     needs_redis()
     done = subprocess.run(
         [sys.executable, str(HERE / "bench.py"), "--sockets", "2", "--rates", "2", "--duration", "1", "--history",
-         "--search", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--workers", "3", "--pinned", "--json"],
+         "--search", "--rooms", "4", "--room-sockets", "2", "--room-rates", "3", "--workers", "3", "--pinned",
+         "--no-shapes", "--json"],
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
