@@ -43,7 +43,12 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PASSWORD = "bench-password"
-TOKEN_RE = re.compile(rb"~T(\d+)~")
+# Each message's unique token ("tok17kot"): plain letters and digits, so that it changes
+# nothing about how the app treats the message (a "~" once sent every one through Markdown).
+TOKEN_RE = re.compile(rb"tok(\d+)kot")
+# What a message says besides its token: a line of chat as people write it (punctuation and
+# all), repeated to --size characters.
+CHAT_LINE = "Thanks! That works now, see you at 5 & bring the notes from today's class. "
 
 
 # --- the baseline server: the least a Starlette/uvicorn chat can do ---------------------
@@ -482,7 +487,7 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
     total = int(rate * duration) * rooms  # messages in all, round-robin over the rooms
     rate *= rooms
     run.expected = total * sockets
-    filler = "x" * max(0, size - 20)
+    filler = (CHAT_LINE * (1 + size // len(CHAT_LINE)))[:max(0, size - 20)].strip()
     cpu_before, gen_before, wall_before = server.cpu_seconds(), time.process_time(), time.perf_counter()
     workers_before = server.cpu_by_worker()
     for n in range(total):
@@ -492,9 +497,9 @@ async def fan_out(server: Server, sockets: int, rate: float, senders: int, durat
             await asyncio.sleep(delay)
         sent_at[n] = time.perf_counter()
         room = by_room[n % rooms]
-        text = f"~T{n}~ " + (code_block(n) if code_share and n % round(1 / code_share) == 0 else filler)
+        text = f"tok{n}kot " + (code_block(n) if code_share and n % round(1 / code_share) == 0 else filler)
         if hook and n % 5 == 0:
-            text = f"~T{n}~ @hook " + filler
+            text = f"tok{n}kot @hook " + filler
         if api:  # (not awaited here: the next post goes at its time)
             posts.add(task := asyncio.create_task(api.post(
                 f"/api/rooms/{slugs[n % rooms]}/messages", json={"text": text},
@@ -616,7 +621,7 @@ async def class_poll(server: Server, voters: int, seconds: float, rounds: int) -
             await asyncio.sleep(max(0.0, started + k * seconds / voters - time.perf_counter()))
             token = round_ * voters + k
             sent_at[token] = time.perf_counter()
-            page.send(json.dumps({"message": f"~T{token}~ " + "x" * 80, "headers": {}}).encode())
+            page.send(json.dumps({"message": f"tok{token}kot " + CHAT_LINE, "headers": {}}).encode())
         deadline = time.perf_counter() + 10
         while len(seen) < voters * len(pages) and time.perf_counter() < deadline:
             await asyncio.sleep(0.02)
