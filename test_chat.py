@@ -21,6 +21,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import markupsafe
+import hypothesis
 import pytest
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
@@ -1634,6 +1635,25 @@ PATHOLOGICAL = {"[" * 4000, "]" * 4000, "[a](" * 1000, ">" * 4000, "*a" * 2000, 
                 "<http://a" * 444, "&amp;" * 800, "~~a" * 1333, "![a" * 1333, "@a " * 1333,
                 "".join("  " * n + "- x\n" for n in range(300)), "```rust\n" + 'r#"' * 1300,
                 "```bash\n" + "$(" * 1990, "```css\n" + "{" * 3990, "[a](http://b) " * 280}
+
+
+PLAIN_PIECES = list("ab1 !&~|>#;.x:/-+)(é\t@=?'\"%$^{}") + [
+    "&amp;", "&copy", "&#", "http://x.org", "www.a.com", "a@b.org", "1.", "  ", "x#", "!!", "a|b",
+    "@ada", "@ada!", "Thanks! ", "Q&A"]
+
+
+@hypothesis.settings(max_examples=1500, deadline=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(hypothesis.strategies.lists(hypothesis.strategies.sampled_from(PLAIN_PIECES),
+                                              min_size=1, max_size=10))
+def test_plain_text_skips_the_parser_and_renders_as_the_parser_would(pieces):
+    """A text with none of MARKDOWN_SIGNS takes the short path (linkify alone); it must give
+    the parser's own HTML, for text with "!", "&", "~", "|", "#" and ">" inside, and mentions."""
+    text = "".join(pieces).strip()
+    hypothesis.assume(text and not chat.MARKDOWN_SIGNS.search(text))
+    people = ((7, "ada"),)
+    parsed = chat.MARKDOWN[True, True].render(text, {"people": people})
+    assert chat.render_text(text, people).html == parsed
 
 
 def test_pathological_markdown_renders_whole_and_well_formed():

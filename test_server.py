@@ -491,6 +491,27 @@ def test_a_huge_catch_up_is_bounded_in_memory(server):
     assert peak < 64 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"
 
 
+@pytest.mark.parametrize("loop", ["auto", "asyncio"])
+def test_python_chat_py_says_which_event_loop_it_runs(tmp_path, loop):
+    """uvloop when it is installed (requirements.txt), unless --loop asyncio asks otherwise."""
+    import importlib.util
+
+    process = subprocess.Popen([sys.executable, str(HERE / "chat.py"), "--port", str(free_port()),
+                                "--db", str(tmp_path / "chat.db"), "--loop", loop], cwd=tmp_path,
+                               env={**os.environ, "CHAT_SECRET_KEY": "k", "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = []
+        while not any("event loop" in line for line in printed):
+            printed.append(process.stdout.readline())
+            assert printed[-1], "".join(printed)
+        expected = "uvloop" if loop == "auto" and importlib.util.find_spec("uvloop") else "asyncio"
+        assert printed[-1].strip() == f"Backchat: event loop {expected}", printed
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
 def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_visitors_address(tmp_path):
     """A teacher's `python chat.py --host 0.0.0.0 --guests`. (Requests go to 127.0.0.1 only;
     a LAN address appears only as the Host a student's browser would send.)"""
