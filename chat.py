@@ -167,7 +167,7 @@ class Settings:
     host: str = setting("127.0.0.1", "CHAT_HOST")  # what `python chat.py` listens on
     port: int = setting(8000, "CHAT_PORT")
     ws: str = setting("auto", "CHAT_WS")  # uvicorn's WebSocket implementation
-    loop: str = setting("auto", "CHAT_LOOP")  # the event loop: uvloop when installed (auto)
+    loop: str = setting("auto", "CHAT_LOOP")  # the event loop: uvloop if installed (auto)
     allowed_origins: frozenset[str] = setting(frozenset(), "CHAT_ALLOWED_ORIGINS",
                                               lambda text: names_in(text, "/"))
     message_rate: int = setting(20, "CHAT_MESSAGE_RATE")  # per user per room per 10 s; 0: off
