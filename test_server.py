@@ -491,20 +491,28 @@ def test_a_huge_catch_up_is_bounded_in_memory(server):
     assert peak < 64 * 1024, f"server memory grew by {peak / 1024:.0f} MiB"
 
 
+def chat_py_printing(tmp_path, until: str, *args: str) -> tuple[subprocess.Popen, list[str]]:
+    """`python chat.py ARGS` with a database in tmp_path, read until a line says `until`: the
+    process (the caller stops it) and the lines it printed."""
+    process = subprocess.Popen([sys.executable, str(HERE / "chat.py"), *args, "--db", str(tmp_path / "chat.db")],
+                               cwd=tmp_path, env={**os.environ, "CHAT_SECRET_KEY": "k", "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    printed: list[str] = []
+    while not any(until in line for line in printed):
+        printed.append(process.stdout.readline())
+        if not printed[-1]:
+            process.kill()
+            raise AssertionError("".join(printed))
+    return process, printed
+
+
 @pytest.mark.parametrize("loop", ["auto", "asyncio"])
 def test_python_chat_py_says_which_event_loop_it_runs(tmp_path, loop):
     """uvloop when it is installed (requirements.txt), unless --loop asyncio asks otherwise."""
     import importlib.util
 
-    process = subprocess.Popen([sys.executable, str(HERE / "chat.py"), "--port", str(free_port()),
-                                "--db", str(tmp_path / "chat.db"), "--loop", loop], cwd=tmp_path,
-                               env={**os.environ, "CHAT_SECRET_KEY": "k", "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, printed = chat_py_printing(tmp_path, "event loop", "--port", str(free_port()), "--loop", loop)
     try:
-        printed = []
-        while not any("event loop" in line for line in printed):
-            printed.append(process.stdout.readline())
-            assert printed[-1], "".join(printed)
         expected = "uvloop" if loop == "auto" and importlib.util.find_spec("uvloop") else "asyncio"
         assert printed[-1].strip() == f"Backchat: event loop {expected}", printed
     finally:
@@ -516,15 +524,9 @@ def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_vi
     """A teacher's `python chat.py --host 0.0.0.0 --guests`. (Requests go to 127.0.0.1 only;
     a LAN address appears only as the Host a student's browser would send.)"""
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(HERE / "chat.py"), "--host", "0.0.0.0", "--port", str(port),
-                                "--db", str(tmp_path / "chat.db"), "--guests"], cwd=tmp_path,
-                               env={**os.environ, "CHAT_SECRET_KEY": "k", "PYTHONUNBUFFERED": "1"},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process, printed = chat_py_printing(tmp_path, "guest mode is on", "--host", "0.0.0.0", "--port", str(port),
+                                        "--guests")
     try:
-        printed = []
-        while not any("guest mode is on" in line for line in printed):
-            printed.append(process.stdout.readline())
-            assert printed[-1], "".join(printed)
         urls = [line.split("open ", 1)[1].strip() for line in printed if "Backchat: open" in line]
         lan = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
                if "." in a and not a.startswith("127.")]
