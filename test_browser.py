@@ -1581,6 +1581,9 @@ def test_a_class_votes_asks_and_follows_the_pin_on_three_pages(browser, chat_ser
         manage = ada.context.new_page()
         manage.goto(ada.page.url + "manage")
         manage.get_by_role("button", name="Allow anonymous questions").click()
+        # (the step's answer loaded: it is stored, and the page is not closed mid-navigation,
+        # which once hung Chromium's close for the test's whole two minutes)
+        expect(manage.get_by_text("Questions may be anonymous: yes")).to_be_visible()
         manage.close()
         grace.page.get_by_label("Ask as a question").check()
         grace.page.get_by_label("Ask without my name").check()
