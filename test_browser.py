@@ -119,7 +119,7 @@ def test_two_people_chat_in_real_time(people):
     grace.say("hi ada")
     ada.sees_message("hi ada")
     assert grace.page.input_value("#message-input") == ""
-    assert grace.page.evaluate("document.activeElement.id") == "message-input"  # keep typing
+    expect(grace.page.locator("#message-input")).to_be_focused()  # keep typing
 
     # own messages are told apart from others'
     own = grace.page.locator(".msg", has_text="hi ada")
@@ -371,6 +371,7 @@ def test_without_javascript_the_room_works_as_plain_html(browser, people, chat_s
         ada.page.locator("#poll-maker").get_by_label("Question").fill("Did the form work?")
         ada.page.locator("#poll-maker").get_by_label("Options").fill("Yes\nNo")
         ada.page.get_by_role("button", name="Start poll").click()
+        expect(ada.page.locator("#messages .poll .option", has_text="Yes")).to_be_visible()  # stored
         plain.page.reload()
         plain.page.locator(".poll .option", has_text="Yes").get_by_role("button", pressed=False).click()
         expect(plain.page.locator(".poll .option", has_text="Yes").get_by_role("button", pressed=True)).to_be_visible()
@@ -988,7 +989,7 @@ def test_a_student_arrives_by_the_invite_link_with_a_two_word_name(browser, tmp_
     student = Person(browser, classroom.server.url, "Maria Lopez", **PHONE)
     try:
         student.page.goto(f"/room/{classroom.slug}/")  # the invite link on the projector, logged out
-        assert student.page.evaluate("document.activeElement.id") == "guest_name"  # their name, first
+        expect(student.page.locator("#guest_name")).to_be_focused()  # their name, first (autofocus)
         student.page.keyboard.type("Maria Lopez")
         student.page.keyboard.press("Enter")
         student.page.wait_for_url(re.compile(rf"/room/{classroom.slug}/$"))
