@@ -320,8 +320,10 @@ def test_a_bot_keeps_the_rooms_rules(tmp_path):
         statuses = [api(client, slug, token, {"text": f"loop {n}"}).status_code for n in range(10_000)]
         windows = 1 + (time.monotonic() - started) // 10  # (5 per 10 s, a sliding window)
         assert set(statuses) == {201, 429} and statuses.count(201) <= 5 * (windows + 1)
-        limited = api(client, slug, token, {"text": "one more"})
-        assert limited.status_code == 429 and 1 <= int(limited.headers["retry-after"]) <= 10
+        # (the loop may outlast the window: six more at once, and the sixth at the latest is refused)
+        more = [api(client, slug, token, {"text": f"one more {n}"}) for n in range(6)]
+        limited = next(answer for answer in more if answer.status_code == 429)
+        assert 1 <= int(limited.headers["retry-after"]) <= 10
         _, other_token = add_bot(client, slug, "second")  # (its own rate: limits are per bot)
         second = db_rows(settings, "SELECT id FROM users WHERE username = 'second'")[0][0]
         moderate(client, slug, "remove", user_id=str(second))  # removed like anyone
