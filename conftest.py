@@ -29,6 +29,17 @@ def app_settings(**overrides):
     return chat.Settings(**{"secret_key": "test-secret", "allowed_hosts": frozenset({"testserver"}), **overrides})
 
 
+# uvicorn closes a keep-alive connection idle for 5 s. A request sent on it as it closes gets
+# "Server disconnected without sending a response": browsers resend it, httpx does not. So a
+# test's client drops an idle connection after 2 s, and a slow set-up cannot race the close.
+KEEPALIVE = httpx.Limits(keepalive_expiry=2)
+
+
+def live_client(url: str, **options) -> httpx.Client:
+    """An httpx client for a live server, which never reuses a connection the server may close."""
+    return httpx.Client(base_url=url, limits=KEEPALIVE, **options)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import chat
-from conftest import ARTIFACTS, HERE, LiveServer, free_port
+from conftest import ARTIFACTS, HERE, LiveServer, free_port, live_client
 
 expect = pytest.importorskip("playwright.sync_api").expect
 
@@ -894,7 +894,7 @@ class Classroom:
     def guest(self, name: str):
         import httpx
 
-        client = httpx.Client(base_url=self.server.url)
+        client = live_client(self.server.url)
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
         assert client.post("/auth/guest/", data={"csrf_token": token, "guest_name": name}).status_code == 303
         return client

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from conftest import ACK, LiveServer, free_port
+from conftest import ACK, LiveServer, free_port, live_client
 from test_server import frame, frames_until, guess_all_at_once, login_cookie, make_room, ws_connect
 
 
@@ -214,7 +214,7 @@ def test_logging_out_closes_the_sessions_sockets_on_every_worker(two_workers):
 def test_concurrent_password_guesses_across_workers_cannot_skip_the_limit(two_workers):
     a, b = two_workers
     login_cookie(a, "ada")
-    statuses = asyncio.run(guess_all_at_once([a.url, b.url], 40, httpx.Client(base_url=a.url)))
+    statuses = asyncio.run(guess_all_at_once([a.url, b.url], 40, live_client(a.url)))
     checked = statuses[:-1].count(400)
     assert checked <= 10 and statuses[-1] == 429, statuses
 
@@ -225,9 +225,9 @@ def test_the_login_refusal_says_truly_when_to_try_again_across_workers(two_worke
     each failure's counter lifetime, however little of the block was left)."""
     a, b = two_workers
     login_cookie(a, "ada")
-    client = httpx.Client(base_url=a.url)
+    client = live_client(a.url)
     assert asyncio.run(guess_all_at_once([a.url], 10, client)) == [400] * 10 + [429]  # (its last: a look)
-    page = httpx.Client(base_url=b.url, cookies=client.cookies)
+    page = live_client(b.url, cookies=client.cookies)
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.get("/auth/login/").text).group(1)
     minutes = [-(-int(900 - time.time() % 900) // 60)]  # what is left of the block, in whole minutes
     refused = page.post("/auth/login/", data={"csrf_token": token, "username": "ada", "password": "wrong"})
@@ -584,7 +584,7 @@ def test_a_bot_posts_through_one_worker_to_pages_on_the_other_its_webhook_is_cal
     token = re.search(r'<code id="bot-token">([^<]+)</code>', added.text).group(1)
     with sqlite3.connect(a.db_path) as db:
         bot_id = str(db.execute("SELECT user_id FROM bots").fetchone()[0])
-    b_client = httpx.Client(base_url=b.url, cookies=client.cookies, follow_redirects=False)
+    b_client = live_client(b.url, cookies=client.cookies, follow_redirects=False)
     try:
         _, bob = login_cookie(b, "bob")
         bearer = {"authorization": f"Bearer {token}"}

@@ -24,14 +24,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import HERE, LiveServer, free_port
+from conftest import HERE, KEEPALIVE, LiveServer, free_port, live_client
 
 PASSWORD = "password123"
 
 
 def login_cookie(server: LiveServer, username: str) -> tuple[httpx.Client, str]:
     """Register `username` on the server; return the logged-in client and its Cookie header."""
-    client = httpx.Client(base_url=server.url)
+    client = live_client(server.url)
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/register/").text).group(1)
     response = client.post("/auth/register/", data={"csrf_token": token, "username": username,
                                                     "password1": PASSWORD, "password2": PASSWORD})
@@ -273,7 +273,7 @@ def message_under_lock(server: LiveServer, release: str, then) -> str:
 def test_reads_do_not_wait_behind_a_blocked_write(server):
     async def load_pages(client, slug, ws) -> None:
         # The server's write is stuck in busy_timeout (5 s); pages still load.
-        async with httpx.AsyncClient(base_url=server.url, cookies=client.cookies, timeout=3) as browser:
+        async with httpx.AsyncClient(limits=KEEPALIVE, base_url=server.url, cookies=client.cookies, timeout=3) as browser:
             assert (await browser.get(f"/room/{slug}/")).status_code == 200
             assert (await browser.get("/healthz")).status_code == 200
 
@@ -353,7 +353,7 @@ def login_form(client: httpx.AsyncClient, username: str, password: str, token: s
 async def guess_all_at_once(urls: list[str], guesses: int, cookie_jar_from: httpx.Client) -> list[int]:
     """`guesses` wrong passwords for ada, sent at once, spread over `urls` (workers)."""
     token = re.search(r'name="csrf_token" value="([^"]+)"', cookie_jar_from.get("/auth/login/").text).group(1)
-    clients = [httpx.AsyncClient(base_url=url, cookies=cookie_jar_from.cookies, timeout=60) for url in urls]
+    clients = [httpx.AsyncClient(limits=KEEPALIVE, base_url=url, cookies=cookie_jar_from.cookies, timeout=60) for url in urls]
     try:
         responses = await asyncio.gather(*(login_form(clients[n % len(clients)], "ada", f"wrong {n}", token)
                                            for n in range(guesses)))
@@ -366,7 +366,7 @@ async def guess_all_at_once(urls: list[str], guesses: int, cookie_jar_from: http
 
 def test_concurrent_password_guesses_cannot_skip_the_limit(server):
     login_cookie(server, "ada")
-    statuses = asyncio.run(guess_all_at_once([server.url], 60, httpx.Client(base_url=server.url)))
+    statuses = asyncio.run(guess_all_at_once([server.url], 60, live_client(server.url)))
     checked = statuses[:-1].count(400)  # passwords actually checked (and wrong)
     assert checked <= 10 and statuses[:-1].count(429) == 60 - checked, statuses
     assert statuses[-1] == 429  # even the right password, once the limit is reached
@@ -377,7 +377,7 @@ def test_forwarded_for_is_believed_only_from_named_proxies(tmp_path):
     for trusted, expect_limited in (("", True), ("127.0.0.1", False)):
         server = LiveServer(tmp_path / f"xff{bool(trusted)}.db", CHAT_TRUSTED_PROXIES=trusted).start()
         try:
-            with httpx.Client(base_url=server.url) as client:
+            with live_client(server.url) as client:
                 token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
                 statuses = [client.post("/auth/login/", headers={"X-Forwarded-For": f"203.0.113.{n}"}, data={
                     "csrf_token": token, "username": f"user{n}", "password": "wrong"}).status_code for n in range(12)]
@@ -540,7 +540,7 @@ def test_listening_on_every_interface_prints_the_lan_urls_and_invites_use_the_vi
                     break
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": f"{lan[0]}:{port}"}) as student:
+        with live_client(f"http://127.0.0.1:{port}", headers={"Host": f"{lan[0]}:{port}"}) as student:
             token = re.search(r'name="csrf_token" value="([^"]+)"', student.get("/auth/login/").text).group(1)
             student.post("/auth/guest/", data={"csrf_token": token, "guest_name": "teacher", "next": "/"})
             room = make_room(student, "lesson")
@@ -596,7 +596,7 @@ def test_a_class_logging_in_at_once_from_one_address_all_get_in(tmp_path):
             login_cookie(live, name)
 
         async def everyone_at_once() -> list[int]:
-            clients = [httpx.AsyncClient(base_url=live.url, timeout=60) for _ in names]
+            clients = [httpx.AsyncClient(limits=KEEPALIVE, base_url=live.url, timeout=60) for _ in names]
             try:
                 tokens = [re.search(r'name="csrf_token" value="([^"]+)"', (await c.get("/auth/login/")).text).group(1)
                           for c in clients]
@@ -685,7 +685,7 @@ def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tm
 
     assert asyncio.run(closed_within_seconds()) == 1008  # told in place, not retried
     assert httpx.get(f"{server.url}/", headers={"Cookie": grace_cookie}, follow_redirects=False).status_code == 303
-    again = httpx.Client(base_url=server.url)
+    again = live_client(server.url)
     token = re.search(r'name="csrf_token" value="([^"]+)"', again.get("/auth/login/").text).group(1)
     refused = again.post("/auth/login/", data={"csrf_token": token, "username": "grace", "password": PASSWORD})
     assert refused.status_code == 403 and "closed" in refused.text
@@ -695,7 +695,7 @@ def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tm
     made = chat_py("users", "login-link", "ada", *db, "--url", server.url, cwd=tmp_path)
     link = re.search(r"(http://\S+/auth/link/\S+)", made.stdout).group(1)
     assert made.returncode == 0 and "one use within 1 hour" in made.stdout
-    forgot = httpx.Client(base_url=server.url)  # ada, who forgot her password, on another device
+    forgot = live_client(server.url)  # ada, who forgot her password, on another device
     page = forgot.get(link)
     assert page.status_code == 200 and "Set a new password" in page.text
     token = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
@@ -707,7 +707,7 @@ def test_the_operator_lists_accounts_closes_one_and_makes_login_links(server, tm
     secret = link.rsplit("/", 1)[1]  # (issue 29, 13: only its hash is kept, and now in no log either)
     assert secret not in server.log_path.read_text() and "/auth/link/…" in server.log_path.read_text()
     assert httpx.get(f"{server.url}/", headers={"Cookie": cookie}, follow_redirects=False).status_code == 303  # her old sessions end
-    fresh = httpx.Client(base_url=server.url)
+    fresh = live_client(server.url)
     token = re.search(r'name="csrf_token" value="([^"]+)"', fresh.get("/auth/login/").text).group(1)
     assert fresh.post("/auth/login/", data={"csrf_token": token, "username": "ada", "password": "a new password"}
                       ).status_code == 303
