@@ -123,3 +123,17 @@ def test_only_settings_reads_the_environment():
                         and isinstance(inner.value, ast.Name) and inner.value.id == "os"):
                     readers.append(node.name)
     assert set(readers) == {"from_env"}
+
+
+def test_the_docs_open_a_code_block_only_where_they_mean_to():
+    """A prose line that starts with three backticks opens a code block that swallows what
+    follows: the README's opening once hid its own run command that way. Every code block in
+    the docs is a fence with one word, its language, after the backticks."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark")
+    stray = [(path.name, token.map[0] + 1, token.info)
+             for path in [HERE / "README.md", *sorted((HERE / "docs").glob("*.md"))]
+             for token in parser.parse(path.read_text()) if token.type == "fence"
+             if not re.fullmatch(r"[a-z]+", token.info)]
+    assert stray == []
