@@ -1,7 +1,7 @@
 """The house rules that can be read off the source: how chat.py is cut (a section uses only
-what is above it), its line length, docstrings, room.js's budget, and the docs' code blocks. The rules about what
-the app does (nothing shown before it is committed, rendered once, ...) are tested where the
-app does it: chat.py's opening map names each rule's test."""
+what is above it), its line length, docstrings, room.js's budget, and the docs' code blocks.
+The rules about what the app does (nothing shown before it is committed, rendered once, ...)
+are tested where the app does it: chat.py's opening map names each rule's test."""
 
 from __future__ import annotations
 

@@ -140,9 +140,16 @@
       document.getElementById("message-input")?.focus();
     }
   });
-  document.addEventListener("toggle", (event) => { // the editor or the reactions closed (Escape, Cancel, chosen)
+  // The editor or the reactions open empty, so Edit never shows an earlier form while its own
+  // loads. (On "beforetoggle": a "toggle" closed then opened within a task comes as one event,
+  // open to open, and a form left in the editor was saved by keyboard before its own arrived.)
+  document.addEventListener("beforetoggle", (event) => {
+    if ((event.target.id === "editor" || event.target.id === "reactor") && event.newState === "open") {
+      event.target.replaceChildren();
+    }
+  }, true);
+  document.addEventListener("toggle", (event) => { // ...and closed (Escape, Cancel, chosen)
     if ((event.target.id === "editor" || event.target.id === "reactor") && event.newState === "closed") {
-      event.target.replaceChildren(); // so the next Edit never shows this message's form while its own loads
       setTimeout(refocus);
     }
   }, true);
