@@ -709,6 +709,14 @@ class SlowLink:
 
         server.on_message(to_page)
 
+    def wait_until_holding(self, page) -> None:
+        """Until a held frame reaches this side (Playwright hands it over in its own time)."""
+        for _ in range(200):
+            if self.held:
+                return
+            page.wait_for_timeout(25)
+        raise AssertionError("no frame was held back in 5 s")
+
     def release(self) -> None:
         self.holding = False
         for ws, message in self.held:
@@ -733,7 +741,8 @@ def test_what_is_typed_after_enter_survives_a_slow_link(people, chat_server):
     expect(box).to_have_value("")  # empties at Enter, not when the answer lands
     box.press_sequentially("second thought")
     ada.sees_message("first")  # it left at once; its answer is held back
-    assert link.held and grace.page.locator(".msg", has_text="first").count() == 0
+    link.wait_until_holding(grace.page)
+    assert grace.page.locator(".msg", has_text="first").count() == 0
     assert grace.page.input_value("#message-key") != first_key  # the next message gets a key of its own
     link.release()
     grace.sees_message("first")
