@@ -7,12 +7,13 @@ workers through Redis in test_redis.py.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 import re
 import sqlite3
-import threading
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -204,17 +205,24 @@ def test_a_closed_poll_keeps_its_result_and_takes_no_more_votes(owned_room, sett
     start_poll(client, slug)
     second = db_rows(settings, "SELECT max(id) FROM messages")[0][0]
     moderate(client, slug, "make_owner", user_id=str(user_id_of(settings, "bob")))
-    answers = []
+    tokens = {}
+    for name, cookies in (("alice", client.cookies), ("bob", bob)):
+        with as_user(client, cookies):
+            token = csrf(client.get("/").text)
+            tokens[name] = (httpx.Cookies(client.cookies), token)  # (as the page left them)
 
-    def close_as(cookies):
-        with TestClient(client.app, base_url="http://testserver", cookies=cookies) as other:
-            answers.append(tool(other, slug, f"polls/{second}/close").status_code)
+    async def both_close() -> list[int]:
+        """Both presses in the app's one event loop at once, as a server takes them. (Two
+        TestClients in threads each ran the app's start-up and shut-down: one's shut-down
+        closed the database under the other's request, a 503 in CI.)"""
+        async def close_as(cookies, token: str) -> int:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=client.app),
+                                         base_url="http://testserver", cookies=cookies) as other:
+                return (await other.post(f"/room/{slug}/polls/{second}/close",
+                                         headers={"x-csrf-token": token, "hx-request": "true"})).status_code
+        return list(await asyncio.gather(*(close_as(*pair) for pair in tokens.values())))
 
-    threads = [threading.Thread(target=close_as, args=(cookies,)) for cookies in (client.cookies, bob)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers = client.portal.call(both_close)
     assert answers == [200, 200] and db_rows(settings, "SELECT count(closed_at) FROM polls")[0][0] == 2
 
 
@@ -226,10 +234,13 @@ def test_a_thousand_votes_in_a_loop_meet_the_rate_limit_and_nothing_breaks(tmp_p
         start_poll(client, slug)
         poll = db_rows(settings, "SELECT id FROM messages")[0][0]
         token = csrf(client.get("/").text)
+        limit = client.app.state.chat.message_limit
+        now = limit.clock()
+        limit.clock = lambda: now  # one 10 s window, however long a busy CI core takes for the loop
         statuses = [client.post(f"/room/{slug}/polls/{poll}/vote", data={"option": str(1 + n % 3)},
                                 headers={"x-csrf-token": token, "hx-request": "true"}).status_code
                     for n in range(1000)]
-    assert set(statuses) == {200, 429} and statuses.count(200) <= 21
+    assert set(statuses) == {200, 429} and statuses.count(200) <= 20
     assert db_rows(settings, "SELECT count(*) FROM poll_votes")[0][0] == 1
 
 
