@@ -386,7 +386,8 @@ def test_a_failing_webhook_is_noted_for_the_owners_logged_once_and_never_told_to
         tmp_path, caplog, behaviour, said):
     # Only the hanging webhook is meant to time out: the others get time to answer on a busy
     # CI core (at 0.5 s, a "not json" answer once came too late and was logged as a timeout).
-    settings = app_settings(db_path=tmp_path / "c.db", webhook_seconds=0.5 if behaviour == "hang" else 10)
+    settings = app_settings(db_path=tmp_path / "c.db",
+                            webhook_seconds=0.5 if behaviour == "hang" else 10)
     hook = Webhook(behaviour)
     try:
         with TestClient(chat.create_app(settings), base_url="http://testserver") as client:

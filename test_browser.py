@@ -689,6 +689,16 @@ def test_a_guest_joins_by_link_and_the_wire_view_shows_both_ways(browser, tmp_pa
 # --- a message: typing never lost, counted as the server counts, honest New, catch-up, status ----
 
 
+def handed_over(page, arrived, what: str) -> None:
+    """Wait (5 s at most) until `arrived()` is true: what Playwright hands this side (a routed
+    request, a WebSocket frame) comes in its own time, after the page has moved on."""
+    for _ in range(200):
+        if arrived():
+            return
+        page.wait_for_timeout(25)
+    raise AssertionError(f"{what} never reached the test in 5 s")
+
+
 class SlowLink:
     """Holds back every frame the server sends a page until released: a phone on a train.
     What the page sends still goes at once."""
@@ -711,11 +721,7 @@ class SlowLink:
 
     def wait_until_holding(self, page) -> None:
         """Until a held frame reaches this side (Playwright hands it over in its own time)."""
-        for _ in range(200):
-            if self.held:
-                return
-            page.wait_for_timeout(25)
-        raise AssertionError("no frame was held back in 5 s")
+        handed_over(page, lambda: self.held, "a held-back frame")
 
     def release(self) -> None:
         self.holding = False
@@ -903,8 +909,6 @@ class Classroom:
         assert self.ready.wait(60)
 
     def guest(self, name: str):
-        import httpx
-
         client = live_client(self.server.url)
         token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/auth/login/").text).group(1)
         assert client.post("/auth/guest/", data={"csrf_token": token, "guest_name": name}).status_code == 303
@@ -1170,10 +1174,7 @@ def test_the_editor_opens_empty_while_its_own_form_loads(people):
                       edit.element_handle())
     expect(ada.page.locator("#editor:popover-open")).to_have_count(1)
     expect(ada.page.locator("#editor #edit-text")).to_have_count(0)  # empty until its form loads
-    for _ in range(200):  # (the held request reaches this side in the driver's own time)
-        if held:
-            break
-        ada.page.wait_for_timeout(25)
+    handed_over(ada.page, lambda: held, "the held request for the form")
     held.pop().continue_()
     expect(ada.page.locator("#edit-text")).to_be_focused()
     assert ada.errors == []
